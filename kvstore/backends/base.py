@@ -1,0 +1,167 @@
+"""The byte-store interface every backend implements.
+
+A store maps string keys to immutable byte values. It knows nothing of tensors:
+the format layer above it decides what the bytes mean. Modelled on zarr-python
+v3's ``Store``: async methods, byte ranges as small frozen dataclasses, and a
+missing key reads as ``None`` rather than raising.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self, TypeAlias
+
+from kvstore.errors import ConfigError, InvalidKeyError
+
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+
+MAX_KEY_LENGTH = 1024
+_SEGMENT = re.compile(r"[A-Za-z0-9._=+-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRequest:
+    """Bytes ``[start, end)`` of a value; ``end=None`` reads to the end."""
+
+    start: int
+    end: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.start, int) or self.start < 0:
+            raise ConfigError(f"range start must be a non-negative int, got {self.start!r}")
+        if self.end is not None and (not isinstance(self.end, int) or self.end < self.start):
+            raise ConfigError(f"range end must be an int >= start, got {self.end!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SuffixRequest:
+    """The last ``length`` bytes of a value (the whole value if it is shorter)."""
+
+    length: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.length, int) or self.length < 0:
+            raise ConfigError(f"suffix length must be a non-negative int, got {self.length!r}")
+
+
+ByteRequest: TypeAlias = RangeRequest | SuffixRequest
+
+
+def slice_bounds(request: ByteRequest | None, size: int) -> tuple[int, int]:
+    """Resolve ``request`` against a value of ``size`` bytes to ``(start, stop)``.
+
+    Ranges past the end are clipped, as HTTP range requests are.
+    """
+    if request is None:
+        return 0, size
+    if isinstance(request, SuffixRequest):
+        return max(0, size - request.length), size
+    start = min(request.start, size)
+    stop = size if request.end is None else min(request.end, size)
+    return start, stop
+
+
+def validate_key(key: str) -> str:
+    """Check that ``key`` is ``segment/segment/...`` of safe characters.
+
+    Rejects empty segments, ``.`` and ``..`` so that no key can escape the
+    store's root or prefix on any backend, and glob characters so that listing
+    by prefix on Redis cannot match keys outside the prefix.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"key must be a non-empty string, got {key!r}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKeyError(f"key longer than {MAX_KEY_LENGTH} characters")
+    for segment in key.split("/"):
+        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
+            raise InvalidKeyError(
+                f"invalid key {key!r}: segments must be non-empty, not '.' or '..', "
+                "and use only letters, digits and . _ = + -"
+            )
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Check a listing prefix: empty, or a valid key optionally ending in ``/``."""
+    if prefix == "":
+        return prefix
+    validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def check_ttl(ttl: float | None) -> float | None:
+    """Validate a time-to-live in seconds (``None`` means no expiry)."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+        raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    return float(ttl)
+
+
+class Store(ABC):
+    """An async key -> bytes store.
+
+    Contract (checked by :class:`kvstore.testing.StoreTests` on every backend):
+
+    - ``get`` of a missing or expired key returns ``None``;
+    - ``put`` replaces a value atomically: readers see the old or the new value,
+      never a mix; with ``create_only=True`` it writes only if the key is absent
+      and returns whether it wrote;
+    - transient failures are retried with capped backoff inside the backend;
+      anything else raises a :class:`kvstore.errors.KVStoreError` subclass.
+    """
+
+    #: the URL the store was opened from (credentials removed)
+    url: str
+
+    @abstractmethod
+    async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
+        """Return the value at ``key`` (or the requested byte range), or ``None``."""
+
+    @abstractmethod
+    async def put(
+        self,
+        key: str,
+        value: BytesLike,
+        *,
+        ttl: float | None = None,
+        create_only: bool = False,
+    ) -> bool:
+        """Store ``value`` at ``key``; expire it after ``ttl`` seconds if given.
+
+        Returns ``True`` when written, ``False`` when ``create_only`` found the
+        key already present (nothing is changed then).
+        """
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; removing an absent key is not an error."""
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether ``key`` holds a live (unexpired) value."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> AsyncIterator[str]:
+        """Yield every live key starting with ``prefix``, in no particular order."""
+
+    async def close(self) -> None:
+        """Release connections and other resources; the store is unusable after."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

@@ -1,0 +1,184 @@
+"""A store in a local directory: one file per key, written atomically.
+
+Writes go to a temporary file in the target directory and are then renamed
+into place (``os.replace``), or hard-linked for ``create_only`` (``os.link``
+fails if the key exists), so a reader never sees a partial value. A TTL is
+kept in a small sidecar file under ``<root>/.ttl/``; expired values read as
+absent and are removed lazily or by ``kvstore gc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from kvstore.backends.base import (
+    ByteRequest,
+    BytesLike,
+    Store,
+    check_ttl,
+    slice_bounds,
+    validate_key,
+    validate_prefix,
+)
+from kvstore.errors import BackendError, ConfigError
+
+TTL_DIR = ".ttl"
+_TMP_MARK = ".tmp-"
+
+
+class LocalStore(Store):
+    """Keys map to files under ``root``; ``file:///abs/path`` opens one.
+
+    ``fsync=True`` flushes each value to disk before it becomes visible (slower;
+    off by default because a lost cache entry is recomputed, never misread).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
+        self.root = Path(root).absolute()
+        self.url = self.root.as_uri()
+        self.fsync = fsync
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"cannot create store directory {self.root}: {exc}") from exc
+        if not self.root.is_dir():
+            raise ConfigError(f"{self.root} is not a directory")
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def _ttl_path(self, key: str) -> Path:
+        return self.root / TTL_DIR / key
+
+    # -- blocking helpers, run in a worker thread ---------------------------------
+    def _expired(self, key: str) -> bool:
+        try:
+            expires_at = float(self._ttl_path(key).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except (OSError, ValueError):
+            return False  # unreadable sidecar: keep the value rather than lose it
+        if time.time() < expires_at:
+            return False
+        self._remove(key)
+        return True
+
+    def _remove(self, key: str) -> None:
+        for path in (self._path(key), self._ttl_path(key)):
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+
+    def _read(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                if self._expired(key):
+                    return None
+                if byte_range is None:
+                    return f.read()
+                size = os.fstat(f.fileno()).st_size
+                start, stop = slice_bounds(byte_range, size)
+                f.seek(start)
+                return f.read(stop - start)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def _write_temp(self, path: Path, value: BytesLike) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(value)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        return tmp
+
+    def _write(self, key: str, value: BytesLike, ttl: float | None, create_only: bool) -> bool:
+        path = self._path(key)
+        if create_only and path.exists() and not self._expired(key):
+            return False
+        tmp = self._write_temp(path, value)
+        try:
+            if create_only:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    if not self._expired(key):
+                        return False
+                    os.link(tmp, path)  # the old value just expired and was removed
+            else:
+                os.replace(tmp, path)
+                tmp = None
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        ttl_path = self._ttl_path(key)
+        if ttl is None:
+            ttl_path.unlink(missing_ok=True)
+        else:
+            ttl_tmp = self._write_temp(ttl_path, repr(time.time() + ttl).encode())
+            os.replace(ttl_tmp, ttl_path)
+        return True
+
+    def _list(self, prefix: str) -> list[str]:
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            if rel_dir == ".":
+                dirnames[:] = [d for d in dirnames if d != TTL_DIR]
+                rel_dir = ""
+            for name in filenames:
+                if name.startswith(".") and _TMP_MARK in name:
+                    continue
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                key = key.replace(os.sep, "/")
+                if key.startswith(prefix) and not self._expired(key):
+                    keys.append(key)
+        return keys
+
+    # -- the async interface -----------------------------------------------------
+    async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
+        validate_key(key)
+        return await self._io(self._read, key, byte_range)
+
+    async def put(
+        self, key: str, value: BytesLike, *, ttl: float | None = None, create_only: bool = False
+    ) -> bool:
+        validate_key(key)
+        return await self._io(self._write, key, value, check_ttl(ttl), create_only)
+
+    async def delete(self, key: str) -> None:
+        validate_key(key)
+        await self._io(self._remove, key)
+
+    async def exists(self, key: str) -> bool:
+        validate_key(key)
+        return await self._io(lambda: self._path(key).is_file() and not self._expired(key))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        validate_prefix(prefix)
+        for key in await self._io(self._list, prefix):
+            yield key
+
+    @staticmethod
+    async def _io(fn, *args):  # type: ignore[no-untyped-def]
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as exc:
+            raise BackendError(f"local store I/O failed: {exc}") from exc
+
+
+def _from_url(url: str, **options: bool) -> LocalStore:
+    from kvstore.backends import local_path_from_url
+
+    unknown = set(options) - {"fsync"}
+    if unknown:
+        raise ConfigError(f"unknown options for a local store: {sorted(unknown)}")
+    return LocalStore(local_path_from_url(url), **options)

@@ -1,0 +1,59 @@
+"""Benchmarks, each a module ``kvstore.bench.<name>`` run as ``kvstore bench NAME``.
+
+A benchmark module defines ``run(quick: bool) -> dict``: it measures, prints a
+short human summary to stderr if it likes, and returns the figures its issue
+names. The CLI adds the machine, date and commit and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from kvstore.errors import ConfigError
+
+BENCHMARKS = ("store", "model", "codecs", "kernels", "stream", "retrieval", "faults")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and when a benchmark ran: host CPU/GPU, versions, date, commit."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def run_benchmark(name: str, quick: bool) -> dict[str, Any]:
+    """Run benchmark ``name`` and return its figures with the machine info under ``machine``."""
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    try:
+        module = importlib.import_module(f"kvstore.bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"kvstore.bench.{name}":
+            raise ConfigError(f"benchmark {name!r} is not implemented yet") from exc
+        raise
+    result = module.run(quick=quick)
+    return {"benchmark": name, "quick": quick, "machine": machine_info(), **result}
