@@ -1,0 +1,32 @@
+"""``raw``: the KV's own bytes (fp16/bf16/fp32), the lossless baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.codecs.base import KVCodec, register_codec
+from kvstore.errors import FormatError
+from kvstore.format.container import BufferLike, Container
+
+
+@register_codec
+class RawCodec(KVCodec):
+    """Stores keys and values as they are: no loss, no compression."""
+
+    name = "raw"
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, BufferLike]:
+        return {"k": keys, "v": values}
+
+    def decode(
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for name in ("k", "v"):
+            tensor = obj.tensor(name)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise FormatError(
+                    f"raw buffer {name!r} is {tensor.dtype}{list(tensor.shape)}, expected {dtype}{list(shape)}"
+                )
+            out.append(tensor.to(device, non_blocking=True))
+        return out[0], out[1]

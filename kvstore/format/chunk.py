@@ -1,0 +1,103 @@
+"""A chunk object: one chunk's KV at one level, plus the token ids it belongs to.
+
+Kind ``kv-chunk``. The header ``codec`` names the codec and its parameters; the
+``meta`` records the model fingerprint, the chunk hash and span and the KV
+shape, and the ``tokens`` buffer holds the chunk's token ids, so a reader can
+verify that the object belongs to the model and tokens it asked for before a
+single value reaches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvstore.codecs.base import KVCodec, get_codec
+from kvstore.errors import FormatError
+from kvstore.format import container
+from kvstore.format.dtypes import dtype_name, torch_dtype
+
+KIND = "kv-chunk"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkIdentity:
+    """What a chunk object must be: whose, which tokens, which shape."""
+
+    fingerprint: str
+    chunk_hash: str
+    start: int
+    tokens: np.ndarray  # int32 token ids of the chunk
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.layers, self.kv_heads, len(self.tokens), self.head_dim
+
+
+def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+    """Encode ``[layers, kv_heads, tokens, head_dim]`` keys and values as a chunk object."""
+    buffers = codec.encode(keys, values)
+    clash = codec.RESERVED & set(buffers)
+    if clash:
+        raise FormatError(f"codec {codec.name!r} used reserved buffer names {sorted(clash)}")
+    meta = {
+        "fingerprint": ident.fingerprint,
+        "hash": ident.chunk_hash,
+        "start": ident.start,
+        "stop": ident.start + len(ident.tokens),
+        "layers": ident.layers,
+        "kv_heads": ident.kv_heads,
+        "head_dim": ident.head_dim,
+        "dtype": dtype_name(ident.dtype),
+    }
+    return container.encode(
+        {"tokens": ident.tokens, **buffers},
+        kind=KIND,
+        codec={"name": codec.name, "params": codec.params},
+        meta=meta,
+    )
+
+
+def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
+    """Raise :class:`FormatError` unless ``obj`` is the chunk ``ident`` describes."""
+    header = obj.header
+    if header.kind != KIND:
+        raise FormatError(f"expected a {KIND} object, found {header.kind!r}")
+    meta = header.meta
+    expected = {
+        "fingerprint": ident.fingerprint,
+        "hash": ident.chunk_hash,
+        "start": ident.start,
+        "stop": ident.start + len(ident.tokens),
+        "layers": ident.layers,
+        "kv_heads": ident.kv_heads,
+        "head_dim": ident.head_dim,
+        "dtype": dtype_name(ident.dtype),
+    }
+    for name, want in expected.items():
+        if meta.get(name) != want:
+            raise FormatError(f"chunk object has {name}={meta.get(name)!r}, expected {want!r}")
+    stored_tokens = obj.tensor("tokens")
+    if stored_tokens.dtype != torch.int32 or not np.array_equal(stored_tokens.numpy(), ident.tokens):
+        raise FormatError(f"chunk object at tokens [{ident.start}, ...) holds different token ids")
+
+
+def decode_chunk(
+    data: bytes | memoryview, ident: ChunkIdentity, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify a chunk object against ``ident`` and decode its keys and values."""
+    obj = container.decode(data)
+    check_identity(obj, ident)
+    codec_doc = obj.header.codec
+    params = codec_doc.get("params", {})
+    if not isinstance(params, dict):
+        raise FormatError("chunk codec parameters must be an object")
+    codec = get_codec(codec_doc["name"], params)
+    torch_dtype(dtype_name(ident.dtype))
+    return codec.decode(obj, ident.shape, ident.dtype, device)

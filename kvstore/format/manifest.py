@@ -1,0 +1,188 @@
+"""The per-context manifest: which chunk objects make up a stored context.
+
+A manifest is itself a container (kind ``kv-manifest``): its header ``meta``
+holds the fields below and its one buffer holds the context's token ids. It is
+written after every chunk object it lists, so a reader that finds it finds a
+complete context, and it records each chunk object's size and header checksum
+so a reader detects a chunk that was replaced or damaged since.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvstore.backends.base import validate_key
+from kvstore.errors import FormatError
+from kvstore.format import container
+from kvstore.format.dtypes import torch_dtype
+from kvstore.format.keys import chunk_bounds, is_hash
+
+KIND = "kv-manifest"
+VERSION = 1
+MAX_LEVELS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class LevelSpec:
+    """One quality level: a codec name and its parameters (level 0 is the best)."""
+
+    codec: str
+    params: dict[str, Any] = field(default_factory=dict)
+    tag: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkObject:
+    """One stored chunk object (a chunk at one level)."""
+
+    key: str
+    size: int
+    header_bytes: int  # bytes to read for the container prefix + header
+    checksum: int  # the container's header checksum
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkEntry:
+    """One chunk of the context: its hash, token span and one object per level."""
+
+    hash: str
+    start: int
+    stop: int
+    objects: tuple[ChunkObject, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Everything a reader needs to fetch and decode a stored context."""
+
+    model_id: str
+    fingerprint: str
+    num_tokens: int
+    chunk_tokens: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    levels: tuple[LevelSpec, ...]
+    chunks: tuple[ChunkEntry, ...]
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim)."""
+        return self.layers, self.kv_heads, self.head_dim
+
+    def level_bytes(self, level: int) -> int:
+        """Total stored bytes of the context at ``level``."""
+        return sum(chunk.objects[level].size for chunk in self.chunks)
+
+    def to_bytes(self, tokens: np.ndarray) -> bytes:
+        """Serialize with the context's token ids."""
+        meta = {
+            "version": VERSION,
+            "model_id": self.model_id,
+            "fingerprint": self.fingerprint,
+            "num_tokens": self.num_tokens,
+            "chunk_tokens": self.chunk_tokens,
+            "layers": self.layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "created_at": self.created_at,
+            "levels": [{"codec": lv.codec, "params": lv.params, "tag": lv.tag} for lv in self.levels],
+            "chunks": [
+                {"hash": c.hash, "start": c.start, "stop": c.stop,
+                 "objects": [[o.key, o.size, o.header_bytes, o.checksum] for o in c.objects]}
+                for c in self.chunks
+            ],
+        }
+        return container.encode({"tokens": tokens}, kind=KIND, meta=meta)
+
+
+def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = meta.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FormatError(f"manifest field {name!r} is missing or has the wrong type")
+    return value
+
+
+def _positive(meta: dict[str, Any], name: str) -> int:
+    value = _field(meta, name, int)
+    if value <= 0:
+        raise FormatError(f"manifest field {name!r} must be positive, got {value}")
+    return value
+
+
+def _object(raw: Any) -> ChunkObject:
+    if not (isinstance(raw, list) and len(raw) == 4):
+        raise FormatError("manifest chunk object entry must be [key, size, header_bytes, checksum]")
+    key, size, header_bytes, checksum = raw
+    if not isinstance(key, str):
+        raise FormatError("manifest chunk key must be a string")
+    validate_key(key)
+    for value in (size, header_bytes, checksum):
+        if type(value) is not int or value < 0:
+            raise FormatError("manifest chunk sizes and checksums must be non-negative integers")
+    if header_bytes > size or checksum >= 2**64:
+        raise FormatError("manifest chunk object entry is inconsistent")
+    return ChunkObject(key, size, header_bytes, checksum)
+
+
+def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
+    """Parse and validate a stored manifest; returns it with the context's token ids."""
+    obj = container.decode(data)
+    if obj.header.kind != KIND:
+        raise FormatError(f"expected a {KIND} object, found {obj.header.kind!r}")
+    meta = obj.header.meta
+    if meta.get("version") != VERSION:
+        raise FormatError(f"unsupported manifest version {meta.get('version')!r}")
+    num_tokens = _positive(meta, "num_tokens")
+    chunk_tokens = _positive(meta, "chunk_tokens")
+    fingerprint = _field(meta, "fingerprint", str)
+    if not is_hash(fingerprint):
+        raise FormatError("manifest fingerprint is malformed")
+    dtype = _field(meta, "dtype", str)
+    torch_dtype(dtype)
+    raw_levels = _field(meta, "levels", list)
+    if not 1 <= len(raw_levels) <= MAX_LEVELS:
+        raise FormatError(f"manifest must list 1..{MAX_LEVELS} levels")
+    levels = []
+    for lv in raw_levels:
+        if not (isinstance(lv, dict) and isinstance(lv.get("codec"), str)
+                and isinstance(lv.get("params"), dict) and isinstance(lv.get("tag"), str)):
+            raise FormatError("manifest level entry is malformed")
+        levels.append(LevelSpec(lv["codec"], lv["params"], lv["tag"]))
+    bounds = chunk_bounds(num_tokens, chunk_tokens)
+    raw_chunks = _field(meta, "chunks", list)
+    if len(raw_chunks) != len(bounds):
+        raise FormatError(f"manifest lists {len(raw_chunks)} chunks, {num_tokens} tokens need {len(bounds)}")
+    chunks = []
+    for raw, (start, stop) in zip(raw_chunks, bounds):
+        if not (isinstance(raw, dict) and raw.get("start") == start and raw.get("stop") == stop
+                and is_hash(raw.get("hash")) and isinstance(raw.get("objects"), list)):
+            raise FormatError(f"manifest chunk entry for tokens [{start}, {stop}) is malformed")
+        objects = tuple(_object(o) for o in raw["objects"])
+        if len(objects) != len(levels):
+            raise FormatError("manifest chunk does not list one object per level")
+        chunks.append(ChunkEntry(raw["hash"], start, stop, objects))
+    tokens = obj.tensor("tokens")
+    if tokens.dtype.itemsize != 4 or tokens.shape != (num_tokens,):
+        raise FormatError("manifest token buffer does not match num_tokens")
+    manifest = Manifest(
+        model_id=_field(meta, "model_id", str),
+        fingerprint=fingerprint,
+        num_tokens=num_tokens,
+        chunk_tokens=chunk_tokens,
+        layers=_positive(meta, "layers"),
+        kv_heads=_positive(meta, "kv_heads"),
+        head_dim=_positive(meta, "head_dim"),
+        dtype=dtype,
+        levels=tuple(levels),
+        chunks=tuple(chunks),
+        created_at=float(_field(meta, "created_at", (int, float))),
+    )
+    return manifest, tokens.numpy().astype("<i4", copy=False)

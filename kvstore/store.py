@@ -1,0 +1,363 @@
+"""The facade an application calls: put, lookup and get a context's KV.
+
+A context is (model id, token ids). ``put`` cuts it into chunks of
+``chunk_tokens``, encodes each chunk at every configured level, stores each as
+its own checksummed object (create-only: a chunk another context already
+stored is shared, not rewritten) and writes the context's manifest last.
+``lookup`` says how many leading tokens of a prompt are stored, at chunk
+granularity, so a prompt that starts with a stored context reuses its prefix.
+``get`` returns the KV of exactly the tokens asked for, verified end to end:
+every object's checksums, its model fingerprint, its token ids and its shape;
+anything else raises, so wrong KV never reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import numpy as np
+import torch
+
+from kvstore.backends import open_store
+from kvstore.backends.base import RangeRequest, Store, check_ttl
+from kvstore.codecs.base import KVCodec, get_codec
+from kvstore.errors import (
+    ConfigError,
+    ContextNotFoundError,
+    FormatError,
+    IncompleteContextError,
+)
+from kvstore.format import container
+from kvstore.format import manifest as manifest_format
+from kvstore.format.chunk import ChunkIdentity, decode_chunk, encode_chunk
+from kvstore.format.dtypes import dtype_name, torch_dtype
+from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
+from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest
+from kvstore.kv import KV, check_kv, stack_span, unstack_kv
+
+log = logging.getLogger("kvstore")
+T = TypeVar("T")
+
+LevelLike = str | tuple[str, dict[str, Any]] | KVCodec
+
+
+def make_codec(level: LevelLike) -> KVCodec:
+    """A codec from a name, a ``(name, params)`` pair or a codec instance."""
+    if isinstance(level, KVCodec):
+        return level
+    if isinstance(level, str):
+        return get_codec(level)
+    if isinstance(level, tuple) and len(level) == 2 and isinstance(level[1], dict):
+        return get_codec(level[0], level[1])
+    raise ConfigError(f"a level is a codec name, (name, params) or a KVCodec, got {level!r}")
+
+
+def _object_entry(key: str, header: container.Header) -> ChunkObject:
+    return ChunkObject(key, header.total_bytes, container.PREFIX_BYTES + header.header_bytes, header.checksum)
+
+
+def _describe(key: str, data: bytes) -> ChunkObject:
+    """The manifest entry of an object we just encoded."""
+    return _object_entry(key, container.decode_header(memoryview(data)[: container.head_bytes_needed(data)]))
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A request's tokens, their chunking and keys."""
+
+    fingerprint: str
+    tokens: np.ndarray
+    bounds: list[tuple[int, int]]
+    hashes: list[str]
+
+
+class KVStore:
+    """Stores and loads the KV caches of contexts on any byte store.
+
+    Parameters:
+        store: a :class:`~kvstore.backends.base.Store` or a URL for
+            :func:`~kvstore.backends.open_store` (``memory://``, ``file:///path``,
+            ``s3://bucket/prefix``, ``redis://host:port/db``...).
+        chunk_tokens: tokens per chunk (256 by default): the unit of storage,
+            prefix sharing and (later) streaming.
+        levels: the quality levels each chunk is stored at, best first: codec
+            names, ``(name, params)`` pairs or codec instances.
+        namespace: the key prefix under which everything is stored.
+        ttl: default time-to-live in seconds of stored objects (``None``: none).
+        max_concurrency: how many object reads or writes one call keeps in flight.
+        storage_options: passed to ``open_store`` when ``store`` is a URL.
+    """
+
+    def __init__(
+        self,
+        store: Store | str = "memory://",
+        *,
+        chunk_tokens: int = 256,
+        levels: Sequence[LevelLike] = ("raw",),
+        namespace: str = "kvstore",
+        ttl: float | None = None,
+        max_concurrency: int = 16,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens <= 0:
+            raise ConfigError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+        if not isinstance(max_concurrency, int) or max_concurrency <= 0:
+            raise ConfigError(f"max_concurrency must be a positive int, got {max_concurrency!r}")
+        if isinstance(levels, str | KVCodec) or len(levels) == 0:
+            raise ConfigError("levels must be a non-empty sequence of codecs, best first")
+        self.codecs = [make_codec(level) for level in levels]
+        if len({c.tag for c in self.codecs}) != len(self.codecs):
+            raise ConfigError("levels must be distinct codec configurations")
+        self.store = store if isinstance(store, Store) else open_store(store, **(storage_options or {}))
+        self.chunk_tokens = chunk_tokens
+        self.keys = KeyScheme(namespace)
+        self.ttl = check_ttl(ttl)
+        self.max_concurrency = max_concurrency
+
+    @classmethod
+    def open(cls, url: str, **kwargs: Any) -> KVStore:
+        """``KVStore(url, **kwargs)``: open a store by URL."""
+        return cls(url, **kwargs)
+
+    # -- helpers ------------------------------------------------------------------
+    def _plan(self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray) -> _Plan:
+        fingerprint = model_fingerprint(model_id)
+        array = as_token_array(tokens)
+        if array.size == 0:
+            raise ConfigError("tokens must not be empty")
+        bounds = chunk_bounds(len(array), self.chunk_tokens)
+        return _Plan(fingerprint, array, bounds, chunk_hashes(fingerprint, array, self.chunk_tokens))
+
+    def _check_level(self, level: int, available: int) -> None:
+        if not isinstance(level, int) or not 0 <= level < available:
+            raise ConfigError(f"level must be an int in [0, {available}), got {level!r}")
+
+    async def _bounded(self, jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def run(job: Callable[[], Awaitable[T]]) -> T:
+            async with limit:
+                return await job()
+
+        return list(await asyncio.gather(*(run(job) for job in jobs)))
+
+    # -- write --------------------------------------------------------------------
+    async def put(
+        self,
+        model_id: str,
+        tokens: Sequence[int] | torch.Tensor | np.ndarray,
+        kv: KV,
+        *,
+        ttl: float | None = None,
+    ) -> Manifest:
+        """Store the KV of ``tokens`` (per layer ``(key, value)``, each ``[kv_heads, tokens, head_dim]``)
+        at every level; returns the manifest written. Chunks already stored are shared."""
+        plan = self._plan(model_id, tokens)
+        first = check_kv(kv, len(plan.tokens))
+        ttl = self.ttl if ttl is None else check_ttl(ttl)
+        layers, (kv_heads, _, head_dim), dtype = len(kv), first.shape, first.dtype
+
+        def identity(i: int) -> ChunkIdentity:
+            start, stop = plan.bounds[i]
+            return ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
+                                 layers, kv_heads, head_dim, dtype)
+
+        async def store_chunk(i: int, codec: KVCodec) -> ChunkObject:
+            ident = identity(i)
+            key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, codec.tag)
+            start, stop = plan.bounds[i]
+            data = await asyncio.to_thread(lambda: encode_chunk(codec, ident, *stack_span(kv, start, stop)))
+            if await self.store.put(key, data, ttl=ttl, create_only=True):
+                return _describe(key, data)
+            existing = await self._existing_chunk(key)
+            if existing is not None:
+                return existing
+            log.warning("replacing unreadable chunk object %s", key)
+            await self.store.put(key, data, ttl=ttl)
+            return _describe(key, data)
+
+        jobs = [
+            (lambda i=i, codec=codec: store_chunk(i, codec))
+            for i in range(len(plan.bounds))
+            for codec in self.codecs
+        ]
+        objects = await self._bounded(jobs)
+        per_level = len(self.codecs)
+        manifest = Manifest(
+            model_id=model_id,
+            fingerprint=plan.fingerprint,
+            num_tokens=len(plan.tokens),
+            chunk_tokens=self.chunk_tokens,
+            layers=layers,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype=dtype_name(dtype),
+            levels=tuple(LevelSpec(c.name, c.params, c.tag) for c in self.codecs),
+            chunks=tuple(
+                ChunkEntry(plan.hashes[i], *plan.bounds[i], tuple(objects[i * per_level:(i + 1) * per_level]))
+                for i in range(len(plan.bounds))
+            ),
+        )
+        key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
+        await self.store.put(key, manifest.to_bytes(plan.tokens), ttl=ttl)
+        return manifest
+
+    async def _existing_chunk(self, key: str) -> ChunkObject | None:
+        """Describe an already stored chunk object from its header, or ``None`` if unreadable."""
+        head = await self.store.get(key, RangeRequest(0, container.DEFAULT_HEAD_BYTES))
+        try:
+            if head is None:
+                return None
+            needed = container.head_bytes_needed(head)
+            if needed > len(head):
+                head = await self.store.get(key, RangeRequest(0, needed)) or b""
+            header = container.decode_header(head)
+        except FormatError:
+            return None
+        return _object_entry(key, header)
+
+    # -- read ---------------------------------------------------------------------
+    async def lookup(
+        self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray, *, level: int = 0
+    ) -> int:
+        """How many leading tokens of ``tokens`` have stored KV at ``level`` (a multiple of
+        ``chunk_tokens``, or ``len(tokens)`` when the whole context is stored)."""
+        plan = self._plan(model_id, tokens)
+        self._check_level(level, len(self.codecs))
+        tag = self.codecs[level].tag
+        keys = [self.keys.chunk_key(plan.fingerprint, h, tag) for h in plan.hashes]
+        present = await self._bounded([lambda key=key: self.store.exists(key) for key in keys])
+        covered = 0
+        for (_, stop), ok in zip(plan.bounds, present):
+            if not ok:
+                break
+            covered = stop
+        return covered
+
+    async def manifest(
+        self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray
+    ) -> Manifest | None:
+        """The manifest of exactly this context, or ``None`` if it was not stored as one."""
+        plan = self._plan(model_id, tokens)
+        return await self._read_manifest(model_id, plan)
+
+    async def _read_manifest(self, model_id: str, plan: _Plan) -> Manifest | None:
+        data = await self.store.get(self.keys.manifest_key(plan.fingerprint, plan.hashes[-1]))
+        if data is None:
+            return None
+        manifest, stored_tokens = manifest_format.from_bytes(data)
+        if manifest.model_id != model_id or manifest.fingerprint != plan.fingerprint:
+            raise FormatError(f"manifest belongs to model {manifest.model_id!r}, not {model_id!r}")
+        if not np.array_equal(stored_tokens, plan.tokens) or manifest.chunk_tokens != self.chunk_tokens:
+            raise FormatError("manifest does not describe the requested tokens")
+        return manifest
+
+    async def get(
+        self,
+        model_id: str,
+        tokens: Sequence[int] | torch.Tensor | np.ndarray,
+        *,
+        level: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> KV:
+        """The KV of exactly ``tokens`` at ``level``, on ``device``.
+
+        Raises :class:`ContextNotFoundError` if it is not stored (use :meth:`lookup`
+        to find a stored prefix), :class:`IncompleteContextError` if the context's
+        manifest names a chunk that is gone or changed, and
+        :class:`~kvstore.errors.ChecksumError` / :class:`FormatError` for corrupt objects.
+        """
+        device = torch.device(device)
+        plan = self._plan(model_id, tokens)
+        manifest = await self._read_manifest(model_id, plan)
+        if manifest is not None:
+            self._check_level(level, len(manifest.levels))
+            expected = [chunk.objects[level] for chunk in manifest.chunks]
+            keys = [obj.key for obj in expected]
+        else:
+            self._check_level(level, len(self.codecs))
+            expected = None
+            keys = [self.keys.chunk_key(plan.fingerprint, h, self.codecs[level].tag) for h in plan.hashes]
+        blobs = await self._bounded([lambda key=key: self.store.get(key) for key in keys])
+        for i, (key, blob) in enumerate(zip(keys, blobs)):
+            if blob is None and expected is not None:
+                raise IncompleteContextError(
+                    f"context of {len(plan.tokens)} tokens: chunk {i} ({key}) is missing from the store"
+                )
+            if blob is None:
+                raise ContextNotFoundError(
+                    f"no stored KV for these {len(plan.tokens)} tokens of model {model_id!r} "
+                    f"(chunk {i} of {len(keys)} is missing; lookup() finds a stored prefix)"
+                )
+            if expected is not None:
+                self._check_against_manifest(blob, expected[i], i)
+        shape, dtype = self._shape_and_dtype(manifest, blobs[0])
+        layers, kv_heads, head_dim = shape
+        out_k = torch.empty((layers, kv_heads, len(plan.tokens), head_dim), dtype=dtype, device=device)
+        out_v = torch.empty_like(out_k)
+
+        def decode(i: int) -> None:
+            start, stop = plan.bounds[i]
+            ident = ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
+                                  layers, kv_heads, head_dim, dtype)
+            k, v = decode_chunk(blobs[i], ident, device)
+            out_k[:, :, start:stop] = k
+            out_v[:, :, start:stop] = v
+
+        await self._bounded([lambda i=i: asyncio.to_thread(decode, i) for i in range(len(blobs))])
+        return unstack_kv(out_k, out_v)
+
+    @staticmethod
+    def _check_against_manifest(blob: bytes, expected: ChunkObject, index: int) -> None:
+        header = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)], len(blob))
+        if len(blob) != expected.size or header.checksum != expected.checksum:
+            raise IncompleteContextError(
+                f"chunk {index} ({expected.key}) is not the object the manifest recorded "
+                "(replaced or damaged since the context was stored)"
+            )
+
+    @staticmethod
+    def _shape_and_dtype(manifest: Manifest | None, first_blob: bytes) -> tuple[tuple[int, int, int], torch.dtype]:
+        if manifest is not None:
+            return manifest.shape, torch_dtype(manifest.dtype)[0]
+        meta = container.decode_header(memoryview(first_blob)[: container.head_bytes_needed(first_blob)]).meta
+        dims = tuple(meta.get(name) for name in ("layers", "kv_heads", "head_dim"))
+        if not all(type(d) is int and d > 0 for d in dims):
+            raise FormatError("chunk object does not record a valid KV shape")
+        return dims, torch_dtype(meta.get("dtype"))[0]  # type: ignore[return-value]
+
+    async def delete(self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray) -> bool:
+        """Remove a stored context: its manifest, then the chunk objects it lists.
+
+        Chunks shared with other stored contexts go too (those then report
+        :class:`IncompleteContextError`). Returns whether a manifest was found.
+        """
+        plan = self._plan(model_id, tokens)
+        manifest = await self._read_manifest(model_id, plan)
+        if manifest is None:
+            return False
+        await self.store.delete(self.keys.manifest_key(plan.fingerprint, plan.hashes[-1]))
+        keys = [obj.key for chunk in manifest.chunks for obj in chunk.objects]
+        await self._bounded([lambda key=key: self.store.delete(key) for key in keys])
+        return True
+
+    # -- lifetime -----------------------------------------------------------------
+    async def close(self) -> None:
+        """Close the underlying byte store."""
+        await self.store.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"KVStore({self.store!r}, chunk_tokens={self.chunk_tokens}, levels={[c.tag for c in self.codecs]})"

@@ -1,0 +1,102 @@
+"""A blocking wrapper of :class:`~kvstore.store.KVStore` for code without an event loop.
+
+The async clients underneath (redis-py, s3fs/aiobotocore) are bound to the
+event loop they were created on, so every call runs on one private loop in a
+daemon thread, as fsspec does for its sync API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import numpy as np
+import torch
+
+from kvstore.format.manifest import Manifest
+from kvstore.kv import KV
+from kvstore.store import KVStore
+
+T = TypeVar("T")
+Tokens = Sequence[int] | torch.Tensor | np.ndarray
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="kvstore-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class SyncKVStore:
+    """The same calls as :class:`KVStore`, blocking. Takes the same arguments.
+
+    Use as a context manager or call :meth:`close` when done.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = _LoopThread()
+        try:
+            # built on the loop's thread so clients bind to that loop
+            self._store = self._loop.run(self._build(*args, **kwargs))
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    @staticmethod
+    async def _build(*args: Any, **kwargs: Any) -> KVStore:
+        return KVStore(*args, **kwargs)
+
+    @property
+    def store(self) -> KVStore:
+        """The wrapped async store."""
+        return self._store
+
+    def put(self, model_id: str, tokens: Tokens, kv: KV, *, ttl: float | None = None) -> Manifest:
+        """See :meth:`KVStore.put`."""
+        return self._loop.run(self._store.put(model_id, tokens, kv, ttl=ttl))
+
+    def lookup(self, model_id: str, tokens: Tokens, *, level: int = 0) -> int:
+        """See :meth:`KVStore.lookup`."""
+        return self._loop.run(self._store.lookup(model_id, tokens, level=level))
+
+    def get(self, model_id: str, tokens: Tokens, *, level: int = 0, device: str | torch.device = "cpu") -> KV:
+        """See :meth:`KVStore.get`."""
+        return self._loop.run(self._store.get(model_id, tokens, level=level, device=device))
+
+    def manifest(self, model_id: str, tokens: Tokens) -> Manifest | None:
+        """See :meth:`KVStore.manifest`."""
+        return self._loop.run(self._store.manifest(model_id, tokens))
+
+    def delete(self, model_id: str, tokens: Tokens) -> bool:
+        """See :meth:`KVStore.delete`."""
+        return self._loop.run(self._store.delete(model_id, tokens))
+
+    def close(self) -> None:
+        """Close the store and stop its loop thread."""
+        if self._loop.thread.is_alive():
+            try:
+                self._loop.run(self._store.close())
+            finally:
+                self._loop.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,239 @@
+"""The KVStore facade: round trips, prefix reuse, and never returning wrong or partial KV."""
+
+import asyncio
+
+import pytest
+import torch
+
+from kvstore import KVStore, SyncKVStore
+from kvstore.backends.memory import MemoryStore
+from kvstore.errors import (
+    ChecksumError,
+    ConfigError,
+    ContextNotFoundError,
+    FormatError,
+    IncompleteContextError,
+)
+from kvstore.format import container
+
+MODEL = "test/model@v1"
+LAYERS, HEADS, DIM = 3, 2, 8
+
+
+def make_kv(tokens: int, dtype=torch.float16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(HEADS, tokens, DIM, generator=g).to(dtype), torch.randn(HEADS, tokens, DIM, generator=g).to(dtype))
+        for _ in range(LAYERS)
+    ]
+
+
+def assert_kv_equal(a, b):
+    assert len(a) == len(b)
+    for (ka, va), (kb, vb) in zip(a, b):
+        assert ka.dtype == kb.dtype and ka.shape == kb.shape
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@pytest.fixture(params=["memory", "local"])
+async def kvs(request, tmp_path):
+    url = "memory://" if request.param == "memory" else tmp_path.as_uri()
+    async with KVStore(url, chunk_tokens=16) as store:
+        yield store
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 16, 50])
+async def test_round_trip(kvs, dtype, tokens):
+    ids = list(range(100, 100 + tokens))
+    kv = make_kv(tokens, dtype)
+    manifest = await kvs.put(MODEL, ids, kv)
+    assert manifest.num_tokens == tokens and len(manifest.chunks) == -(-tokens // 16)
+    assert await kvs.lookup(MODEL, ids) == tokens
+    assert_kv_equal(await kvs.get(MODEL, ids), kv)
+
+
+async def test_prefix_reuse_is_chunk_granular(kvs):
+    ids = list(range(50))
+    kv = make_kv(50)
+    await kvs.put(MODEL, ids, kv)
+    longer = ids + [7, 7, 7]
+    assert await kvs.lookup(MODEL, longer) == 48
+    assert await kvs.lookup(MODEL, ids[:40]) == 32
+    assert await kvs.lookup(MODEL, [1] + ids[1:]) == 0
+    prefix = await kvs.get(MODEL, ids[:32])
+    assert_kv_equal(prefix, [(k[:, :32], v[:, :32]) for k, v in kv])
+    with pytest.raises(ContextNotFoundError, match="lookup"):
+        await kvs.get(MODEL, longer)
+
+
+async def test_shared_prefix_chunks_are_stored_once(kvs):
+    ids = list(range(64))
+    await kvs.put(MODEL, ids, make_kv(64))
+    before = {k async for k in kvs.store.list()}
+    other = ids[:32] + list(range(1000, 1032))
+    await kvs.put(MODEL, other, make_kv(64, seed=1))
+    added = {k async for k in kvs.store.list()} - before
+    assert len(added) == 3  # two new chunks + one manifest; the first two chunks are shared
+    # the shared chunks keep the first writer's KV: a prefix has one KV per model
+    assert_kv_equal(await kvs.get(MODEL, ids), make_kv(64))
+
+
+async def test_models_do_not_share_kv(kvs):
+    ids = list(range(40))
+    await kvs.put(MODEL, ids, make_kv(40))
+    assert await kvs.lookup("another/model", ids) == 0
+    with pytest.raises(ContextNotFoundError):
+        await kvs.get("another/model", ids)
+
+
+async def test_delete(kvs):
+    ids = list(range(40))
+    await kvs.put(MODEL, ids, make_kv(40))
+    assert await kvs.delete(MODEL, ids) is True
+    assert await kvs.lookup(MODEL, ids) == 0
+    assert [k async for k in kvs.store.list()] == []
+    assert await kvs.delete(MODEL, ids) is False
+
+
+async def test_bad_input_is_refused(kvs):
+    ids = list(range(10))
+    with pytest.raises(ConfigError, match="10 token ids"):
+        await kvs.put(MODEL, ids, make_kv(11))
+    with pytest.raises(ConfigError):
+        await kvs.put(MODEL, [], make_kv(0))
+    with pytest.raises(ConfigError):
+        await kvs.put(MODEL, [-1] * 10, make_kv(10))
+    with pytest.raises(ConfigError):
+        await kvs.put(MODEL, ids, [(torch.zeros(2, 10, 8), torch.zeros(2, 10, 4))])
+    with pytest.raises(ConfigError):
+        await kvs.put(MODEL, ids, [(torch.zeros(2, 10, 8, dtype=torch.int32),) * 2])
+    with pytest.raises(ConfigError):
+        await kvs.put("", ids, make_kv(10))
+    await kvs.put(MODEL, ids, make_kv(10))
+    with pytest.raises(ConfigError):
+        await kvs.get(MODEL, ids, level=1)
+
+
+def test_constructor_validation():
+    with pytest.raises(ConfigError):
+        KVStore("memory://", chunk_tokens=0)
+    with pytest.raises(ConfigError):
+        KVStore("memory://", levels=[])
+    with pytest.raises(ConfigError):
+        KVStore("memory://", levels=["raw", "raw"])
+    with pytest.raises(ConfigError):
+        KVStore("nosuch://x")
+
+
+async def _stored_objects(store):
+    return {k: await store.get(k) async for k in store.list()}
+
+
+async def test_every_corrupted_byte_of_every_object_is_caught():
+    backend = MemoryStore()
+    kvs = KVStore(backend, chunk_tokens=4)
+    ids = list(range(7))
+    kv = [(torch.randn(1, 7, 2, dtype=torch.float16), torch.randn(1, 7, 2, dtype=torch.float16))]
+    await kvs.put(MODEL, ids, kv)
+    pristine = await _stored_objects(backend)
+    assert len(pristine) == 3
+    checked = 0
+    for key, value in pristine.items():
+        for position in range(len(value)):
+            corrupt = bytearray(value)
+            corrupt[position] ^= 0x01
+            await backend.put(key, bytes(corrupt))
+            with pytest.raises(FormatError) as info:  # ChecksumError and IncompleteContextError included
+                await kvs.get(MODEL, ids)
+            if not 8 <= position < 12:
+                assert isinstance(info.value, ChecksumError | IncompleteContextError), (key, position, info.value)
+            checked += 1
+        await backend.put(key, value)
+    assert checked == sum(map(len, pristine.values()))
+    assert_kv_equal(await kvs.get(MODEL, ids), kv)
+
+
+async def test_truncated_chunk_and_missing_chunk_give_clear_errors():
+    backend = MemoryStore()
+    kvs = KVStore(backend, chunk_tokens=4)
+    ids = list(range(10))
+    await kvs.put(MODEL, ids, make_kv(10))
+    chunk_keys = sorted([k async for k in backend.list() if "/chunks/" in k])
+    value = await backend.get(chunk_keys[1])
+    await backend.put(chunk_keys[1], value[: len(value) // 2])
+    with pytest.raises(FormatError, match="declares|truncated"):
+        await kvs.get(MODEL, ids)
+    await backend.delete(chunk_keys[1])
+    with pytest.raises(IncompleteContextError, match="missing"):
+        await kvs.get(MODEL, ids)
+
+
+async def test_chunk_replaced_by_another_valid_object_is_caught():
+    backend = MemoryStore()
+    kvs = KVStore(backend, chunk_tokens=4)
+    ids = list(range(8))
+    await kvs.put(MODEL, ids, make_kv(8))
+    chunk_keys = sorted([k async for k in backend.list() if "/chunks/" in k])
+    a, b = await backend.get(chunk_keys[0]), await backend.get(chunk_keys[1])
+    await backend.put(chunk_keys[0], b)  # a valid, checksummed object of other tokens
+    with pytest.raises(IncompleteContextError, match="not the object"):
+        await kvs.get(MODEL, ids)
+    await backend.delete([k async for k in backend.list() if "/contexts/" in k][0])
+    with pytest.raises(FormatError, match="expected|different"):  # no manifest: the chunk's own identity
+        await kvs.get(MODEL, ids)
+    await backend.put(chunk_keys[0], a)
+    assert_kv_equal(await kvs.get(MODEL, ids), make_kv(8))
+
+
+async def test_concurrent_writers_of_one_context_leave_one_complete_copy():
+    backend = MemoryStore()
+    ids = list(range(100))
+    kv = make_kv(100)
+    writers = [KVStore(backend, chunk_tokens=16) for _ in range(6)]
+    await asyncio.gather(*(w.put(MODEL, ids, kv) for w in writers))
+    assert len([k async for k in backend.list()]) == 8  # 7 chunks + 1 manifest
+    assert_kv_equal(await writers[0].get(MODEL, ids), kv)
+
+
+async def test_ttl_expires_context():
+    async with KVStore("memory://", chunk_tokens=8, ttl=0.3) as kvs:
+        ids = list(range(20))
+        await kvs.put(MODEL, ids, make_kv(20))
+        assert await kvs.lookup(MODEL, ids) == 20
+        await asyncio.sleep(0.5)
+        assert await kvs.lookup(MODEL, ids) == 0
+
+
+def test_sync_wrapper(tmp_path):
+    ids = list(range(30))
+    kv = make_kv(30)
+    with SyncKVStore(tmp_path.as_uri(), chunk_tokens=8) as kvs:
+        kvs.put(MODEL, ids, kv)
+        assert kvs.lookup(MODEL, ids) == 30
+        assert_kv_equal(kvs.get(MODEL, ids), kv)
+        assert kvs.manifest(MODEL, ids).num_tokens == 30
+        with pytest.raises(ContextNotFoundError):
+            kvs.get(MODEL, ids[:20])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_get_to_cuda(kvs):
+    ids = list(range(20))
+    kv = make_kv(20)
+    await kvs.put(MODEL, ids, kv)
+    out = await kvs.get(MODEL, ids, device="cuda")
+    assert out[0][0].is_cuda
+    assert_kv_equal([(k.cpu(), v.cpu()) for k, v in out], kv)
+
+
+def test_manifest_header_lists_levels_and_checksums():
+    async def go():
+        kvs = KVStore("memory://", chunk_tokens=4)
+        m = await kvs.put(MODEL, list(range(9)), make_kv(9))
+        data = await kvs.store.get(kvs.keys.manifest_key(m.fingerprint, m.chunks[-1].hash))
+        header = container.decode(data).header
+        assert header.kind == "kv-manifest"
+        assert header.meta["levels"][0]["codec"] == "raw"
+        assert all(len(c["objects"]) == 1 for c in header.meta["chunks"])
+    asyncio.run(go())
