@@ -25,8 +25,9 @@ import torch
 
 from kvstore.backends import open_store
 from kvstore.backends.base import RangeRequest, Store, check_ttl
-from kvstore.codecs.base import KVCodec, get_codec
+from kvstore.codecs.base import KVCodec, codec_class, get_codec, profile_content_id, register_profile
 from kvstore.errors import (
+    ChecksumError,
     ConfigError,
     ContextNotFoundError,
     FormatError,
@@ -118,6 +119,8 @@ class KVStore:
         self.keys = KeyScheme(namespace)
         self.ttl = check_ttl(ttl)
         self.max_concurrency = max_concurrency
+        self._profiles_stored: set[str] = set()  # profile keys this instance knows are stored
+        self._profiles_loaded: set[str] = set()
 
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> KVStore:
@@ -181,6 +184,8 @@ class KVStore:
             await self.store.put(key, data, ttl=ttl)
             return _describe(key, data)
 
+        for codec in self.codecs:
+            await self._store_profile(plan.fingerprint, codec, ttl)
         jobs = [
             (lambda i=i, codec=codec: store_chunk(i, codec))
             for i in range(len(plan.bounds))
@@ -206,6 +211,36 @@ class KVStore:
         key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
         await self.store.put(key, manifest.to_bytes(plan.tokens), ttl=ttl)
         return manifest
+
+    async def _store_profile(self, fingerprint: str, codec: KVCodec, ttl: float | None) -> None:
+        """Store a codec's per-model profile once (create-only; content-addressed)."""
+        stored = codec.stored_profile()
+        if stored is None:
+            return
+        profile_id, data = stored
+        key = self.keys.profile_key(fingerprint, profile_id)
+        if key in self._profiles_stored:
+            return
+        if not await self.store.put(key, data, ttl=ttl, create_only=True) and ttl is not None:
+            await self.store.put(key, data, ttl=ttl)  # extend: the profile must outlive every chunk
+        self._profiles_stored.add(key)
+
+    async def _load_profile(self, fingerprint: str, codec_name: str, params: dict[str, Any]) -> None:
+        """Fetch, verify and register the profile a stored codec configuration needs."""
+        cls = codec_class(codec_name)
+        profile_id = cls.profile_id_of(params)
+        if profile_id is None:
+            return
+        key = self.keys.profile_key(fingerprint, profile_id)
+        if key in self._profiles_loaded:
+            return
+        data = await self.store.get(key)
+        if data is None:
+            raise IncompleteContextError(f"codec profile {key} is missing from the store")
+        if profile_content_id(data) != profile_id:
+            raise ChecksumError(f"codec profile {key} does not match its content hash")
+        register_profile(profile_id, cls.parse_profile(data))
+        self._profiles_loaded.add(key)
 
     async def _existing_chunk(self, key: str) -> ChunkObject | None:
         """Describe an already stored chunk object from its header, or ``None`` if unreadable."""
@@ -279,6 +314,8 @@ class KVStore:
             self._check_level(level, len(manifest.levels))
             expected = [chunk.objects[level] for chunk in manifest.chunks]
             keys = [obj.key for obj in expected]
+            spec = manifest.levels[level]
+            await self._load_profile(plan.fingerprint, spec.codec, spec.params)
         else:
             self._check_level(level, len(self.codecs))
             expected = None

@@ -20,6 +20,7 @@ from kvstore.errors import CodecError, FormatError
 from kvstore.format.container import BufferLike, Container
 
 _REGISTRY: dict[str, type[KVCodec]] = {}
+_PROFILES: dict[str, object] = {}
 
 
 class KVCodec(ABC):
@@ -49,8 +50,12 @@ class KVCodec(ABC):
         return f"{self.name}-{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
 
     @abstractmethod
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, BufferLike]:
-        """Encode ``[layers, kv_heads, tokens, head_dim]`` keys and values to named buffers."""
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
+        """Encode ``[layers, kv_heads, tokens, head_dim]`` keys and values to named buffers.
+
+        ``start`` is the position of the chunk's first token in its context (a codec
+        may treat the context's first, attention-sink tokens specially).
+        """
 
     @abstractmethod
     def decode(
@@ -58,8 +63,50 @@ class KVCodec(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rebuild keys and values of ``shape`` and ``dtype`` on ``device`` from a verified container."""
 
+    # -- per-model profiles: data a codec shares across all chunks of a model ----------
+    @classmethod
+    def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:
+        """The id of the stored profile a codec configuration needs, if any."""
+        return None
+
+    @classmethod
+    def parse_profile(cls, data: bytes | memoryview) -> object:
+        """Parse (and validate) a stored profile of this codec."""
+        raise FormatError(f"codec {cls.name!r} has no profiles")
+
+    def stored_profile(self) -> tuple[str, bytes] | None:
+        """``(id, bytes)`` of the profile a writer must store once per model, if any."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
+
+
+def profile_content_id(data: bytes | memoryview) -> str:
+    """The content hash that names a stored profile (its key segment), checked on load."""
+    return hashlib.blake2b(data, digest_size=16, person=b"kvstore-profile").hexdigest()
+
+
+def register_profile(profile_id: str, profile: object) -> None:
+    """Make a parsed profile available to codecs built from stored parameters."""
+    _PROFILES[profile_id] = profile
+
+
+def registered_profile(profile_id: str) -> object:
+    """A profile registered with :func:`register_profile`; :class:`FormatError` if absent."""
+    try:
+        return _PROFILES[profile_id]
+    except KeyError:
+        raise FormatError(f"codec profile {profile_id!r} is not loaded (it is read from the store with the KV)") from None
+
+
+def codec_class(name: str) -> type[KVCodec]:
+    """The registered codec class ``name``."""
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise CodecError(f"unknown codec {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
 def register_codec(cls: type[KVCodec]) -> type[KVCodec]:
@@ -76,13 +123,9 @@ def codec_names() -> list[str]:
 
 def get_codec(name: str, params: Mapping[str, Any] | None = None) -> KVCodec:
     """Build the codec ``name`` with ``params``; unknown names raise :class:`CodecError`."""
-    _load_builtin()
-    try:
-        cls = _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise CodecError(f"unknown codec {name!r}; registered: {sorted(_REGISTRY)}") from None
-    return cls.from_params(params or {})
+    return codec_class(name).from_params(params or {})
 
 
 def _load_builtin() -> None:
-    import kvstore.codecs.raw  # noqa: F401  (registers itself)
+    import kvstore.codecs.kvcodec  # noqa: F401  (each registers itself)
+    import kvstore.codecs.raw  # noqa: F401

@@ -15,7 +15,7 @@ class RawCodec(KVCodec):
 
     name = "raw"
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, BufferLike]:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
         return {"k": keys, "v": values}
 
     def decode(

@@ -42,7 +42,7 @@ class ChunkIdentity:
 
 def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, values: torch.Tensor) -> bytes:
     """Encode ``[layers, kv_heads, tokens, head_dim]`` keys and values as a chunk object."""
-    buffers = codec.encode(keys, values)
+    buffers = codec.encode(keys, values, start=ident.start)
     clash = codec.RESERVED & set(buffers)
     if clash:
         raise FormatError(f"codec {codec.name!r} used reserved buffer names {sorted(clash)}")

@@ -11,6 +11,7 @@ Layout under a namespace ``ns``::
 
     ns/<model fingerprint>/chunks/<chunk hash>/<level tag>   one chunk at one level
     ns/<model fingerprint>/contexts/<context hash>           a context's manifest
+    ns/<model fingerprint>/profiles/<profile id>             a codec's per-model profile
 """
 
 from __future__ import annotations
@@ -97,3 +98,6 @@ class KeyScheme:
 
     def manifest_key(self, fingerprint: str, context_hash: str) -> str:
         return validate_key(f"{self.namespace}/{fingerprint}/contexts/{context_hash}")
+
+    def profile_key(self, fingerprint: str, profile_id: str) -> str:
+        return validate_key(f"{self.namespace}/{fingerprint}/profiles/{profile_id}")

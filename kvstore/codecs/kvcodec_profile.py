@@ -1,0 +1,217 @@
+"""The per-model profile of the ``kvcodec`` codec, computed once and stored once.
+
+Keys are quantized with an absolute step per (layer, kv head, channel) chosen
+from the *queries* that will read them: an error ``e_c`` in key channel ``c``
+moves an attention logit by ``q_c e_c / sqrt(d)``, so the step that spends bits
+where they matter is ``step_c = beta / sqrt(E[q_c^2])`` (the mean over the
+query heads of the GQA group, queries after RoPE). With uniform quantization
+the logit noise is then ``beta / sqrt(12)`` in every layer and head whatever
+the model. Without query statistics the step falls back to ``beta * std_c``.
+
+Values are quantized per token (step ``gamma * sigma_t``, with ``sigma_t`` the
+token's RMS over the head's channels, rounded to a quarter octave so that it
+costs a few entropy-coded bits).
+
+The profile holds, for every level, the symbol statistics of the entropy coder
+(one model per (layer, head, channel) for keys and values, one per (layer,
+head) for value scales), measured on calibration KV. Chunks then carry no
+tables at all, however small they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvstore.codecs.base import profile_content_id
+from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
+from kvstore.errors import CodecError, FormatError
+from kvstore.format import container
+
+KIND = "kvcodec-profile"
+ZERO = 128  # symbol of a zero residual; symbols are uint8 in [0, 256)
+SCALE_STEPS_PER_OCTAVE = 4
+PRECISION = 15
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One quality level: key step factor ``beta`` and value step factor ``gamma``."""
+
+    beta: float
+    gamma: float
+
+
+#: best first; level 1 is the default (see kvstore/codecs/README.md for measured sizes)
+DEFAULT_LEVELS = (
+    Level(0.25, 0.2),
+    Level(0.85, 0.7),
+    Level(1.15, 1.0),
+    Level(1.7, 1.4),
+    Level(2.5, 2.0),
+)
+
+
+def quantize_keys(keys: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Integer residuals ``round((k - center) / step)`` (unclamped, float)."""
+    return torch.round((keys - center[:, :, None]) / step[:, :, None])
+
+
+def value_scale_codes(values: torch.Tensor) -> torch.Tensor:
+    """Per-(layer, head, token) scale exponents, quarter octaves of the token RMS, as ints."""
+    rms = values.pow(2).mean(dim=-1).sqrt().clamp_min(2.0**-24)
+    return torch.round(torch.log2(rms) * SCALE_STEPS_PER_OCTAVE).clamp(-ZERO, 255 - ZERO)
+
+
+def value_steps(codes: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The value step of each (layer, head, token) from its scale code."""
+    return gamma * torch.exp2(codes / SCALE_STEPS_PER_OCTAVE)
+
+
+def to_symbols(residuals: torch.Tensor) -> torch.Tensor:
+    """Residuals as uint8 symbols around ``ZERO`` (clamped; the codec patches what was clamped)."""
+    return (residuals.clamp(-ZERO, 255 - ZERO) + ZERO).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class LevelTables:
+    """Entropy-coder models of one level."""
+
+    keys: FrequencyTable  # L*H*D models
+    values: FrequencyTable  # L*H*D models
+    scales: FrequencyTable  # L*H models
+
+
+@dataclass(frozen=True)
+class KVCodecProfile:
+    """Everything ``kvcodec`` needs besides a chunk's own bytes."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    key_center: torch.Tensor  # [L, H, D] float32
+    key_unit: torch.Tensor  # [L, H, D] float32: the key step at beta = 1
+    levels: tuple[Level, ...]
+    tables: tuple[LevelTables, ...]
+    sink_tokens: int = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.layers, self.kv_heads, self.head_dim
+
+    def key_step(self, level: int) -> torch.Tensor:
+        return self.key_unit * self.levels[level].beta
+
+    def to_bytes(self) -> bytes:
+        """Serialize as a container (no pickle)."""
+        buffers: dict[str, object] = {"key_center": self.key_center, "key_unit": self.key_unit}
+        for i, t in enumerate(self.tables):
+            buffers[f"t{i}_keys"] = t.keys.to_bytes()
+            buffers[f"t{i}_values"] = t.values.to_bytes()
+            buffers[f"t{i}_scales"] = t.scales.to_bytes()
+        meta = {
+            "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+            "sink_tokens": self.sink_tokens,
+            "levels": [[lv.beta, lv.gamma] for lv in self.levels],
+        }
+        return container.encode(buffers, kind=KIND, meta=meta)  # type: ignore[arg-type]
+
+    @property
+    def profile_id(self) -> str:
+        """A content hash naming this profile (the key segment it is stored under)."""
+        return profile_content_id(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> KVCodecProfile:
+        """Parse and validate a stored profile."""
+        obj = container.decode(data)
+        if obj.header.kind != KIND:
+            raise FormatError(f"expected a {KIND} object, found {obj.header.kind!r}")
+        meta = obj.header.meta
+        dims = [meta.get(k) for k in ("layers", "kv_heads", "head_dim", "sink_tokens")]
+        if not all(type(d) is int and 0 <= d <= 1 << 16 for d in dims) or 0 in dims[:3]:
+            raise FormatError("profile dimensions are malformed")
+        layers, kv_heads, head_dim, sink_tokens = dims
+        raw_levels = meta.get("levels")
+        if not isinstance(raw_levels, list) or not 1 <= len(raw_levels) <= 16:
+            raise FormatError("profile levels are malformed")
+        levels = []
+        for lv in raw_levels:
+            if not (isinstance(lv, list) and len(lv) == 2 and all(isinstance(x, int | float) and x > 0 for x in lv)):
+                raise FormatError("profile level entry is malformed")
+            levels.append(Level(float(lv[0]), float(lv[1])))
+        center, unit = obj.tensor("key_center"), obj.tensor("key_unit")
+        for t in (center, unit):
+            if t.dtype != torch.float32 or tuple(t.shape) != (layers, kv_heads, head_dim):
+                raise FormatError("profile key tensors do not match its dimensions")
+        if not bool(torch.isfinite(center).all()) or not bool((unit > 0).all()) or not bool(torch.isfinite(unit).all()):
+            raise FormatError("profile key steps must be finite and positive")
+        models = layers * kv_heads * head_dim
+        tables = []
+        for i in range(len(levels)):
+            try:
+                t = LevelTables(
+                    FrequencyTable.from_bytes(obj.raw(f"t{i}_keys")),
+                    FrequencyTable.from_bytes(obj.raw(f"t{i}_values")),
+                    FrequencyTable.from_bytes(obj.raw(f"t{i}_scales")),
+                )
+            except CodecError as exc:
+                raise FormatError(f"profile table {i} is malformed: {exc}") from None
+            if (t.keys.num_models, t.values.num_models, t.scales.num_models) != (models, models, layers * kv_heads):
+                raise FormatError(f"profile table {i} does not match the profile's dimensions")
+            tables.append(t)
+        return cls(layers, kv_heads, head_dim, center, unit, tuple(levels), tuple(tables), sink_tokens)
+
+
+
+
+def build_profile(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    query_energy: torch.Tensor | None = None,
+    levels: Sequence[Level] = DEFAULT_LEVELS,
+    sink_tokens: int = 4,
+) -> KVCodecProfile:
+    """Profile a model from calibration KV.
+
+    ``samples``: contexts' ``(keys, values)``, each ``[layers, kv_heads, tokens, head_dim]``
+    (the first ``sink_tokens`` of each are left out, as the codec stores them raw).
+    ``query_energy``: ``E[q^2]`` per (layer, kv head, channel) of the post-RoPE queries,
+    averaged over each GQA group (see :func:`kvstore.integrations.hf_queries.query_energy`);
+    ``None`` falls back to per-channel key standard deviations.
+    """
+    if not samples:
+        raise CodecError("build_profile needs at least one calibration sample")
+    keys = torch.cat([k[:, :, sink_tokens:].float().cpu() for k, _ in samples], dim=2)
+    values = torch.cat([v[:, :, sink_tokens:].float().cpu() for _, v in samples], dim=2)
+    if keys.shape != values.shape or keys.ndim != 4 or keys.shape[2] == 0:
+        raise CodecError(f"calibration keys {list(keys.shape)} and values {list(values.shape)} do not match")
+    layers, kv_heads, _, head_dim = keys.shape
+    center = keys.mean(dim=2)
+    if query_energy is None:
+        unit = keys.std(dim=2).clamp_min(1e-6)
+    else:
+        if tuple(query_energy.shape) != (layers, kv_heads, head_dim):
+            raise CodecError(f"query_energy must be [layers, kv_heads, head_dim] = {[layers, kv_heads, head_dim]}")
+        unit = 1.0 / query_energy.float().cpu().clamp_min(1e-12).sqrt()
+    models = np.arange(layers * kv_heads * head_dim).reshape(layers * kv_heads, head_dim)
+    scale_models = np.arange(layers * kv_heads).reshape(layers * kv_heads, 1)
+    tables = []
+    codes = value_scale_codes(values)
+    scale_sym = to_symbols(codes).reshape(layers * kv_heads, -1, 1).numpy()
+    scale_table = FrequencyTable.from_counts(count_symbols(scale_sym, scale_models, layers * kv_heads), PRECISION)
+    flat = (layers * kv_heads, -1, head_dim)
+    for level in levels:
+        k_sym = to_symbols(quantize_keys(keys, center, unit * level.beta)).reshape(flat).numpy()
+        v_res = torch.round(values / value_steps(codes, level.gamma)[..., None])
+        v_sym = to_symbols(v_res).reshape(flat).numpy()
+        tables.append(LevelTables(
+            FrequencyTable.from_counts(count_symbols(k_sym, models, models.size), PRECISION),
+            FrequencyTable.from_counts(count_symbols(v_sym, models, models.size), PRECISION),
+            scale_table,
+        ))
+    return KVCodecProfile(layers, kv_heads, head_dim, center.contiguous(), unit.contiguous(),
+                          tuple(levels), tuple(tables), sink_tokens)
