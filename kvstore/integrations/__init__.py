@@ -1,0 +1,1 @@
+"""Bridges to model runtimes: Hugging Face transformers (:mod:`kvstore.integrations.hf`)."""

@@ -1,0 +1,327 @@
+"""Hugging Face transformers: KV out of and into the model's own cache objects.
+
+The project's KV convention (see :mod:`kvstore.kv`) is a list over layers of
+``(key, value)`` tensors, each ``[kv_heads, tokens, head_dim]``: the layout of
+a transformers ``DynamicCache`` layer without its batch axis, keys after RoPE
+exactly as the model attends them. This module converts both ways, runs
+prefill (optionally continuing from a stored prefix, which is the streaming
+fetcher's recompute fallback) and names models with stable ``model_id``
+strings. Written against transformers 5.x (``Cache.layers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import torch
+import xxhash
+
+from kvstore.errors import ConfigError
+from kvstore.kv import KV
+
+Tokens: TypeAlias = Sequence[int] | torch.Tensor
+Recompute: TypeAlias = Callable[..., KV]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+# Config entries that do not change the KV a model computes from given token ids.
+_CONFIG_IGNORED = frozenset(
+    {
+        "architectures", "dtype", "torch_dtype", "transformers_version", "quantization_config",
+        "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params", "prefix",
+        "output_attentions", "output_hidden_states", "return_dict", "use_cache", "tokenizer_class",
+        "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
+        "decoder_start_token_id", "chunk_size_feed_forward", "initializer_range", "attention_dropout",
+    }
+)
+
+
+class KVMismatchError(ConfigError):
+    """KV whose layer count, heads, head size or length does not fit the model it is given to."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """The shape of one token's KV for a model: ``layers`` x (key, value) x ``[kv_heads, head_dim]``."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
+        """Size of one token's keys and values at ``dtype``."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _text_config(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    getter = getattr(config, "get_text_config", None)
+    return getter(decoder=True) if getter is not None else config
+
+
+def kv_layout(model_or_config: Any) -> KVLayout:
+    """The KV layout of a transformers model (or its config)."""
+    cfg = _text_config(model_or_config)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return KVLayout(layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def _param(model: torch.nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
+def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Check that ``kv`` fits ``model``'s layout; return the number of tokens it covers.
+
+    Raises :class:`KVMismatchError` (a :class:`~kvstore.errors.ConfigError`) naming the
+    first mismatch: layer count, a tensor's rank, heads, head size, or unequal lengths.
+    """
+    layout = kv_layout(model)
+    if not isinstance(kv, Sequence) or len(kv) != layout.layers:
+        got = len(kv) if isinstance(kv, Sequence) else type(kv).__name__
+        raise KVMismatchError(f"model has {layout.layers} layers but the KV has {got}")
+    tokens = None
+    for i, pair in enumerate(kv):
+        if not (isinstance(pair, Sequence) and len(pair) == 2):
+            raise KVMismatchError(f"kv[{i}] must be a (key, value) pair")
+        for name, t in zip(("key", "value"), pair):
+            if not isinstance(t, torch.Tensor) or t.ndim != 3:
+                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise KVMismatchError(f"kv[{i}] {name} must be [kv_heads, tokens, head_dim], got {shape}")
+            if t.shape[0] != layout.kv_heads or t.shape[2] != layout.head_dim:
+                raise KVMismatchError(
+                    f"kv[{i}] {name} is {list(t.shape)}; the model expects "
+                    f"[{layout.kv_heads}, tokens, {layout.head_dim}]"
+                )
+            if tokens is None:
+                tokens = t.shape[1]
+            elif t.shape[1] != tokens:
+                raise KVMismatchError(f"kv[{i}] {name} covers {t.shape[1]} tokens, kv[0] key covers {tokens}")
+            if not t.is_floating_point():
+                raise KVMismatchError(f"kv[{i}] {name} has non-float dtype {t.dtype}")
+    assert tokens is not None
+    return tokens
+
+
+def kv_to_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+    """A ``DynamicCache`` for ``model`` holding ``kv`` (moved to the model's device and dtype).
+
+    ``kv=None`` gives an empty cache. The caller's tensors are never modified.
+    """
+    from transformers import DynamicCache
+
+    if kv is None:
+        return DynamicCache(config=model.config)
+    check_model_kv(model, kv)
+    p = _param(model)
+    data = [(k.to(p.device, p.dtype)[None], v.to(p.device, p.dtype)[None]) for k, v in kv]
+    return DynamicCache(data, config=model.config)
+
+
+def cache_to_kv(cache: Any) -> KV:
+    """The KV held by a transformers cache of batch size 1, in the project's convention."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ConfigError(f"expected a transformers 5.x Cache with .layers, got {type(cache).__name__}")
+    kv: KV = []
+    for i, layer in enumerate(layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None or keys.ndim != 4:
+            raise ConfigError(f"cache layer {i} ({type(layer).__name__}) holds no attention KV")
+        if keys.shape[0] != 1:
+            raise ConfigError(f"cache has batch size {keys.shape[0]}; only batch size 1 converts to KV")
+        kv.append((keys[0], values[0]))
+    return kv
+
+
+def _as_ids(tokens: Tokens, device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(tokens, dtype=torch.long)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ConfigError(f"tokens must be 1-D (or [1, n]), got shape {list(ids.shape)}")
+    return ids.to(device)
+
+
+def _forward(model: Any, ids: torch.Tensor, cache: Any, keep: int) -> Any:
+    try:
+        return model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    except TypeError as exc:  # a model class without logits_to_keep: compute all, slice below
+        if "logits_to_keep" not in str(exc):
+            raise
+        return model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+
+
+def prefill(
+    model: Any,
+    tokens: Tokens,
+    cache: Any | None = None,
+    *,
+    chunk_tokens: int | None = None,
+    logits_to_keep: int = 1,
+) -> tuple[torch.Tensor, Any]:
+    """Run ``tokens`` through ``model`` on top of ``cache`` (a new empty cache if None).
+
+    Returns ``(logits, cache)``: logits ``[k, vocab]`` of the last ``k = logits_to_keep``
+    tokens (``0`` keeps all) and the grown cache. ``chunk_tokens`` feeds the tokens in
+    pieces to bound attention memory on long contexts (numerically near, not bit-equal).
+    """
+    ids = _as_ids(tokens, _param(model).device)
+    n = len(ids)
+    if n == 0:
+        raise ConfigError("prefill needs at least one token")
+    if logits_to_keep < 0:
+        raise ConfigError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+    step = n if chunk_tokens is None else chunk_tokens
+    if step <= 0:
+        raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    first_kept = 0 if logits_to_keep == 0 else max(0, n - logits_to_keep)
+    cache = kv_to_cache(model, None) if cache is None else cache
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            keep = end - max(start, first_kept)  # how many of this piece's logits are wanted
+            out = _forward(model, ids[start:end], cache, max(keep, 1))
+            cache = out.past_key_values
+            if keep > 0:
+                pieces.append(out.logits[0, -keep:])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0], cache
+
+
+def recompute(
+    model: Any,
+    tokens: Tokens,
+    prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    *,
+    chunk_tokens: int | None = None,
+) -> KV:
+    """The KV of ``tokens`` as they follow ``prefix_kv`` (the KV of earlier tokens, or none).
+
+    This is prefill continuing from a cache: the returned KV covers ``tokens`` only
+    (not the prefix), on the model's device and dtype, keys rotated for their
+    absolute positions ``len(prefix) ...``. It is the streaming fetcher's fallback
+    when a chunk's KV is slower to fetch than to compute.
+    """
+    start = 0 if prefix_kv is None else check_model_kv(model, prefix_kv)
+    cache = kv_to_cache(model, prefix_kv)
+    _, cache = prefill(model, tokens, cache, chunk_tokens=chunk_tokens)
+    kv = cache_to_kv(cache)
+    n = len(_as_ids(tokens, torch.device("cpu")))
+    for i, (k, _) in enumerate(kv):
+        if k.shape[1] != start + n:  # a sliding-window layer keeps fewer tokens than it saw
+            raise ConfigError(
+                f"layer {i} cached {k.shape[1]} tokens for {start + n} inputs: models with "
+                "sliding-window or other partial caches are not supported"
+            )
+    if start == 0:
+        return kv
+    return [(k[:, start:].contiguous(), v[:, start:].contiguous()) for k, v in kv]
+
+
+def extract_kv(model: Any, tokens: Tokens, *, chunk_tokens: int | None = None) -> KV:
+    """Prefill ``tokens`` and return their KV (``[kv_heads, tokens, head_dim]`` per layer)."""
+    return recompute(model, tokens, None, chunk_tokens=chunk_tokens)
+
+
+def make_recompute(model: Any, *, chunk_tokens: int | None = None) -> Recompute:
+    """``fn(tokens, prefix_kv=None) -> KV`` bound to ``model``: the fetcher's recompute hook."""
+
+    def fn(tokens: Tokens, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> KV:
+        return recompute(model, tokens, prefix_kv, chunk_tokens=chunk_tokens)
+
+    return fn
+
+
+def generate_greedy(
+    model: Any,
+    context_tokens: Tokens,
+    kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    max_new_tokens: int = 16,
+) -> list[int]:
+    """Greedy continuation of ``context_tokens`` by ``model.generate``, starting from ``kv``.
+
+    ``kv`` is the context's KV (all its tokens, as stored); the last token's entry is
+    dropped and recomputed by ``generate``, as serving engines do to get the first
+    logits. With ``kv=None`` the model prefills the context itself.
+    """
+    ids = _as_ids(context_tokens, _param(model).device)
+    cache = None
+    if kv is not None:
+        covered = check_model_kv(model, kv)
+        if covered != len(ids):
+            raise KVMismatchError(f"kv covers {covered} tokens but the context has {len(ids)}")
+        cache = kv_to_cache(model, [(k[:, :-1], v[:, :-1]) for k, v in kv]) if len(ids) > 1 else None
+    with torch.no_grad():
+        out = model.generate(
+            ids[None], past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+            attention_mask=torch.ones_like(ids)[None],
+        )
+    return out[0, len(ids):].tolist()
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a model directory (or ``[path]`` for a single file), sorted by name."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ConfigError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
+    return files
+
+
+def weights_digest(paths: str | Path | Iterable[str | Path]) -> str:
+    """A content hash (xxh3-128, hex) of weight files: a model directory, a file, or a list of files."""
+    files = weight_files(paths) if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    h = xxhash.xxh3_128()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """A content hash of a loaded model's parameters and buffers (slower fallback than files)."""
+    h = xxhash.xxh3_128()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def config_for_id(model_or_config: Any) -> dict[str, Any]:
+    """The config entries that can change a model's KV (bookkeeping entries removed)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in items.items() if k not in _CONFIG_IGNORED and not k.startswith("_")}
+
+
+def hf_model_id(model_or_config: Any, weights_digest: str | None = None) -> str:
+    """A stable id naming a model's KV: ``<type>-<layers>L-<kv_heads>x<head_dim>-<hash>``.
+
+    The hash covers the KV-relevant config (:func:`config_for_id`) and ``weights_digest``
+    (see :func:`weights_digest`); if that is None and a model is given, its parameters
+    are hashed (:func:`state_dict_digest`). The dtype the model runs in is not part of
+    the id: KV computed in fp32 and bf16 by the same weights share it.
+    """
+    if weights_digest is None:
+        if not isinstance(model_or_config, torch.nn.Module):
+            raise ConfigError("hf_model_id needs weights_digest when given a config rather than a model")
+        weights_digest = state_dict_digest(model_or_config)
+    cfg = config_for_id(model_or_config)
+    layout = kv_layout(model_or_config)
+    blob = json.dumps({"config": cfg, "weights": weights_digest}, sort_keys=True, default=str)
+    digest = hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()
+    kind = str(cfg.get("model_type") or "hf").replace("/", "_")
+    return f"{kind}-{layout.layers}L-{layout.kv_heads}x{layout.head_dim}-{digest}"
