@@ -28,6 +28,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _storage_options(pairs: Sequence[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KVStoreError(f"storage options are KEY=VALUE (VALUE may be JSON), got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvstore.demo import run
+
+    run(store_url=args.store, quick=args.quick, json_path=args.json, png_path=args.png,
+        storage_options=_storage_options(args.option))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvstore.bench import BENCHMARKS
 
@@ -40,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     bench.add_argument("--json", metavar="PATH", help="write the JSON here instead of stdout")
     bench.set_defaults(func=_cmd_bench)
+
+    demo = sub.add_parser("demo", help="store and reload a real model's KV; print sizes, times, quality")
+    demo.add_argument("--store", metavar="URL", help="store URL (default: a local directory in the cache)")
+    demo.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="a storage option, e.g. endpoint_url=http://localhost:9000 (repeatable)")
+    demo.add_argument("--quick", action="store_true", help="a shorter context (about a minute)")
+    demo.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    demo.add_argument("--png", metavar="PATH", default="kvstore-demo.png", help="where to write the plot")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

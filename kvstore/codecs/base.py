@@ -127,5 +127,8 @@ def get_codec(name: str, params: Mapping[str, Any] | None = None) -> KVCodec:
 
 
 def _load_builtin() -> None:
-    import kvstore.codecs.kvcodec  # noqa: F401  (each registers itself)
+    import kvstore.codecs.cachegen_ref  # noqa: F401  (each registers itself)
+    import kvstore.codecs.int8  # noqa: F401
+    import kvstore.codecs.kivi  # noqa: F401
+    import kvstore.codecs.kvcodec  # noqa: F401
     import kvstore.codecs.raw  # noqa: F401

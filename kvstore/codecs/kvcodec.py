@@ -12,6 +12,7 @@ symbol range ("patches").
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,22 @@ from kvstore.codecs.kvcodec_profile import (
     value_scale_codes,
     value_steps,
 )
+from kvstore.codecs.symbol_model import FrequencyTable, ideal_code_bits
 from kvstore.errors import CodecError, FormatError
 from kvstore.format.container import BufferLike, Container
 
 DEFAULT_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A chunk's uint8 symbol streams (``[L*H, T, D]``, ``[L*H, T, D]``, ``[L*H, T, 1]``)
+    and the buffers stored as they are (sinks, patches)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    scales: np.ndarray
+    raw: dict[str, BufferLike]
 
 
 def _patches(residuals: torch.Tensor, originals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,40 +111,59 @@ class KVCodecV1(KVCodec):
             )
 
     # -- encode -----------------------------------------------------------------
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
+    def quantize(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> Quantized:
+        """The symbol streams and raw side data of a chunk, before entropy coding."""
         if keys.shape != values.shape or keys.ndim != 4:
             raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D]")
         self._check_shape(tuple(keys.shape))
         L, H, T, D = keys.shape
         device = keys.device
         prof, level = self.profile, self.profile.levels[self.level]
-        tables = prof.tables[self.level]
         kf, vf = keys.float(), values.float()
         k_res = quantize_keys(kf, prof.key_center.to(device), prof.key_step(self.level).to(device))
         codes = value_scale_codes(vf)
         v_res = torch.round(vf / value_steps(codes, level.gamma)[..., None])
         sinks = max(0, min(T, prof.sink_tokens - start))
-        buffers: dict[str, BufferLike] = {}
+        raw: dict[str, BufferLike] = {}
         if sinks:
             k_res[:, :, :sinks] = 0
             v_res[:, :, :sinks] = 0
-            buffers["sink_k"] = keys[:, :, :sinks]
-            buffers["sink_v"] = values[:, :, :sinks]
+            raw["sink_k"] = keys[:, :, :sinks]
+            raw["sink_v"] = values[:, :, :sinks]
         for name, res, original in (("k", k_res, keys), ("v", v_res, values)):
             index, patch = _patches(res, original)
             if index.numel():
-                buffers[f"{name}_patch_index"] = index
-                buffers[f"{name}_patch_value"] = patch
+                raw[f"{name}_patch_index"] = index
+                raw[f"{name}_patch_value"] = patch
         flat = (L * H, T, D)
-        buffers["k"] = rans.encode(to_symbols(k_res).reshape(flat).cpu().numpy(), tables.keys, self._models)
-        buffers["v"] = rans.encode(to_symbols(v_res).reshape(flat).cpu().numpy(), tables.values, self._models)
-        buffers["scales"] = rans.encode(
-            to_symbols(codes).reshape(L * H, T, 1).cpu().numpy(), tables.scales, self._scale_models
+        return Quantized(
+            keys=to_symbols(k_res).reshape(flat).cpu().numpy(),
+            values=to_symbols(v_res).reshape(flat).cpu().numpy(),
+            scales=to_symbols(codes).reshape(L * H, T, 1).cpu().numpy(),
+            raw=raw,
         )
+
+    def _streams(self) -> tuple[tuple[str, FrequencyTable, np.ndarray], ...]:
+        tables = self.profile.tables[self.level]
+        return (("k", tables.keys, self._models), ("v", tables.values, self._models),
+                ("scales", tables.scales, self._scale_models))
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
+        q = self.quantize(keys, values, start=start)
+        buffers = dict(q.raw)
+        for (name, table, models), symbols in zip(self._streams(), (q.keys, q.values, q.scales)):
+            buffers[name] = rans.encode(symbols, table, models)
         return buffers
 
+    def ideal_bits(self, q: Quantized) -> float:
+        """The information content of a chunk's symbols under the profile's models: what
+        an ideal entropy coder would emit (for ``entropy_efficiency``)."""
+        return sum(ideal_code_bits(symbols, table, models)
+                   for (_, table, models), symbols in zip(self._streams(), (q.keys, q.values, q.scales)))
+
     # -- decode -----------------------------------------------------------------
-    def _residuals(self, obj: Container, name: str, table: Any, models: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
+    @staticmethod
+    def _residuals(obj: Container, name: str, table: FrequencyTable, models: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
         symbols = rans.decode(obj.raw(name), table, models, shape=shape)
         return torch.from_numpy(symbols).to(torch.int16) - ZERO
 
@@ -141,10 +173,10 @@ class KVCodecV1(KVCodec):
         self._check_shape(shape)
         L, H, T, D = shape
         prof, level = self.profile, self.profile.levels[self.level]
-        tables = prof.tables[self.level]
-        k_res = self._residuals(obj, "k", tables.keys, self._models, (L * H, T, D)).to(device)
-        v_res = self._residuals(obj, "v", tables.values, self._models, (L * H, T, D)).to(device)
-        codes = self._residuals(obj, "scales", tables.scales, self._scale_models, (L * H, T, 1)).to(device)
+        (_, k_table, models), (_, v_table, _), (_, s_table, scale_models) = self._streams()
+        k_res = self._residuals(obj, "k", k_table, models, (L * H, T, D)).to(device)
+        v_res = self._residuals(obj, "v", v_table, models, (L * H, T, D)).to(device)
+        codes = self._residuals(obj, "scales", s_table, scale_models, (L * H, T, 1)).to(device)
         step_k = prof.key_step(self.level).to(device)[:, :, None]
         keys = k_res.reshape(L, H, T, D).float() * step_k + prof.key_center.to(device)[:, :, None]
         steps_v = value_steps(codes.reshape(L, H, T).float(), level.gamma)
