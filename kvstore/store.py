@@ -225,6 +225,11 @@ class KVStore:
             await self.store.put(key, data, ttl=ttl)  # extend: the profile must outlive every chunk
         self._profiles_stored.add(key)
 
+    async def load_profiles(self, manifest: Manifest) -> None:
+        """Fetch and register every codec profile the manifest's levels need (once per store)."""
+        for spec in manifest.levels:
+            await self._load_profile(manifest.fingerprint, spec.codec, spec.params)
+
     async def _load_profile(self, fingerprint: str, codec_name: str, params: dict[str, Any]) -> None:
         """Fetch, verify and register the profile a stored codec configuration needs."""
         cls = codec_class(codec_name)

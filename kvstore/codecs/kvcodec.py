@@ -32,7 +32,7 @@ from kvstore.codecs.symbol_model import FrequencyTable, ideal_code_bits
 from kvstore.errors import CodecError, FormatError
 from kvstore.format.container import BufferLike, Container
 
-DEFAULT_LEVEL = 1
+DEFAULT_LEVEL = 2
 
 
 @dataclass(frozen=True)

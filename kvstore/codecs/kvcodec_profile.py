@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import zlib
+
 import numpy as np
 import torch
 
@@ -35,6 +37,7 @@ KIND = "kvcodec-profile"
 ZERO = 128  # symbol of a zero residual; symbols are uint8 in [0, 256)
 SCALE_STEPS_PER_OCTAVE = 4
 PRECISION = 15
+TABLE_HEADER_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +48,14 @@ class Level:
     gamma: float
 
 
-#: best first; level 1 is the default (see kvstore/codecs/README.md for measured sizes)
+#: best first; level 2 is the default (see kvstore/codecs/README.md for measured sizes)
 DEFAULT_LEVELS = (
     Level(0.25, 0.2),
-    Level(0.85, 0.7),
-    Level(1.15, 1.0),
-    Level(1.7, 1.4),
-    Level(2.5, 2.0),
+    Level(0.6, 0.5),
+    Level(1.0, 0.85),
+    Level(1.5, 1.2),
+    Level(2.2, 1.7),
+    Level(3.2, 2.4),
 )
 
 
@@ -109,13 +113,14 @@ class KVCodecProfile:
         """Serialize as a container (no pickle)."""
         buffers: dict[str, object] = {"key_center": self.key_center, "key_unit": self.key_unit}
         for i, t in enumerate(self.tables):
-            buffers[f"t{i}_keys"] = t.keys.to_bytes()
-            buffers[f"t{i}_values"] = t.values.to_bytes()
-            buffers[f"t{i}_scales"] = t.scales.to_bytes()
+            buffers[f"t{i}_keys"] = zlib.compress(t.keys.to_bytes(), 6)
+            buffers[f"t{i}_values"] = zlib.compress(t.values.to_bytes(), 6)
+            buffers[f"t{i}_scales"] = zlib.compress(t.scales.to_bytes(), 6)
         meta = {
             "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
             "sink_tokens": self.sink_tokens,
             "levels": [[lv.beta, lv.gamma] for lv in self.levels],
+            "table_compression": "zlib",
         }
         return container.encode(buffers, kind=KIND, meta=meta)  # type: ignore[arg-type]
 
@@ -149,14 +154,16 @@ class KVCodecProfile:
                 raise FormatError("profile key tensors do not match its dimensions")
         if not bool(torch.isfinite(center).all()) or not bool((unit > 0).all()) or not bool(torch.isfinite(unit).all()):
             raise FormatError("profile key steps must be finite and positive")
+        if meta.get("table_compression") != "zlib":
+            raise FormatError("profile tables use an unknown compression")
         models = layers * kv_heads * head_dim
         tables = []
         for i in range(len(levels)):
             try:
                 t = LevelTables(
-                    FrequencyTable.from_bytes(obj.raw(f"t{i}_keys")),
-                    FrequencyTable.from_bytes(obj.raw(f"t{i}_values")),
-                    FrequencyTable.from_bytes(obj.raw(f"t{i}_scales")),
+                    FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_keys"), models)),
+                    FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_values"), models)),
+                    FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_scales"), layers * kv_heads)),
                 )
             except CodecError as exc:
                 raise FormatError(f"profile table {i} is malformed: {exc}") from None
@@ -166,6 +173,19 @@ class KVCodecProfile:
         return cls(layers, kv_heads, head_dim, center, unit, tuple(levels), tuple(tables), sink_tokens)
 
 
+
+
+def _inflate(data: memoryview, models: int) -> bytes:
+    """Decompress a stored frequency table, refusing output beyond its largest valid size."""
+    limit = TABLE_HEADER_BYTES + models * 256 * 4
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise FormatError(f"profile table does not inflate: {exc}") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise FormatError("profile table inflates beyond its declared size or is truncated")
+    return out
 
 
 def build_profile(
