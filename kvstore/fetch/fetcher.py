@@ -1,0 +1,346 @@
+"""``AdaptiveFetcher``: stream a stored context's chunks against a deadline.
+
+Chunks are fetched in order with at most ``max_in_flight`` transfers at once;
+each next chunk's level is chosen by a policy (adaptive by default) from the
+throughput measured on completed transfers. Decoding runs in a worker thread
+(on CUDA, on its own stream) so that chunk *i* decodes while chunk *i + 1* is
+still on the wire. When the deadline cannot be met even at the smallest level,
+the application's ``recompute(tokens, prefix_kv)`` rebuilds a chunk (or the rest)
+from its tokens. Every decision is recorded in a trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.errors import ConfigError, ContextNotFoundError, IncompleteContextError
+from kvstore.fetch.policy import (
+    FETCH,
+    RECOMPUTE_CHUNK,
+    RECOMPUTE_REST,
+    AdaptivePolicy,
+    DecisionContext,
+    Policy,
+    StaticPolicy,
+)
+from kvstore.fetch.throughput import ThroughputEstimator
+from kvstore.format.chunk import ChunkIdentity, decode_chunk
+from kvstore.format.dtypes import torch_dtype
+from kvstore.format.keys import as_token_array
+from kvstore.format.manifest import Manifest
+from kvstore.kv import KV
+from kvstore.store import KVStore
+
+Recompute = Callable[[torch.Tensor, KV | None], KV]
+
+__all__ = ["AdaptiveFetcher", "ChunkDecision", "LoadResult", "StaticPolicy"]
+
+
+@dataclass
+class ChunkDecision:
+    """What the fetcher did with one chunk, and why (times in seconds from the load's start)."""
+
+    index: int
+    start: int
+    stop: int
+    action: str  # "fetch" or "recompute"
+    level: int | None
+    codec: str | None
+    nbytes: int
+    decided_at: float
+    throughput_Bps: float | None
+    reason: str
+    fetch_start: float | None = None
+    fetch_end: float | None = None
+    ready_at: float | None = None
+    work_s: float = 0.0  # decode or recompute seconds
+
+
+@dataclass
+class LoadResult:
+    """A loaded context: its KV, the decision trace and the headline figures."""
+
+    kv: KV
+    decisions: list[ChunkDecision]
+    deadline_s: float
+    ttft_s: float
+    bytes_fetched: int
+    manifest: Manifest = field(repr=False)
+
+    @property
+    def slo_met(self) -> bool:
+        return self.ttft_s <= self.deadline_s
+
+    @property
+    def decode_exposed_s(self) -> float:
+        """Time after the last byte arrived until the KV was ready (decode not hidden by the fetch)."""
+        ends = [d.fetch_end for d in self.decisions if d.fetch_end is not None]
+        return max(0.0, self.ttft_s - max(ends)) if ends else self.ttft_s
+
+    def levels(self) -> list[int | None]:
+        """The level of each chunk (``None`` where it was recomputed)."""
+        return [d.level if d.action == "fetch" else None for d in self.decisions]
+
+    def table(self) -> str:
+        """The decision trace, one line per chunk, for people."""
+        lines = [f"{'chunk':>5} {'tokens':>11} {'action':>9} {'level':>5} {'bytes':>10} "
+                 f"{'est Mbit/s':>10} {'fetch s':>15} {'ready s':>7}  reason"]
+        for d in self.decisions:
+            est = "-" if d.throughput_Bps is None else f"{d.throughput_Bps * 8 / 1e6:.1f}"
+            span = "-" if d.fetch_start is None else f"{d.fetch_start:.3f}-{d.fetch_end:.3f}"
+            lines.append(f"{d.index:>5} {d.start:>5}-{d.stop:<5} {d.action:>9} {str(d.level):>5} {d.nbytes:>10} "
+                         f"{est:>10} {span:>15} {d.ready_at or 0:7.3f}  {d.reason}")
+        lines.append(f"ttft {self.ttft_s:.3f}s, deadline {self.deadline_s:.3f}s, "
+                     f"{'met' if self.slo_met else 'MISSED'}; {self.bytes_fetched} bytes fetched")
+        return "\n".join(lines)
+
+
+class AdaptiveFetcher:
+    """Loads stored contexts chunk by chunk under a time-to-first-token deadline.
+
+    Parameters:
+        store: the :class:`KVStore` holding the contexts.
+        recompute: ``recompute(tokens, prefix_kv) -> kv`` rebuilding the KV of ``tokens``
+            that follow ``prefix_kv`` (e.g. :func:`kvstore.integrations.hf.make_recompute`);
+            ``None`` disables the fallback.
+        prefill_tokens_per_s: the application's prefill rate, used to decide when
+            recomputing beats fetching (measured on the first recompute if not given).
+        device: where the KV is assembled.
+        max_in_flight: chunks in flight or fetched and awaiting decode (the pipeline window).
+        prior_Bps: a throughput guess used before the first transfer completes.
+    """
+
+    def __init__(
+        self,
+        store: KVStore,
+        *,
+        recompute: Recompute | None = None,
+        prefill_tokens_per_s: float | None = None,
+        device: str | torch.device = "cpu",
+        max_in_flight: int = 3,
+        prior_Bps: float | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ConfigError("max_in_flight must be at least 1")
+        self.store = store
+        self.recompute = recompute
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.device = torch.device(device)
+        self.max_in_flight = max_in_flight
+        self.prior_Bps = prior_Bps
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    async def load(
+        self,
+        model_id: str,
+        tokens: Sequence[int] | torch.Tensor | np.ndarray,
+        *,
+        deadline_s: float,
+        policy: Policy | None = None,
+        levels: Sequence[int] | None = None,
+    ) -> LoadResult:
+        """Load the KV of exactly ``tokens`` within ``deadline_s`` seconds if possible.
+
+        ``levels``: the manifest level indices the policy may choose from, best first
+        (default: all). Returns the KV with the decision trace.
+        """
+        result: LoadResult | None = None
+        async for item in self.stream(model_id, tokens, deadline_s=deadline_s, policy=policy, levels=levels):
+            if isinstance(item, LoadResult):
+                result = item
+        assert result is not None
+        return result
+
+    async def stream(
+        self,
+        model_id: str,
+        tokens: Sequence[int] | torch.Tensor | np.ndarray,
+        *,
+        deadline_s: float,
+        policy: Policy | None = None,
+        levels: Sequence[int] | None = None,
+    ) -> AsyncIterator[ChunkDecision | LoadResult]:
+        """Like :meth:`load`, yielding each chunk's decision as its KV becomes ready,
+        then the :class:`LoadResult`."""
+        if not deadline_s > 0:
+            raise ConfigError(f"deadline_s must be positive, got {deadline_s!r}")
+        token_array = as_token_array(tokens)
+        manifest = await self.store.manifest(model_id, token_array)
+        if manifest is None:
+            raise ContextNotFoundError(f"no stored context of these {len(token_array)} tokens for {model_id!r}")
+        await self.store.load_profiles(manifest)
+        candidates = list(range(len(manifest.levels))) if levels is None else list(levels)
+        if not candidates or any(not 0 <= lv < len(manifest.levels) for lv in candidates):
+            raise ConfigError(f"levels must be indices into the manifest's {len(manifest.levels)} levels")
+        run = _Load(self, manifest, token_array, deadline_s, policy or AdaptivePolicy(), candidates)
+        async for item in run.execute():
+            yield item
+
+
+class _Load:
+    """The state of one load: scheduling, fetching, decoding, recomputing."""
+
+    def __init__(self, fetcher: AdaptiveFetcher, manifest: Manifest, tokens: np.ndarray,
+                 deadline_s: float, policy: Policy, candidates: list[int]) -> None:
+        self.f = fetcher
+        self.m = manifest
+        self.tokens = tokens
+        self.deadline = deadline_s
+        self.policy = policy
+        self.candidates = candidates
+        self.estimator = ThroughputEstimator(prior_Bps=fetcher.prior_Bps)
+        self.dtype = torch_dtype(manifest.dtype)[0]
+        self.keys = torch.empty((manifest.layers, manifest.kv_heads, manifest.num_tokens, manifest.head_dim),
+                                dtype=self.dtype, device=fetcher.device)
+        self.values = torch.empty_like(self.keys)
+        self.decisions: list[ChunkDecision] = []
+        self.pending: dict[int, int] = {}  # chunk index -> bytes in flight
+        self.decode_s: list[float] = []
+        self.t0 = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _context(self, i: int) -> DecisionContext:
+        chunks = self.m.chunks[i:]
+        decode_tail = float(np.median(self.decode_s)) if self.decode_s else 0.0
+        rate = self.f.prefill_tokens_per_s if self.f.recompute is not None else None
+        return DecisionContext(
+            index=i, now=self.now(), deadline=self.deadline,
+            remaining_sizes=[[c.objects[lv].size for lv in self.candidates] for c in chunks],
+            remaining_tokens=[c.stop - c.start for c in chunks],
+            candidates=self.candidates, throughput_Bps=self.estimator.estimate(),
+            pending_bytes=sum(self.pending.values()), decode_tail_s=decode_tail,
+            prefill_tokens_per_s=rate,
+        )
+
+    async def _fetch(self, d: ChunkDecision) -> bytes:
+        try:
+            key = self.m.chunks[d.index].objects[d.level].key  # type: ignore[index]
+            d.fetch_start = self.now()
+            started = time.perf_counter()
+            blob = await self.f.store.store.get(key)
+            d.fetch_end = self.now()
+            if blob is None:
+                raise IncompleteContextError(f"chunk {d.index} ({key}) is missing from the store")
+            self.estimator.record(len(blob), started, time.perf_counter())
+            return blob
+        finally:
+            self.pending.pop(d.index, None)
+
+    def _decode_into(self, i: int, blob: bytes) -> None:
+        chunk = self.m.chunks[i]
+        ident = ChunkIdentity(self.m.fingerprint, chunk.hash, chunk.start, self.tokens[chunk.start:chunk.stop],
+                              self.m.layers, self.m.kv_heads, self.m.head_dim, self.dtype)
+        expected = chunk.objects[self.decisions[i].level]  # type: ignore[index]
+        KVStore._check_against_manifest(blob, expected, i)
+        if self.f._stream is not None:
+            with torch.cuda.stream(self.f._stream):
+                k, v = decode_chunk(blob, ident, self.f.device)
+                self.keys[:, :, chunk.start:chunk.stop] = k
+                self.values[:, :, chunk.start:chunk.stop] = v
+            self.f._stream.synchronize()
+        else:
+            k, v = decode_chunk(blob, ident, self.f.device)
+            self.keys[:, :, chunk.start:chunk.stop] = k
+            self.values[:, :, chunk.start:chunk.stop] = v
+
+    def _recompute_into(self, start: int, stop: int) -> None:
+        assert self.f.recompute is not None
+        prefix = None if start == 0 else [(self.keys[l, :, :start], self.values[l, :, :start])
+                                          for l in range(self.m.layers)]
+        kv = self.f.recompute(torch.as_tensor(self.tokens[start:stop], dtype=torch.long), prefix)
+        self.keys[:, :, start:stop] = torch.stack([k for k, _ in kv]).to(self.keys.device, self.dtype)
+        self.values[:, :, start:stop] = torch.stack([v for _, v in kv]).to(self.keys.device, self.dtype)
+
+    async def execute(self) -> AsyncIterator[ChunkDecision | LoadResult]:
+        self.t0 = time.perf_counter()
+        slots = asyncio.Semaphore(self.f.max_in_flight)
+        queue: asyncio.Queue[tuple[ChunkDecision, asyncio.Task[bytes] | None] | None] = asyncio.Queue()
+        scheduler = asyncio.create_task(self._schedule(slots, queue))
+        self.tasks: list[asyncio.Task[bytes]] = []
+        bytes_fetched = 0
+        try:
+            while (item := await queue.get()) is not None:
+                d, task = item
+                if task is not None:
+                    blob = await task
+                    bytes_fetched += len(blob)
+                    started = time.perf_counter()
+                    await asyncio.to_thread(self._decode_into, d.index, blob)
+                    d.work_s = time.perf_counter() - started
+                    self.decode_s.append(d.work_s)
+                    slots.release()  # a window slot covers a chunk until it is decoded
+                    d.ready_at = self.now()
+                    yield d
+                    continue
+                rest = d.reason.startswith("[rest]")
+                stop = self.m.chunks[-1].stop if rest else d.stop
+                started = time.perf_counter()
+                await asyncio.to_thread(self._recompute_into, d.start, stop)
+                d.work_s = time.perf_counter() - started
+                if self.f.prefill_tokens_per_s is None and d.work_s > 0:
+                    self.f.prefill_tokens_per_s = (stop - d.start) / d.work_s
+                for later in self.decisions[d.index:] if rest else [d]:
+                    later.ready_at = self.now()
+                    yield later
+            await scheduler
+        finally:
+            for task in [scheduler, *self.tasks]:
+                if not task.done():
+                    task.cancel()
+        kv = list(zip(self.keys.unbind(0), self.values.unbind(0)))
+        yield LoadResult(kv, self.decisions, self.deadline, self.now(), bytes_fetched, self.m)
+
+    async def _schedule(self, slots: asyncio.Semaphore, queue: asyncio.Queue) -> None:  # type: ignore[type-arg]
+        try:
+            i = 0
+            while i < len(self.m.chunks):
+                await slots.acquire()
+                if i > 0 and self.estimator.estimate() is None and self.tasks:
+                    # nothing measured and no prior: let the first transfer finish before deciding more
+                    await asyncio.wait([self.tasks[0]])
+                chunk = self.m.chunks[i]
+                ctx = self._context(i)
+                choice = self.policy.choose(ctx)
+                if choice.action != FETCH and self.f.recompute is None:
+                    choice = type(choice)(FETCH, self.candidates[-1], "recompute unavailable: smallest level")
+                if choice.action == FETCH:
+                    level = choice.level if choice.level is not None else self.candidates[-1]
+                    spec = self.m.levels[level]
+                    d = ChunkDecision(i, chunk.start, chunk.stop, "fetch", level, spec.tag,
+                                      chunk.objects[level].size, ctx.now, ctx.throughput_Bps, choice.reason)
+                    self.decisions.append(d)
+                    self.pending[i] = d.nbytes
+                    task = asyncio.create_task(self._fetch(d))
+                    self.tasks.append(task)
+                    await queue.put((d, task))
+                    i += 1
+                    continue
+                slots.release()
+                if choice.action == RECOMPUTE_CHUNK:
+                    d = ChunkDecision(i, chunk.start, chunk.stop, "recompute", None, None, 0, ctx.now,
+                                      ctx.throughput_Bps, choice.reason)
+                    self.decisions.append(d)
+                    await queue.put((d, None))
+                    i += 1
+                    continue
+                assert choice.action == RECOMPUTE_REST
+                rest = self.m.chunks[i:]
+                first = ChunkDecision(i, chunk.start, chunk.stop, "recompute", None, None, 0, ctx.now,
+                                      ctx.throughput_Bps, "[rest] " + choice.reason)
+                self.decisions.append(first)
+                for c_index, c in enumerate(rest[1:], start=i + 1):
+                    self.decisions.append(ChunkDecision(c_index, c.start, c.stop, "recompute", None, None, 0,
+                                                        ctx.now, ctx.throughput_Bps, "recomputed with the rest"))
+                await queue.put((first, None))
+                break
+        finally:
+            await queue.put(None)

@@ -1,0 +1,131 @@
+"""Which level to fetch each chunk at (or whether to recompute it instead).
+
+A policy sees what the fetcher knows when it must start chunk *i*: the sizes of
+every remaining chunk at every candidate level, the time left until the
+deadline, the bytes still in flight, the throughput estimated from completed
+transfers, how long a decode takes, and the application's prefill rate. The
+adaptive rule (CacheGen's): take the best level at which *all* remaining chunks
+would still arrive in time; if even the smallest cannot, recompute the rest or
+this chunk from text, whichever the prefill rate says is faster than fetching.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+FETCH, RECOMPUTE_CHUNK, RECOMPUTE_REST = "fetch", "recompute_chunk", "recompute_rest"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionContext:
+    """What a policy may use to decide chunk ``index``."""
+
+    index: int
+    now: float  # seconds since the load started
+    deadline: float  # seconds since the load started
+    remaining_sizes: Sequence[Sequence[int]]  # [chunk j >= index][candidate level] bytes
+    remaining_tokens: Sequence[int]  # tokens of each remaining chunk
+    candidates: Sequence[int]  # level indices, best first
+    throughput_Bps: float | None
+    pending_bytes: int  # bytes of chunks in flight
+    decode_tail_s: float  # expected decode time of one chunk after its bytes arrive
+    prefill_tokens_per_s: float | None  # None: recompute unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A policy's answer: an action, the level for a fetch, and why."""
+
+    action: str
+    level: int | None
+    reason: str
+
+
+class Policy(ABC):
+    """Chooses, chunk by chunk, a level or recompute."""
+
+    name: str = "policy"
+
+    @abstractmethod
+    def choose(self, ctx: DecisionContext) -> Choice:
+        """Decide chunk ``ctx.index``."""
+
+
+class StaticPolicy(Policy):
+    """Always the same level (the baselines: each level, int8, raw)."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.name = f"static-{level}"
+
+    def choose(self, ctx: DecisionContext) -> Choice:
+        return Choice(FETCH, self.level, f"static level {self.level}")
+
+
+class RecomputePolicy(Policy):
+    """Fetch nothing: prefill the whole context (the no-cache baseline)."""
+
+    name = "recompute"
+
+    def choose(self, ctx: DecisionContext) -> Choice:
+        return Choice(RECOMPUTE_REST, None, "recompute policy")
+
+
+def deadline_choice(ctx: DecisionContext, rate_Bps: float | None, what: str) -> Choice:
+    """CacheGen's rule at bandwidth ``rate_Bps``: the best level whose whole remaining
+    transfer meets the deadline, else the faster of recompute and the smallest level."""
+    levels = list(ctx.candidates)
+    if rate_Bps is None or rate_Bps <= 0:
+        middle = levels[len(levels) // 2]
+        return Choice(FETCH, middle, f"no {what} yet: start at a middle level")
+    time_left = ctx.deadline - ctx.now - ctx.decode_tail_s
+    for column, level in enumerate(levels):
+        need = ctx.pending_bytes + sum(sizes[column] for sizes in ctx.remaining_sizes)
+        if need / rate_Bps <= time_left:
+            return Choice(FETCH, level, f"{need / rate_Bps:.3f}s of transfer at {what} "
+                                        f"{rate_Bps * 8 / 1e6:.1f} Mbit/s fits {time_left:.3f}s left")
+    smallest = len(levels) - 1
+    fetch_rest_s = (ctx.pending_bytes + sum(sizes[smallest] for sizes in ctx.remaining_sizes)) / rate_Bps
+    if ctx.prefill_tokens_per_s:
+        recompute_rest_s = sum(ctx.remaining_tokens) / ctx.prefill_tokens_per_s
+        if recompute_rest_s < fetch_rest_s:
+            return Choice(RECOMPUTE_REST, None, f"recomputing the rest ({recompute_rest_s:.3f}s) beats "
+                                                f"fetching it ({fetch_rest_s:.3f}s)")
+        recompute_one_s = ctx.remaining_tokens[0] / ctx.prefill_tokens_per_s
+        fetch_one_s = ctx.remaining_sizes[0][smallest] / rate_Bps
+        if recompute_one_s < fetch_one_s:
+            return Choice(RECOMPUTE_CHUNK, None, f"recomputing this chunk ({recompute_one_s:.3f}s) beats "
+                                                 f"fetching it ({fetch_one_s:.3f}s)")
+    return Choice(FETCH, levels[smallest], f"deadline out of reach ({fetch_rest_s:.3f}s needed, "
+                                           f"{time_left:.3f}s left): smallest level")
+
+
+class AdaptivePolicy(Policy):
+    """CacheGen's rule with the throughput measured so far."""
+
+    name = "adaptive"
+
+    def __init__(self, safety: float = 0.9) -> None:
+        if not 0 < safety <= 1:
+            raise ValueError("safety must be in (0, 1]")
+        self.safety = safety
+
+    def choose(self, ctx: DecisionContext) -> Choice:
+        rate = None if ctx.throughput_Bps is None else ctx.throughput_Bps * self.safety
+        return deadline_choice(ctx, rate, "measured throughput")
+
+
+class OraclePolicy(Policy):
+    """CacheGen's rule given the true future bandwidth (an upper bound no real fetcher has):
+    ``mean_rate(t0, t1)`` returns the true mean bytes/s between two load-relative times."""
+
+    name = "oracle"
+
+    def __init__(self, mean_rate: Callable[[float, float], float]) -> None:
+        self.mean_rate = mean_rate
+
+    def choose(self, ctx: DecisionContext) -> Choice:
+        end = max(ctx.deadline, ctx.now + 1e-3)
+        return deadline_choice(ctx, self.mean_rate(ctx.now, end), "true mean bandwidth")

@@ -1,0 +1,184 @@
+"""The adaptive fetcher on a shaped in-process link: level choice, recompute, pipelining, errors."""
+
+import pytest
+import torch
+
+from kvstore import KVStore
+from kvstore.backends.memory import MemoryStore
+from kvstore.errors import ChecksumError, ConfigError, ContextNotFoundError, IncompleteContextError
+from kvstore.fetch import AdaptiveFetcher
+from kvstore.fetch.policy import OraclePolicy, RecomputePolicy, StaticPolicy
+from kvstore.fetch.throughput import ThroughputEstimator
+from kvstore.testing.shaping import BandwidthTrace, ShapedStore, link_utilization
+
+MODEL = "fetch-test"
+L, H, T, D, CHUNK = 4, 2, 512, 64, 64
+MB = 1e6
+
+
+def make_kv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(H, T, D, generator=g).half(), torch.randn(H, T, D, generator=g).half()) for _ in range(L)]
+
+
+TOKENS = list(range(1000, 1000 + T))
+KV = make_kv()
+
+
+@pytest.fixture
+async def shaped():
+    link = ShapedStore(MemoryStore(), BandwidthTrace.steady(10 * MB))
+    store = KVStore(link, chunk_tokens=CHUNK, levels=["raw", "int8", ("kivi2", {})])
+    manifest = await store.put(MODEL, TOKENS, KV)
+    yield link, store, manifest
+    await store.close()
+
+
+def truth_recompute(calls):
+    def recompute(tokens, prefix):
+        start = 0 if prefix is None else prefix[0][0].shape[1]
+        calls.append((start, len(tokens)))
+        return [(k[:, start:start + len(tokens)], v[:, start:start + len(tokens)]) for k, v in KV]
+    return recompute
+
+
+def assert_kv_equal(a, b):
+    for (ka, va), (kb, vb) in zip(a, b):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+async def test_fast_link_gets_the_best_level(shaped):
+    link, store, manifest = shaped
+    link.reset(BandwidthTrace.steady(20 * MB))
+    result = await AdaptiveFetcher(store, prior_Bps=20 * MB).load(MODEL, TOKENS, deadline_s=2.0)
+    assert result.levels() == [0] * 8
+    assert result.slo_met
+    assert_kv_equal(result.kv, KV)
+    assert "met" in result.table()
+
+
+async def test_slow_link_picks_smaller_levels_and_meets_the_deadline(shaped):
+    link, store, manifest = shaped
+    link.reset(BandwidthTrace.steady(1 * MB))
+    deadline = 0.6  # raw needs ~1.05 s, int8 ~0.54 s (too close with the safety margin), kivi2 ~0.2 s
+    result = await AdaptiveFetcher(store).load(MODEL, TOKENS, deadline_s=deadline)
+    assert result.slo_met, result.table()
+    levels = result.levels()
+    assert levels[0] == 1  # no measurement yet: a middle level
+    assert result.decisions[1].fetch_start >= result.decisions[0].fetch_end  # waited for a measurement
+    assert result.bytes_fetched < manifest.level_bytes(1)
+    expected = await store.get(MODEL, TOKENS, level=2)
+    for d, ((k, _), (ek, _)) in zip(result.decisions, zip(result.kv, expected)):
+        if d.level == 2:
+            assert torch.equal(k[:, d.start:d.stop], ek[:, d.start:d.stop])
+
+
+async def test_bandwidth_drop_lowers_later_levels(shaped):
+    link, store, _ = shaped
+    link.reset(BandwidthTrace.step(4 * MB, 0.4 * MB, at_s=0.15))
+    result = await AdaptiveFetcher(store, prior_Bps=4 * MB, max_in_flight=2).load(MODEL, TOKENS, deadline_s=1.2)
+    levels = result.levels()
+    assert levels[0] == 0 and levels[-1] > 0, result.table()  # smaller once the drop is measured
+    assert result.slo_met, result.table()
+
+
+async def test_infeasible_deadline_recomputes_instead(shaped):
+    link, store, _ = shaped
+    link.reset(BandwidthTrace.steady(0.05 * MB))
+    calls = []
+    fetcher = AdaptiveFetcher(store, recompute=truth_recompute(calls), prefill_tokens_per_s=1e5,
+                              prior_Bps=0.05 * MB)
+    result = await fetcher.load(MODEL, TOKENS, deadline_s=0.3)
+    assert calls == [(0, T)]
+    assert result.levels() == [None] * 8 and result.bytes_fetched == 0
+    assert result.slo_met
+    assert_kv_equal(result.kv, KV)
+
+
+async def test_recompute_rest_after_measuring_a_slow_link(shaped):
+    link, store, _ = shaped
+    link.reset(BandwidthTrace.steady(0.2 * MB))
+    calls = []
+    fetcher = AdaptiveFetcher(store, recompute=truth_recompute(calls), prefill_tokens_per_s=1e5)
+    result = await fetcher.load(MODEL, TOKENS, deadline_s=0.25)
+    first_fetched = [d.index for d in result.decisions if d.action == "fetch"]
+    assert first_fetched and first_fetched == list(range(len(first_fetched))), result.table()
+    assert calls and calls[-1][0] + calls[-1][1] == T
+    assert calls[0][0] == len(first_fetched) * CHUNK  # recomputed on top of the fetched prefix
+
+
+async def test_without_recompute_the_smallest_level_and_a_missed_slo(shaped):
+    link, store, _ = shaped
+    link.reset(BandwidthTrace.steady(0.1 * MB))
+    result = await AdaptiveFetcher(store, prior_Bps=0.1 * MB).load(MODEL, TOKENS, deadline_s=0.2)
+    assert result.levels() == [2] * 8
+    assert not result.slo_met and "MISSED" in result.table()
+
+
+async def test_static_oracle_and_recompute_policies(shaped):
+    link, store, manifest = shaped
+    trace = BandwidthTrace.steady(1 * MB)
+    link.reset(trace)
+    fetcher = AdaptiveFetcher(store, recompute=truth_recompute([]), prefill_tokens_per_s=1e5)
+    static = await fetcher.load(MODEL, TOKENS, deadline_s=5, policy=StaticPolicy(1))
+    assert static.levels() == [1] * 8 and static.bytes_fetched == manifest.level_bytes(1)
+    link.reset(trace)
+    oracle = await fetcher.load(MODEL, TOKENS, deadline_s=0.6, policy=OraclePolicy(trace.mean_rate))
+    assert oracle.levels()[0] in (1, 2) and oracle.slo_met, oracle.table()
+    recomputed = await fetcher.load(MODEL, TOKENS, deadline_s=5, policy=RecomputePolicy())
+    assert recomputed.bytes_fetched == 0
+    assert_kv_equal(recomputed.kv, KV)
+
+
+async def test_fetch_overlaps_decode_and_uses_the_link(shaped):
+    link, store, manifest = shaped
+    trace = BandwidthTrace.steady(2 * MB)
+    link.reset(trace)
+    result = await AdaptiveFetcher(store).load(MODEL, TOKENS, deadline_s=60, levels=[0])
+    d = result.decisions
+    assert all(d[i + 1].fetch_start < d[i].ready_at for i in range(len(d) - 1))  # pipelined
+    transfers = [(x.fetch_start + link.latency_s, x.fetch_end, x.nbytes) for x in d]
+    assert link_utilization(trace, transfers) > 0.8
+    assert result.bytes_fetched == manifest.level_bytes(0)
+
+
+async def test_missing_and_corrupt_chunks_raise(shaped):
+    link, store, manifest = shaped
+    fetcher = AdaptiveFetcher(store, prior_Bps=100 * MB)
+    key = manifest.chunks[3].objects[0].key
+    value = await link.inner.get(key)
+    corrupt = bytearray(value)
+    corrupt[-10] ^= 1
+    await link.inner.put(key, bytes(corrupt))
+    with pytest.raises(ChecksumError):
+        await fetcher.load(MODEL, TOKENS, deadline_s=5, levels=[0])
+    await link.inner.delete(key)
+    with pytest.raises(IncompleteContextError):
+        await fetcher.load(MODEL, TOKENS, deadline_s=5, levels=[0])
+    with pytest.raises(ContextNotFoundError):
+        await fetcher.load(MODEL, TOKENS[:100], deadline_s=5)
+    with pytest.raises(ConfigError):
+        await fetcher.load(MODEL, TOKENS, deadline_s=0)
+    with pytest.raises(ConfigError):
+        await fetcher.load(MODEL, TOKENS, deadline_s=1, levels=[7])
+
+
+def test_throughput_estimator_counts_overlap_once():
+    est = ThroughputEstimator(window=4)
+    assert est.estimate() is None
+    est.record(1000, 0.0, 1.0)
+    est.record(1000, 0.5, 1.5)  # overlapping: the link was busy 1.5 s for 2000 bytes
+    assert est.estimate() == pytest.approx(2000 / 1.5)
+    est.record(1000, 10.0, 11.0)  # idle gap not counted; the last, slower sample bounds the estimate
+    assert est.estimate() == pytest.approx(1000.0)
+    est.record(4000, 11.0, 12.0)
+    assert est.estimate() == pytest.approx(4 / (1 / 1000 + 1 / 2000 + 1 / 1000 + 1 / 4000))
+
+
+def test_trace_arithmetic():
+    trace = BandwidthTrace.step(100.0, 10.0, at_s=1.0)
+    assert trace.bytes_between(0.5, 2.0) == pytest.approx(50 + 10)
+    assert trace.finish_time(0.5, 60) == pytest.approx(2.0)
+    assert trace.mean_rate(0, 2) == pytest.approx(55)
+    rnd = BandwidthTrace.uniform_random(1.0, 2.0, 0.5, 3.0, seed=3)
+    assert all(1.0 <= r <= 2.0 for r in rnd.rates_Bps) and rnd == BandwidthTrace.uniform_random(1.0, 2.0, 0.5, 3.0, seed=3)
