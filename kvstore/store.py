@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,6 +24,7 @@ from typing import Any, Self, TypeVar
 import numpy as np
 import torch
 
+from kvstore import metrics
 from kvstore.backends import open_store
 from kvstore.backends.base import RangeRequest, Store, check_ttl
 from kvstore.codecs.base import KVCodec, codec_class, get_codec, profile_content_id, register_profile
@@ -119,7 +121,6 @@ class KVStore:
         self.keys = KeyScheme(namespace)
         self.ttl = check_ttl(ttl)
         self.max_concurrency = max_concurrency
-        self._profiles_stored: set[str] = set()  # profile keys this instance knows are stored
         self._profiles_loaded: set[str] = set()
 
     @classmethod
@@ -170,26 +171,28 @@ class KVStore:
             return ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
                                  layers, kv_heads, head_dim, dtype)
 
-        async def store_chunk(i: int, codec: KVCodec) -> ChunkObject:
+        async def store_chunk(i: int, level: int, codec: KVCodec) -> ChunkObject:
             ident = identity(i)
             key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, codec.tag)
             start, stop = plan.bounds[i]
             data = await asyncio.to_thread(lambda: encode_chunk(codec, ident, *stack_span(kv, start, stop)))
             if await self.store.put(key, data, ttl=ttl, create_only=True):
+                metrics.record_put(level, len(data))
                 return _describe(key, data)
             existing = await self._existing_chunk(key)
             if existing is not None:
                 return existing
             log.warning("replacing unreadable chunk object %s", key)
             await self.store.put(key, data, ttl=ttl)
+            metrics.record_put(level, len(data))
             return _describe(key, data)
 
-        for codec in self.codecs:
-            await self._store_profile(plan.fingerprint, codec, ttl)
+        for stored in {p[0]: p for c in self.codecs if (p := c.stored_profile()) is not None}.values():
+            await self._store_profile(plan.fingerprint, *stored, ttl)
         jobs = [
-            (lambda i=i, codec=codec: store_chunk(i, codec))
+            (lambda i=i, level=level, codec=codec: store_chunk(i, level, codec))
             for i in range(len(plan.bounds))
-            for codec in self.codecs
+            for level, codec in enumerate(self.codecs)
         ]
         objects = await self._bounded(jobs)
         per_level = len(self.codecs)
@@ -212,18 +215,17 @@ class KVStore:
         await self.store.put(key, manifest.to_bytes(plan.tokens), ttl=ttl)
         return manifest
 
-    async def _store_profile(self, fingerprint: str, codec: KVCodec, ttl: float | None) -> None:
-        """Store a codec's per-model profile once (create-only; content-addressed)."""
-        stored = codec.stored_profile()
-        if stored is None:
-            return
-        profile_id, data = stored
+    async def _store_profile(self, fingerprint: str, profile_id: str, data: bytes, ttl: float | None) -> None:
+        """Store a codec's per-model profile unless present (content-addressed, create-only).
+
+        Checked on every put rather than remembered, so a profile removed by ``gc``
+        comes back with the next context that needs it.
+        """
         key = self.keys.profile_key(fingerprint, profile_id)
-        if key in self._profiles_stored:
+        if ttl is None and await self.store.exists(key):
             return
         if not await self.store.put(key, data, ttl=ttl, create_only=True) and ttl is not None:
             await self.store.put(key, data, ttl=ttl)  # extend: the profile must outlive every chunk
-        self._profiles_stored.add(key)
 
     async def load_profiles(self, manifest: Manifest) -> None:
         """Fetch and register every codec profile the manifest's levels need (once per store)."""
@@ -243,6 +245,7 @@ class KVStore:
         if data is None:
             raise IncompleteContextError(f"codec profile {key} is missing from the store")
         if profile_content_id(data) != profile_id:
+            metrics.record_checksum_failure("profile")
             raise ChecksumError(f"codec profile {key} does not match its content hash")
         register_profile(profile_id, cls.parse_profile(data))
         self._profiles_loaded.add(key)
@@ -272,11 +275,12 @@ class KVStore:
         tag = self.codecs[level].tag
         keys = [self.keys.chunk_key(plan.fingerprint, h, tag) for h in plan.hashes]
         present = await self._bounded([lambda key=key: self.store.exists(key) for key in keys])
-        covered = 0
+        covered = hits = 0
         for (_, stop), ok in zip(plan.bounds, present):
             if not ok:
                 break
-            covered = stop
+            covered, hits = stop, hits + 1
+        metrics.record_lookup(hits, len(keys) - hits)
         return covered
 
     async def manifest(
@@ -290,7 +294,11 @@ class KVStore:
         data = await self.store.get(self.keys.manifest_key(plan.fingerprint, plan.hashes[-1]))
         if data is None:
             return None
-        manifest, stored_tokens = manifest_format.from_bytes(data)
+        try:
+            manifest, stored_tokens = manifest_format.from_bytes(data)
+        except FormatError:
+            metrics.record_checksum_failure("manifest")
+            raise
         if manifest.model_id != model_id or manifest.fingerprint != plan.fingerprint:
             raise FormatError(f"manifest belongs to model {manifest.model_id!r}, not {model_id!r}")
         if not np.array_equal(stored_tokens, plan.tokens) or manifest.chunk_tokens != self.chunk_tokens:
@@ -325,7 +333,17 @@ class KVStore:
             self._check_level(level, len(self.codecs))
             expected = None
             keys = [self.keys.chunk_key(plan.fingerprint, h, self.codecs[level].tag) for h in plan.hashes]
-        blobs = await self._bounded([lambda key=key: self.store.get(key) for key in keys])
+
+        async def fetch(key: str) -> bytes | None:
+            started = time.perf_counter()
+            blob = await self.store.get(key)
+            if blob is not None:
+                metrics.record_get(level, len(blob), time.perf_counter() - started)
+            return blob
+
+        blobs = await self._bounded([lambda key=key: fetch(key) for key in keys])
+        missing = sum(blob is None for blob in blobs)
+        metrics.record_lookup(len(blobs) - missing, missing, op="get")
         for i, (key, blob) in enumerate(zip(keys, blobs)):
             if blob is None and expected is not None:
                 raise IncompleteContextError(
@@ -337,17 +355,28 @@ class KVStore:
                     f"(chunk {i} of {len(keys)} is missing; lookup() finds a stored prefix)"
                 )
             if expected is not None:
-                self._check_against_manifest(blob, expected[i], i)
+                try:
+                    self._check_against_manifest(blob, expected[i], i)
+                except FormatError:
+                    metrics.record_checksum_failure("chunk")
+                    raise
         shape, dtype = self._shape_and_dtype(manifest, blobs[0])
         layers, kv_heads, head_dim = shape
         out_k = torch.empty((layers, kv_heads, len(plan.tokens), head_dim), dtype=dtype, device=device)
         out_v = torch.empty_like(out_k)
+        codec_name = manifest.levels[level].codec if manifest is not None else self.codecs[level].name
 
         def decode(i: int) -> None:
             start, stop = plan.bounds[i]
             ident = ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
                                   layers, kv_heads, head_dim, dtype)
-            k, v = decode_chunk(blobs[i], ident, device)
+            started = time.perf_counter()
+            try:
+                k, v = decode_chunk(blobs[i], ident, device)
+            except FormatError:
+                metrics.record_checksum_failure("chunk")
+                raise
+            metrics.record_decode(codec_name, time.perf_counter() - started)
             out_k[:, :, start:stop] = k
             out_v[:, :, start:stop] = v
 

@@ -81,13 +81,13 @@ async def test_ttl_lives_in_metadata_and_gc_removes_expired(moto_s3, plain_fs):
     prefix = _prefix()
     async with open_store(f"{moto_s3.url}/{prefix}", **moto_s3.storage_options()) as store:
         before = time.time()
-        await store.put("short", b"x", ttl=1.0)
+        await store.put("short", b"x", ttl=4.0)  # long enough to list it on a loaded machine
         await store.put("long", b"y", ttl=3600)
         await store.put("plain", b"z")
         assert {k async for k in store.list()} == {"short", "long", "plain"}  # hints are not keys
         meta = plain_fs.metadata(f"{moto_s3.bucket}/{prefix}/long")
         assert before + 3600 <= float(meta[EXPIRES_META]) <= time.time() + 3600
-        await asyncio.sleep(before + 1.1 - time.time())
+        await asyncio.sleep(before + 4.1 - time.time())
         assert plain_fs.exists(f"{moto_s3.bucket}/{prefix}/short")  # S3 still holds it...
         assert await store.get("short") is None  # ...but it reads as absent
         assert {k async for k in store.list()} == {"long", "plain"}

@@ -115,7 +115,10 @@ class FsspecStore(Store):
         config.setdefault("retries", {"total_max_attempts": 1})  # we retry, at one layer
         config.setdefault("max_pool_connections", 32)
         storage_options.setdefault("skip_instance_cache", True)
-        fs = s3fs.S3FileSystem(asynchronous=True, config_kwargs=config, **storage_options)
+        try:
+            fs = s3fs.S3FileSystem(asynchronous=True, config_kwargs=config, **storage_options)
+        except TypeError as exc:
+            raise ConfigError(f"bad storage options for {url!r}: {exc}") from None
         fs.retries = 1  # s3fs's own retry loop: off
         return cls(
             fs, parts.netloc, prefix, retry=retry, url=f"s3://{parts.netloc}/{prefix}".rstrip("/")

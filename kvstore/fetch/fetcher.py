@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.errors import ConfigError, ContextNotFoundError, IncompleteContextError
+from kvstore import metrics
+from kvstore.errors import ConfigError, ContextNotFoundError, FormatError, IncompleteContextError
 from kvstore.fetch.policy import (
     FETCH,
     RECOMPUTE_CHUNK,
@@ -231,6 +232,7 @@ class _Load:
             if blob is None:
                 raise IncompleteContextError(f"chunk {d.index} ({key}) is missing from the store")
             self.estimator.record(len(blob), started, time.perf_counter())
+            metrics.record_get(d.level, len(blob), time.perf_counter() - started)
             return blob
         finally:
             self.pending.pop(d.index, None)
@@ -240,7 +242,15 @@ class _Load:
         ident = ChunkIdentity(self.m.fingerprint, chunk.hash, chunk.start, self.tokens[chunk.start:chunk.stop],
                               self.m.layers, self.m.kv_heads, self.m.head_dim, self.dtype)
         expected = chunk.objects[self.decisions[i].level]  # type: ignore[index]
-        KVStore._check_against_manifest(blob, expected, i)
+        try:
+            KVStore._check_against_manifest(blob, expected, i)
+            self._decode_chunk(i, blob, ident)
+        except FormatError:
+            metrics.record_checksum_failure("chunk")
+            raise
+
+    def _decode_chunk(self, i: int, blob: bytes, ident: ChunkIdentity) -> None:
+        chunk = self.m.chunks[i]
         if self.f._stream is not None:
             with torch.cuda.stream(self.f._stream):
                 k, v = decode_chunk(blob, ident, self.f.device)
@@ -277,6 +287,7 @@ class _Load:
                     await asyncio.to_thread(self._decode_into, d.index, blob)
                     d.work_s = time.perf_counter() - started
                     self.decode_s.append(d.work_s)
+                    metrics.record_decode(self.m.levels[d.level].codec, d.work_s)  # type: ignore[index]
                     slots.release()  # a window slot covers a chunk until it is decoded
                     d.ready_at = self.now()
                     yield d
@@ -286,6 +297,7 @@ class _Load:
                 started = time.perf_counter()
                 await asyncio.to_thread(self._recompute_into, d.start, stop)
                 d.work_s = time.perf_counter() - started
+                metrics.record_recompute(len(self.decisions[d.index:]) if rest else 1)
                 if self.f.prefill_tokens_per_s is None and d.work_s > 0:
                     self.f.prefill_tokens_per_s = (stop - d.start) / d.work_s
                 for later in self.decisions[d.index:] if rest else [d]:

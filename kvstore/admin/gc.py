@@ -1,0 +1,197 @@
+"""``kvstore gc``: remove expired objects, stale temporary files and orphaned objects.
+
+*Orphans* are chunk objects that no manifest lists and codec profiles that no
+manifest's levels need, under one namespace. Writers store chunks (and
+profiles) before the manifest that lists them, so an unlisted object may belong
+to a ``put`` still in progress; gc therefore only removes orphans older than
+``grace`` seconds, and only on backends that can tell an object's age (see
+:mod:`kvstore.admin.inventory`). ``grace=0`` says no writer is active: every
+orphan goes, whatever the backend. Two more guards:
+
+- a fingerprint (model) with an unreadable manifest keeps all its objects: the
+  manifest may list any of them;
+- just before deleting, gc reads the candidates' manifests again, so a context
+  written while gc was scanning keeps its chunks. A writer that re-uses an old
+  orphan chunk and writes its manifest only after gc deleted it can still lose
+  it (:class:`~kvstore.errors.IncompleteContextError` on read, then recompute);
+  a grace period longer than the slowest ``put`` keeps that rare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore.admin import inventory
+from kvstore.admin.checks import (
+    CHUNK,
+    MANIFEST,
+    MISSING,
+    PROFILE,
+    bounded,
+    classify,
+    fetch_and_check,
+    profile_keys,
+)
+from kvstore.backends.base import Store
+from kvstore.errors import KVStoreError
+
+log = logging.getLogger("kvstore.admin")
+
+DEFAULT_GRACE = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """An object no manifest needs."""
+
+    key: str
+    kind: str
+    age: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "kind": self.kind, "age": None if self.age is None else round(self.age, 3)}
+
+
+@dataclass(slots=True)
+class GcReport:
+    """What gc removed (or, in a dry run, would remove) and what it left alone, and why."""
+
+    dry_run: bool
+    grace: float
+    expired: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+    orphans: list[Orphan] = field(default_factory=list)
+    referenced: int = 0  # objects kept because a manifest needs them
+    young: int = 0  # unlisted objects kept because they are younger than the grace period
+    unknown_age: int = 0  # unlisted objects kept because the backend cannot tell their age
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "grace": self.grace, "expired": self.expired,
+                "temp_files": self.temp_files, "orphans": [o.to_json() for o in self.orphans],
+                "referenced": self.referenced, "young": self.young, "unknown_age": self.unknown_age, "notes": self.notes, "errors": self.errors}
+
+    def to_text(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        lines = [f"{verb} expired {key}" for key in self.expired]
+        lines += [f"{verb} temp file {path}" for path in self.temp_files]
+        lines += [f"{verb} orphan {o.kind} {o.key}" + ("" if o.age is None else f" (age {o.age:.0f}s)")
+                  for o in self.orphans]
+        lines += [f"note: {note}" for note in self.notes]
+        lines += [f"error: {error}" for error in self.errors]
+        lines.append(f"{verb} {len(self.expired)} expired, {len(self.temp_files)} temp files, "
+                     f"{len(self.orphans)} orphans; kept {self.referenced} referenced, "
+                     f"{self.young} younger than {self.grace:g}s and {self.unknown_age} of unknown age")
+        return "\n".join(lines)
+
+
+async def collect_garbage(store: Store, namespace: str = "kvstore", *, grace: float = DEFAULT_GRACE,
+                          dry_run: bool = False) -> GcReport:
+    """Remove (``dry_run``: list) expired objects, temp files and orphans older than ``grace`` s."""
+    if grace < 0:
+        raise KVStoreError(f"grace must be >= 0 seconds, got {grace}")
+    report = GcReport(dry_run, grace)
+    await _expired(store, report)
+    await _temp_files(store, report)
+    await _orphans(store, namespace, report)
+    return report
+
+
+async def _expired(store: Store, report: GcReport) -> None:
+    keys, note = await inventory.expired_keys(store)
+    if note:
+        report.notes.append(note)
+    report.expired = sorted(keys)
+    if not report.dry_run and keys:
+        removed = await inventory.remove_expired(store, keys)
+        log.info("removed %d expired objects", removed)
+
+
+async def _temp_files(store: Store, report: GcReport) -> None:
+    paths = await asyncio.to_thread(inventory.temp_files, store, report.grace)
+    report.temp_files = sorted(str(p) for p in paths)
+    if not report.dry_run:
+        for path in paths:
+            try:
+                Path(path).unlink(missing_ok=True)
+            except OSError as exc:
+                report.errors.append(f"cannot remove {path}: {exc}")
+
+
+async def _references(store: Store, namespace: str, keys: list[str]) -> tuple[set[str], set[str]]:
+    """Every object key the manifests at ``keys`` need, and the fingerprints with unreadable ones."""
+    needed: set[str] = set()
+    tainted: set[str] = set()
+    for key, (check, manifest) in zip(keys, await bounded(keys, lambda k: fetch_and_check(store, k))):
+        fingerprint = classify(key).fingerprint
+        if manifest is None:
+            if check.status != MISSING:  # gone since listed: it needs nothing now
+                tainted.add(fingerprint)
+                log.warning("unreadable manifest %s: %s", key, check.error)
+            continue
+        needed.update(obj.key for chunk in manifest.chunks for obj in chunk.objects)
+        try:
+            needed.update(profile_keys(manifest, namespace))
+        except KVStoreError:
+            tainted.add(fingerprint)
+    return needed, tainted
+
+
+async def _orphans(store: Store, namespace: str, report: GcReport) -> None:
+    expired = set(report.expired)
+    found = [e for e in await inventory.entries(store, f"{namespace}/") if e.key not in expired]
+    infos = {e.key: classify(e.key) for e in found}
+    ours = [e for e in found if infos[e.key].namespace == namespace]
+    manifests = [e.key for e in ours if infos[e.key].kind == MANIFEST]
+    needed, tainted = await _references(store, namespace, manifests)
+    for fingerprint in sorted(tainted):
+        report.notes.append(f"model {fingerprint} has an unreadable manifest: its objects are kept (run verify)")
+    unlisted = [e for e in ours if infos[e.key].kind in (CHUNK, PROFILE) and e.key not in needed
+                and infos[e.key].fingerprint not in tainted]
+    report.referenced = sum(infos[e.key].kind in (CHUNK, PROFILE) for e in ours) - len(unlisted)
+    if report.grace > 0 and any(e.age is None for e in unlisted):
+        report.notes.append(f"{inventory.age_note(store)}: orphans of unknown age are kept "
+                            "(--grace 0 removes them when no writer is active)")
+    old = [e for e in unlisted if report.grace == 0 or (e.age is not None and e.age >= report.grace)]
+    report.unknown_age = 0 if report.grace == 0 else sum(e.age is None for e in unlisted)
+    report.young = len(unlisted) - len(old) - report.unknown_age
+    if old and not report.dry_run:
+        old = await _still_unlisted(store, namespace, old, infos, report)
+    report.orphans = [Orphan(e.key, infos[e.key].kind, e.age) for e in sorted(old, key=lambda e: e.key)]
+    if not report.dry_run:
+        await _delete(store, [o.key for o in report.orphans], report)
+
+
+async def _still_unlisted(store: Store, namespace: str, old: list[inventory.Entry],
+                          infos: dict[str, Any], report: GcReport) -> list[inventory.Entry]:
+    """Re-read the candidates' manifests (they may have been written during the scan)."""
+    fingerprints = sorted({infos[e.key].fingerprint for e in old})
+    keys = [key for fp in fingerprints async for key in _contexts(store, namespace, fp)]
+    needed, tainted = await _references(store, namespace, keys)
+    keep = {e.key for e in old if e.key in needed or infos[e.key].fingerprint in tainted}
+    report.referenced += len(keep)
+    if keep:
+        log.info("%d objects were listed by manifests written during gc: kept", len(keep))
+    return [e for e in old if e.key not in keep]
+
+
+async def _contexts(store: Store, namespace: str, fingerprint: str):  # type: ignore[no-untyped-def]
+    async for key in store.list(f"{namespace}/{fingerprint}/contexts/"):
+        if classify(key).kind == MANIFEST:
+            yield key
+
+
+async def _delete(store: Store, keys: list[str], report: GcReport) -> None:
+    async def delete(key: str) -> None:
+        try:
+            await store.delete(key)
+            log.info("removed orphan %s", key)
+        except KVStoreError as exc:
+            report.errors.append(f"cannot remove {key}: {exc}")
+
+    await bounded(keys, delete)
