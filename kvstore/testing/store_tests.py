@@ -32,7 +32,7 @@ class StoreTests:
     """Subclass and define an async ``store`` fixture."""
 
     #: seconds a TTL'd value is given before the expiry test checks it has gone
-    ttl_seconds = 1.0
+    ttl_seconds = 2.5
 
     async def test_missing_key_reads_none(self, store: Store) -> None:
         assert await store.get("absent") is None
