@@ -1,0 +1,205 @@
+"""``kvstore bench stream``: the adaptive fetcher against fixed policies on shaped links.
+
+SmolLM2 contexts (pydoc text; 2 x 2,048 tokens, ``--quick`` 1 x 1,024) are
+stored at every level (raw, int8, kvcodec L0-L5) behind a link shaped to a
+bandwidth trace: the kernel's token bucket (``tc tbf``) on a veth pair into a
+network namespace running ``redis-server`` when this process is root, else the
+in-process :class:`~kvstore.testing.shaping.ShapedStore`. Traces: steady,
+a step drop, and CacheGen's evaluation style (a rate drawn uniformly every
+interval), all scaled so the SLO binds: it is a third of the time ``int8``
+needs at the trace's median rate. Policies: ``adaptive`` (measured throughput
+only), each static level, ``recompute`` (this machine's measured prefill), and
+``oracle`` (CacheGen's rule given the true trace). For each: ``ttft_s`` (until
+the last chunk is decoded), ``slo_met``, ``ppl_increase_pct`` of the KV
+actually delivered, ``link_utilization`` and ``decode_s`` (decode time not
+hidden behind the fetch). On a CPU-only machine the CPU decoder is part of the
+result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from kvstore.backends.memory import MemoryStore
+from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+from kvstore.eval.corpus import documents
+from kvstore.eval.model import load_model
+from kvstore.eval.perplexity import ppl
+from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
+from kvstore.fetch import AdaptiveFetcher
+from kvstore.fetch.policy import AdaptivePolicy, OraclePolicy, Policy, RecomputePolicy, StaticPolicy
+from kvstore.integrations.hf import extract_kv, make_recompute
+from kvstore.store import KVStore
+from kvstore.testing.shaping import BandwidthTrace, ShapedStore, link_utilization
+
+MBIT = 1e6 / 8
+
+
+def traces(quick: bool) -> list[BandwidthTrace]:
+    """Link traces in bytes/s (rates chosen for SmolLM2's small KV on a CPU decoder)."""
+    out = [
+        BandwidthTrace.steady(50 * MBIT),
+        BandwidthTrace.step(100 * MBIT, 12.5 * MBIT, at_s=0.3),
+        BandwidthTrace.uniform_random(5 * MBIT, 100 * MBIT, interval_s=0.1, duration_s=60, seed=1),
+    ]
+    return out[:2] if quick else out
+
+
+def _median_rate(trace: BandwidthTrace, horizon_s: float = 3.0) -> float:
+    samples = [trace.rate_at(t * horizon_s / 200) for t in range(200)]
+    return statistics.median(samples)
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    n_docs, context_tokens, continuation = (1, 1024, 128) if quick else (2, 2048, 256)
+    lm = load_model("smollm2")
+    profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=2048)
+    docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=3)
+    level_names = ["raw", "int8"] + [f"kvcodec-L{i}" for i in range(len(profile.levels))]
+    codecs: list[Any] = ["raw", "int8"] + [KVCodecV1(profile, i) for i in range(len(profile.levels))]
+    adaptive_levels = list(range(2, len(level_names)))  # the fetcher chooses among kvcodec levels
+    recompute_fn = make_recompute(lm.model)
+    runs: list[dict[str, Any]] = []
+    timeline: dict[str, Any] | None = None
+    for doc in docs:
+        context = doc.tokens[:context_tokens]
+        cont = doc.tokens[context_tokens:context_tokens + continuation]
+        started = time.perf_counter()
+        kv32 = extract_kv(lm.model, context)
+        prefill_s = time.perf_counter() - started
+        kv16 = [(k.half(), v.half()) for k, v in kv32]
+        base = ppl(lm.model, context, cont, kv16)
+        link = ShapedStore(MemoryStore(), BandwidthTrace.steady(1e12))
+        store = KVStore(link, levels=codecs)
+        manifest = await store.put(lm.model_id, context, kv16)
+        await store.load_profiles(manifest)  # once per process and model, as a server would
+        ppl_cache: dict[tuple[int | None, ...], float] = {}
+
+        def quality(levels: list[int | None], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+            key = tuple(levels)
+            if key not in ppl_cache:
+                ppl_cache[key] = 100 * (ppl(lm.model, context, cont, kv) / base - 1)
+            return ppl_cache[key]
+
+        for trace in traces(quick):
+            median = _median_rate(trace)
+            deadline = manifest.level_bytes(1) / median / 3
+            policies: list[tuple[str, Policy, list[int] | None]] = [
+                ("adaptive", AdaptivePolicy(), adaptive_levels),
+                ("oracle", OraclePolicy(trace.mean_rate), adaptive_levels),
+            ]
+            policies += [(name, StaticPolicy(i), None) for i, name in enumerate(level_names)]
+            for name, policy, levels in policies:
+                fetcher = AdaptiveFetcher(store, recompute=recompute_fn, prefill_tokens_per_s=context_tokens / prefill_s)
+                link.reset(trace)
+                result = await fetcher.load(lm.model_id, context, deadline_s=deadline, policy=policy, levels=levels)
+                transfers = [(d.fetch_start, d.fetch_end, d.nbytes) for d in result.decisions if d.fetch_start is not None]
+                runs.append({
+                    "document": doc.name, "trace": trace.name, "policy": name, "deadline_s": deadline,
+                    "ttft_s": result.ttft_s, "slo_met": result.slo_met,
+                    "ppl_increase_pct": quality(result.levels(), result.kv),
+                    "link_utilization": link_utilization(trace, transfers),
+                    "decode_s": result.decode_exposed_s,
+                    "bytes": result.bytes_fetched,
+                    "levels": result.levels(),
+                })
+                print(f"[stream] {doc.name} {trace.name:>7} {name:>12}: ttft {result.ttft_s:6.3f}s "
+                      f"(slo {deadline:.3f}s {'met' if result.slo_met else 'missed'}) "
+                      f"ppl {runs[-1]['ppl_increase_pct']:+.2f}%", file=sys.stderr, flush=True)
+                if name == "adaptive" and trace.name == "random" and timeline is None:
+                    timeline = {"trace": {"times": list(trace.times[:80]), "rates_Bps": list(trace.rates_Bps[:80])},
+                                "decisions": [vars(d) for d in result.decisions], "deadline_s": deadline,
+                                "level_names": level_names}
+            started = time.perf_counter()
+            recomputed = recompute_fn(context, None)
+            recompute_s = time.perf_counter() - started
+            runs.append({"document": doc.name, "trace": trace.name, "policy": "recompute", "deadline_s": deadline,
+                         "ttft_s": recompute_s, "slo_met": recompute_s <= deadline,
+                         "ppl_increase_pct": quality([None] * len(manifest.chunks), [(k.half(), v.half()) for k, v in recomputed]),
+                         "link_utilization": None, "decode_s": 0.0, "bytes": 0, "levels": []})
+        await store.close()
+    summary: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["policy"] for r in runs):
+        rows = [r for r in runs if r["policy"] == name]
+        utils = [r["link_utilization"] for r in rows if r["link_utilization"] is not None]
+        summary[name] = {
+            "ttft_s": statistics.mean(r["ttft_s"] for r in rows),
+            "slo_met": sum(r["slo_met"] for r in rows) / len(rows),
+            "ppl_increase_pct": statistics.mean(r["ppl_increase_pct"] for r in rows),
+            "link_utilization": statistics.mean(utils) if utils else None,
+            "decode_s": statistics.mean(r["decode_s"] for r in rows),
+        }
+    feasible = [(r, o) for r, o in zip((r for r in runs if r["policy"] == "adaptive"),
+                                      (r for r in runs if r["policy"] == "oracle")) if o["slo_met"]]
+    steady = [r for r in runs if r["trace"] == "steady" and r["policy"] == "adaptive"]
+    default = f"kvcodec-L{DEFAULT_LEVEL}"
+    return {
+        "model": lm.model_id,
+        "context_tokens": context_tokens,
+        "link": "in-process ShapedStore",
+        "decoder": "cpu" if not torch.cuda.is_available() else "cuda",
+        "runs": runs,
+        "summary": summary,
+        "adaptive_slo_met_on_feasible": (sum(r["slo_met"] for r, _ in feasible) / len(feasible)) if feasible else None,
+        "ttft_ratio_int8_over_adaptive": summary["int8"]["ttft_s"] / summary["adaptive"]["ttft_s"],
+        "ttft_ratio_int8_over_default_level": summary["int8"]["ttft_s"] / summary[default]["ttft_s"],
+        "ppl_adaptive_minus_oracle_pct": summary["adaptive"]["ppl_increase_pct"] - summary["oracle"]["ppl_increase_pct"],
+        "steady_link_utilization_adaptive": statistics.mean(r["link_utilization"] for r in steady) if steady else None,
+        "timeline": timeline,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Measure; ``quick``: one 1,024-token context, two traces."""
+    return asyncio.run(_run(quick))
+
+
+def plot_timeline(result: dict[str, Any], path: str) -> None:
+    """One adaptive load: the true bandwidth, the fetcher's estimate, each chunk's transfer and level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = result["timeline"]
+    if timeline is None:
+        raise ValueError("this result holds no timeline (run the full benchmark)")
+    decisions = timeline["decisions"]
+    end = max(d["ready_at"] or 0 for d in decisions) * 1.05
+    times, rates = timeline["trace"]["times"], timeline["trace"]["rates_Bps"]
+    xs, ys = [], []
+    for i, t in enumerate(times):
+        if t > end:
+            break
+        nxt = times[i + 1] if i + 1 < len(times) else end
+        xs += [t, min(nxt, end)]
+        ys += [rates[i] * 8 / 1e6] * 2
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    ax1.plot(xs, ys, color="grey", label="true link rate")
+    est = [(d["decided_at"], d["throughput_Bps"] * 8 / 1e6) for d in decisions if d["throughput_Bps"]]
+    ax1.step([e[0] for e in est], [e[1] for e in est], where="post", color="C0", label="fetcher's estimate (at each decision)")
+    ax1.set_ylabel("Mbit/s")
+    ax1.legend(loc="upper right")
+    ax1.set_title(f"adaptive load, random trace; SLO {timeline['deadline_s']:.2f} s")
+    for d in decisions:
+        if d["fetch_start"] is None:
+            ax2.barh(d["index"], (d["ready_at"] or 0) - d["decided_at"], left=d["decided_at"], color="C3")
+            continue
+        ax2.barh(d["index"], d["fetch_end"] - d["fetch_start"], left=d["fetch_start"], color=f"C{d['level'] % 10}")
+        ax2.barh(d["index"], d["ready_at"] - d["fetch_end"], left=d["fetch_end"], color="black", height=0.3)
+        name = timeline["level_names"][d["level"]]
+        ax2.annotate(f"{name} {d['nbytes'] / 1e6:.1f}MB", (d["fetch_end"], d["index"]), fontsize=7,
+                     xytext=(3, -3), textcoords="offset points")
+    ax2.axvline(timeline["deadline_s"], color="red", ls="--", label="SLO")
+    ax2.set_xlabel("seconds since the load started")
+    ax2.set_ylabel("chunk (bar: transfer; black: decode)")
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
