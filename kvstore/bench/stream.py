@@ -19,7 +19,10 @@ result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -56,13 +59,81 @@ def _median_rate(trace: BandwidthTrace, horizon_s: float = 3.0) -> float:
     return statistics.median(samples)
 
 
+class _InProcessLink:
+    """The in-process shaped link (any machine)."""
+
+    name = "in-process ShapedStore"
+
+    def __init__(self) -> None:
+        self.shaped = ShapedStore(MemoryStore(), BandwidthTrace.steady(1e12))
+        self.byte_store = self.shaped
+
+    async def start(self, trace: BandwidthTrace) -> None:
+        self.shaped.reset(trace)
+
+    async def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _KernelLink:
+    """redis-server in a network namespace behind ``tc tbf`` (root only)."""
+
+    name = "tc tbf on a veth pair into a network namespace (redis-server)"
+
+    def __init__(self) -> None:
+        from kvstore.backends import open_store
+        from kvstore.testing.netshape import ShapedRedis
+
+        self.server = ShapedRedis(1e9).start()
+        self.byte_store = open_store(self.server.url)
+        self._replay: asyncio.Task[None] | None = None
+
+    async def start(self, trace: BandwidthTrace) -> None:
+        await asyncio.to_thread(self.server.set_rate, trace.rates_Bps[0])
+        self._replay = asyncio.create_task(self.server.replay(trace))
+
+    async def stop(self) -> None:
+        if self._replay is not None:
+            self._replay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replay
+        await asyncio.to_thread(self.server.set_rate, 1e9)
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def _make_link() -> _InProcessLink | _KernelLink:
+    from kvstore.testing.netshape import netshape_available
+
+    if netshape_available() is None and os.environ.get("KVSTORE_BENCH_LINK") != "inprocess":
+        try:
+            return _KernelLink()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            print(f"[stream] kernel shaping unavailable ({exc}); using the in-process link", file=sys.stderr)
+    return _InProcessLink()
+
+
 async def _run(quick: bool) -> dict[str, Any]:
-    n_docs, context_tokens, continuation = (1, 1024, 128) if quick else (2, 2048, 256)
+    n_docs = 1 if quick else 2
     lm = load_model("smollm2")
     profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=2048)
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=3)
     level_names = ["raw", "int8"] + [f"kvcodec-L{i}" for i in range(len(profile.levels))]
     codecs: list[Any] = ["raw", "int8"] + [KVCodecV1(profile, i) for i in range(len(profile.levels))]
+    link = _make_link()
+    try:
+        return await _measure(quick, lm, profile, docs, level_names, codecs, link)
+    finally:
+        link.close()
+
+
+async def _measure(quick: bool, lm: Any, profile: Any, docs: list[Any], level_names: list[str],
+                   codecs: list[Any], link: _InProcessLink | _KernelLink) -> dict[str, Any]:
+    context_tokens, continuation = (1024, 128) if quick else (2048, 256)
     adaptive_levels = list(range(2, len(level_names)))  # the fetcher chooses among kvcodec levels
     recompute_fn = make_recompute(lm.model)
     runs: list[dict[str, Any]] = []
@@ -75,8 +146,7 @@ async def _run(quick: bool) -> dict[str, Any]:
         prefill_s = time.perf_counter() - started
         kv16 = [(k.half(), v.half()) for k, v in kv32]
         base = ppl(lm.model, context, cont, kv16)
-        link = ShapedStore(MemoryStore(), BandwidthTrace.steady(1e12))
-        store = KVStore(link, levels=codecs)
+        store = KVStore(link.byte_store, levels=codecs, namespace=f"bench{os.getpid()}")
         manifest = await store.put(lm.model_id, context, kv16)
         await store.load_profiles(manifest)  # once per process and model, as a server would
         ppl_cache: dict[tuple[int | None, ...], float] = {}
@@ -97,8 +167,11 @@ async def _run(quick: bool) -> dict[str, Any]:
             policies += [(name, StaticPolicy(i), None) for i, name in enumerate(level_names)]
             for name, policy, levels in policies:
                 fetcher = AdaptiveFetcher(store, recompute=recompute_fn, prefill_tokens_per_s=context_tokens / prefill_s)
-                link.reset(trace)
-                result = await fetcher.load(lm.model_id, context, deadline_s=deadline, policy=policy, levels=levels)
+                await link.start(trace)
+                try:
+                    result = await fetcher.load(lm.model_id, context, deadline_s=deadline, policy=policy, levels=levels)
+                finally:
+                    await link.stop()
                 transfers = [(d.fetch_start, d.fetch_end, d.nbytes) for d in result.decisions if d.fetch_start is not None]
                 runs.append({
                     "document": doc.name, "trace": trace.name, "policy": name, "deadline_s": deadline,
@@ -123,7 +196,9 @@ async def _run(quick: bool) -> dict[str, Any]:
                          "ttft_s": recompute_s, "slo_met": recompute_s <= deadline,
                          "ppl_increase_pct": quality([None] * len(manifest.chunks), [(k.half(), v.half()) for k, v in recomputed]),
                          "link_utilization": None, "decode_s": 0.0, "bytes": 0, "levels": []})
-        await store.close()
+        for key in [k async for k in store.store.list(f"bench{os.getpid()}/")]:
+            await store.store.delete(key)
+    await link.byte_store.close()
     summary: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["policy"] for r in runs):
         rows = [r for r in runs if r["policy"] == name]
@@ -142,7 +217,7 @@ async def _run(quick: bool) -> dict[str, Any]:
     return {
         "model": lm.model_id,
         "context_tokens": context_tokens,
-        "link": "in-process ShapedStore",
+        "link": link.name,
         "decoder": "cpu" if not torch.cuda.is_available() else "cuda",
         "runs": runs,
         "summary": summary,
