@@ -28,6 +28,7 @@ from kvstore.backends.base import (
 from kvstore.errors import BackendError, ConfigError
 
 TTL_DIR = ".ttl"
+INLINE_READ_BYTES = 4 << 20  # values up to this size are read on the event loop's thread
 _TMP_MARK = ".tmp-"
 
 
@@ -146,6 +147,16 @@ class LocalStore(Store):
     # -- the async interface -----------------------------------------------------
     async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
         validate_key(key)
+        try:
+            small = self._path(key).stat().st_size <= INLINE_READ_BYTES
+        except OSError:
+            small = True  # absent (or unreadable): _read answers at once
+        if small:
+            # a page-cache read of a few MiB takes less than the hop to a worker thread
+            try:
+                return self._read(key, byte_range)
+            except OSError as exc:
+                raise BackendError(f"local store I/O failed: {exc}") from exc
         return await self._io(self._read, key, byte_range)
 
     async def put(

@@ -88,7 +88,7 @@ class _KernelLink:
         from kvstore.testing.netshape import ShapedRedis
 
         self.server = ShapedRedis(1e9).start()
-        self.byte_store = open_store(self.server.url)
+        self.byte_store = open_store(self.server.url, socket_timeout=300)  # slow links: long reads
         self._replay: asyncio.Task[None] | None = None
 
     async def start(self, trace: BandwidthTrace) -> None:

@@ -44,7 +44,7 @@ def _run(*args: str) -> None:
 def _tbf(rate_Bps: float) -> list[str]:
     rate_bit = max(int(rate_Bps * 8), 8_000)
     burst = max(int(rate_Bps / 100), 16 * 1024)  # at least 10 ms of traffic, as tbf needs burst >= rate / HZ
-    return ["tbf", "rate", f"{rate_bit}bit", "burst", f"{burst}b", "latency", "200ms"]
+    return ["tbf", "rate", f"{rate_bit}bit", "burst", f"{burst}b", "latency", "1s"]  # queue, do not drop
 
 
 class ShapedRedis:
