@@ -40,13 +40,9 @@ class ChunkIdentity:
         return self.layers, self.kv_heads, len(self.tokens), self.head_dim
 
 
-def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-    """Encode ``[layers, kv_heads, tokens, head_dim]`` keys and values as a chunk object."""
-    buffers = codec.encode(keys, values, start=ident.start)
-    clash = codec.RESERVED & set(buffers)
-    if clash:
-        raise FormatError(f"codec {codec.name!r} used reserved buffer names {sorted(clash)}")
-    meta = {
+def _meta(ident: ChunkIdentity) -> dict[str, object]:
+    """The header meta that names a chunk object's model, tokens and shape."""
+    return {
         "fingerprint": ident.fingerprint,
         "hash": ident.chunk_hash,
         "start": ident.start,
@@ -56,11 +52,19 @@ def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, value
         "head_dim": ident.head_dim,
         "dtype": dtype_name(ident.dtype),
     }
+
+
+def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+    """Encode ``[layers, kv_heads, tokens, head_dim]`` keys and values as a chunk object."""
+    buffers = codec.encode(keys, values, start=ident.start)
+    clash = codec.RESERVED & set(buffers)
+    if clash:
+        raise FormatError(f"codec {codec.name!r} used reserved buffer names {sorted(clash)}")
     return container.encode(
         {"tokens": ident.tokens, **buffers},
         kind=KIND,
         codec={"name": codec.name, "params": codec.params},
-        meta=meta,
+        meta=_meta(ident),
     )
 
 
@@ -70,17 +74,7 @@ def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
     if header.kind != KIND:
         raise FormatError(f"expected a {KIND} object, found {header.kind!r}")
     meta = header.meta
-    expected = {
-        "fingerprint": ident.fingerprint,
-        "hash": ident.chunk_hash,
-        "start": ident.start,
-        "stop": ident.start + len(ident.tokens),
-        "layers": ident.layers,
-        "kv_heads": ident.kv_heads,
-        "head_dim": ident.head_dim,
-        "dtype": dtype_name(ident.dtype),
-    }
-    for name, want in expected.items():
+    for name, want in _meta(ident).items():
         if meta.get(name) != want:
             raise FormatError(f"chunk object has {name}={meta.get(name)!r}, expected {want!r}")
     stored_tokens = obj.tensor("tokens")
