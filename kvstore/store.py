@@ -40,7 +40,7 @@ from kvstore.format import manifest as manifest_format
 from kvstore.format.chunk import ChunkIdentity, decode_chunk, encode_chunk
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
-from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest
+from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, check_recorded_object
 from kvstore.kv import KV, check_kv, stack_span, unstack_kv
 
 log = logging.getLogger("kvstore")
@@ -356,7 +356,7 @@ class KVStore:
                 )
             if expected is not None:
                 try:
-                    self._check_against_manifest(blob, expected[i], i)
+                    check_recorded_object(blob, expected[i], i)
                 except FormatError:
                     metrics.record_checksum_failure("chunk")
                     raise
@@ -382,15 +382,6 @@ class KVStore:
 
         await self._bounded([lambda i=i: asyncio.to_thread(decode, i) for i in range(len(blobs))])
         return unstack_kv(out_k, out_v)
-
-    @staticmethod
-    def _check_against_manifest(blob: bytes, expected: ChunkObject, index: int) -> None:
-        header = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)], len(blob))
-        if len(blob) != expected.size or header.checksum != expected.checksum:
-            raise IncompleteContextError(
-                f"chunk {index} ({expected.key}) is not the object the manifest recorded "
-                "(replaced or damaged since the context was stored)"
-            )
 
     @staticmethod
     def _shape_and_dtype(manifest: Manifest | None, first_blob: bytes) -> tuple[tuple[int, int, int], torch.dtype]:

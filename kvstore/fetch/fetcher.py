@@ -35,7 +35,7 @@ from kvstore.fetch.throughput import ThroughputEstimator
 from kvstore.format.chunk import ChunkIdentity, decode_chunk
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
-from kvstore.format.manifest import Manifest
+from kvstore.format.manifest import Manifest, check_recorded_object
 from kvstore.kv import KV
 from kvstore.store import KVStore
 
@@ -243,7 +243,7 @@ class _Load:
                               self.m.layers, self.m.kv_heads, self.m.head_dim, self.dtype)
         expected = chunk.objects[self.decisions[i].level]  # type: ignore[index]
         try:
-            KVStore._check_against_manifest(blob, expected, i)
+            check_recorded_object(blob, expected, i)
             self._decode_chunk(i, blob, ident)
         except FormatError:
             metrics.record_checksum_failure("chunk")

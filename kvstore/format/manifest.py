@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.backends.base import validate_key
-from kvstore.errors import FormatError
+from kvstore.errors import FormatError, IncompleteContextError
 from kvstore.format import container
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import chunk_bounds, is_hash
@@ -101,6 +101,16 @@ class Manifest:
             ],
         }
         return container.encode({"tokens": tokens}, kind=KIND, meta=meta)
+
+
+def check_recorded_object(blob: bytes | memoryview, expected: ChunkObject, index: int) -> None:
+    """Raise unless ``blob`` is the very object the manifest recorded (size and header checksum)."""
+    header = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)], len(blob))
+    if len(blob) != expected.size or header.checksum != expected.checksum:
+        raise IncompleteContextError(
+            f"chunk {index} ({expected.key}) is not the object the manifest recorded "
+            "(replaced or damaged since the context was stored)"
+        )
 
 
 def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
