@@ -4,7 +4,8 @@ It loads SmolLM2-135M-Instruct, takes a long document, stores the document's KV
 at every level (raw, int8 and the five ``kvcodec`` levels) in a store (a local
 directory by default), loads it back, and answers a question about the
 document from the loaded cache (prefix reuse: the stored document plus the
-question's tokens, recomputed). It prints a table of sizes, load times and
+question's tokens, recomputed). It also streams the context back with the
+adaptive fetcher over a shaped link whose bandwidth drops mid-load. It prints a table of sizes, load times and
 perplexity changes, and writes a PNG of the rate-quality curve.
 """
 
@@ -26,10 +27,14 @@ from kvstore.eval.corpus import documents
 from kvstore.eval.model import cache_root, load_model
 from kvstore.eval.perplexity import ppl
 from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
-from kvstore.integrations.hf import extract_kv, generate_greedy, recompute
+from kvstore.fetch import AdaptiveFetcher
+from kvstore.integrations.hf import extract_kv, generate_greedy, make_recompute, recompute
 from kvstore.kv import KV
 from kvstore.store import KVStore
+from kvstore.testing.shaping import BandwidthTrace, ShapedStore
 
+LINK_MBIT = 100
+MBIT = 1e6 / 8
 QUESTION = "\n\nQuestion: In one sentence, what is the text above about?\nAnswer:"
 
 
@@ -96,6 +101,22 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
         assert loaded_default is not None
         raw_loaded = await store.get(lm.model_id, context, level=0)
 
+        # Stream it as a server would: over a shaped link, against a deadline of a third of
+        # what int8 needs on it, the fetcher choosing among the kvcodec levels chunk by chunk.
+        trace = BandwidthTrace.step(LINK_MBIT * MBIT, LINK_MBIT * MBIT / 4, at_s=0.5)
+        deadline = manifest.level_bytes(names.index("int8")) / (LINK_MBIT * MBIT) / 3
+        _say(f"streaming it back over a {LINK_MBIT} Mbit/s link that drops to a quarter at 0.5 s, "
+             f"deadline {deadline:.2f} s ...")
+        shaped = KVStore(ShapedStore(store.store, trace), levels=codecs)
+        await shaped.load_profiles(manifest)
+        fetcher = AdaptiveFetcher(shaped, recompute=make_recompute(lm.model),
+                                  prefill_tokens_per_s=context_tokens / recompute_s)
+        shaped.store.reset()
+        streamed = await fetcher.load(lm.model_id, context, deadline_s=deadline,
+                                      levels=list(range(names.index("kvcodec-L0"), len(names))))
+        print(streamed.table(), file=sys.stderr)
+        streamed_ppl = ppl(lm.model, context, continuation, streamed.kv)
+
     _say("answering a question from the stored context (prefix reuse + the question's tokens)...")
     prompt = torch.cat([context, question])
 
@@ -111,6 +132,7 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
     started = time.perf_counter()
     from_default = answer(loaded_default)
     answer_s = time.perf_counter() - started
+    from_streamed = answer(streamed.kv)
     int8 = results[1]
     return {
         "model": lm.model_id,
@@ -124,12 +146,19 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
         "levels": [asdict(r) | {"size_ratio_vs_int8": int8.stored_bytes / r.stored_bytes} for r in results],
         "default_level": names[default],
         "put_s": put_s,
-        "ttft_s": results[default].load_s + answer_s / answer_tokens,
+        "ttft_s": streamed.ttft_s + answer_s / answer_tokens,
+        "stream": {
+            "link_mbit": LINK_MBIT, "deadline_s": deadline, "load_s": streamed.ttft_s, "slo_met": streamed.slo_met,
+            "levels": [None if lv is None else names[lv] for lv in streamed.levels()],
+            "bytes": streamed.bytes_fetched, "ppl_increase_pct": 100 * (streamed_ppl / base_ppl - 1),
+            "int8_transfer_s": manifest.level_bytes(names.index("int8")) / (LINK_MBIT * MBIT),
+        },
         "recompute_s": recompute_s,
         "answer_fresh": lm.tokenizer.decode(fresh),
         "answer_default_level": lm.tokenizer.decode(from_default),
         "answer_matches_full_kv": from_raw == fresh,
         "answer_default_matches_full_kv": from_default == fresh,
+        "answer_streamed": lm.tokenizer.decode(from_streamed),
     }
 
 
@@ -140,10 +169,15 @@ def print_table(result: dict[str, Any]) -> None:
     for r in result["levels"]:
         print(f"{r['name']:>12} {r['bits_per_element']:9.2f} {r['stored_bytes'] / 1e6:8.2f}MB "
               f"{r['size_ratio_vs_int8']:7.2f}x {r['load_s']:7.2f} {r['ppl_increase_pct']:+10.2f}%")
-    print(f"\nrecompute (prefill on this machine): {result['recompute_s']:.2f} s; "
-          f"time to first token from the store at {result['default_level']}: {result['ttft_s']:.2f} s")
+    st = result["stream"]
+    print(f"\nstreamed over a {st['link_mbit']} Mbit/s link (dropping to a quarter): loaded in {st['load_s']:.2f} s "
+          f"(deadline {st['deadline_s']:.2f} s, {'met' if st['slo_met'] else 'missed'}; int8 alone needs "
+          f"{st['int8_transfer_s']:.2f} s of transfer), levels {st['levels']}, ppl change {st['ppl_increase_pct']:+.2f}%")
+    print(f"recompute (prefill on this machine): {result['recompute_s']:.2f} s; "
+          f"time to first token from the stream: {result['ttft_s']:.2f} s")
     print(f"answer from freshly computed KV:  {result['answer_fresh']!r}")
     print(f"answer from stored KV ({result['default_level']}): {result['answer_default_level']!r}")
+    print(f"answer from the streamed KV:      {result['answer_streamed']!r}")
     print(f"answer from stored raw KV matches fresh KV: {result['answer_matches_full_kv']}")
 
 
@@ -165,9 +199,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("continuation perplexity change (%)")
     ax1.set_title(f"size vs quality ({result['continuation_tokens']} scored tokens: ~1% is noise)")
     ax1.axhline(0, color="grey", lw=0.5)
-    names = [r["name"] for r in levels] + ["recompute"]
-    times = [r["load_s"] for r in levels] + [result["recompute_s"]]
-    ax2.barh(names, times, color=["C0"] * len(levels) + ["C3"])
+    names = [r["name"] for r in levels] + ["streamed (shaped link)", "recompute"]
+    times = [r["load_s"] for r in levels] + [result["stream"]["load_s"], result["recompute_s"]]
+    ax2.barh(names, times, color=["C0"] * len(levels) + ["C2", "C3"])
     ax2.set_xlabel("seconds (this machine)")
     ax2.set_title("load from the store vs recompute the context")
     fig.suptitle(f"kvstore demo: {result['context_tokens']}-token context, {result['model_name']}")
