@@ -37,7 +37,7 @@ from kvstore.errors import (
 )
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
-from kvstore.format.chunk import ChunkIdentity, decode_chunk, encode_chunk
+from kvstore.format.chunk import ChunkIdentity, chunk_meta, decode_chunk, encode_chunk
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, check_recorded_object
@@ -179,10 +179,10 @@ class KVStore:
             if await self.store.put(key, data, ttl=ttl, create_only=True):
                 metrics.record_put(level, len(data))
                 return _describe(key, data)
-            existing = await self._existing_chunk(key)
+            existing = await self._existing_chunk(key, ident, codec)
             if existing is not None:
                 return existing
-            log.warning("replacing unreadable chunk object %s", key)
+            log.warning("replacing chunk object %s: unreadable, or stored for another dtype or shape", key)
             await self.store.put(key, data, ttl=ttl)
             metrics.record_put(level, len(data))
             return _describe(key, data)
@@ -250,8 +250,9 @@ class KVStore:
         register_profile(profile_id, cls.parse_profile(data))
         self._profiles_loaded.add(key)
 
-    async def _existing_chunk(self, key: str) -> ChunkObject | None:
-        """Describe an already stored chunk object from its header, or ``None`` if unreadable."""
+    async def _existing_chunk(self, key: str, ident: ChunkIdentity, codec: KVCodec) -> ChunkObject | None:
+        """Describe an already stored chunk object from its header, or ``None`` if it is
+        unreadable or is not this chunk at this codec configuration (e.g. another dtype)."""
         head = await self.store.get(key, RangeRequest(0, container.DEFAULT_HEAD_BYTES))
         try:
             if head is None:
@@ -261,6 +262,8 @@ class KVStore:
                 head = await self.store.get(key, RangeRequest(0, needed)) or b""
             header = container.decode_header(head)
         except FormatError:
+            return None
+        if header.meta != chunk_meta(ident) or header.codec != {"name": codec.name, "params": codec.params}:
             return None
         return _object_entry(key, header)
 

@@ -237,3 +237,12 @@ def test_manifest_header_lists_levels_and_checksums():
         assert header.meta["levels"][0]["codec"] == "raw"
         assert all(len(c["objects"]) == 1 for c in header.meta["chunks"])
     asyncio.run(go())
+
+
+async def test_storing_the_same_tokens_in_another_dtype_replaces_the_chunks():
+    async with KVStore("memory://", chunk_tokens=8) as kvs:
+        ids = list(range(20))
+        await kvs.put(MODEL, ids, make_kv(20, torch.float32))
+        kv16 = make_kv(20, torch.float16, seed=3)
+        await kvs.put(MODEL, ids, kv16)
+        assert_kv_equal(await kvs.get(MODEL, ids), kv16)

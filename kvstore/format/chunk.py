@@ -40,7 +40,7 @@ class ChunkIdentity:
         return self.layers, self.kv_heads, len(self.tokens), self.head_dim
 
 
-def _meta(ident: ChunkIdentity) -> dict[str, object]:
+def chunk_meta(ident: ChunkIdentity) -> dict[str, object]:
     """The header meta that names a chunk object's model, tokens and shape."""
     return {
         "fingerprint": ident.fingerprint,
@@ -64,7 +64,7 @@ def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, value
         {"tokens": ident.tokens, **buffers},
         kind=KIND,
         codec={"name": codec.name, "params": codec.params},
-        meta=_meta(ident),
+        meta=chunk_meta(ident),
     )
 
 
@@ -74,7 +74,7 @@ def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
     if header.kind != KIND:
         raise FormatError(f"expected a {KIND} object, found {header.kind!r}")
     meta = header.meta
-    for name, want in _meta(ident).items():
+    for name, want in chunk_meta(ident).items():
         if meta.get(name) != want:
             raise FormatError(f"chunk object has {name}={meta.get(name)!r}, expected {want!r}")
     stored_tokens = obj.tensor("tokens")
