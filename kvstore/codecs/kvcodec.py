@@ -30,6 +30,7 @@ from kvstore.codecs.kvcodec_profile import (
 )
 from kvstore.codecs.symbol_model import FrequencyTable, ideal_code_bits
 from kvstore.errors import CodecError, FormatError
+from kvstore.kernels import use_triton
 from kvstore.format.container import BufferLike, Container
 
 DEFAULT_LEVEL = 2
@@ -171,6 +172,10 @@ class KVCodecV1(KVCodec):
         self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_shape(shape)
+        if device.type == "cuda" and use_triton(device):
+            from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu  # Triton rANS decode + dequantize
+
+            return decode_kvcodec_gpu(obj, self, shape, dtype, device)
         L, H, T, D = shape
         prof, level = self.profile, self.profile.levels[self.level]
         (_, k_table, models), (_, v_table, _), (_, s_table, scale_models) = self._streams()

@@ -1,0 +1,61 @@
+"""GPU kernels (Triton), each beside a pure-torch reference with the same signature.
+
+=====================  ==========================================  =====================================
+op                     Triton (``kvstore.kernels.<module>``)        reference (``kvstore.kernels.reference``)
+=====================  ==========================================  =====================================
+rANS decode            ``rans_decode.rans_decode_launch`` /        ``rans_decode_launch_ref`` /
+                       ``rans_decode_gpu``                          ``rans_decode_ref``
+dequantize             ``dequantize.dequantize_rowscale`` /         ``dequantize_rowscale_ref`` /
+                       ``dequantize_affine``                        ``dequantize_affine_ref``
+kvcodec chunk decode   ``kvcodec_gpu.decode_kvcodec_gpu``           the same with ``backend="torch"``
+=====================  ==========================================  =====================================
+
+The dispatch helpers here pick Triton on CUDA devices and the torch reference
+elsewhere (or when Triton cannot be imported). Importing this package imports
+neither Triton nor the kernels; they load on first use. Triton also runs the
+kernels on the CPU through its interpreter (``kernel_for`` in ``rans_decode``), which
+is what the tests use where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+__all__ = ["decode_kvcodec", "rans_decode", "triton_available", "use_triton"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports here."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001  # pragma: no cover - a broken install must not break CPU paths
+        return False
+    return True
+
+
+def use_triton(device: torch.device | str) -> bool:
+    """Triton for CUDA devices (when it imports), the torch reference elsewhere."""
+    return torch.device(device).type == "cuda" and triton_available()
+
+
+def rans_decode(data, table, model_map=None, *, shape=None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decode one rANS stream into uint8 symbols on ``device`` (see ``rans_decode.rans_decode_gpu``)."""
+    if use_triton(device):
+        from kvstore.kernels.rans_decode import rans_decode_gpu
+
+        return rans_decode_gpu(data, table, model_map, shape=shape, device=device)
+    from kvstore.kernels.reference import rans_decode_ref
+
+    return rans_decode_ref(data, table, model_map, shape=shape, device=device)
+
+
+def decode_kvcodec(obj_or_buffers: Any, codec: Any, shape, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a kvcodec chunk on ``device`` (see ``kvcodec_gpu.decode_kvcodec_gpu``)."""
+    from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
+
+    backend = "triton" if use_triton(device) else "torch"
+    return decode_kvcodec_gpu(obj_or_buffers, codec, shape, dtype, device, backend=backend)

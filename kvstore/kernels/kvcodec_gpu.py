@@ -1,0 +1,404 @@
+"""Decode a ``kvcodec`` chunk on the GPU: rANS decode + dequantization into ``[L, H, T, D]``.
+
+:func:`decode_kvcodec_gpu` computes what :meth:`kvstore.codecs.kvcodec.KVCodecV1.decode`
+computes, bit for bit when that runs on the same CUDA device (the arithmetic is the
+same float32 multiply then add, without FMA contraction, rounded once to the output
+dtype), with the entropy decoding and dequantization in Triton kernels:
+
+1. host: the three rANS headers (``k``, ``v``, ``scales``) get the checks of
+   :func:`kvstore.codecs.rans.decode`; the streams go to the device in one copy (through
+   a pinned staging buffer) unless they are device tensors already;
+2. device, *fused* plan (when the scale stream is short: at most 1/16 of the steps per
+   lane of the key/value streams): decode ``scales`` to codes, then one launch decodes
+   ``k`` straight into fp16/bf16 keys and ``v`` straight into values;
+   *split* plan (otherwise, e.g. kvcodec's default where each stream's lanes carry
+   ~4096 symbols): one launch decodes ``k`` into keys, ``v`` into uint8 symbols and
+   ``scales`` into codes concurrently, then one elementwise pass turns the value symbols
+   into values (:func:`kvstore.kernels.dequantize.dequantize_rowscale`);
+3. patches and sink tokens (checked and copied to the device once, in
+   :func:`prepare_kvcodec`) overwrite their elements: torch indexing on the device, so a
+   decode of a prepared chunk queues its work without waiting for the GPU until step 4;
+4. one synchronization reads the kernels' error flags; any corrupt stream raises
+   :class:`~kvstore.errors.FormatError`.
+
+*Channel-major* chunks (``k``/``v`` coded as ``[L*H*D, T, 1]`` with one model per row, see
+:func:`encode_channel_major`, a layout proposed to kvcodec: the 32 lanes of a warp then
+share one model, so a table lookup touches one or two cache lines instead of 32) are
+recognized by their headers: one launch decodes the three streams to uint8, then
+:func:`kvstore.kernels.dequantize.dequantize_kv_channel_major` transposes and dequantizes.
+
+``backend="torch"`` runs the same plan with the pure-torch references of
+:mod:`kvstore.kernels.reference` (any device; slow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.codecs import rans
+from kvstore.codecs.kvcodec_profile import ZERO, value_steps
+from kvstore.codecs.rans import HEADER_BYTES, StreamInfo, _as_bytes
+from kvstore.errors import CodecError, FormatError
+from kvstore.format.container import Container
+from kvstore.kernels.dequantize import dequantize_kv_channel_major, dequantize_rowscale
+from kvstore.kernels.rans_decode import (
+    DEFAULT_CONFIG,
+    MODE_AFFINE,
+    MODE_ROWSCALE,
+    MODE_SYMBOL,
+    DecodeConfig,
+    LaunchStream,
+    build_descriptors,
+    check_errors,
+    check_stream,
+    decode_tables,
+    rans_decode_launch,
+    upload_streams,
+)
+
+__all__ = [
+    "PreparedChunk",
+    "channel_major_buffers",
+    "decode_kvcodec_gpu",
+    "decode_prepared",
+    "encode_channel_major",
+    "prepare_kvcodec",
+]
+
+STREAMS = ("k", "v", "scales")
+#: the fused plan decodes the scale stream first; worth it when that costs at most ~1/16 of the rest
+FUSED_STEP_RATIO = 16
+
+
+@dataclass
+class PreparedChunk:
+    """A chunk's streams checked on the host and resident on the device, ready to decode."""
+
+    codec: Any
+    shape: tuple[int, int, int, int]
+    device: torch.device
+    data: torch.Tensor  # uint8, the three streams
+    infos: tuple[StreamInfo, StreamInfo, StreamInfo]
+    offsets: tuple[int, int, int]
+    pad_bytes: torch.Tensor | None  # device streams: their padding bytes, checked on the device
+    patches: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    sinks: tuple[torch.Tensor, torch.Tensor] | None
+    layout: str = "token"  # "token": k/v as [L*H, T, D]; "channel": [L*H*D, T, 1]
+    last_err: torch.Tensor | None = None  # per-group error words of the last decode
+    descriptors: dict = field(default_factory=dict)  # (plan, step, block_g) -> device descriptors
+
+
+def _getter(obj_or_buffers: Container | Mapping[str, Any]):
+    if isinstance(obj_or_buffers, Container):
+        names = set(obj_or_buffers.header.buffers)
+        return names, obj_or_buffers.raw, obj_or_buffers.tensor
+    if not isinstance(obj_or_buffers, Mapping):
+        raise CodecError(f"expected a Container or a mapping of buffers, got {type(obj_or_buffers).__name__}")
+    names = set(obj_or_buffers)
+
+    def get(name: str) -> Any:
+        if name not in obj_or_buffers:
+            raise FormatError(f"kvcodec chunk has no buffer {name!r} (has {sorted(names)})")
+        return obj_or_buffers[name]
+
+    def tensor(name: str) -> torch.Tensor:
+        value = get(name)
+        if not isinstance(value, torch.Tensor):
+            raise FormatError(f"kvcodec buffer {name!r} must be a tensor")
+        return value
+
+    return names, get, tensor
+
+
+def _device_stream_info(t: torch.Tensor, table, model_map, shape) -> tuple[StreamInfo, int]:
+    """Header checks of a stream already on the device: the header is copied back (48 bytes)."""
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise FormatError("a device-resident rANS stream must be a 1-D uint8 tensor")
+    n = t.numel()
+    fake = np.zeros(n, dtype=np.uint8)  # calloc'd: only the header page is touched
+    head = min(n, HEADER_BYTES)
+    fake[:head] = t[:head].cpu().numpy()
+    info, _ = check_stream(fake, table, model_map, shape=shape)
+    return info, info.words_offset + 2 * info.num_words
+
+
+def _profile_cache(codec, device: torch.device) -> dict[str, torch.Tensor]:
+    prof = codec.profile
+    cache = prof.__dict__.setdefault("_kvstore_gpu_cache", {})
+    key = (codec.level, device)
+    hit = cache.get(key)
+    if hit is None:
+        level = prof.levels[codec.level]
+        hit = {
+            "scale": prof.key_step(codec.level).reshape(-1).contiguous().to(device),
+            "bias": prof.key_center.reshape(-1).contiguous().to(device),
+            "vtab": value_steps(torch.arange(256, device=device, dtype=torch.float32) - ZERO, level.gamma).contiguous(),
+        }
+        cache[key] = hit
+    return hit
+
+
+def _norm_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def prepare_kvcodec(
+    obj_or_buffers: Container | Mapping[str, Any], codec, shape: tuple[int, int, int, int], device
+) -> PreparedChunk:
+    """Host-side checks and the upload of a chunk's streams (see the module doc)."""
+    device = _norm_device(device)
+    codec._check_shape(tuple(shape))
+    L, H, T, D = (int(v) for v in shape)
+    tables = codec.profile.tables[codec.level]
+    names, get, tensor = _getter(obj_or_buffers)
+    values = [get(name) for name in STREAMS]
+    layout = _layout(values[0], (L, H, T, D))
+    if layout == "channel":
+        kv_models, kv_shape = _channel_models(L * H * D), (L * H * D, T, 1)
+    else:
+        kv_models, kv_shape = codec._models, (L * H, T, D)
+    specs = (
+        ("k", tables.keys, kv_models, kv_shape),
+        ("v", tables.values, kv_models, kv_shape),
+        ("scales", tables.scales, codec._scale_models, (L * H, T, 1)),
+    )
+    pads: list[torch.Tensor] = []
+    if all(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+        infos, parts, offsets, pos = [], [], [], 0
+        for v, (_, table, mm, shp) in zip(values, specs, strict=True):
+            info, end = _device_stream_info(v, table, mm, shp)
+            infos.append(info)
+            pads.append(v[end:])
+            offsets.append(pos)
+            padded = -(-v.numel() // 64) * 64
+            parts.append(torch.nn.functional.pad(v.to(device), (0, padded - v.numel())))
+            pos += padded
+        data = torch.cat(parts)
+    else:
+        raws, infos = [], []
+        for v, (_, table, mm, shp) in zip(values, specs, strict=True):
+            raw = _as_bytes(v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
+            info, _ = check_stream(raw, table, mm, shape=shp)
+            raws.append(raw)
+            infos.append(info)
+        data, offsets = upload_streams(raws, device)
+    patches = {}
+    for name in ("k", "v"):
+        index_name, value_name = f"{name}_patch_index", f"{name}_patch_value"
+        if index_name in names or value_name in names:
+            patches[name] = _prepare_patches(name, tensor(index_name), tensor(value_name), L * H * T * D, device)
+    sinks = None
+    if "sink_k" in names or "sink_v" in names:
+        sinks = _prepare_sinks(tensor("sink_k"), tensor("sink_v"), (L, H, T, D), device)
+    pad_bytes = torch.cat([p.reshape(-1) for p in pads]) if pads else None
+    return PreparedChunk(codec, (L, H, T, D), device, data, tuple(infos), tuple(offsets), pad_bytes, patches, sinks,
+                         layout)  # fmt: skip
+
+
+def _channel_models(rows: int) -> np.ndarray:
+    return np.arange(rows).reshape(rows, 1)
+
+
+def _layout(k_stream: Any, shape: tuple[int, int, int, int]) -> str:
+    """"channel" if the key stream's header says ``[L*H*D, T, 1]``, else "token" (checked later)."""
+    L, H, T, D = shape
+    if isinstance(k_stream, torch.Tensor):
+        head = k_stream[:HEADER_BYTES].cpu().numpy()
+    else:
+        head = _as_bytes(k_stream)[:HEADER_BYTES]
+    if len(head) < HEADER_BYTES or D == 1:
+        return "token"
+    ndim = int(head[7])
+    B, Tt, C = (int(v) for v in np.frombuffer(head[8:20].tobytes(), dtype="<u4"))
+    return "channel" if (ndim, B, Tt, C) == (3, L * H * D, T, 1) else "token"
+
+
+def encode_channel_major(codec, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0,
+                         lane_symbols: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """``codec.encode`` with keys and values coded channel-major (``[L*H*D, T, 1]``, model of
+    row ``lh*D + d`` = the profile's model of ``(lh, d)``, the same tables): a prototype of the
+    layout this module decodes fastest. ``lane_symbols``: symbols per lane (default: rans's)."""
+    return channel_major_buffers(codec, codec.quantize(keys, values, start=start), tuple(keys.shape), lane_symbols)
+
+
+def channel_major_buffers(codec, q, shape: tuple[int, int, int, int], lane_symbols: int | None = None) -> dict[str, Any]:
+    """:func:`encode_channel_major` from a chunk already quantized (``codec.quantize``)."""
+    L, H, T, D = shape
+    buffers = dict(q.raw)
+    tables = codec.profile.tables[codec.level]
+    rows = _channel_models(L * H * D)
+
+    def group_size(n: int, lane: int | None) -> int | None:
+        return None if lane is None else rans.default_group_size(n, lane)
+
+    for name, sym, table in (("k", q.keys, tables.keys), ("v", q.values, tables.values)):
+        cm = np.ascontiguousarray(sym.reshape(L * H, T, D).transpose(0, 2, 1)).reshape(L * H * D, T, 1)
+        buffers[name] = rans.encode(cm, table, rows, group_size=group_size(cm.size, lane_symbols))
+    small = None if lane_symbols is None else max(8, lane_symbols // 4)
+    buffers["scales"] = rans.encode(q.scales, tables.scales, codec._scale_models,
+                                    group_size=group_size(q.scales.size, small))  # fmt: skip
+    return buffers
+
+
+def _descriptors(chunk: PreparedChunk, key: tuple, streams: list[LaunchStream], block_g: int) -> torch.Tensor:
+    """The launch descriptors of ``streams``, copied to the device once per chunk and plan."""
+    hit = chunk.descriptors.get(key)
+    if hit is None:
+        hit = chunk.descriptors[key] = torch.from_numpy(build_descriptors(streams, block_g)[0]).to(chunk.device)
+    return hit
+
+
+def _steps(info: StreamInfo) -> int:
+    return -(-info.group_size // 32)
+
+
+def decode_prepared(
+    chunk: PreparedChunk,
+    dtype: torch.dtype,
+    *,
+    plan: str = "auto",
+    config: DecodeConfig = DEFAULT_CONFIG,
+    backend: str = "triton",
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a :class:`PreparedChunk` into ``(keys, values)`` ``[L, H, T, D]`` of ``dtype``.
+
+    ``plan``: "auto", "fused" or "split" (module doc; channel-major chunks have their own).
+    ``check=False`` skips the final synchronization and error check (the caller then checks ``chunk.last_err``).
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise CodecError(f"kvcodec decodes to fp16, bf16 or fp32, not {dtype}")
+    if backend == "triton":
+        launch, rowscale, channel = rans_decode_launch, dequantize_rowscale, dequantize_kv_channel_major
+    elif backend == "torch":
+        from kvstore.kernels.reference import (
+            dequantize_kv_channel_major_ref,
+            dequantize_rowscale_ref,
+            rans_decode_launch_ref,
+        )
+
+        launch, rowscale, channel = rans_decode_launch_ref, dequantize_rowscale_ref, dequantize_kv_channel_major_ref
+    else:
+        raise CodecError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    codec, device = chunk.codec, chunk.device
+    L, H, T, D = chunk.shape
+    n = L * H * T * D
+    tables = codec.profile.tables[codec.level]
+    tabs = [decode_tables(tables.keys, device), decode_tables(tables.values, device),
+            decode_tables(tables.scales, device)]  # fmt: skip
+    cache = _profile_cache(codec, device)
+    ik, iv, isc = chunk.infos
+    ok, ov, osc = chunk.offsets
+    if chunk.layout == "channel":
+        plan = "channel"
+    elif plan == "auto":
+        plan = "fused" if _steps(isc) * FUSED_STEP_RATIO <= max(_steps(ik), _steps(iv)) else "split"
+    out = torch.empty((2, L, H, T, D), dtype=dtype, device=device)
+    gk, gv, gs = ik.num_groups, iv.num_groups, isc.num_groups
+    err = torch.zeros(max(1, gk + gv + gs), dtype=torch.int32, device=device)
+    common = {"aff_scale": cache["scale"], "aff_bias": cache["bias"], "vtab": cache["vtab"], "config": config}
+    k_st = LaunchStream(ik, ok, 0, MODE_AFFINE, 0, identity=True)
+    if plan == "fused":
+        codes = torch.empty(L * H * T, dtype=torch.uint8, device=device)
+        s_st = LaunchStream(isc, osc, 0, MODE_SYMBOL, 0, identity=True)
+        d1 = _descriptors(chunk, ("fused", 1, config.block_g), [s_st], config.block_g)
+        launch(chunk.data, [s_st], [tabs[2]], out_u8=codes, err=err[gk + gv :], desc=d1, **common)
+        v_st = LaunchStream(iv, ov, 1, MODE_ROWSCALE, n, identity=True)
+        d2 = _descriptors(chunk, ("fused", 2, config.block_g), [k_st, v_st], config.block_g)
+        launch(chunk.data, [k_st, v_st], tabs[:2], out_f=out.view(-1), codes=codes, err=err[: gk + gv], desc=d2,
+               **common)  # fmt: skip
+    elif plan == "split":
+        # symbols of v and codes of scales go to one uint8 buffer: v at [0, n), codes after
+        u8 = torch.empty(n + L * H * T, dtype=torch.uint8, device=device)
+        v_st = LaunchStream(iv, ov, 1, MODE_SYMBOL, 0, identity=True)
+        s_st = LaunchStream(isc, osc, 2, MODE_SYMBOL, n, identity=True)
+        d1 = _descriptors(chunk, ("split", 1, config.block_g), [k_st, v_st, s_st], config.block_g)
+        launch(chunk.data, [k_st, v_st, s_st], tabs, out_f=out.view(-1), out_u8=u8, err=err, desc=d1, **common)
+        vsym, codes = u8[:n], u8[n:]
+        rowscale(vsym, codes, cache["vtab"], D, out[1].view(-1))
+    elif plan == "channel":
+        u8 = torch.empty(2 * n + L * H * T, dtype=torch.uint8, device=device)
+        k_st = LaunchStream(ik, ok, 0, MODE_SYMBOL, 0, identity=True)
+        v_st = LaunchStream(iv, ov, 1, MODE_SYMBOL, n, identity=True)
+        s_st = LaunchStream(isc, osc, 2, MODE_SYMBOL, 2 * n, identity=True)
+        d1 = _descriptors(chunk, ("channel", 1, config.block_g), [k_st, v_st, s_st], config.block_g)
+        launch(chunk.data, [k_st, v_st, s_st], tabs, out_u8=u8, err=err, desc=d1, **common)
+        channel(u8[: 2 * n].view(2, L * H, D, T), u8[2 * n :], cache["scale"], cache["bias"], cache["vtab"], out)
+    else:
+        raise CodecError(f"plan must be 'auto', 'fused' or 'split', got {plan!r}")
+    keys, values = out[0], out[1]
+    for name, target in (("k", keys), ("v", values)):
+        if name in chunk.patches:
+            _apply_patches(name, *chunk.patches[name], target, dtype)
+    if chunk.sinks is not None:
+        _apply_sinks(chunk.sinks, keys, values, dtype)
+    chunk.last_err = err
+    if check:
+        if chunk.pad_bytes is not None and chunk.pad_bytes.numel() and bool(chunk.pad_bytes.any()):
+            raise FormatError("rANS stream: non-zero padding after the words")
+        check_errors(err)
+    return keys, values
+
+
+def _prepare_patches(name: str, index: torch.Tensor, value: torch.Tensor, numel: int, device) -> tuple:
+    """Checked (as ``KVCodecV1.decode`` checks them, but the value dtype, checked at decode) and on the device."""
+    if (index.dtype != torch.int32 or index.ndim != 1 or value.shape != index.shape
+            or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel))):  # fmt: skip
+        raise FormatError(f"kvcodec {name} patches are malformed")
+    return index.to(device, torch.int64, non_blocking=True), value.to(device, non_blocking=True)
+
+
+def _prepare_sinks(sink_k: torch.Tensor, sink_v: torch.Tensor, shape, device) -> tuple:
+    L, H, T, D = shape
+    n_sink = sink_k.shape[2] if sink_k.ndim == 4 else -1
+    for t in (sink_k, sink_v):
+        if t.dtype != sink_k.dtype or t.ndim != 4 or tuple(t.shape) != (L, H, n_sink, D) or not 0 < n_sink <= T:
+            raise FormatError(f"kvcodec sink buffer {t.dtype}{list(t.shape)} does not fit the chunk")
+    return sink_k.to(device, non_blocking=True), sink_v.to(device, non_blocking=True)
+
+
+def _apply_patches(name: str, index: torch.Tensor, value: torch.Tensor, out: torch.Tensor, dtype) -> None:
+    if value.dtype != dtype:
+        raise FormatError(f"kvcodec {name} patches are malformed")
+    if index.numel():
+        out.view(-1)[index] = value
+
+
+def _apply_sinks(sinks, keys: torch.Tensor, values: torch.Tensor, dtype) -> None:
+    sink_k, sink_v = sinks
+    if sink_k.dtype != dtype:
+        raise FormatError(f"kvcodec sink buffer {sink_k.dtype}{list(sink_k.shape)} does not fit the chunk")
+    n_sink = sink_k.shape[2]
+    keys[:, :, :n_sink] = sink_k
+    values[:, :, :n_sink] = sink_v
+
+
+def decode_kvcodec_gpu(
+    obj_or_buffers: Container | Mapping[str, Any],
+    codec,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    plan: str = "auto",
+    config: DecodeConfig = DEFAULT_CONFIG,
+    backend: str = "triton",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``KVCodecV1.decode(obj, shape, dtype, device)`` returns, decoded on ``device``.
+
+    ``obj_or_buffers``: the chunk's :class:`Container` (buffers are checksum-verified as
+    they are read) or a mapping of its buffers as ``codec.encode`` returned them (the
+    three streams may also be uint8 tensors already on the device). Raises
+    :class:`FormatError` for a corrupt chunk, :class:`CodecError` for a shape that does
+    not fit the codec's profile.
+    """
+    chunk = prepare_kvcodec(obj_or_buffers, codec, shape, device)
+    return decode_prepared(chunk, dtype, plan=plan, config=config, backend=backend)

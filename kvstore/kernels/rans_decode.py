@@ -1,0 +1,709 @@
+"""rANS decoding on the GPU: the ``@triton.jit`` kernel and its host-side launcher.
+
+The stream format is ``kvstore/codecs/README_rans.md``; the algorithm is
+:func:`kvstore.codecs.rans_reference.lockstep_decode` (and the pure-torch
+:func:`kvstore.kernels.reference.rans_decode_launch_ref`, same signature as
+:func:`rans_decode_launch` here). A program owns a ``[BLOCK_G, 32]`` tile: up to
+``BLOCK_G`` consecutive groups of one stream, 32 lanes each; every loop
+iteration advances all its lanes by one symbol. One launch decodes several
+streams (a kvcodec chunk's ``k``, ``v`` and ``scales``) so that their groups
+run concurrently, and writes each stream's symbols through an *epilogue*:
+
+* ``MODE_SYMBOL``: ``out_u8[out_base + p] = s``;
+* ``MODE_AFFINE``: ``out_f[out_base + p] = (s - zero) * scale[m] + bias[m]`` (``m`` the
+  symbol's model: the key dequantization ``(sym - 128) * step_k + center``);
+* ``MODE_ROWSCALE``: ``out_f[out_base + p] = (s - zero) * vtab[codes[row_base + p // C]]``
+  (the value dequantization, once the scale codes are decoded).
+
+Host side (:func:`check_stream`) the 48-byte header gets exactly the checks of
+:func:`kvstore.codecs.rans.decode` (header fields, table, model map, shape,
+padding); the kernel checks the rest on the GPU, per group, into an error
+bitmask (:data:`ERR_BITS`): offsets monotonic from 0 to ``W`` with no group
+holding more words than symbols, initial states ``>= 2**16``, no lane reading
+past its group's words, every word consumed and every lane back at ``2**16``.
+Every read and write is bounded whatever the stream holds: word reads are
+masked to the group's (clamped) word range, table reads are indexed by
+``slot < 2**P`` and symbols that a table lookup yields, writes by positions.
+
+Symbol lookup (:class:`DecodeTables`, built once per :class:`FrequencyTable`
+and device and cached on the table object): a per-model ``bucket`` table
+(uint8, ``2**min(P, 8)`` entries: the symbol owning each bucket's first slot)
+and a per-model table of packed ``(cum, freq)`` entries scanned forward from
+it (``lookup=0``), or packed ``(cum, freq[s], freq[s+1], freq[s+2])`` entries
+covering three symbols per load (``lookup=1``, precision <= 15), or a binary
+search over the packed cumulative frequencies (``lookup=2``). A full
+``2**P``-slot symbol table per model does not fit: 32,768 models at P = 15 is
+1 GiB. ``benchmarks/kernels_notes.md`` has the measurements behind the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kvstore.codecs.rans import (
+    LANES,
+    StreamInfo,
+    _as_bytes,
+    _map_crc,
+    read_header,
+)
+from kvstore.codecs.symbol_model import (
+    FrequencyTable,
+    canonical_layout,
+    validate_model_map,
+)
+from kvstore.errors import CodecError, FormatError
+
+__all__ = [
+    "ERR_BITS",
+    "MODE_AFFINE",
+    "MODE_ROWSCALE",
+    "MODE_SYMBOL",
+    "DecodeConfig",
+    "DecodeTables",
+    "LaunchStream",
+    "build_descriptors",
+    "check_stream",
+    "decode_tables",
+    "describe_errors",
+    "rans_decode_gpu",
+    "rans_decode_launch",
+]
+
+MODE_SYMBOL, MODE_AFFINE, MODE_ROWSCALE = 0, 1, 2
+ZERO = 128
+
+# per-group error bits written by the kernel (and by the torch reference)
+ERR_OFFSETS = 1  # word offsets not monotonic from 0 to W, or a group with more words than symbols
+ERR_INIT_STATE = 2  # an initial state below 2**16
+ERR_OVERRUN = 4  # a lane needed a word past its group's end
+ERR_WORDS_LEFT = 8  # the group's words were not all consumed
+ERR_FINAL_STATE = 16  # a lane did not end at 2**16
+ERR_BITS = {
+    ERR_OFFSETS: "group word offsets are not monotonic from 0 to the word count, or a group holds more words than symbols",
+    ERR_INIT_STATE: "a lane's initial state is below 2**16",
+    ERR_OVERRUN: "a lane needs more words than its group holds",
+    ERR_WORDS_LEFT: "a group's words were not all consumed",
+    ERR_FINAL_STATE: "a lane did not end at the initial state",
+}
+
+# stream descriptor columns (int64 [n_streams, NDESC])
+(D_G, D_S, D_N, D_TC, D_C, D_STATES, D_OFFS, D_WORDS, D_W, D_MM, D_MODE, D_OUT, D_ROW, D_TAB, D_PROG0, D_ERR,
+ D_INC_C, D_INC_R, D_CARRY_R, D_ROWINC, D_IDENT) = range(21)
+NDESC = 24
+MAX_STREAMS = 3
+
+
+def describe_errors(err: np.ndarray) -> str:
+    """A message naming the first failing group and its errors."""
+    bad = np.flatnonzero(err)
+    g = int(bad[0])
+    bits = int(err[g])
+    what = "; ".join(msg for bit, msg in ERR_BITS.items() if bits & bit) or f"error {bits}"
+    return f"rANS stream is corrupt: {what} (group {g}, {bad.size} bad group(s))"
+
+
+# ----------------------------------------------------------------------------- lookup tables
+
+
+@dataclass(frozen=True)
+class DecodeTables:
+    """A :class:`FrequencyTable`'s lookup structures on one device.
+
+    ``bucket`` uint8 [M, 2**bb]: the symbol owning the first slot of each bucket of
+    ``2**(P - bb)`` slots, ``bb = min(P, 8)``. ``cf`` [M, 256]: int32 ``cum | freq << 16``
+    (P <= 15) or int64 ``cum | freq << 32`` (P = 16); symbols past the alphabet have
+    ``cum = 2**P, freq = 0``. ``cf3`` [M, 256] int64 (P <= 15 only, else None):
+    ``cum[s] | freq[s] << 16 | freq[s+1] << 32 | freq[s+2] << 48``.
+    """
+
+    precision: int
+    num_models: int
+    alphabet: int
+    bucket: torch.Tensor
+    cf: torch.Tensor
+    cf3: torch.Tensor | None
+
+    @property
+    def bucket_bits(self) -> int:
+        return min(self.precision, 8)
+
+    def coarse_bucket(self, bits: int) -> torch.Tensor:
+        """``bucket`` with ``2**bits`` buckets per model (``bits <= bucket_bits``), cached."""
+        bits = min(int(bits), self.bucket_bits)
+        if bits == self.bucket_bits:
+            return self.bucket
+        cache = self.__dict__.setdefault("_coarse", {})  # frozen dataclass: a plain dict entry
+        if bits not in cache:
+            cache[bits] = self.bucket[:, :: 1 << (self.bucket_bits - bits)].contiguous()
+        return cache[bits]
+
+
+def _build_tables_numpy(table: FrequencyTable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    P, M, A = table.precision, table.num_models, table.alphabet
+    _, bucket = table._decode_entries  # (cum uint32 [M, A+1], bucket uint8 [M, 2**min(P, 8)]), cached by the table
+    freq = np.zeros((M, 256 + 2), dtype=np.int64)
+    freq[:, :A] = table.freqs
+    cum = np.full((M, 256 + 2), 1 << P, dtype=np.int64)
+    cum[:, :A] = np.cumsum(table.freqs, axis=1, dtype=np.int64) - table.freqs
+    shift = 16 if P <= 15 else 32
+    cf = (cum[:, :256] | (freq[:, :256] << shift)).astype(np.int32 if P <= 15 else np.int64)
+    cf3 = None
+    if P <= 15:
+        cf3 = cum[:, :256] | (freq[:, :256] << 16) | (freq[:, 1:257] << 32) | (freq[:, 2:258] << 48)
+        cf3 = cf3.astype(np.uint64).view(np.int64)
+    return np.ascontiguousarray(bucket), np.ascontiguousarray(cf), cf3
+
+
+def decode_tables(table: FrequencyTable, device: torch.device | str) -> DecodeTables:
+    """The GPU lookup structures of ``table`` on ``device``, built once and cached on the table."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cache = table.__dict__.setdefault("_kvstore_gpu_tables", {})
+    hit = cache.get(device)
+    if hit is None:
+        bucket, cf, cf3 = _build_tables_numpy(table)
+        hit = DecodeTables(
+            table.precision, table.num_models, table.alphabet,
+            torch.from_numpy(bucket).to(device), torch.from_numpy(cf).to(device),
+            None if cf3 is None else torch.from_numpy(cf3).to(device),
+        )  # fmt: skip
+        cache[device] = hit
+    return hit
+
+
+# ----------------------------------------------------------------------------- host-side checks
+
+
+def check_stream(
+    data: bytes | bytearray | memoryview | np.ndarray,
+    table: FrequencyTable,
+    model_map=None,
+    *,
+    shape: tuple[int, ...] | None = None,
+    max_symbols: int | None = None,
+) -> tuple[StreamInfo, np.ndarray]:
+    """The host-side checks of :func:`kvstore.codecs.rans.decode` (header, table, map, shape, padding).
+
+    ``data`` is the whole stream or at least its header; the padding check runs only
+    when the whole stream is given. Returns the header and the model map as int32 [B*C].
+    """
+    if not isinstance(table, FrequencyTable):
+        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
+    raw = _as_bytes(data)
+    kw = {} if max_symbols is None else {"max_symbols": max_symbols}
+    info = read_header(raw, **kw)
+    if shape is not None and tuple(int(d) for d in shape) != info.shape:
+        raise FormatError(f"rANS stream holds symbols of shape {info.shape}, expected {tuple(shape)}")
+    if (info.num_models, info.alphabet, info.precision) != (table.num_models, table.alphabet, table.precision):
+        raise FormatError(
+            f"rANS stream was coded with a {info.num_models}x{info.alphabet} table at precision {info.precision}, "
+            f"got {table!r}"
+        )
+    if info.table_crc != table.fingerprint:
+        raise FormatError("rANS stream was coded with a different frequency table (fingerprint mismatch)")
+    try:
+        _, mm = canonical_layout(info.shape, model_map)
+    except CodecError as exc:
+        raise FormatError(f"rANS stream: model_map does not fit the stream's shape {info.shape}: {exc}") from None
+    mm32 = validate_model_map(mm, table.num_models)
+    if _map_crc(mm32) != info.map_crc:
+        raise FormatError("rANS stream was coded with a different model_map (checksum mismatch)")
+    end = info.words_offset + 2 * info.num_words
+    if np.any(raw[end:]):
+        raise FormatError("rANS stream: non-zero padding after the words")
+    return info, mm32
+
+
+# ----------------------------------------------------------------------------- launch description
+
+
+@dataclass
+class LaunchStream:
+    """One stream of a launch: where its bytes are and what to do with its symbols.
+
+    ``offset``: byte offset of the stream in the launch's data buffer (a multiple of 4).
+    ``table``: index into the launch's tables. ``mm_offset``: where its int32 model map
+    starts in the launch's concatenated map (ignored when ``identity``: ``model_map[i] == i``).
+    ``mode`` / ``out_base`` / ``row_base``: the epilogue (module doc). Its per-group error
+    words follow those of the streams before it in the launch's error buffer.
+    """
+
+    info: StreamInfo
+    offset: int
+    table: int
+    mode: int
+    out_base: int
+    mm_offset: int = 0
+    identity: bool = False
+    row_base: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Kernel variant: ``lookup`` (0 bucket + scan, 1 bucket + 3-symbol entries, 2 binary
+    search), ``ballot`` (word indices by PTX vote/popc instead of a scan; CUDA only),
+    ``block_g`` groups per program, ``num_warps``, ``prefetch`` (PTX prefetch of each group's
+    words ~100 words ahead; CUDA only), ``bucket_bits`` (<= 8: buckets per model, log2).
+    ``ballot`` applies only with ``block_g == 1`` (with two groups per thread the vote gave
+    wrong word indices on an H100, Triton 3.6: see ``benchmarks/kernels_notes.md``); the
+    default is the fastest bit-exact variant measured there."""
+
+    lookup: int = 1
+    ballot: bool = True
+    block_g: int = 1
+    num_warps: int = 1
+    prefetch: bool = True
+    bucket_bits: int = 8
+
+
+DEFAULT_CONFIG = DecodeConfig()
+
+
+def interpreter_active() -> bool:
+    """Whether Triton runs kernels through its interpreter in this process: ``TRITON_INTERPRET=1``
+    must be set before ``triton`` is first imported (its own ``@jit`` library functions are then
+    interpreted too)."""
+    return type(tl.max).__name__ == "InterpretedFunction"
+
+
+def kernel_for(kernel, device: torch.device):
+    """``kernel`` to launch on tensors of ``device``: CUDA, or any device under the interpreter
+    (numpy on the CPU, ~30 ms per loop iteration of a program: tests use small streams)."""
+    if device.type == "cuda" or interpreter_active():
+        return kernel
+    raise CodecError(
+        "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before triton is imported; "
+        "use the torch references (kvstore.kernels.reference) elsewhere"
+    )
+
+
+def build_descriptors(streams: list[LaunchStream], block_g: int) -> tuple[np.ndarray, int, int]:
+    """int64 [len(streams), NDESC] descriptors, the number of programs, the number of error words."""
+    desc = np.zeros((max(1, len(streams)), NDESC), dtype=np.int64)
+    prog = 0
+    errs = 0
+    for i, st in enumerate(streams):
+        info = st.info
+        if st.offset % 4:
+            raise CodecError("stream offsets in the data buffer must be multiples of 4")
+        _, T, C = info.dims
+        TC = T * C
+        desc[i, D_G] = info.num_groups
+        desc[i, D_S] = info.group_size
+        desc[i, D_N] = info.num_symbols
+        desc[i, D_TC] = TC
+        desc[i, D_C] = C
+        desc[i, D_STATES] = (st.offset + info.states_offset) // 4
+        desc[i, D_OFFS] = (st.offset + info.offsets_offset) // 4
+        desc[i, D_WORDS] = (st.offset + info.words_offset) // 2
+        desc[i, D_W] = info.num_words
+        desc[i, D_MM] = st.mm_offset
+        desc[i, D_MODE] = st.mode
+        desc[i, D_OUT] = st.out_base
+        desc[i, D_ROW] = st.row_base
+        desc[i, D_TAB] = st.table
+        desc[i, D_PROG0] = prog
+        desc[i, D_ERR] = errs
+        errs += info.num_groups
+        if C and TC:
+            desc[i, D_INC_C] = LANES % C
+            desc[i, D_ROWINC] = LANES // C
+            desc[i, D_INC_R] = LANES % TC
+            desc[i, D_CARRY_R] = LANES // TC
+        desc[i, D_IDENT] = int(st.identity)
+        prog += -(-info.num_groups // block_g)
+    return desc, prog, errs
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+@triton.jit
+def _ballot_excl(need):
+    """(lanes below mine that need a word, lanes that need one) over the warp: vote + popc."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .pred p;
+        .reg .b32 m, lt;
+        setp.ne.b32 p, $2, 0;
+        vote.sync.ballot.b32 m, p, 0xffffffff;
+        mov.u32 lt, %lanemask_lt;
+        and.b32 lt, lt, m;
+        popc.b32 $0, lt;
+        popc.b32 $1, m;
+        }""",
+        constraints="=r,=r,r",
+        args=[need],
+        dtype=(tl.int32, tl.int32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _prefetch(ptrs):
+    """Ask for the L1 line holding each address (no register waits on it)."""
+    return tl.inline_asm_elementwise(
+        asm="prefetch.global.L1 [$1];\n mov.u32 $0, 0;",
+        constraints="=r,l",
+        args=[ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _rans_decode_kernel(
+    desc_ptr, data32_ptr, data16_ptr, mm_ptr,
+    bkt0, cf0, bkt1, cf1, bkt2, cf2,
+    aff_scale_ptr, aff_bias_ptr, vtab_ptr, codes_ptr,
+    out_f_ptr, out_u8_ptr, err_ptr,
+    NSTREAMS: tl.constexpr, PREC: tl.constexpr, BB: tl.constexpr, LOOKUP: tl.constexpr, CF64: tl.constexpr,
+    BALLOT: tl.constexpr, BLOCK_G: tl.constexpr, ZERO_SYM: tl.constexpr, NDESC_C: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+):  # fmt: skip
+    LANES_C: tl.constexpr = 32
+    MASK: tl.constexpr = (1 << PREC) - 1
+    BSHIFT: tl.constexpr = PREC - BB
+    NB: tl.constexpr = 1 << BB
+    pid = tl.program_id(0)
+
+    # which stream this program decodes
+    sid = 0
+    for i in tl.static_range(1, NSTREAMS):
+        p0 = tl.load(desc_ptr + i * NDESC_C + 14)
+        sid = tl.where(pid >= p0, i, sid)
+    d = desc_ptr + sid * NDESC_C
+    G = tl.load(d + 0).to(tl.int32)
+    S = tl.load(d + 1).to(tl.int32)
+    N = tl.load(d + 2).to(tl.int32)
+    TC = tl.load(d + 3).to(tl.int32)
+    C = tl.load(d + 4).to(tl.int32)
+    st_base = tl.load(d + 5)
+    off_base = tl.load(d + 6)
+    w_base = tl.load(d + 7)
+    W = tl.load(d + 8).to(tl.int32)
+    mm_base = tl.load(d + 9)
+    mode = tl.load(d + 10).to(tl.int32)
+    out_base = tl.load(d + 11)
+    row_base = tl.load(d + 12)
+    tab = tl.load(d + 13).to(tl.int32)
+    prog0 = tl.load(d + 14).to(tl.int32)
+    err_base = tl.load(d + 15)
+    inc_c = tl.load(d + 16).to(tl.int32)
+    inc_r = tl.load(d + 17).to(tl.int32)
+    carry_r = tl.load(d + 18).to(tl.int32)
+    row_inc = tl.load(d + 19).to(tl.int32)
+    ident = tl.load(d + 20).to(tl.int32)
+
+    if tab == 0:
+        bkt = bkt0
+        cft = cf0
+    elif tab == 1:
+        bkt = bkt1
+        cft = cf1
+    else:
+        bkt = bkt2
+        cft = cf2
+
+    gi = (pid - prog0) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG] group index within the stream
+    gval = gi < G
+    lane = tl.arange(0, LANES_C)
+    start = gi * S
+    nsym = tl.where(gval, tl.minimum(S, N - start), 0)  # [BG]
+    steps = (tl.max(nsym, axis=0) + 31) // 32
+
+    # word offsets (checked here: the host read only the header)
+    ob = tl.load(data32_ptr + off_base + gi, mask=gval, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    oe = tl.load(data32_ptr + off_base + gi + 1, mask=gval, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    bad_off = (ob > oe) | (oe > W) | ((oe - ob) > nsym) | ((gi == 0) & (ob != 0)) | ((gi == G - 1) & (oe != W))
+    bad_off = bad_off & gval
+    wend = tl.minimum(oe, W)
+    wbeg = tl.minimum(ob, wend)
+    wend = tl.where(bad_off, wbeg, wend).to(tl.int32)  # a bad group reads no words at all
+    ptr = wbeg.to(tl.int32)[:, None] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)  # replicated per lane
+    wend2 = wend[:, None] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)
+
+    sidx = st_base + gi[:, None] * LANES_C + lane[None, :]
+    x = tl.load(data32_ptr + sidx, mask=gval[:, None], other=65536).to(tl.uint32, bitcast=True)
+    bad_init = tl.max((x < 65536).to(tl.int32), axis=1) > 0
+
+    # per-lane position counters: c = pos % C, r = pos % TC, bC = (pos // TC) * C, row = pos // C
+    pos = start[:, None] + lane[None, :]  # [BG, 32] int32
+    c = pos % C
+    r = pos % TC
+    bC = (pos // TC) * C
+    row = pos // C
+    q = lane[None, :] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)  # step * 32 + lane
+    overrun = tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)
+    wb = data16_ptr + w_base
+
+    for _k in range(steps):
+        active = q < nsym[:, None]
+        mi = bC + c
+        if ident == 0:
+            mi = tl.load(mm_ptr + mm_base + mi, mask=active, other=0)
+        slot = x & MASK
+        # ---- symbol lookup
+        if LOOKUP == 2:
+            s = tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)
+            for bit in tl.static_range(7, -1, -1):
+                cand = s + (1 << bit)
+                e = tl.load(cft + mi * 256 + cand, mask=active, other=0)
+                if CF64:
+                    cum_c = (e & 0x1FFFF).to(tl.uint32)
+                else:
+                    cum_c = (e & 0xFFFF).to(tl.uint32)
+                s = tl.where(cum_c <= slot, cand, s)
+            e = tl.load(cft + mi * 256 + s, mask=active, other=0)
+            if CF64:
+                lo = (e & 0x1FFFF).to(tl.uint32)
+                f = (e >> 32).to(tl.uint32)
+            else:
+                lo = (e & 0xFFFF).to(tl.uint32)
+                f = ((e >> 16) & 0xFFFF).to(tl.uint32)
+        elif LOOKUP == 1:
+            sb = tl.load(bkt + mi * NB + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
+            e = tl.load(cft + mi * 256 + sb, mask=active, other=0)
+            c0 = (e & 0xFFFF).to(tl.uint32)
+            e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
+            e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
+            e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
+            in0 = slot < e0
+            in1 = slot < e1
+            lo = tl.where(in0, c0, tl.where(in1, e0, e1))
+            hi = tl.where(in0, e0, tl.where(in1, e1, e2))
+            s = sb + tl.where(in0, 0, tl.where(in1, 1, 2))
+            more = active & (slot >= e2)
+            while tl.max(more.to(tl.int32)) > 0:  # rare: the slot lies 3+ symbols past its bucket's first
+                sb = tl.where(more, tl.minimum(sb + 3, 255), sb)
+                e = tl.load(cft + mi * 256 + sb, mask=more, other=0)
+                c0 = (e & 0xFFFF).to(tl.uint32)
+                e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
+                e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
+                e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
+                in0 = slot < e0
+                in1 = slot < e1
+                lo = tl.where(more, tl.where(in0, c0, tl.where(in1, e0, e1)), lo)
+                hi = tl.where(more, tl.where(in0, e0, tl.where(in1, e1, e2)), hi)
+                s = tl.where(more, sb + tl.where(in0, 0, tl.where(in1, 1, 2)), s)
+                more = more & (slot >= e2)
+            f = hi - lo
+        else:
+            s = tl.load(bkt + mi * NB + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
+            e = tl.load(cft + mi * 256 + s, mask=active, other=0)
+            if CF64:
+                lo = (e & 0x1FFFF).to(tl.uint32)
+                f = (e >> 32).to(tl.uint32)
+            else:
+                lo = (e & 0xFFFF).to(tl.uint32)
+                f = ((e >> 16) & 0xFFFF).to(tl.uint32)
+            more = active & (slot >= lo + f)
+            while tl.max(more.to(tl.int32)) > 0:
+                s = tl.where(more, tl.minimum(s + 1, 255), s)
+                e = tl.load(cft + mi * 256 + s, mask=more, other=0)
+                if CF64:
+                    lo2 = (e & 0x1FFFF).to(tl.uint32)
+                    f2 = (e >> 32).to(tl.uint32)
+                else:
+                    lo2 = (e & 0xFFFF).to(tl.uint32)
+                    f2 = ((e >> 16) & 0xFFFF).to(tl.uint32)
+                lo = tl.where(more, lo2, lo)
+                f = tl.where(more, f2, f)
+                more = more & (slot >= lo + f)
+        # ---- state update and renormalization
+        xn = f * (x >> PREC) + (slot - lo)
+        x = tl.where(active, xn, x)
+        need = active & (x < 65536)
+        needi = need.to(tl.int32)
+        if BALLOT:
+            excl, total = _ballot_excl(needi)
+        else:
+            incl = tl.cumsum(needi, axis=1)
+            excl = incl - needi
+            total = tl.sum(needi, axis=1)[:, None]
+        idx = ptr + excl
+        ok = need & (idx < wend2)
+        overrun = overrun | (need & (idx >= wend2)).to(tl.int32)
+        w = tl.load(wb + idx, mask=ok, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        x = tl.where(need, (x << 16) | w, x)
+        ptr = ptr + total
+        if PREFETCH:
+            _prefetch(wb + (ptr + 96))
+        # ---- epilogue
+        if mode == 0:
+            tl.store(out_u8_ptr + (out_base + pos), s.to(tl.uint8), mask=active)
+        elif mode == 1:
+            sc = tl.load(aff_scale_ptr + mi, mask=active, other=0.0)
+            bi = tl.load(aff_bias_ptr + mi, mask=active, other=0.0)
+            val = (s - ZERO_SYM).to(tl.float32) * sc + bi
+            tl.store(out_f_ptr + (out_base + pos), val.to(out_f_ptr.dtype.element_ty), mask=active)
+        else:
+            code = tl.load(codes_ptr + (row_base + row), mask=active, other=0).to(tl.int32)
+            stp = tl.load(vtab_ptr + code, mask=active, other=0.0)
+            val = (s - ZERO_SYM).to(tl.float32) * stp
+            tl.store(out_f_ptr + (out_base + pos), val.to(out_f_ptr.dtype.element_ty), mask=active)
+        # ---- advance every lane by 32 positions
+        q = q + LANES_C
+        pos = pos + LANES_C
+        c = c + inc_c
+        wc = c >= C
+        c = tl.where(wc, c - C, c)
+        row = row + row_inc + wc.to(tl.int32)
+        r = r + inc_r
+        wr = r >= TC
+        r = tl.where(wr, r - TC, r)
+        bC = bC + (carry_r + wr.to(tl.int32)) * C
+
+    left = tl.max((ptr != wend2).to(tl.int32), axis=1) > 0
+    final = tl.max((x != 65536).to(tl.int32), axis=1) > 0
+    over = tl.max(overrun, axis=1) > 0
+    err = (bad_off.to(tl.int32) * 1 | bad_init.to(tl.int32) * 2 | over.to(tl.int32) * 4
+           | (left & ~bad_off).to(tl.int32) * 8 | final.to(tl.int32) * 16)  # fmt: skip
+    tl.store(err_ptr + err_base + gi, err, mask=gval)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+_DUMMIES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element placeholder for an argument the launch does not use (cached)."""
+    hit = _DUMMIES.get((device, dtype))
+    if hit is None:
+        hit = _DUMMIES[(device, dtype)] = torch.zeros(1, dtype=dtype, device=device)
+    return hit
+
+
+def rans_decode_launch(
+    data: torch.Tensor,
+    streams: list[LaunchStream],
+    tables: list[DecodeTables],
+    *,
+    model_maps: torch.Tensor | None = None,
+    out_f: torch.Tensor | None = None,
+    out_u8: torch.Tensor | None = None,
+    aff_scale: torch.Tensor | None = None,
+    aff_bias: torch.Tensor | None = None,
+    vtab: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    err: torch.Tensor | None = None,
+    config: DecodeConfig = DEFAULT_CONFIG,
+    desc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode ``streams`` (all in the uint8 device buffer ``data``) in one launch.
+
+    Writes each stream's symbols through its epilogue (module doc) and returns the int32
+    per-group error words (``err``, allocated if None; 0 = fine, see :data:`ERR_BITS`).
+    Asynchronous: nothing is synchronized. ``model_maps``: int32 concatenated maps of the
+    non-identity streams. ``desc``: the descriptors already on the device (else built and
+    copied here). Unused outputs may be None.
+    """
+    if not 1 <= len(streams) <= MAX_STREAMS:
+        raise CodecError(f"a launch decodes 1 to {MAX_STREAMS} streams, got {len(streams)}")
+    if not 1 <= len(tables) <= MAX_STREAMS:
+        raise CodecError(f"a launch uses 1 to {MAX_STREAMS} tables, got {len(tables)}")
+    device = data.device
+    precisions = {t.precision for t in tables}
+    if len(precisions) != 1:
+        raise CodecError("all tables of one launch must share their precision")
+    prec = precisions.pop()
+    lookup = config.lookup
+    if lookup == 1 and prec > 15:
+        lookup = 0
+    cf_of = [t.cf3 if lookup == 1 else t.cf for t in tables]
+    host_desc, programs, nerr = build_descriptors(streams, config.block_g)
+    if err is None:
+        err = torch.zeros(max(1, nerr), dtype=torch.int32, device=device)
+    if programs == 0:
+        return err
+    if desc is None:
+        desc = torch.from_numpy(host_desc).to(device, non_blocking=False)
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise CodecError("data must be a 1-D uint8 tensor")
+    nbytes = data.numel()
+    pad = (-nbytes) % 4
+    if pad:  # int32 / int16 views need a multiple of 4 bytes
+        data = torch.cat([data, torch.zeros(pad, dtype=torch.uint8, device=device)])
+    d32 = data.view(torch.int32)
+    d16 = data.view(torch.int16)
+    f32 = _dummy(device, torch.float32)
+    bb = min(prec, 8, int(config.bucket_bits))
+    bks = [t.coarse_bucket(bb) for t in tables]
+    bks = bks + [bks[0]] * (MAX_STREAMS - len(bks))
+    cfs = list(cf_of) + [cf_of[0]] * (MAX_STREAMS - len(cf_of))
+    native = device.type == "cuda" and not interpreter_active()
+    kernel_for(_rans_decode_kernel, device)[(programs,)](
+        desc, d32, d16, model_maps if model_maps is not None else _dummy(device, torch.int32),
+        bks[0], cfs[0], bks[1], cfs[1], bks[2], cfs[2],
+        aff_scale if aff_scale is not None else f32, aff_bias if aff_bias is not None else f32,
+        vtab if vtab is not None else f32, codes if codes is not None else _dummy(device, torch.uint8),
+        out_f if out_f is not None else _dummy(device, torch.float16),
+        out_u8 if out_u8 is not None else _dummy(device, torch.uint8), err,
+        NSTREAMS=len(streams), PREC=prec, BB=bb, LOOKUP=lookup, CF64=prec > 15,
+        BALLOT=bool(config.ballot) and native and config.block_g == 1, BLOCK_G=config.block_g, ZERO_SYM=ZERO, NDESC_C=NDESC,
+        PREFETCH=bool(config.prefetch) and native,
+        num_warps=config.num_warps, enable_fp_fusion=False,
+    )  # fmt: skip
+    return err
+
+
+def upload_streams(
+    raws: list[np.ndarray], device: torch.device, *, pinned: bool = True
+) -> tuple[torch.Tensor, list[int]]:
+    """Copy host streams into one device buffer (64-byte aligned each); returns it and their offsets."""
+    offsets, total = [], 0
+    for r in raws:
+        offsets.append(total)
+        total += -(-len(r) // 64) * 64
+    host = torch.empty(max(total, 4), dtype=torch.uint8, pin_memory=pinned and device.type == "cuda")
+    hn = host.numpy()
+    for r, o in zip(raws, offsets, strict=True):
+        hn[o : o + len(r)] = r
+        hn[o + len(r) : o + -(-len(r) // 64) * 64] = 0
+    return host.to(device, non_blocking=True), offsets
+
+
+def rans_decode_gpu(
+    data: bytes | bytearray | memoryview | np.ndarray,
+    table: FrequencyTable,
+    model_map=None,
+    *,
+    shape: tuple[int, ...] | None = None,
+    device: torch.device | str = "cuda",
+    config: DecodeConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """:func:`kvstore.codecs.rans.decode` on ``device``: uint8 symbols as a tensor there.
+
+    Raises :class:`FormatError` for anything ``rans.decode`` rejects (synchronizes
+    once, to read the error flag).
+    """
+    device = torch.device(device)
+    raw = _as_bytes(data)
+    info, mm32 = check_stream(raw, table, model_map, shape=shape)
+    out = torch.empty(info.num_symbols, dtype=torch.uint8, device=device)
+    if info.num_symbols == 0:
+        return out.reshape(info.shape)
+    buf, (offset,) = upload_streams([raw], device)
+    identity = bool(np.array_equal(mm32, np.arange(mm32.size)))
+    st = LaunchStream(info, offset, 0, MODE_SYMBOL, 0, identity=identity)
+    mm = None if identity else torch.from_numpy(mm32).to(device)
+    err = rans_decode_launch(buf, [st], [decode_tables(table, device)], model_maps=mm, out_u8=out, config=config)
+    check_errors(err)
+    return out.reshape(info.shape)
+
+
+def check_errors(err: torch.Tensor) -> None:
+    """Raise :class:`FormatError` if any group reported an error (one synchronization)."""
+    if bool(err.any()):
+        raise FormatError(describe_errors(err.cpu().numpy()))
