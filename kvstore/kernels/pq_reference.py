@@ -1,0 +1,81 @@
+"""Pure-torch reference of the PQ score / top-k and gather kernels (:mod:`kvstore.kernels.pq_topk`).
+
+Shapes (one layer, one decode step):
+
+- ``query``: ``[q_heads, head_dim]``, the query heads of KV head ``h`` being rows
+  ``h * group .. h * group + group - 1`` (the transformers GQA layout);
+- ``centroids``: ``[kv_heads, m, K, head_dim / m]``;
+- ``codes``: ``[kv_heads, tokens, m]`` uint8.
+
+The score of token ``t`` for KV head ``h`` is PQCache's
+``sum_j (sum_g q_{h,g,j}) . centroids[h, j, codes[h, t, j]]``: the queries of a
+GQA group are summed (one selection per KV head), and each subspace's dot
+products come from a lookup table of ``K`` entries computed once per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.errors import ConfigError
+
+
+def check_pq_shapes(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Validate shapes; return ``(kv_heads, group, m, K, sub_dim)``."""
+    if query.ndim != 2 or centroids.ndim != 4 or codes.ndim != 3:
+        raise ConfigError("expected query [q_heads, D], centroids [kv_heads, m, K, D/m], codes [kv_heads, N, m]")
+    kv_heads, m, k, sub = centroids.shape
+    q_heads, dim = query.shape
+    if q_heads % kv_heads or dim != m * sub or codes.shape[0] != kv_heads or codes.shape[2] != m:
+        raise ConfigError(
+            f"shapes disagree: query {list(query.shape)}, centroids {list(centroids.shape)}, codes {list(codes.shape)}"
+        )
+    if codes.dtype != torch.uint8:
+        raise ConfigError(f"codes must be uint8, got {codes.dtype}")
+    return kv_heads, q_heads // kv_heads, m, k, sub
+
+
+def pq_lut_reference(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Lookup tables ``[kv_heads, m, K]`` fp32: group-summed query . every centroid."""
+    kv_heads, m, _, sub = centroids.shape
+    q = query.float().reshape(kv_heads, -1, m, sub).sum(1)  # [kv_heads, m, sub]
+    return torch.einsum("hms,hmks->hmk", q, centroids.float())
+
+
+def pq_scores_reference(
+    query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """Approximate scores ``[kv_heads, stop - start]`` fp32 of tokens ``[start, stop)``."""
+    check_pq_shapes(query, centroids, codes)
+    lut = pq_lut_reference(query, centroids)
+    idx = codes[:, start:stop].long().transpose(1, 2)  # [kv_heads, m, n]
+    return torch.gather(lut, 2, idx).sum(1)
+
+
+def pq_topk_reference(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    k: int,
+    start: int = 0,
+    stop: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` tokens of ``[start, stop)`` by PQ score, per KV head.
+
+    Returns ``(indices [kv_heads, k] int64, absolute token positions, unordered;
+    scores [kv_heads, stop - start] fp32)``.
+    """
+    scores = pq_scores_reference(query, centroids, codes, start, stop)
+    if not 0 <= k <= scores.shape[1]:
+        raise ConfigError(f"k={k} must lie in [0, {scores.shape[1]}] (the candidate tokens)")
+    return scores.topk(k, dim=1, sorted=False).indices + start, scores
+
+
+def gather_kv_reference(
+    keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected tokens' keys and values ``[kv_heads, k, head_dim]`` from ``[kv_heads, N, head_dim]``."""
+    if keys.shape != values.shape or keys.ndim != 3 or indices.ndim != 2 or indices.shape[0] != keys.shape[0]:
+        raise ConfigError("expected keys/values [kv_heads, N, D] and indices [kv_heads, k]")
+    idx = indices.to(keys.device, torch.long)[..., None].expand(-1, -1, keys.shape[2])
+    return torch.gather(keys, 1, idx), torch.gather(values, 1, idx)

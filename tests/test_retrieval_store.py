@@ -1,0 +1,173 @@
+"""PQ objects stored beside the KV: round trip, verification, and K/V fetched straight from the store."""
+
+import pytest
+import torch
+
+from kvstore import KVStore
+from kvstore.errors import ChecksumError, FormatError, IncompleteContextError
+from kvstore.format import container
+from kvstore.retrieval import pq
+from kvstore.retrieval.sources import StoreSource
+from kvstore.retrieval.store import (
+    KIND_CENTROIDS,
+    KIND_CODES,
+    centroids_key,
+    delete_pq,
+    get_pq,
+    pq_objects,
+    put_pq,
+)
+
+MODEL = "test/model@v1"
+LAYERS, HEADS, DIM, TOKENS = 2, 2, 16, 300
+CONFIG = pq.PQConfig(bits=5, sinks=4, iters=4)
+
+
+def make_kv(tokens=TOKENS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(HEADS, tokens, DIM, generator=g), torch.randn(HEADS, tokens, DIM, generator=g))
+            for _ in range(LAYERS)]
+
+
+@pytest.fixture
+async def kvs():
+    store = KVStore("memory://", chunk_tokens=128)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def context():
+    kv = make_kv()
+    tokens = list(range(1000, 1000 + TOKENS))
+    return tokens, kv, pq.build_index([k for k, _ in kv], CONFIG)
+
+
+async def test_round_trip_reads_no_kv(kvs, context):
+    tokens, kv, index = context
+    await kvs.put(MODEL, tokens, kv)
+    written = await put_pq(kvs, MODEL, tokens, index)
+    assert len(written.codes) == 3  # one codes object per 128-token chunk
+    read: list[str] = []
+    original_get = kvs.store.get
+
+    async def recording_get(key, *args, **kwargs):
+        read.append(key)
+        return await original_get(key, *args, **kwargs)
+
+    kvs.store.get = recording_get
+    loaded = await get_pq(kvs, MODEL, tokens, CONFIG)
+    assert sorted(read) == sorted(written.keys) and all("/pq/" in key for key in read)
+    assert torch.equal(loaded.codes, index.codes)
+    scale = index.centroids.abs().amax(-1, keepdim=True) / 127  # stored as int8 per centroid
+    assert ((loaded.centroids - index.centroids).abs() <= 0.51 * scale + 1e-3).all()
+    assert loaded.config == CONFIG
+    listed = await pq_objects(kvs, MODEL, tokens, CONFIG)
+    assert listed == written
+    # packed codes: `bits` bits per code, not a byte
+    head = await kvs.store.get(written.codes[0].key)
+    spec = container.decode_header(head[: container.head_bytes_needed(head)]).buffers["codes"]
+    assert spec.nbytes == -(-LAYERS * HEADS * 128 * CONFIG.subspaces * CONFIG.bits // 8)
+
+
+async def test_kinds_and_key_layout(kvs, context):
+    tokens, _, index = context
+    written = await put_pq(kvs, MODEL, tokens, index)
+    key = centroids_key(kvs, MODEL, tokens, CONFIG)
+    assert written.centroids.key == key and key.startswith("kvstore/") and "/pq/" in key
+    assert container.decode(await kvs.store.get(key)).header.kind == KIND_CENTROIDS
+    assert container.decode(await kvs.store.get(written.codes[0].key)).header.kind == KIND_CODES
+
+
+async def test_trains_from_kv_when_no_index(kvs, context):
+    tokens, kv, index = context
+    await put_pq(kvs, MODEL, tokens, kv=kv, config=CONFIG)
+    loaded = await get_pq(kvs, MODEL, tokens, CONFIG)
+    assert torch.equal(loaded.codes, index.codes)  # deterministic by seed
+
+
+async def test_absent_for_other_tokens_model_or_config(kvs, context):
+    tokens, _, index = context
+    await put_pq(kvs, MODEL, tokens, index)
+    assert await get_pq(kvs, MODEL, tokens[:-1], CONFIG) is None
+    assert await get_pq(kvs, "other/model", tokens, CONFIG) is None
+    assert await get_pq(kvs, MODEL, tokens, pq.PQConfig()) is None
+
+
+def _flip(data: bytes, position: int) -> bytes:
+    raw = bytearray(data)
+    raw[position] ^= 0x40
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("which", ["codes", "centroids"])
+async def test_corrupt_object_raises_checksum_error(kvs, context, which):
+    tokens, _, index = context
+    written = await put_pq(kvs, MODEL, tokens, index)
+    key = written.codes[1].key if which == "codes" else written.centroids.key
+    data = await kvs.store.get(key)
+    start, _ = container.decode_header(data[: container.head_bytes_needed(data)]).buffer_range(which)
+    await kvs.store.put(key, _flip(data, start + 3))
+    with pytest.raises(ChecksumError):
+        await get_pq(kvs, MODEL, tokens, CONFIG)
+
+
+async def test_replaced_or_missing_codes_are_detected(kvs, context):
+    tokens, _, index = context
+    written = await put_pq(kvs, MODEL, tokens, index)
+    other = pq.build_index([k for k, _ in make_kv(seed=5)], CONFIG)
+    # a codes object from another index, well formed, at the right key: the listing catches it
+    stale = await put_pq(kvs, MODEL, tokens, other)
+    await kvs.store.put(stale.centroids.key, await _centroids_bytes(kvs, index, tokens))
+    with pytest.raises((IncompleteContextError, FormatError)):
+        await get_pq(kvs, MODEL, tokens, CONFIG)
+    await put_pq(kvs, MODEL, tokens, index)
+    await kvs.store.delete(written.codes[2].key)
+    with pytest.raises(IncompleteContextError):
+        await get_pq(kvs, MODEL, tokens, CONFIG)
+
+
+async def _centroids_bytes(kvs, index, tokens):
+    scratch = KVStore("memory://", chunk_tokens=kvs.chunk_tokens)
+    written = await put_pq(scratch, MODEL, tokens, index)
+    return await scratch.store.get(written.centroids.key)
+
+
+async def test_delete(kvs, context):
+    tokens, _, index = context
+    written = await put_pq(kvs, MODEL, tokens, index)
+    assert await delete_pq(kvs, MODEL, tokens, CONFIG)
+    assert not any([await kvs.store.exists(key) for key in written.keys])
+    assert not await delete_pq(kvs, MODEL, tokens, CONFIG)
+
+
+def test_store_source_fetches_only_needed_chunks(context):
+    tokens, kv, _ = context
+    import asyncio
+
+    kvs = KVStore("memory://", chunk_tokens=128)
+    asyncio.run(kvs.put(MODEL, tokens, kv))
+    source = asyncio.run(StoreSource.open(kvs, MODEL, tokens))
+    try:
+        idx = torch.tensor([[3, 130, 140], [5, 131, 200]])
+        k, v = source.gather(1, idx)
+        assert source.chunks_fetched == 2  # chunks 0 and 1, not 2
+        expected_k = torch.stack([kv[1][0][h, idx[h]] for h in range(HEADS)])
+        expected_v = torch.stack([kv[1][1][h, idx[h]] for h in range(HEADS)])
+        assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+        fetched = source.bytes_fetched
+        source.gather(0, idx)
+        assert source.bytes_fetched == fetched  # cached
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+async def test_unquantized_centroids(kvs, context, dtype):
+    tokens, _, index = context
+    int8 = await put_pq(kvs, MODEL, tokens, index)
+    written = await put_pq(kvs, MODEL, tokens, index, centroid_dtype=dtype)
+    assert written.centroids.size > int8.centroids.size
+    loaded = await get_pq(kvs, MODEL, tokens, CONFIG)
+    assert torch.allclose(loaded.centroids, index.centroids, rtol=1e-3, atol=1e-3)
+    assert torch.equal(loaded.codes, index.codes)
