@@ -38,7 +38,7 @@ from kvstore.eval.model import load_model
 from kvstore.eval.perplexity import ppl
 from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.fetch import AdaptiveFetcher
-from kvstore.fetch.policy import AdaptivePolicy, OraclePolicy, Policy, RecomputePolicy, StaticPolicy
+from kvstore.fetch.policy import AdaptivePolicy, OraclePolicy, Policy, StaticPolicy
 from kvstore.integrations.hf import extract_kv, make_recompute
 from kvstore.store import KVStore
 from kvstore.testing.shaping import BandwidthTrace, ShapedStore, link_utilization

@@ -306,6 +306,43 @@ def read_header(data: bytes | bytearray | memoryview | np.ndarray, *, max_symbol
     return StreamInfo(precision, ndim, (B, T, C), models, alphabet, tcrc, mcrc, S, G, W, so, oo, wo, total)
 
 
+def check_stream(
+    data: bytes | bytearray | memoryview | np.ndarray,
+    table: FrequencyTable,
+    model_map: ArrayLike | int | None = None,
+    *,
+    shape: tuple[int, ...] | None = None,
+    max_symbols: int = MAX_SYMBOLS,
+) -> tuple[np.ndarray, StreamInfo, tuple[int, int, int], np.ndarray]:
+    """The checks every decoder (CPU or GPU) makes before decoding a stream: its header,
+    its shape, that it was coded with this table and model map, and zero padding after
+    the words (when the whole stream is given). Returns the stream as uint8, its header,
+    its canonical ``(B, T, C)`` and the model map as int32 ``[B*C]``."""
+    if not isinstance(table, FrequencyTable):
+        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
+    raw = _as_bytes(data)
+    info = read_header(raw, max_symbols=max_symbols)
+    if shape is not None and tuple(int(d) for d in shape) != info.shape:
+        raise FormatError(f"rANS stream holds symbols of shape {info.shape}, expected {tuple(shape)}")
+    if (info.num_models, info.alphabet, info.precision) != (table.num_models, table.alphabet, table.precision):
+        raise FormatError(
+            f"rANS stream was coded with a {info.num_models}x{info.alphabet} table at precision {info.precision}, "
+            f"got {table!r}"
+        )
+    if info.table_crc != table.fingerprint:
+        raise FormatError("rANS stream was coded with a different frequency table (fingerprint mismatch)")
+    try:
+        dims, mm = canonical_layout(info.shape, model_map)
+    except CodecError as exc:
+        raise FormatError(f"rANS stream: model_map does not fit the stream's shape {info.shape}: {exc}") from None
+    mm32 = validate_model_map(mm, table.num_models)
+    if _map_crc(mm32) != info.map_crc:
+        raise FormatError("rANS stream was coded with a different model_map (checksum mismatch)")
+    if np.any(raw[info.words_offset + 2 * info.num_words :]):
+        raise FormatError("rANS stream: non-zero padding after the words")
+    return raw, info, dims, mm32
+
+
 def decode(
     data: bytes | bytearray | memoryview | np.ndarray,
     table: FrequencyTable,
@@ -324,34 +361,13 @@ def decode(
     non-zero padding, a lane that needs more words than its group holds, a group
     that leaves words unread, or a lane that does not end at the initial state.
     """
-    if not isinstance(table, FrequencyTable):
-        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
-    raw = _as_bytes(data)
-    info = read_header(raw, max_symbols=max_symbols)
-    if shape is not None and tuple(int(d) for d in shape) != info.shape:
-        raise FormatError(f"rANS stream holds symbols of shape {info.shape}, expected {tuple(shape)}")
-    if (info.num_models, info.alphabet, info.precision) != (table.num_models, table.alphabet, table.precision):
-        raise FormatError(
-            f"rANS stream was coded with a {info.num_models}x{info.alphabet} table at precision {info.precision}, "
-            f"got {table!r}"
-        )
-    if info.table_crc != table.fingerprint:
-        raise FormatError("rANS stream was coded with a different frequency table (fingerprint mismatch)")
-    try:
-        (_, T, C), mm = canonical_layout(info.shape, model_map)
-    except CodecError as exc:
-        raise FormatError(f"rANS stream: model_map does not fit the stream's shape {info.shape}: {exc}") from None
-    mm32 = validate_model_map(mm, table.num_models)
-    if _map_crc(mm32) != info.map_crc:
-        raise FormatError("rANS stream was coded with a different model_map (checksum mismatch)")
+    raw, info, (_, T, C), mm32 = check_stream(data, table, model_map, shape=shape, max_symbols=max_symbols)
     n, S, G, W = info.num_symbols, info.group_size, info.num_groups, info.num_words
     states = _u32(raw, info.states_offset, G * LANES)
     offsets = _u32(raw, info.offsets_offset, G + 1).astype(np.int64)
     words = raw[info.words_offset : info.words_offset + 2 * W].view("<u2")
     if not words.dtype.isnative or words.ctypes.data % 2:
         words = words.astype(np.uint16)
-    if np.any(raw[info.words_offset + 2 * W :]):
-        raise FormatError("rANS stream: non-zero padding after the words")
     if np.any(states < STATE_LOW):
         raise FormatError("rANS stream: a lane's initial state is below 2**16")
     if offsets[0] != 0 or offsets[-1] != W or np.any(np.diff(offsets) < 0):

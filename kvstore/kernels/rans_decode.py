@@ -45,18 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvstore.codecs.rans import (
-    LANES,
-    StreamInfo,
-    _as_bytes,
-    _map_crc,
-    read_header,
-)
-from kvstore.codecs.symbol_model import (
-    FrequencyTable,
-    canonical_layout,
-    validate_model_map,
-)
+from kvstore.codecs import rans
+from kvstore.codecs.rans import LANES, StreamInfo, _as_bytes
+from kvstore.codecs.symbol_model import FrequencyTable
 from kvstore.errors import CodecError, FormatError
 
 __all__ = [
@@ -194,30 +185,8 @@ def check_stream(
     ``data`` is the whole stream or at least its header; the padding check runs only
     when the whole stream is given. Returns the header and the model map as int32 [B*C].
     """
-    if not isinstance(table, FrequencyTable):
-        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
-    raw = _as_bytes(data)
     kw = {} if max_symbols is None else {"max_symbols": max_symbols}
-    info = read_header(raw, **kw)
-    if shape is not None and tuple(int(d) for d in shape) != info.shape:
-        raise FormatError(f"rANS stream holds symbols of shape {info.shape}, expected {tuple(shape)}")
-    if (info.num_models, info.alphabet, info.precision) != (table.num_models, table.alphabet, table.precision):
-        raise FormatError(
-            f"rANS stream was coded with a {info.num_models}x{info.alphabet} table at precision {info.precision}, "
-            f"got {table!r}"
-        )
-    if info.table_crc != table.fingerprint:
-        raise FormatError("rANS stream was coded with a different frequency table (fingerprint mismatch)")
-    try:
-        _, mm = canonical_layout(info.shape, model_map)
-    except CodecError as exc:
-        raise FormatError(f"rANS stream: model_map does not fit the stream's shape {info.shape}: {exc}") from None
-    mm32 = validate_model_map(mm, table.num_models)
-    if _map_crc(mm32) != info.map_crc:
-        raise FormatError("rANS stream was coded with a different model_map (checksum mismatch)")
-    end = info.words_offset + 2 * info.num_words
-    if np.any(raw[end:]):
-        raise FormatError("rANS stream: non-zero padding after the words")
+    _, info, _, mm32 = rans.check_stream(data, table, model_map, shape=shape, **kw)
     return info, mm32
 
 
