@@ -171,11 +171,15 @@ class KVStore:
             return ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
                                  layers, kv_heads, head_dim, dtype)
 
-        async def store_chunk(i: int, level: int, codec: KVCodec) -> ChunkObject:
+        async def store_chunk(i: int) -> list[ChunkObject]:
             ident = identity(i)
+            keys, values = await asyncio.to_thread(stack_span, kv, *plan.bounds[i])  # once for every level
+            return [await store_level(ident, level, codec, keys, values) for level, codec in enumerate(self.codecs)]
+
+        async def store_level(ident: ChunkIdentity, level: int, codec: KVCodec,
+                              keys: torch.Tensor, values: torch.Tensor) -> ChunkObject:
             key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, codec.tag)
-            start, stop = plan.bounds[i]
-            data = await asyncio.to_thread(lambda: encode_chunk(codec, ident, *stack_span(kv, start, stop)))
+            data = await asyncio.to_thread(encode_chunk, codec, ident, keys, values)
             if await self.store.put(key, data, ttl=ttl, create_only=True):
                 metrics.record_put(level, len(data))
                 return _describe(key, data)
@@ -189,13 +193,7 @@ class KVStore:
 
         for stored in {p[0]: p for c in self.codecs if (p := c.stored_profile()) is not None}.values():
             await self._store_profile(plan.fingerprint, *stored, ttl)
-        jobs = [
-            (lambda i=i, level=level, codec=codec: store_chunk(i, level, codec))
-            for i in range(len(plan.bounds))
-            for level, codec in enumerate(self.codecs)
-        ]
-        objects = await self._bounded(jobs)
-        per_level = len(self.codecs)
+        objects = await self._bounded([lambda i=i: store_chunk(i) for i in range(len(plan.bounds))])
         manifest = Manifest(
             model_id=model_id,
             fingerprint=plan.fingerprint,
@@ -207,7 +205,7 @@ class KVStore:
             dtype=dtype_name(dtype),
             levels=tuple(LevelSpec(c.name, c.params, c.tag) for c in self.codecs),
             chunks=tuple(
-                ChunkEntry(plan.hashes[i], *plan.bounds[i], tuple(objects[i * per_level:(i + 1) * per_level]))
+                ChunkEntry(plan.hashes[i], *plan.bounds[i], tuple(objects[i]))
                 for i in range(len(plan.bounds))
             ),
         )
