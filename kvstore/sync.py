@@ -24,7 +24,7 @@ T = TypeVar("T")
 Tokens = Sequence[int] | torch.Tensor | np.ndarray
 
 
-class _LoopThread:
+class LoopThread:
     """An event loop running forever in a daemon thread."""
 
     def __init__(self) -> None:
@@ -36,6 +36,7 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:
+        """Stop the loop and join its thread."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
@@ -48,7 +49,7 @@ class SyncKVStore:
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._loop = _LoopThread()
+        self._loop = LoopThread()
         try:
             # built on the loop's thread so clients bind to that loop
             self._store = self._loop.run(self._build(*args, **kwargs))

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvstore.backends.base import Store, validate_key
+from kvstore.backends.base import Store, is_valid_key
 from kvstore.backends.fsspec import FsspecStore
 from kvstore.backends.fsspec import _expired as _s3_head_expired
 from kvstore.backends.local import _TMP_MARK, TTL_DIR, LocalStore
 from kvstore.backends.memory import MemoryStore
 from kvstore.backends.redis import _RedisStoreBase
-from kvstore.errors import InvalidKeyError, KVStoreError
+from kvstore.errors import KVStoreError
 
 log = logging.getLogger("kvstore.admin")
 
@@ -47,14 +47,6 @@ class Entry:
 
     key: str
     age: float | None
-
-
-def _is_key(key: str) -> bool:
-    try:
-        validate_key(key)
-    except InvalidKeyError:
-        return False
-    return True
 
 
 async def entries(store: Store, prefix: str = "") -> list[Entry]:
@@ -98,7 +90,7 @@ def _local_entries(store: LocalStore, prefix: str) -> list[Entry]:
             rel_dir = ""
         for name in filenames:
             key = f"{rel_dir}/{name}" if rel_dir else name
-            if not key.startswith(prefix) or not _is_key(key) or (name.startswith(".") and _TMP_MARK in name):
+            if not key.startswith(prefix) or not is_valid_key(key) or (name.startswith(".") and _TMP_MARK in name):
                 continue
             try:
                 mtime = os.stat(os.path.join(dirpath, name)).st_mtime
@@ -121,7 +113,7 @@ def _local_expired(store: LocalStore) -> list[str]:
                 continue
             key = os.path.relpath(os.path.join(dirpath, name), ttl_root).replace(os.sep, "/")
             expires_at = _local_expiry(store, key)
-            if _is_key(key) and expires_at is not None and now >= expires_at:
+            if is_valid_key(key) and expires_at is not None and now >= expires_at:
                 keys.append(key)
     return keys
 
@@ -166,7 +158,7 @@ async def _s3_entries(store: FsspecStore, prefix: str) -> list[Entry]:
         page = await store._call("list", prefix + "*", lambda: client.list_objects_v2(**request))
         for item in page.get("Contents", ()):
             key = item["Key"][len(store._root):]
-            if _is_key(key):
+            if is_valid_key(key):
                 found[key] = max(0.0, now - item["LastModified"].timestamp())
         if not page.get("IsTruncated"):
             break

@@ -85,6 +85,15 @@ def validate_key(key: str) -> str:
     return key
 
 
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` passes :func:`validate_key` (for filtering listings of foreign objects)."""
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True
+
+
 def validate_prefix(prefix: str) -> str:
     """Check a listing prefix: empty, or a valid key optionally ending in ``/``."""
     if prefix == "":

@@ -43,6 +43,7 @@ from kvstore.backends.base import (
     Store,
     SuffixRequest,
     check_ttl,
+    is_valid_key,
     validate_key,
     validate_prefix,
 )
@@ -325,7 +326,7 @@ class FsspecStore(Store):
         suspect: list[str] = []
         async for path in self._list_paths(self._root + prefix):
             key = path[len(self._root) :]
-            if not _is_key(key):
+            if not is_valid_key(key):
                 continue  # TTL hints, foreign objects, "directory" markers
             if any(expires <= now_ms for expires in hints.get(key, ())):
                 suspect.append(key)  # a hinted expiry has passed: ask S3 whether it still lives
@@ -410,14 +411,6 @@ def _expired(response: dict[str, Any]) -> bool:
 def _hint_expired(name: str, now_ms: float) -> bool:
     _, mark, expires_ms = name.rpartition(_HINT_MARK)
     return bool(mark) and expires_ms.isdigit() and int(expires_ms) <= now_ms
-
-
-def _is_key(key: str) -> bool:
-    try:
-        validate_key(key)
-    except InvalidKeyError:
-        return False
-    return True
 
 
 def _client_error(exc: BaseException) -> Any:

@@ -40,16 +40,12 @@ from kvstore.backends.base import (
     RangeRequest,
     Store,
     check_ttl,
+    is_valid_key,
     validate_key,
     validate_prefix,
 )
 from kvstore.backends.retry import RetryPolicy, with_retries
-from kvstore.errors import (
-    BackendError,
-    ConfigError,
-    InvalidKeyError,
-    TransientBackendError,
-)
+from kvstore.errors import BackendError, ConfigError, TransientBackendError
 
 T = TypeVar("T")
 
@@ -169,7 +165,7 @@ class _RedisStoreBase(Store):
 
         for name in await self._call("list", prefix + "*", scan):
             key = name[start:].decode("utf-8", "replace")
-            if _is_key(key):
+            if is_valid_key(key):
                 yield key
 
 
@@ -345,14 +341,6 @@ _GLOB = re.compile(rb"([*?\[\]\\])")
 
 def _glob_escape(pattern: bytes) -> bytes:
     return _GLOB.sub(rb"\\\1", pattern)
-
-
-def _is_key(key: str) -> bool:
-    try:
-        validate_key(key)
-    except InvalidKeyError:
-        return False
-    return True
 
 
 def _translate(exc: BaseException, where: str) -> BaseException:

@@ -10,7 +10,6 @@ does) and gathering the rows from them.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -24,26 +23,10 @@ from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
 from kvstore.format.manifest import Manifest
 from kvstore.kernels.pq_reference import gather_kv_reference
+from kvstore.sync import LoopThread
 
 T = TypeVar("T")
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
-
-
-class _LoopThread:
-    """A private event loop in a daemon thread, to run the store's coroutines from model code."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="kvstore-retrieval", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 class StoreSource:
@@ -62,7 +45,7 @@ class StoreSource:
         self.tokens = tokens
         self.level = level
         self.device = torch.device(device)
-        self._thread = _LoopThread() if run is None else None
+        self._thread = LoopThread() if run is None else None
         self._run = run if run is not None else self._thread.run  # type: ignore[union-attr]
         dtype = torch_dtype(manifest.dtype)[0]
         shape = (manifest.layers, manifest.kv_heads, manifest.num_tokens, manifest.head_dim)
@@ -125,5 +108,5 @@ class StoreSource:
     def close(self) -> None:
         """Stop the private event-loop thread, if any."""
         if self._thread is not None:
-            self._thread.close()
+            self._thread.stop()
             self._thread = None
