@@ -8,7 +8,10 @@ stored is shared, not rewritten) and writes the context's manifest last.
 granularity, so a prompt that starts with a stored context reuses its prefix.
 ``get`` returns the KV of exactly the tokens asked for, verified end to end:
 every object's checksums, its model fingerprint, its token ids and its shape;
-anything else raises, so wrong KV never reaches the model.
+anything else raises, so wrong KV never reaches the model. With ``pq=...``,
+``put`` also stores the context's PQ centroids and codes (retrieval attention,
+:mod:`kvstore.retrieval`), listed in the manifest; ``get_pq`` loads them
+without fetching any KV.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from kvstore.format import manifest as manifest_format
 from kvstore.format.chunk import ChunkIdentity, chunk_meta, decode_chunk, encode_chunk
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
-from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, check_recorded_object
+from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
 from kvstore.kv import KV, check_kv, stack_span, unstack_kv
+from kvstore.retrieval import pq as pq_index
+from kvstore.retrieval import store as pq_store
 
 log = logging.getLogger("kvstore")
 T = TypeVar("T")
@@ -158,12 +163,22 @@ class KVStore:
         kv: KV,
         *,
         ttl: float | None = None,
+        pq: pq_index.PQConfig | pq_index.PQIndex | None = None,
+        pq_centroid_dtype: str = "int8",
     ) -> Manifest:
         """Store the KV of ``tokens`` (per layer ``(key, value)``, each ``[kv_heads, tokens, head_dim]``)
-        at every level; returns the manifest written. Chunks already stored are shared."""
+        at every level; returns the manifest written. Chunks already stored are shared.
+
+        ``pq``: also store PQ centroids and codes of the keys for retrieval attention,
+        either a ready :class:`~kvstore.retrieval.pq.PQIndex` (e.g. trained during
+        prefill) or a :class:`~kvstore.retrieval.pq.PQConfig` to train one here (the
+        keys must be the ones the model attends to, after RoPE, as Hugging Face caches
+        hold them). ``pq_centroid_dtype``: ``int8`` (default), ``float16`` or ``float32``."""
         plan = self._plan(model_id, tokens)
         first = check_kv(kv, len(plan.tokens))
         ttl = self.ttl if ttl is None else check_ttl(ttl)
+        if pq is not None and not isinstance(pq, pq_index.PQConfig | pq_index.PQIndex):
+            raise ConfigError(f"pq must be a PQConfig, a PQIndex or None, got {type(pq).__name__}")
         layers, (kv_heads, _, head_dim), dtype = len(kv), first.shape, first.dtype
 
         def identity(i: int) -> ChunkIdentity:
@@ -194,6 +209,13 @@ class KVStore:
         for stored in {p[0]: p for c in self.codecs if (p := c.stored_profile()) is not None}.values():
             await self._store_profile(plan.fingerprint, *stored, ttl)
         objects = await self._bounded([lambda i=i: store_chunk(i) for i in range(len(plan.bounds))])
+        pq_entry = None
+        if pq is not None:
+            index = pq if isinstance(pq, pq_index.PQIndex) else None
+            config = pq if isinstance(pq, pq_index.PQConfig) else pq.config
+            written = await pq_store.put_pq(self, model_id, plan.tokens, index, kv=kv, config=config,
+                                            centroid_dtype=pq_centroid_dtype, ttl=ttl)
+            pq_entry = PQEntry(config.to_dict(), written.centroids, written.codes)
         manifest = Manifest(
             model_id=model_id,
             fingerprint=plan.fingerprint,
@@ -208,6 +230,7 @@ class KVStore:
                 ChunkEntry(plan.hashes[i], *plan.bounds[i], tuple(objects[i]))
                 for i in range(len(plan.bounds))
             ),
+            pq=pq_entry,
         )
         key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
         await self.store.put(key, manifest.to_bytes(plan.tokens), ttl=ttl)
@@ -394,8 +417,30 @@ class KVStore:
             raise FormatError("chunk object does not record a valid KV shape")
         return dims, torch_dtype(meta.get("dtype"))[0]  # type: ignore[return-value]
 
+    async def get_pq(
+        self,
+        model_id: str,
+        tokens: Sequence[int] | torch.Tensor | np.ndarray,
+        *,
+        device: str | torch.device = "cpu",
+    ) -> pq_index.PQIndex | None:
+        """The PQ index (centroids and codes) stored with this context, without fetching any KV;
+        ``None`` when the context was stored without PQ.
+
+        Raises :class:`ContextNotFoundError` when the context is not stored, and
+        :class:`IncompleteContextError` / :class:`~kvstore.errors.ChecksumError` when a PQ
+        object the manifest lists is missing, replaced or damaged."""
+        plan = self._plan(model_id, tokens)
+        manifest = await self._read_manifest(model_id, plan)
+        if manifest is None:
+            raise ContextNotFoundError(f"no stored context of these {len(plan.tokens)} tokens of model {model_id!r}")
+        if manifest.pq is None:
+            return None
+        config = pq_index.PQConfig.from_dict(manifest.pq.config)  # FormatError if invalid
+        return await pq_store.get_pq(self, model_id, plan.tokens, config, device=device, expected=manifest.pq)
+
     async def delete(self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray) -> bool:
-        """Remove a stored context: its manifest, then the chunk objects it lists.
+        """Remove a stored context: its manifest, then the chunk (and PQ) objects it lists.
 
         Chunks shared with other stored contexts go too (those then report
         :class:`IncompleteContextError`). Returns whether a manifest was found.
@@ -406,6 +451,7 @@ class KVStore:
             return False
         await self.store.delete(self.keys.manifest_key(plan.fingerprint, plan.hashes[-1]))
         keys = [obj.key for chunk in manifest.chunks for obj in chunk.objects]
+        keys += [obj.key for obj in manifest.pq.objects] if manifest.pq is not None else []
         await self._bounded([lambda key=key: self.store.delete(key) for key in keys])
         return True
 

@@ -18,6 +18,7 @@ import torch
 
 from kvstore.format.manifest import Manifest
 from kvstore.kv import KV
+from kvstore.retrieval.pq import PQConfig, PQIndex
 from kvstore.store import KVStore
 
 T = TypeVar("T")
@@ -66,9 +67,11 @@ class SyncKVStore:
         """The wrapped async store."""
         return self._store
 
-    def put(self, model_id: str, tokens: Tokens, kv: KV, *, ttl: float | None = None) -> Manifest:
+    def put(self, model_id: str, tokens: Tokens, kv: KV, *, ttl: float | None = None,
+            pq: PQConfig | PQIndex | None = None, pq_centroid_dtype: str = "int8") -> Manifest:
         """See :meth:`KVStore.put`."""
-        return self._loop.run(self._store.put(model_id, tokens, kv, ttl=ttl))
+        return self._loop.run(self._store.put(model_id, tokens, kv, ttl=ttl, pq=pq,
+                                              pq_centroid_dtype=pq_centroid_dtype))
 
     def lookup(self, model_id: str, tokens: Tokens, *, level: int = 0) -> int:
         """See :meth:`KVStore.lookup`."""
@@ -77,6 +80,10 @@ class SyncKVStore:
     def get(self, model_id: str, tokens: Tokens, *, level: int = 0, device: str | torch.device = "cpu") -> KV:
         """See :meth:`KVStore.get`."""
         return self._loop.run(self._store.get(model_id, tokens, level=level, device=device))
+
+    def get_pq(self, model_id: str, tokens: Tokens, *, device: str | torch.device = "cpu") -> PQIndex | None:
+        """See :meth:`KVStore.get_pq`."""
+        return self._loop.run(self._store.get_pq(model_id, tokens, device=device))
 
     def manifest(self, model_id: str, tokens: Tokens) -> Manifest | None:
         """See :meth:`KVStore.manifest`."""

@@ -303,6 +303,31 @@ async def test_admin_api_on_memory():
         assert (await collect_garbage(store, dry_run=True)).expired == ["kvstore/stray/expiring"]
 
 
+async def test_admin_accounts_for_pq_objects():
+    from kvstore.retrieval import pq
+    from kvstore.retrieval.store import put_pq
+
+    config = pq.PQConfig(bits=3, sinks=2, iters=2)
+    async with KVStore("memory://", chunk_tokens=16, levels=LEVELS) as kvs:
+        long = await kvs.put(MODEL, LONG, make_kv(40), pq=config)
+        assert {classify(o.key).kind for o in long.pq.objects} == {"pq"}
+        assert classify(long.pq.centroids.key).fingerprint == long.fingerprint
+        stray = await put_pq(kvs, MODEL, SHORT, kv=[(k[:, :20], v[:, :20]) for k, v in make_kv(40)],
+                             config=config)  # listed by no manifest
+        store = kvs.store
+        report = await inspect_context(store, manifest_key(long))
+        assert report.ok and len(report.pq) == 1 + len(long.chunks)
+        assert report.to_json()["pq"]["bytes"] == long.pq.total_bytes and "pq " in report.to_text()
+        await corrupt(store, long.pq.codes[1].key)
+        report = await inspect_context(store, manifest_key(long))
+        assert [p.key for p in report.problems] == [long.pq.codes[1].key]
+        assert [p.key for p in (await verify_store(store)).problems] == [long.pq.codes[1].key]
+
+        done = await collect_garbage(store, grace=0)
+        assert sorted(o.key for o in done.orphans) == sorted(stray.keys)
+        assert all([await store.exists(o.key) for o in long.pq.objects])
+
+
 # -- metrics --------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvstore import KVStore
-from kvstore.errors import ChecksumError, FormatError, IncompleteContextError
+from kvstore.errors import ChecksumError, ConfigError, ContextNotFoundError, FormatError, IncompleteContextError
 from kvstore.format import container
 from kvstore.retrieval import pq
 from kvstore.retrieval.sources import StoreSource
@@ -171,3 +171,74 @@ async def test_unquantized_centroids(kvs, context, dtype):
     loaded = await get_pq(kvs, MODEL, tokens, CONFIG)
     assert torch.allclose(loaded.centroids, index.centroids, rtol=1e-3, atol=1e-3)
     assert torch.equal(loaded.codes, index.codes)
+
+
+# -- through KVStore.put(pq=...) / get_pq: listed in the manifest ------------------------------------
+
+
+async def test_put_with_pq_lists_objects_in_manifest(kvs, context):
+    tokens, kv, index = context
+    manifest = await kvs.put(MODEL, tokens, kv, pq=CONFIG)
+    assert manifest.pq is not None and manifest.pq.config == CONFIG.to_dict()
+    assert len(manifest.pq.codes) == len(manifest.chunks) == 3
+    reread = await kvs.manifest(MODEL, tokens)
+    assert reread is not None and reread.pq == manifest.pq  # survives the manifest's bytes
+    read: list[str] = []
+    original_get = kvs.store.get
+
+    async def recording_get(key, *args, **kwargs):
+        read.append(key)
+        return await original_get(key, *args, **kwargs)
+
+    kvs.store.get = recording_get
+    loaded = await kvs.get_pq(MODEL, tokens)
+    assert not any("/chunks/" in key for key in read)  # no KV fetched
+    assert sorted(k for k in read if "/pq/" in k) == sorted(o.key for o in manifest.pq.objects)
+    trained = pq.build_index([k for k, _ in kv], CONFIG)  # deterministic by seed
+    assert torch.equal(loaded.codes, trained.codes)
+    assert torch.allclose(loaded.centroids, trained.centroids, atol=trained.centroids.abs().max().item() / 120)
+
+
+async def test_put_with_ready_index_and_float_centroids(kvs, context):
+    tokens, kv, index = context
+    await kvs.put(MODEL, tokens, kv, pq=index, pq_centroid_dtype="float32")
+    loaded = await kvs.get_pq(MODEL, tokens)
+    assert torch.equal(loaded.codes, index.codes) and torch.equal(loaded.centroids, index.centroids)
+
+
+async def test_get_pq_without_pq_or_context(kvs, context):
+    tokens, kv, _ = context
+    with pytest.raises(ContextNotFoundError):
+        await kvs.get_pq(MODEL, tokens)
+    await kvs.put(MODEL, tokens, kv)
+    assert await kvs.get_pq(MODEL, tokens) is None
+    with pytest.raises(ConfigError):
+        await kvs.put(MODEL, tokens, kv, pq="m2b6")
+
+
+async def test_get_pq_rejects_objects_the_manifest_did_not_record(kvs, context):
+    tokens, kv, index = context
+    await kvs.put(MODEL, tokens, kv, pq=CONFIG)
+    other = pq.build_index([k for k, _ in make_kv(seed=5)], CONFIG)
+    await put_pq(kvs, MODEL, tokens, other)  # a self-consistent set, but not the listed one
+    with pytest.raises(IncompleteContextError):
+        await kvs.get_pq(MODEL, tokens)
+    await kvs.store.delete(centroids_key(kvs, MODEL, tokens, CONFIG))
+    with pytest.raises(IncompleteContextError):
+        await kvs.get_pq(MODEL, tokens)
+
+
+async def test_delete_removes_pq_objects(kvs, context):
+    tokens, kv, _ = context
+    manifest = await kvs.put(MODEL, tokens, kv, pq=CONFIG)
+    assert await kvs.delete(MODEL, tokens)
+    assert not any([await kvs.store.exists(o.key) for o in manifest.pq.objects])
+
+
+def test_sync_store_passes_pq_through(context):
+    from kvstore import SyncKVStore
+
+    tokens, kv, index = context
+    with SyncKVStore("memory://", chunk_tokens=128) as store:
+        store.put(MODEL, tokens, kv, pq=index)
+        assert torch.equal(store.get_pq(MODEL, tokens).codes, index.codes)

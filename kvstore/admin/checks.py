@@ -5,6 +5,8 @@ Keys are classified from the right (the namespace may itself contain ``/``)::
     <ns>/<fingerprint>/chunks/<chunk hash>/<level tag>   chunk
     <ns>/<fingerprint>/contexts/<context hash>           manifest
     <ns>/<fingerprint>/profiles/<profile id>             profile
+    <ns>/<fingerprint>/pq/<context hash>/<tag>/centroids           PQ object
+    <ns>/<fingerprint>/pq/<context hash>/<tag>/codes/<chunk hash>  PQ object
     anything else                                        other (checked as a plain container)
 
 An object is *intact* when its container header and every buffer match their
@@ -27,11 +29,12 @@ from kvstore.format import container
 from kvstore.format import manifest as manifest_format
 from kvstore.format.keys import is_hash
 from kvstore.format.manifest import Manifest
+from kvstore.retrieval import store as pq_store
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-CHUNK, MANIFEST, PROFILE, OTHER = "chunk", "manifest", "profile", "other"
+CHUNK, MANIFEST, PROFILE, PQ, OTHER = "chunk", "manifest", "profile", "pq", "other"
 OK, CORRUPT, MISSING = "ok", "corrupt", "missing"
 CONCURRENCY = 16
 
@@ -44,7 +47,7 @@ class KeyInfo:
     kind: str  # CHUNK, MANIFEST, PROFILE or OTHER
     namespace: str = ""
     fingerprint: str = ""
-    name: str = ""  # chunk hash, context hash or profile id
+    name: str = ""  # chunk hash, context hash, profile id, or a PQ object's context hash
     level_tag: str = ""
 
 
@@ -57,6 +60,11 @@ def classify(key: str) -> KeyInfo:
         kind = MANIFEST if parts[-2] == "contexts" else PROFILE
         if kind == PROFILE or is_hash(parts[-1]):
             return KeyInfo(key, kind, "/".join(parts[:-3]), parts[-3], parts[-1])
+    for at in (-4, -5):  # .../pq/<context>/<tag>/centroids or .../pq/<context>/<tag>/codes/<chunk>
+        if len(parts) >= 2 - at and parts[at] == "pq" and is_hash(parts[at - 1]) and is_hash(parts[at + 1]):
+            tail = parts[at + 3:]
+            if tail == ["centroids"] or (len(tail) == 2 and tail[0] == "codes" and is_hash(tail[1])):
+                return KeyInfo(key, PQ, "/".join(parts[:at - 1]), parts[at - 1], parts[at + 1])
     return KeyInfo(key, OTHER)
 
 
@@ -112,6 +120,10 @@ def check_bytes(key: str, data: bytes) -> tuple[ObjectCheck, Manifest | None]:
             _require(manifest.chunks[-1].hash == info.name, "manifest does not end with the chunk its key names")
         elif info.kind == PROFILE:
             _require(profile_content_id(data) == info.name, "profile does not match its content hash")
+        elif info.kind == PQ:
+            _require(kind in (pq_store.KIND_CENTROIDS, pq_store.KIND_CODES), f"a PQ key holds a {kind!r} object")
+            _require(meta.get("fingerprint") == info.fingerprint, "PQ object fingerprint does not match its key")
+            _require(meta.get("context") == info.name, "PQ object context does not match its key")
         result.meta = meta
     except (KVStoreError, ValueError) as exc:
         result.error = str(exc) or type(exc).__name__
@@ -131,15 +143,23 @@ async def fetch_and_check(store: Store, key: str) -> tuple[ObjectCheck, Manifest
 def compare_with_manifest(check: ObjectCheck, expected: manifest_format.ChunkObject,
                           entry: manifest_format.ChunkEntry, fingerprint: str) -> str:
     """Why an intact chunk object is not the one a manifest recorded (``""`` if it is)."""
-    if check.size != expected.size:
-        return f"size {check.size} differs from the {expected.size} bytes the manifest recorded"
-    if check.header_checksum != expected.checksum:
-        return "header checksum differs from the one the manifest recorded (object replaced)"
+    recorded = compare_with_record(check, expected)
+    if recorded:
+        return recorded
     meta = check.meta
     wanted = {"fingerprint": fingerprint, "hash": entry.hash, "start": entry.start, "stop": entry.stop}
     for name, want in wanted.items():
         if meta.get(name) != want:
             return f"chunk records {name}={meta.get(name)!r}, the manifest says {want!r}"
+    return ""
+
+
+def compare_with_record(check: ObjectCheck, expected: manifest_format.ChunkObject) -> str:
+    """Why an intact object is not the one a manifest recorded (size, header checksum; ``""`` if it is)."""
+    if check.size != expected.size:
+        return f"size {check.size} differs from the {expected.size} bytes the manifest recorded"
+    if check.header_checksum != expected.checksum:
+        return "header checksum differs from the one the manifest recorded (object replaced)"
     return ""
 
 

@@ -14,13 +14,14 @@ from kvstore.admin.checks import (
     bounded,
     classify,
     compare_with_manifest,
+    compare_with_record,
     fetch_and_check,
     human_bytes,
     profile_keys,
 )
 from kvstore.backends.base import Store, validate_key
 from kvstore.errors import ConfigError, ContextNotFoundError, KVStoreError
-from kvstore.format.manifest import Manifest
+from kvstore.format.manifest import ChunkObject, Manifest
 
 
 def _time(stamp: float) -> str:
@@ -47,12 +48,15 @@ class ContextSummary:
             "key": self.key, "context": classify(self.key).name, "model_id": m.model_id,
             "fingerprint": m.fingerprint, "tokens": m.num_tokens, "chunks": len(m.chunks),
             "chunk_tokens": m.chunk_tokens, "levels": _levels(m),
+            "pq_bytes": None if m.pq is None else m.pq.total_bytes,
             "created_at": m.created_at, "created": _time(m.created_at),
         }
 
     def to_text(self) -> str:
         m = self.manifest
         sizes = " ".join(f"{spec.tag}={human_bytes(m.level_bytes(i))}" for i, spec in enumerate(m.levels))
+        if m.pq is not None:
+            sizes += f" pq={human_bytes(m.pq.total_bytes)}"
         return (f"{classify(self.key).name[:12]}  {m.model_id}  {m.num_tokens} tokens  {len(m.chunks)} chunks  "
                 f"{len(m.levels)} levels  {sizes}  {_time(m.created_at)}")
 
@@ -124,11 +128,13 @@ class ContextReport:
     manifest: Manifest | None = None
     objects: list[list[ObjectCheck]] = field(default_factory=list)  # [chunk][level]
     profiles: list[ObjectCheck] = field(default_factory=list)
+    pq: list[ObjectCheck] = field(default_factory=list)  # centroids, then one codes object per chunk
 
     @property
     def problems(self) -> list[ObjectCheck]:
         found = [] if self.manifest_check.ok else [self.manifest_check]
-        return found + [c for row in self.objects for c in row if not c.ok] + [p for p in self.profiles if not p.ok]
+        others = [*self.profiles, *self.pq]
+        return found + [c for row in self.objects for c in row if not c.ok] + [p for p in others if not p.ok]
 
     @property
     def ok(self) -> bool:
@@ -146,6 +152,9 @@ class ContextReport:
                 for i, c in enumerate(m.chunks)
             ]
             doc["profiles"] = [p.to_json() for p in self.profiles]
+            if m.pq is not None:
+                doc["pq"] = {"config": m.pq.config, "bytes": m.pq.total_bytes,
+                             "objects": [p.to_json() for p in self.pq]}
         doc["problems"] = [p.to_json() for p in self.problems]
         return doc
 
@@ -168,11 +177,15 @@ class ContextReport:
         if self.profiles:
             lines.append("profiles")
             lines += [f"  {p.key}  {human_bytes(p.size)}  {_verdict(p)}" for p in self.profiles]
+        if m.pq is not None:
+            bad_pq = sum(not p.ok for p in self.pq)
+            lines.append(f"pq        {m.pq.config}  {human_bytes(m.pq.total_bytes)} in {len(self.pq)} objects, "
+                         + ("all OK" if not bad_pq else f"{bad_pq} not OK"))
         lines.append("chunks")
         for i, c in enumerate(m.chunks):
             cells = "  ".join(f"L{j} {human_bytes(o.size)} {_verdict(o)}" for j, o in enumerate(self.objects[i]))
             lines.append(f"  {i:>4} [{c.start}, {c.stop}) {c.hash[:12]}  {cells}")
-        checked = sum(len(row) for row in self.objects) + len(self.profiles) + 1
+        checked = sum(len(row) for row in self.objects) + len(self.profiles) + len(self.pq) + 1
         bad = self.problems
         lines.append(f"checksums: {checked - len(bad)} of {checked} objects OK"
                      + "".join(f"\n  {p.status.upper()} {p.key}: {p.error}" for p in bad))
@@ -214,4 +227,16 @@ async def inspect_context(store: Store, ref: str, namespace: str = "kvstore") ->
         report.profiles = [ObjectCheck(where, "profile", CORRUPT, error=f"cannot tell which profiles: {exc}")]
     else:
         report.profiles = [c for c, _ in await bounded(keys, lambda k: fetch_and_check(store, k))]
+    if manifest.pq is not None:
+        report.pq = await bounded(list(manifest.pq.objects), lambda obj: _check_recorded(store, obj))
     return report
+
+
+async def _check_recorded(store: Store, expected: ChunkObject) -> ObjectCheck:
+    """Fetch and verify one object, and that it is the one the manifest recorded."""
+    result, _ = await fetch_and_check(store, expected.key)
+    if result.ok:
+        mismatch = compare_with_record(result, expected)
+        if mismatch:
+            result.status, result.error = CORRUPT, mismatch
+    return result

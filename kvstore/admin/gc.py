@@ -1,6 +1,6 @@
 """``kvstore gc``: remove expired objects, stale temporary files and orphaned objects.
 
-*Orphans* are chunk objects that no manifest lists and codec profiles that no
+*Orphans* are chunk and PQ objects that no manifest lists and codec profiles that no
 manifest's levels need, under one namespace. Writers store chunks (and
 profiles) before the manifest that lists them, so an unlisted object may belong
 to a ``put`` still in progress; gc therefore only removes orphans older than
@@ -30,6 +30,7 @@ from kvstore.admin.checks import (
     CHUNK,
     MANIFEST,
     MISSING,
+    PQ,
     PROFILE,
     bounded,
     classify,
@@ -42,6 +43,7 @@ from kvstore.errors import KVStoreError
 log = logging.getLogger("kvstore.admin")
 
 DEFAULT_GRACE = 3600.0
+COLLECTABLE = (CHUNK, PROFILE, PQ)  # kinds a manifest accounts for
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,8 @@ async def _references(store: Store, namespace: str, keys: list[str]) -> tuple[se
                 log.warning("unreadable manifest %s: %s", key, check.error)
             continue
         needed.update(obj.key for chunk in manifest.chunks for obj in chunk.objects)
+        if manifest.pq is not None:
+            needed.update(obj.key for obj in manifest.pq.objects)
         try:
             needed.update(profile_keys(manifest, namespace))
         except KVStoreError:
@@ -151,9 +155,9 @@ async def _orphans(store: Store, namespace: str, report: GcReport) -> None:
     needed, tainted = await _references(store, namespace, manifests)
     for fingerprint in sorted(tainted):
         report.notes.append(f"model {fingerprint} has an unreadable manifest: its objects are kept (run verify)")
-    unlisted = [e for e in ours if infos[e.key].kind in (CHUNK, PROFILE) and e.key not in needed
+    unlisted = [e for e in ours if infos[e.key].kind in COLLECTABLE and e.key not in needed
                 and infos[e.key].fingerprint not in tainted]
-    report.referenced = sum(infos[e.key].kind in (CHUNK, PROFILE) for e in ours) - len(unlisted)
+    report.referenced = sum(infos[e.key].kind in COLLECTABLE for e in ours) - len(unlisted)
     if report.grace > 0 and any(e.age is None for e in unlisted):
         report.notes.append(f"{inventory.age_note(store)}: orphans of unknown age are kept "
                             "(--grace 0 removes them when no writer is active)")

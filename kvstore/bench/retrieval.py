@@ -57,7 +57,6 @@ from kvstore.integrations.hf import extract_kv, kv_to_cache
 from kvstore.retrieval import pq
 from kvstore.retrieval.attention import RetrievalConfig
 from kvstore.retrieval.hf import RetrievalSession, retrieval_attention
-from kvstore.retrieval.store import get_pq, put_pq
 from kvstore.store import KVStore
 
 BUDGETS = (0.2, 0.1)
@@ -110,14 +109,15 @@ def _decode_check(lm: Any, ctx: torch.Tensor, cont: torch.Tensor, kv: Any, index
 async def _store_figures(lm: Any, profile: Any, ctx: torch.Tensor, kv16: Any,
                          index: pq.PQIndex) -> tuple[dict[str, Any], pq.PQIndex]:
     kvs = KVStore("memory://", levels=[KVCodecV1(profile, KV_LEVEL), "int8"])
-    manifest = await kvs.put(lm.model_id, ctx, kv16)
-    written = await put_pq(kvs, lm.model_id, ctx, index)
+    manifest = await kvs.put(lm.model_id, ctx, kv16, pq=index)
+    written = manifest.pq
+    assert written is not None
     codes_buffer = 0
     for obj in written.codes:
         data = await kvs.store.get(obj.key)
         codes_buffer += container.decode_header(data[: container.head_bytes_needed(data)]).buffers["codes"].nbytes
     started = time.perf_counter()
-    loaded = await get_pq(kvs, lm.model_id, ctx, index.config)
+    loaded = await kvs.get_pq(lm.model_id, ctx)
     load_s = time.perf_counter() - started
     assert loaded is not None and torch.equal(loaded.codes, index.codes)
     figures = {"kv_bytes": manifest.level_bytes(0), "int8_bytes": manifest.level_bytes(1),

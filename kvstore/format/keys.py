@@ -12,6 +12,7 @@ Layout under a namespace ``ns``::
     ns/<model fingerprint>/chunks/<chunk hash>/<level tag>   one chunk at one level
     ns/<model fingerprint>/contexts/<context hash>           a context's manifest
     ns/<model fingerprint>/profiles/<profile id>             a codec's per-model profile
+    ns/<model fingerprint>/pq/<context hash>/<config tag>/   a context's PQ centroids and codes
 """
 
 from __future__ import annotations
@@ -101,3 +102,7 @@ class KeyScheme:
 
     def profile_key(self, fingerprint: str, profile_id: str) -> str:
         return validate_key(f"{self.namespace}/{fingerprint}/profiles/{profile_id}")
+
+    def pq_prefix(self, fingerprint: str, context_hash: str, config_tag: str) -> str:
+        """The folder of a context's PQ objects (``centroids`` and ``codes/<chunk hash>``)."""
+        return validate_key(f"{self.namespace}/{fingerprint}/pq/{context_hash}/{config_tag}")

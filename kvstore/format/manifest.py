@@ -4,7 +4,9 @@ A manifest is itself a container (kind ``kv-manifest``): its header ``meta``
 holds the fields below and its one buffer holds the context's token ids. It is
 written after every chunk object it lists, so a reader that finds it finds a
 complete context, and it records each chunk object's size and header checksum
-so a reader detects a chunk that was replaced or damaged since.
+so a reader detects a chunk that was replaced or damaged since. A context put
+with PQ codes also lists its PQ objects (``pq``: configuration, centroids object,
+one codes object per chunk), written before the manifest like the chunks.
 """
 
 from __future__ import annotations
@@ -56,6 +58,25 @@ class ChunkEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class PQEntry:
+    """The PQ objects stored beside the context's KV (retrieval attention): the
+    configuration they were built with, the centroids object and one codes object per chunk."""
+
+    config: dict[str, Any]
+    centroids: ChunkObject
+    codes: tuple[ChunkObject, ...]
+
+    @property
+    def objects(self) -> tuple[ChunkObject, ...]:
+        """Every PQ object, centroids first."""
+        return (self.centroids, *self.codes)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(o.size for o in self.objects)
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     """Everything a reader needs to fetch and decode a stored context."""
 
@@ -70,6 +91,7 @@ class Manifest:
     levels: tuple[LevelSpec, ...]
     chunks: tuple[ChunkEntry, ...]
     created_at: float = field(default_factory=time.time)
+    pq: PQEntry | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -96,19 +118,28 @@ class Manifest:
             "levels": [{"codec": lv.codec, "params": lv.params, "tag": lv.tag} for lv in self.levels],
             "chunks": [
                 {"hash": c.hash, "start": c.start, "stop": c.stop,
-                 "objects": [[o.key, o.size, o.header_bytes, o.checksum] for o in c.objects]}
+                 "objects": [_object_list(o) for o in c.objects]}
                 for c in self.chunks
             ],
         }
+        if self.pq is not None:
+            meta["pq"] = {"config": self.pq.config, "centroids": _object_list(self.pq.centroids),
+                          "codes": [_object_list(o) for o in self.pq.codes]}
         return container.encode({"tokens": tokens}, kind=KIND, meta=meta)
 
 
-def check_recorded_object(blob: bytes | memoryview, expected: ChunkObject, index: int) -> None:
-    """Raise unless ``blob`` is the very object the manifest recorded (size and header checksum)."""
+def _object_list(obj: ChunkObject) -> list[Any]:
+    return [obj.key, obj.size, obj.header_bytes, obj.checksum]
+
+
+def check_recorded_object(blob: bytes | memoryview, expected: ChunkObject, what: int | str) -> None:
+    """Raise unless ``blob`` is the very object the manifest recorded (size and header checksum);
+    ``what`` names it in the error (a chunk index or a description)."""
     header = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)], len(blob))
     if len(blob) != expected.size or header.checksum != expected.checksum:
+        name = f"chunk {what}" if isinstance(what, int) else what
         raise IncompleteContextError(
-            f"chunk {index} ({expected.key}) is not the object the manifest recorded "
+            f"{name} ({expected.key}) is not the object the manifest recorded "
             "(replaced or damaged since the context was stored)"
         )
 
@@ -140,6 +171,18 @@ def _object(raw: Any) -> ChunkObject:
     if header_bytes > size or checksum >= 2**64:
         raise FormatError("manifest chunk object entry is inconsistent")
     return ChunkObject(key, size, header_bytes, checksum)
+
+
+def _pq_entry(raw: Any, num_chunks: int) -> PQEntry | None:
+    """The optional ``pq`` field: absent, or a configuration and one codes object per chunk."""
+    if raw is None:
+        return None
+    if not (isinstance(raw, dict) and set(raw) == {"config", "centroids", "codes"}
+            and isinstance(raw["config"], dict) and isinstance(raw["codes"], list)):
+        raise FormatError("manifest pq entry is malformed")
+    if len(raw["codes"]) != num_chunks:
+        raise FormatError(f"manifest pq entry lists {len(raw['codes'])} codes objects for {num_chunks} chunks")
+    return PQEntry(raw["config"], _object(raw["centroids"]), tuple(_object(o) for o in raw["codes"]))
 
 
 def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
@@ -179,6 +222,7 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
         if len(objects) != len(levels):
             raise FormatError("manifest chunk does not list one object per level")
         chunks.append(ChunkEntry(raw["hash"], start, stop, objects))
+    pq = _pq_entry(meta.get("pq"), len(bounds))
     tokens = obj.tensor("tokens")
     if tokens.dtype.itemsize != 4 or tokens.shape != (num_tokens,):
         raise FormatError("manifest token buffer does not match num_tokens")
@@ -194,5 +238,6 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
         levels=tuple(levels),
         chunks=tuple(chunks),
         created_at=float(_field(meta, "created_at", (int, float))),
+        pq=pq,
     )
     return manifest, tokens.numpy().astype("<i4", copy=False)

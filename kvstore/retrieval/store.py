@@ -11,13 +11,20 @@ hash is the chained hash of the context's last chunk, as for its manifest)::
 the model fingerprint, context, chunk hash and span, and the xxh3 of the
 centroids they were computed with. ``pq-centroids`` (written last, so a reader
 that finds it finds every codes object): every token id of the context, the
-centroids ``[layers, kv_heads, m, 2**bits, head_dim/m]`` (fp16 by default) and
+centroids ``[layers, kv_heads, m, 2**bits, head_dim/m]`` (int8 by default) and
 a listing of the codes objects (key, size, header size, header checksum), like
 a manifest. A reader fetches these without touching any KV and needs no
 k-means; every byte is checksummed by the container, every object is checked
 against the model, the tokens and the listing, and anything off raises
 (:class:`~kvstore.errors.ChecksumError`, :class:`~kvstore.errors.FormatError`,
 :class:`~kvstore.errors.IncompleteContextError`).
+
+Applications normally go through :meth:`kvstore.store.KVStore.put` with ``pq=...``,
+which writes these objects before the context's manifest and lists them there
+(so ``gc`` keeps them and ``delete`` removes them), and
+:meth:`kvstore.store.KVStore.get_pq`, which checks them against that listing.
+Objects written by :func:`put_pq` alone are listed by no manifest: ``gc`` treats
+them as orphans once they are older than its grace period.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from kvstore.format.keys import (
     chunk_hashes,
     model_fingerprint,
 )
-from kvstore.format.manifest import ChunkObject
+from kvstore.format.manifest import ChunkObject, PQEntry, check_recorded_object
 from kvstore.kv import KV
 from kvstore.retrieval import pq
 
@@ -83,8 +90,8 @@ def _context(kvstore: Any, model_id: str, tokens: Any, config: pq.PQConfig) -> _
         raise ConfigError("tokens must not be empty")
     bounds = chunk_bounds(len(array), kvstore.chunk_tokens)
     hashes = chunk_hashes(fingerprint, array, kvstore.chunk_tokens)
-    prefix = f"{kvstore.keys.model_prefix(fingerprint)}pq/{hashes[-1]}/{config.tag}"
-    return _Context(model_id, fingerprint, array, bounds, hashes, validate_key(prefix))
+    prefix = kvstore.keys.pq_prefix(fingerprint, hashes[-1], config.tag)
+    return _Context(model_id, fingerprint, array, bounds, hashes, prefix)
 
 
 def centroids_key(kvstore: Any, model_id: str, tokens: Any, config: pq.PQConfig = pq.DEFAULT_CONFIG) -> str:
@@ -254,15 +261,29 @@ async def get_pq(
     config: pq.PQConfig = pq.DEFAULT_CONFIG,
     *,
     device: str | torch.device = "cpu",
+    expected: PQEntry | None = None,
 ) -> pq.PQIndex | None:
     """Load a context's PQ index (centroids as fp32, codes uint8) without fetching any KV;
-    ``None`` when no PQ objects were stored for it under ``config``."""
+    ``None`` when no PQ objects were stored for it under ``config``.
+
+    ``expected``: the manifest's record of the objects; the centroids object and its
+    codes listing must then be exactly the recorded ones (else
+    :class:`~kvstore.errors.IncompleteContextError`)."""
     ctx = _context(kvstore, model_id, tokens, config)
-    data = await kvstore.store.get(ctx.prefix + "/centroids")
+    key = ctx.prefix + "/centroids"
+    data = await kvstore.store.get(key)
     if data is None:
+        if expected is not None:
+            raise IncompleteContextError(f"PQ centroids object {key} listed by the manifest is missing")
         return None
+    if expected is not None:
+        if expected.centroids.key != key:
+            raise FormatError(f"the manifest lists PQ centroids at {expected.centroids.key}, expected {key}")
+        check_recorded_object(data, expected.centroids, "PQ centroids")
     obj = container.decode(data)
     centroids, listing = _check_centroids(obj, ctx, config)
+    if expected is not None and tuple(listing) != expected.codes:
+        raise IncompleteContextError(f"PQ centroids object {key} lists other codes objects than the manifest")
     names = ["centroids", "centroid_scales"] if "centroid_scales" in obj.header.buffers else ["centroids"]
     centroids_sum = _centroids_checksum([obj.raw(name) for name in names])
     layers, kv_heads = centroids.shape[:2]
