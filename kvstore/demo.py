@@ -1,17 +1,20 @@
 """``kvstore demo``: what the library does, on a real model, in a few minutes on a CPU.
 
 It loads SmolLM2-135M-Instruct, takes a long document, stores the document's KV
-at every level (raw, int8 and the five ``kvcodec`` levels) in a store (a local
-directory by default), loads it back, and answers a question about the
-document from the loaded cache (prefix reuse: the stored document plus the
-question's tokens, recomputed). It also streams the context back with the
-adaptive fetcher over a shaped link whose bandwidth drops mid-load. It prints a table of sizes, load times and
-perplexity changes, and writes a PNG of the rate-quality curve.
+at every level (raw, int8 and the six ``kvcodec`` levels) with its PQ codes in a
+store (a local directory by default), loads it back, and answers a question
+about the document from the loaded cache (prefix reuse: the stored document
+plus the question's tokens, recomputed), also with retrieval attention over the
+stored PQ codes. It streams the context back with the adaptive fetcher over a
+shaped link whose bandwidth drops mid-load. It prints a table of sizes, load
+times and perplexity changes, and writes a PNG of the rate-quality curve, load
+times against recompute, and the streaming timeline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
 from kvstore.eval.corpus import documents
@@ -28,8 +32,11 @@ from kvstore.eval.model import cache_root, load_model
 from kvstore.eval.perplexity import ppl
 from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.fetch import AdaptiveFetcher
+from kvstore.fetch.timeline import draw_timeline, timeline_of
 from kvstore.integrations.hf import extract_kv, generate_greedy, make_recompute, recompute
 from kvstore.kv import KV
+from kvstore.retrieval import PQConfig, RetrievalConfig
+from kvstore.retrieval.hf import RetrievalSession, retrieval_attention
 from kvstore.store import KVStore
 from kvstore.testing.shaping import BandwidthTrace, ShapedStore
 
@@ -80,14 +87,19 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
     codecs: list[Any] = ["raw", "int8"] + [KVCodecV1(profile, i) for i in range(len(profile.levels))]
     default = names.index(f"kvcodec-L{DEFAULT_LEVEL}")
     async with KVStore(store_url, levels=codecs, storage_options=storage_options) as store:
-        _say(f"storing it at {len(codecs)} levels in {store.store.url} ...")
+        _say(f"storing it at {len(codecs)} levels, with PQ codes, in {store.store.url} ...")
         started = time.perf_counter()
-        manifest = await store.put(lm.model_id, context, kv)
+        manifest = await store.put(lm.model_id, context, kv, pq=PQConfig())
         put_s = time.perf_counter() - started
+        assert manifest.pq is not None
+        started = time.perf_counter()
+        index = await store.get_pq(lm.model_id, context)
+        pq_load_s = time.perf_counter() - started
+        assert index is not None
         base_ppl = ppl(lm.model, context, continuation, kv)
         results = []
         loaded_default: KV | None = None
-        for level, name in enumerate(names):
+        for level, name in enumerate(tqdm(names, desc="load + score each level", unit="level", file=sys.stderr)):
             started = time.perf_counter()
             loaded = await store.get(lm.model_id, context, level=level)
             load_s = time.perf_counter() - started
@@ -97,7 +109,6 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
             size = manifest.level_bytes(level)
             results.append(LevelResult(name, 8 * size / (fp16_bytes / 2), size, load_s, level_ppl,
                                        100 * (level_ppl / base_ppl - 1)))
-            _say(f"  {name:>12}: {results[-1].bits_per_element:5.2f} bits/element, ppl {level_ppl:.3f}")
         assert loaded_default is not None
         raw_loaded = await store.get(lm.model_id, context, level=0)
 
@@ -115,24 +126,36 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
         streamed = await fetcher.load(lm.model_id, context, deadline_s=deadline,
                                       levels=list(range(names.index("kvcodec-L0"), len(names))))
         print(streamed.table(), file=sys.stderr)
+        timeline = timeline_of(streamed, trace.times, trace.rates_Bps, deadline, names)
         streamed_ppl = ppl(lm.model, context, continuation, streamed.kv)
 
     _say("answering a question from the stored context (prefix reuse + the question's tokens)...")
     prompt = torch.cat([context, question])
 
-    def answer(prefix: KV | None) -> list[int]:
+    def answer(prefix: KV | None, retrieval: RetrievalConfig | None = None) -> list[int]:
         if prefix is None:
             return generate_greedy(lm.model, prompt, None, answer_tokens)
         tail = recompute(lm.model, question, prefix)
         joined = [(torch.cat([pk, tk], 1), torch.cat([pv, tv], 1)) for (pk, pv), (tk, tv) in zip(prefix, tail)]
-        return generate_greedy(lm.model, prompt, joined, answer_tokens)
+        sparse = (retrieval_attention(lm.model, RetrievalSession(index, retrieval)) if retrieval is not None
+                  else contextlib.nullcontext())
+        with sparse:
+            return generate_greedy(lm.model, prompt, joined, answer_tokens)
 
+    steps = tqdm(total=5, desc="answer from fresh / stored / streamed KV", unit="answer", file=sys.stderr)
     fresh = answer(None)
+    steps.update()
     from_raw = answer(raw_loaded)
+    steps.update()
     started = time.perf_counter()
     from_default = answer(loaded_default)
     answer_s = time.perf_counter() - started
+    steps.update()
     from_streamed = answer(streamed.kv)
+    steps.update()
+    from_retrieval = answer(loaded_default, RetrievalConfig(budget=0.2))
+    steps.update()
+    steps.close()
     int8 = results[1]
     return {
         "model": lm.model_id,
@@ -143,7 +166,8 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
         "context_tokens": context_tokens,
         "fp16_bytes": fp16_bytes,
         "ppl_baseline": base_ppl,
-        "levels": [asdict(r) | {"size_ratio_vs_int8": int8.stored_bytes / r.stored_bytes} for r in results],
+        "levels": [asdict(r) | {"size_ratio_vs_int8": int8.stored_bytes / r.stored_bytes,
+                                "size_ratio_vs_raw": results[0].stored_bytes / r.stored_bytes} for r in results],
         "default_level": names[default],
         "put_s": put_s,
         "ttft_s": streamed.ttft_s + answer_s / answer_tokens,
@@ -153,22 +177,31 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
             "bytes": streamed.bytes_fetched, "ppl_increase_pct": 100 * (streamed_ppl / base_ppl - 1),
             "int8_transfer_s": manifest.level_bytes(names.index("int8")) / (LINK_MBIT * MBIT),
         },
+        "timeline": timeline,
+        "pq": {"config": manifest.pq.config, "bytes": manifest.pq.total_bytes, "load_s": pq_load_s,
+               "fraction_of_default_level": manifest.pq.total_bytes / manifest.level_bytes(default)},
         "recompute_s": recompute_s,
         "answer_fresh": lm.tokenizer.decode(fresh),
         "answer_default_level": lm.tokenizer.decode(from_default),
         "answer_matches_full_kv": from_raw == fresh,
         "answer_default_matches_full_kv": from_default == fresh,
         "answer_streamed": lm.tokenizer.decode(from_streamed),
+        "answer_retrieval": lm.tokenizer.decode(from_retrieval),
+        "answer_retrieval_matches_default": from_retrieval == from_default,
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
     """The demo's summary, for people."""
     print(f"\n{result['context_tokens']}-token context of {result['document']}, model {result['model']}")
-    print(f"{'level':>12} {'bits/elem':>9} {'stored':>10} {'vs int8':>8} {'load s':>7} {'ppl change':>11}")
+    print(f"{'level':>12} {'bits/elem':>9} {'stored':>10} {'vs raw':>7} {'vs int8':>8} {'load s':>7} {'ppl change':>11}")
     for r in result["levels"]:
         print(f"{r['name']:>12} {r['bits_per_element']:9.2f} {r['stored_bytes'] / 1e6:8.2f}MB "
-              f"{r['size_ratio_vs_int8']:7.2f}x {r['load_s']:7.2f} {r['ppl_increase_pct']:+10.2f}%")
+              f"{r['size_ratio_vs_raw']:6.2f}x {r['size_ratio_vs_int8']:7.2f}x {r['load_s']:7.2f} "
+              f"{r['ppl_increase_pct']:+10.2f}%")
+    p = result["pq"]
+    print(f"{'PQ codes':>12} {'':>9} {p['bytes'] / 1e6:8.2f}MB  ({100 * p['fraction_of_default_level']:.1f}% of "
+          f"{result['default_level']}; loaded in {p['load_s']:.2f} s without any KV)")
     st = result["stream"]
     print(f"\nstreamed over a {st['link_mbit']} Mbit/s link (dropping to a quarter): loaded in {st['load_s']:.2f} s "
           f"(deadline {st['deadline_s']:.2f} s, {'met' if st['slo_met'] else 'missed'}; int8 alone needs "
@@ -178,18 +211,23 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"answer from freshly computed KV:  {result['answer_fresh']!r}")
     print(f"answer from stored KV ({result['default_level']}): {result['answer_default_level']!r}")
     print(f"answer from the streamed KV:      {result['answer_streamed']!r}")
+    print(f"answer with retrieval attention (1/5 of the tokens, PQ codes): {result['answer_retrieval']!r}")
     print(f"answer from stored raw KV matches fresh KV: {result['answer_matches_full_kv']}")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Rate-quality of the stored levels, and load time against recompute."""
+    """Rate-quality of the stored levels, load time against recompute, and the streaming timeline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     levels = result["levels"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = plt.figure(figsize=(15, 8))
+    grid = fig.add_gridspec(2, 2)
+    ax1, ax2 = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
+    ax_rate = fig.add_subplot(grid[0, 1])
+    ax_chunks = fig.add_subplot(grid[1, 1], sharex=ax_rate)
     for r in levels:
         ax1.scatter(r["bits_per_element"], r["ppl_increase_pct"], color="C0" if r["name"].startswith("kvcodec") else "C1")
         ax1.annotate(r["name"], (r["bits_per_element"], r["ppl_increase_pct"]), fontsize=8,
@@ -204,9 +242,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.barh(names, times, color=["C0"] * len(levels) + ["C2", "C3"])
     ax2.set_xlabel("seconds (this machine)")
     ax2.set_title("load from the store vs recompute the context")
+    st = result["stream"]
+    draw_timeline(ax_rate, ax_chunks, result["timeline"],
+                  f"streaming: {st['link_mbit']} Mbit/s dropping to a quarter; deadline {st['deadline_s']:.2f} s "
+                  f"({'met' if st['slo_met'] else 'missed'})")
     fig.suptitle(f"kvstore demo: {result['context_tokens']}-token context, {result['model_name']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -30,6 +30,12 @@ class TransientBackendError(BackendError):
     (connection reset, timeout, throttling, server busy)."""
 
 
+class ConcurrentWriteError(BackendError):
+    """A put kept finding the objects its manifest lists replaced or removed by
+    concurrent writers (or deletes) and gave up. Readers of that context then get
+    :class:`IncompleteContextError` (never wrong KV) until a put completes."""
+
+
 class FormatError(KVStoreError, ValueError):
     """A stored object is malformed: bad header, sizes or offsets, truncated."""
 

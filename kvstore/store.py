@@ -33,6 +33,7 @@ from kvstore.backends.base import RangeRequest, Store, check_ttl
 from kvstore.codecs.base import KVCodec, codec_class, get_codec, profile_content_id, register_profile
 from kvstore.errors import (
     ChecksumError,
+    ConcurrentWriteError,
     ConfigError,
     ContextNotFoundError,
     FormatError,
@@ -52,6 +53,7 @@ log = logging.getLogger("kvstore")
 T = TypeVar("T")
 
 LevelLike = str | tuple[str, dict[str, Any]] | KVCodec
+PUT_ATTEMPTS = 3  # a put whose manifest lists objects replaced since is redone this often
 
 
 def make_codec(level: LevelLike) -> KVCodec:
@@ -164,7 +166,7 @@ class KVStore:
         *,
         ttl: float | None = None,
         pq: pq_index.PQConfig | pq_index.PQIndex | None = None,
-        pq_centroid_dtype: str = "int8",
+        pq_centroid_format: str = "q4",
     ) -> Manifest:
         """Store the KV of ``tokens`` (per layer ``(key, value)``, each ``[kv_heads, tokens, head_dim]``)
         at every level; returns the manifest written. Chunks already stored are shared.
@@ -173,12 +175,61 @@ class KVStore:
         either a ready :class:`~kvstore.retrieval.pq.PQIndex` (e.g. trained during
         prefill) or a :class:`~kvstore.retrieval.pq.PQConfig` to train one here (the
         keys must be the ones the model attends to, after RoPE, as Hugging Face caches
-        hold them). ``pq_centroid_dtype``: ``int8`` (default), ``float16`` or ``float32``."""
+        hold them). ``pq_centroid_format``: how the centroids are stored, see
+        :mod:`kvstore.retrieval.centroid_storage` (``q4`` by default).
+
+        After writing the manifest, ``put`` re-reads the header of every object it lists:
+        a concurrent writer of the same chunks (in another dtype, say), a ``delete`` or
+        ``gc`` may have replaced or removed one in between, and the put is then redone
+        (:class:`~kvstore.errors.ConcurrentWriteError` after ``PUT_ATTEMPTS``)."""
         plan = self._plan(model_id, tokens)
-        first = check_kv(kv, len(plan.tokens))
+        check_kv(kv, len(plan.tokens))
         ttl = self.ttl if ttl is None else check_ttl(ttl)
         if pq is not None and not isinstance(pq, pq_index.PQConfig | pq_index.PQIndex):
             raise ConfigError(f"pq must be a PQConfig, a PQIndex or None, got {type(pq).__name__}")
+        if pq is not None and pq_centroid_format not in pq_store.CENTROID_FORMATS:
+            raise ConfigError(f"pq_centroid_format must be one of {pq_store.CENTROID_FORMATS}, got {pq_centroid_format!r}")
+        if isinstance(pq, pq_index.PQConfig):
+            pq = await asyncio.to_thread(pq_index.build_index, [k for k, _ in kv], pq)  # once, not per attempt
+        stale: list[str] = []
+        for attempt in range(PUT_ATTEMPTS):
+            manifest = await self._put_once(model_id, plan, kv, ttl, pq, pq_centroid_format)
+            stale = await self._changed_objects(manifest)
+            if not stale:
+                return manifest
+            log.warning("put of %d tokens: %d listed objects were replaced or removed by a concurrent writer "
+                        "(attempt %d of %d), e.g. %s", len(plan.tokens), len(stale), attempt + 1, PUT_ATTEMPTS, stale[0])
+        raise ConcurrentWriteError(
+            f"put of {len(plan.tokens)} tokens: concurrent writers or deletes kept replacing its objects "
+            f"({len(stale)} after {PUT_ATTEMPTS} attempts, e.g. {stale[0]})"
+        )
+
+    async def _changed_objects(self, manifest: Manifest) -> list[str]:
+        """Keys of the objects the manifest lists that are gone or are not the recorded ones now.
+
+        Checked after the manifest is written: another writer of the same chunks (in another
+        dtype, say) may have replaced them, or a delete or gc removed them, in between. Reads
+        only each object's header."""
+        listed = [obj for chunk in manifest.chunks for obj in chunk.objects]
+        listed += list(manifest.pq.objects) if manifest.pq is not None else []
+
+        async def changed(obj: ChunkObject) -> bool:
+            head = await self.store.get(obj.key, RangeRequest(0, obj.header_bytes))
+            if head is None:
+                return True
+            try:
+                header = container.decode_header(memoryview(head))
+            except FormatError:
+                return True
+            return header.total_bytes != obj.size or header.checksum != obj.checksum
+
+        flags = await self._bounded([lambda obj=obj: changed(obj) for obj in listed])
+        return [obj.key for obj, flag in zip(listed, flags) if flag]
+
+    async def _put_once(self, model_id: str, plan: _Plan, kv: KV, ttl: float | None,
+                        pq: pq_index.PQIndex | None, pq_centroid_format: str) -> Manifest:
+        """Write every chunk object (create-only), the PQ objects, then the manifest."""
+        first = kv[0][0]
         layers, (kv_heads, _, head_dim), dtype = len(kv), first.shape, first.dtype
 
         def identity(i: int) -> ChunkIdentity:
@@ -211,11 +262,8 @@ class KVStore:
         objects = await self._bounded([lambda i=i: store_chunk(i) for i in range(len(plan.bounds))])
         pq_entry = None
         if pq is not None:
-            index = pq if isinstance(pq, pq_index.PQIndex) else None
-            config = pq if isinstance(pq, pq_index.PQConfig) else pq.config
-            written = await pq_store.put_pq(self, model_id, plan.tokens, index, kv=kv, config=config,
-                                            centroid_dtype=pq_centroid_dtype, ttl=ttl)
-            pq_entry = PQEntry(config.to_dict(), written.centroids, written.codes)
+            written = await pq_store.put_pq(self, model_id, plan.tokens, pq, centroid_format=pq_centroid_format, ttl=ttl)
+            pq_entry = PQEntry(pq.config.to_dict(), written.centroids, written.codes)
         manifest = Manifest(
             model_id=model_id,
             fingerprint=plan.fingerprint,

@@ -68,10 +68,10 @@ class SyncKVStore:
         return self._store
 
     def put(self, model_id: str, tokens: Tokens, kv: KV, *, ttl: float | None = None,
-            pq: PQConfig | PQIndex | None = None, pq_centroid_dtype: str = "int8") -> Manifest:
+            pq: PQConfig | PQIndex | None = None, pq_centroid_format: str = "q4") -> Manifest:
         """See :meth:`KVStore.put`."""
         return self._loop.run(self._store.put(model_id, tokens, kv, ttl=ttl, pq=pq,
-                                              pq_centroid_dtype=pq_centroid_dtype))
+                                              pq_centroid_format=pq_centroid_format))
 
     def lookup(self, model_id: str, tokens: Tokens, *, level: int = 0) -> int:
         """See :meth:`KVStore.lookup`."""

@@ -59,8 +59,7 @@ async def test_round_trip_reads_no_kv(kvs, context):
     loaded = await get_pq(kvs, MODEL, tokens, CONFIG)
     assert sorted(read) == sorted(written.keys) and all("/pq/" in key for key in read)
     assert torch.equal(loaded.codes, index.codes)
-    scale = index.centroids.abs().amax(-1, keepdim=True) / 127  # stored as int8 per centroid
-    assert ((loaded.centroids - index.centroids).abs() <= 0.51 * scale + 1e-3).all()
+    assert ((loaded.centroids - index.centroids).abs() <= _grid_error(index.centroids, 4)).all()  # q4 default
     assert loaded.config == CONFIG
     listed = await pq_objects(kvs, MODEL, tokens, CONFIG)
     assert listed == written
@@ -92,6 +91,12 @@ async def test_absent_for_other_tokens_model_or_config(kvs, context):
     assert await get_pq(kvs, MODEL, tokens[:-1], CONFIG) is None
     assert await get_pq(kvs, "other/model", tokens, CONFIG) is None
     assert await get_pq(kvs, MODEL, tokens, pq.PQConfig()) is None
+
+
+def _grid_error(centroids, bits):
+    """The largest error of a per-channel grid of 2**bits levels (half a step, plus fp16 rounding)."""
+    spread = centroids.amax(-2, keepdim=True) - centroids.amin(-2, keepdim=True)
+    return 0.51 * spread / (2**bits - 1) + 2e-3 * centroids.abs().amax(-2, keepdim=True) + 1e-4
 
 
 def _flip(data: bytes, position: int) -> bytes:
@@ -162,15 +167,42 @@ def test_store_source_fetches_only_needed_chunks(context):
         source.close()
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-async def test_unquantized_centroids(kvs, context, dtype):
+async def test_centroid_formats_sizes_and_errors(kvs, context):
     tokens, _, index = context
-    int8 = await put_pq(kvs, MODEL, tokens, index)
-    written = await put_pq(kvs, MODEL, tokens, index, centroid_dtype=dtype)
-    assert written.centroids.size > int8.centroids.size
-    loaded = await get_pq(kvs, MODEL, tokens, CONFIG)
-    assert torch.allclose(loaded.centroids, index.centroids, rtol=1e-3, atol=1e-3)
-    assert torch.equal(loaded.codes, index.codes)
+    sizes = {}
+    for fmt in ("q3", "q4", "int8", "float16", "float32"):
+        written = await put_pq(kvs, MODEL, tokens, index, centroid_format=fmt)
+        sizes[fmt] = written.centroids.size
+        loaded = await get_pq(kvs, MODEL, tokens, CONFIG)
+        assert torch.equal(loaded.codes, index.codes)
+        error = (loaded.centroids - index.centroids).abs()
+        if fmt.startswith("q"):
+            assert (error <= _grid_error(index.centroids, int(fmt[1]))).all()
+        elif fmt == "int8":
+            assert (error <= 0.51 * index.centroids.abs().amax(-1, keepdim=True) / 127 + 1e-3).all()
+        else:
+            assert torch.allclose(loaded.centroids, index.centroids, rtol=1e-3, atol=1e-3)
+    assert sizes["q3"] < sizes["q4"] < sizes["int8"] < sizes["float16"] < sizes["float32"]
+    with pytest.raises(ConfigError):
+        await put_pq(kvs, MODEL, tokens, index, centroid_format="int4")
+
+
+@pytest.mark.parametrize("change", ["format", "extra buffer", "missing buffer"])
+async def test_centroids_object_must_match_its_format(kvs, context, change):
+    tokens, _, index = context
+    written = await put_pq(kvs, MODEL, tokens, index)  # q4
+    obj = container.decode(await kvs.store.get(written.centroids.key))
+    meta = dict(obj.header.meta)
+    buffers = {name: torch.frombuffer(bytearray(obj.raw(name)), dtype=torch.uint8) for name in obj.header.buffers}
+    if change == "format":
+        meta["centroid_format"] = "q3"
+    elif change == "extra buffer":
+        buffers["centroid_scales"] = torch.zeros(4, dtype=torch.uint8)
+    else:
+        del buffers["centroid_steps"]
+    await kvs.store.put(written.centroids.key, container.encode(buffers, kind=KIND_CENTROIDS, meta=meta))
+    with pytest.raises(FormatError):
+        await get_pq(kvs, MODEL, tokens, CONFIG)
 
 
 # -- through KVStore.put(pq=...) / get_pq: listed in the manifest ------------------------------------
@@ -196,12 +228,12 @@ async def test_put_with_pq_lists_objects_in_manifest(kvs, context):
     assert sorted(k for k in read if "/pq/" in k) == sorted(o.key for o in manifest.pq.objects)
     trained = pq.build_index([k for k, _ in kv], CONFIG)  # deterministic by seed
     assert torch.equal(loaded.codes, trained.codes)
-    assert torch.allclose(loaded.centroids, trained.centroids, atol=trained.centroids.abs().max().item() / 120)
+    assert ((loaded.centroids - trained.centroids).abs() <= _grid_error(trained.centroids, 4)).all()
 
 
 async def test_put_with_ready_index_and_float_centroids(kvs, context):
     tokens, kv, index = context
-    await kvs.put(MODEL, tokens, kv, pq=index, pq_centroid_dtype="float32")
+    await kvs.put(MODEL, tokens, kv, pq=index, pq_centroid_format="float32")
     loaded = await kvs.get_pq(MODEL, tokens)
     assert torch.equal(loaded.codes, index.codes) and torch.equal(loaded.centroids, index.centroids)
 

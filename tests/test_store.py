@@ -246,3 +246,38 @@ async def test_storing_the_same_tokens_in_another_dtype_replaces_the_chunks():
         kv16 = make_kv(20, torch.float16, seed=3)
         await kvs.put(MODEL, ids, kv16)
         assert_kv_equal(await kvs.get(MODEL, ids), kv16)
+
+
+class _DeletesAfterManifests(MemoryStore):
+    """Removes one chunk object right after each of the first ``times`` manifest writes,
+    as a concurrent ``delete`` or ``gc`` could."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+
+    async def put(self, key, data, *, ttl=None, create_only=False):
+        written = await super().put(key, data, ttl=ttl, create_only=create_only)
+        if "/contexts/" in key and self.times > 0:
+            self.times -= 1
+            victim = next(k for k in sorted(self._values) if "/chunks/" in k)
+            await self.delete(victim)
+        return written
+
+
+async def test_put_redoes_when_a_listed_object_vanishes():
+    kv = make_kv(40)
+    async with KVStore(_DeletesAfterManifests(times=2), chunk_tokens=16) as store:
+        await store.put(MODEL, list(range(40)), kv)  # third attempt sticks
+        assert_kv_equal(await store.get(MODEL, list(range(40))), kv)
+
+
+async def test_put_gives_up_with_a_clear_error():
+    from kvstore.errors import ConcurrentWriteError
+    from kvstore.store import PUT_ATTEMPTS
+
+    async with KVStore(_DeletesAfterManifests(times=PUT_ATTEMPTS), chunk_tokens=16) as store:
+        with pytest.raises(ConcurrentWriteError):
+            await store.put(MODEL, list(range(40)), make_kv(40))
+        with pytest.raises(IncompleteContextError):  # never partial KV
+            await store.get(MODEL, list(range(40)))

@@ -12,9 +12,8 @@ orphan goes, whatever the backend. Two more guards:
   manifest may list any of them;
 - just before deleting, gc reads the candidates' manifests again, so a context
   written while gc was scanning keeps its chunks. A writer that re-uses an old
-  orphan chunk and writes its manifest only after gc deleted it can still lose
-  it (:class:`~kvstore.errors.IncompleteContextError` on read, then recompute);
-  a grace period longer than the slowest ``put`` keeps that rare.
+  orphan chunk and writes its manifest only after gc deleted it notices: ``put``
+  re-reads every object its manifest lists and rewrites what is gone.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ the budget counting all three), teacher-forced in one pass with each query
 position's own causal selection: the same tokens decoding one at a time would
 attend to (``decode_check``: the largest per-token NLL difference between the
 two on the first 16 tokens (8 quick) of the first document). The PQ index is
-trained, stored (int8 centroids), read back, and the attention runs on what was read. Rows, per budget and
+trained, stored (4-bit per-channel centroids, the default), read back, and the attention runs on what was read. Rows, per budget and
 ``rerank`` (1: PQCache; 2: the PQ shortlist of 2k tokens re-ranked by exact
 ``q . k``, beyond PQCache, costing the keys of the shortlist):
 

@@ -39,6 +39,7 @@ from kvstore.eval.perplexity import ppl
 from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.fetch import AdaptiveFetcher
 from kvstore.fetch.policy import AdaptivePolicy, OraclePolicy, Policy, StaticPolicy
+from kvstore.fetch.timeline import draw_timeline, timeline_of
 from kvstore.integrations.hf import extract_kv, make_recompute
 from kvstore.store import KVStore
 from kvstore.testing.shaping import BandwidthTrace, ShapedStore, link_utilization
@@ -188,9 +189,7 @@ async def _measure(quick: bool, lm: Any, profile: Any, docs: list[Any], level_na
                       f"(slo {deadline:.3f}s {'met' if result.slo_met else 'missed'}) "
                       f"ppl {runs[-1]['ppl_increase_pct']:+.2f}%", file=sys.stderr, flush=True)
                 if name == "adaptive" and trace.name == "random" and timeline is None:
-                    timeline = {"trace": {"times": list(trace.times[:80]), "rates_Bps": list(trace.rates_Bps[:80])},
-                                "decisions": [vars(d) for d in result.decisions], "deadline_s": deadline,
-                                "level_names": level_names}
+                    timeline = timeline_of(result, trace.times, trace.rates_Bps, deadline, level_names)
             started = time.perf_counter()
             recomputed = recompute_fn(context, None)
             recompute_s = time.perf_counter() - started
@@ -247,36 +246,8 @@ def plot_timeline(result: dict[str, Any], path: str) -> None:
     timeline = result["timeline"]
     if timeline is None:
         raise ValueError("this result holds no timeline (run the full benchmark)")
-    decisions = timeline["decisions"]
-    end = max(d["ready_at"] or 0 for d in decisions) * 1.05
-    times, rates = timeline["trace"]["times"], timeline["trace"]["rates_Bps"]
-    xs, ys = [], []
-    for i, t in enumerate(times):
-        if t > end:
-            break
-        nxt = times[i + 1] if i + 1 < len(times) else end
-        xs += [t, min(nxt, end)]
-        ys += [rates[i] * 8 / 1e6] * 2
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax1.plot(xs, ys, color="grey", label="true link rate")
-    est = [(d["decided_at"], d["throughput_Bps"] * 8 / 1e6) for d in decisions if d["throughput_Bps"]]
-    ax1.step([e[0] for e in est], [e[1] for e in est], where="post", color="C0", label="fetcher's estimate (at each decision)")
-    ax1.set_ylabel("Mbit/s")
-    ax1.legend(loc="upper right")
-    ax1.set_title(f"adaptive load, random trace; SLO {timeline['deadline_s']:.2f} s")
-    for d in decisions:
-        if d["fetch_start"] is None:
-            ax2.barh(d["index"], (d["ready_at"] or 0) - d["decided_at"], left=d["decided_at"], color="C3")
-            continue
-        ax2.barh(d["index"], d["fetch_end"] - d["fetch_start"], left=d["fetch_start"], color=f"C{d['level'] % 10}")
-        ax2.barh(d["index"], d["ready_at"] - d["fetch_end"], left=d["fetch_end"], color="black", height=0.3)
-        name = timeline["level_names"][d["level"]]
-        ax2.annotate(f"{name} {d['nbytes'] / 1e6:.1f}MB", (d["fetch_end"], d["index"]), fontsize=7,
-                     xytext=(3, -3), textcoords="offset points")
-    ax2.axvline(timeline["deadline_s"], color="red", ls="--", label="SLO")
-    ax2.set_xlabel("seconds since the load started")
-    ax2.set_ylabel("chunk (bar: transfer; black: decode)")
-    ax2.legend(loc="lower right")
+    draw_timeline(ax1, ax2, timeline, f"adaptive load, random trace; SLO {timeline['deadline_s']:.2f} s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

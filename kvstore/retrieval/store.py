@@ -6,14 +6,15 @@ hash is the chained hash of the context's last chunk, as for its manifest)::
     ns/<fingerprint>/pq/<context hash>/<config tag>/codes/<chunk hash>   kind pq-codes
     ns/<fingerprint>/pq/<context hash>/<config tag>/centroids            kind pq-centroids
 
-``pq-codes`` (one object per KV chunk): the chunk's token ids and its codes
+``pq-codes`` (one object per KV chunk): the chunk's codes
 ``[layers, kv_heads, tokens, m]`` packed at ``bits`` bits each; its meta names
-the model fingerprint, context, chunk hash and span, and the xxh3 of the
-centroids they were computed with. ``pq-centroids`` (written last, so a reader
-that finds it finds every codes object): every token id of the context, the
-centroids ``[layers, kv_heads, m, 2**bits, head_dim/m]`` (int8 by default) and
-a listing of the codes objects (key, size, header size, header checksum), like
-a manifest. A reader fetches these without touching any KV and needs no
+the model fingerprint, context, chunk hash (which covers the chunk's token ids
+and every token before them) and span, and the xxh3 of the centroids they were
+computed with. ``pq-centroids`` (written last, so a reader that finds it finds
+every codes object): the centroids ``[layers, kv_heads, m, 2**bits, head_dim/m]``
+in one of :mod:`kvstore.retrieval.centroid_storage`'s formats (4-bit per-channel
+grids by default) and a listing of the codes objects (key, size, header size,
+header checksum), like a manifest. A reader fetches these without touching any KV and needs no
 k-means; every byte is checksummed by the container, every object is checked
 against the model, the tokens and the listing, and anything off raises
 (:class:`~kvstore.errors.ChecksumError`, :class:`~kvstore.errors.FormatError`,
@@ -40,7 +41,6 @@ import torch
 from kvstore.backends.base import validate_key
 from kvstore.errors import ConfigError, FormatError, IncompleteContextError
 from kvstore.format import container
-from kvstore.format.dtypes import dtype_name
 from kvstore.format.keys import (
     as_token_array,
     chunk_bounds,
@@ -49,12 +49,12 @@ from kvstore.format.keys import (
 )
 from kvstore.format.manifest import ChunkObject, PQEntry, check_recorded_object
 from kvstore.kv import KV
-from kvstore.retrieval import pq
+from kvstore.retrieval import centroid_storage, pq
 
 KIND_CENTROIDS = "pq-centroids"
 KIND_CODES = "pq-codes"
-VERSION = 1
-CENTROID_DTYPES = ("int8", "float16", "float32")
+VERSION = 2  # 1 held token-id buffers (the chunk hashes cover them) and int8/float centroids only
+CENTROID_FORMATS = centroid_storage.FORMATS
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +125,7 @@ async def put_pq(
     *,
     kv: KV | None = None,
     config: pq.PQConfig = pq.DEFAULT_CONFIG,
-    centroid_dtype: str = "int8",
+    centroid_format: str = centroid_storage.DEFAULT_FORMAT,
     ttl: float | None = None,
 ) -> PQObjects:
     """Store a context's PQ index beside its KV; returns what was written.
@@ -137,22 +137,21 @@ async def put_pq(
         if kv is None:
             raise ConfigError("put_pq needs an index or the context's kv to train one")
         index = pq.build_index([k for k, _ in kv], config)
-    if centroid_dtype not in CENTROID_DTYPES:
-        raise ConfigError(f"centroid_dtype must be one of {CENTROID_DTYPES}, got {centroid_dtype!r}")
+    if centroid_format not in CENTROID_FORMATS:
+        raise ConfigError(f"centroid_format must be one of {CENTROID_FORMATS}, got {centroid_format!r}")
     ctx = _context(kvstore, model_id, tokens, index.config)
     if index.num_tokens != len(ctx.tokens):
         raise ConfigError(f"the index covers {index.num_tokens} tokens, the context has {len(ctx.tokens)}")
     ttl = kvstore.ttl if ttl is None else ttl
-    buffers = _centroid_buffers(index.centroids.detach().float().cpu(), centroid_dtype)
-    centroids_sum = _centroids_checksum([memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
-                                         for t in buffers.values()])
+    buffers = centroid_storage.encode(index.centroids, centroid_format)
+    centroids_sum = _centroids_checksum([_bytes_of(buffers[name]) for name in centroid_storage.buffer_names(centroid_format)])
     codes = index.codes.detach().cpu()
 
     async def store_codes(i: int) -> ChunkObject:
         start, stop = ctx.bounds[i]
         packed = pq.pack_codes(codes[:, :, start:stop].contiguous(), index.config.bits)
         data = container.encode(
-            {"tokens": ctx.tokens[start:stop], "codes": packed},
+            {"codes": packed},
             kind=KIND_CODES, meta=_codes_meta(ctx, i, index, centroids_sum),
         )
         key = _codes_key(ctx, i)
@@ -171,24 +170,22 @@ async def put_pq(
         "version": VERSION, "model_id": model_id, "fingerprint": ctx.fingerprint, "context": ctx.hashes[-1],
         "num_tokens": len(ctx.tokens), "chunk_tokens": kvstore.chunk_tokens, "layers": layers,
         "kv_heads": kv_heads, "head_dim": m * sub, "config": index.config.to_dict(),
+        "centroid_format": centroid_format,
         "codes": [[o.key, o.size, o.header_bytes, o.checksum] for o in listing],
     }
-    data = container.encode({"tokens": ctx.tokens, **buffers}, kind=KIND_CENTROIDS, meta=meta)
+    data = container.encode(buffers, kind=KIND_CENTROIDS, meta=meta)
     key = ctx.prefix + "/centroids"
     await kvstore.store.put(key, data, ttl=ttl)
     return PQObjects(_describe(key, data), tuple(listing))
 
 
-def _centroid_buffers(centroids: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
-    if dtype == "int8":
-        scale = (centroids.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
-        safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
-        q = torch.round(centroids / safe).clamp_(-127, 127).to(torch.int8)
-        return {"centroids": q, "centroid_scales": scale[..., 0]}
-    return {"centroids": centroids.to(getattr(torch, dtype))}
+def _bytes_of(buffer: torch.Tensor | np.ndarray) -> bytes:
+    if isinstance(buffer, torch.Tensor):
+        return buffer.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+    return np.ascontiguousarray(buffer).tobytes()
 
 
-def _centroids_checksum(raw: list[memoryview]) -> int:
+def _centroids_checksum(raw: Sequence[bytes | memoryview]) -> int:
     return container.checksum(b"".join(bytes(r) for r in raw))
 
 
@@ -205,23 +202,19 @@ def _check_centroids(obj: container.Container, ctx: _Context, config: pq.PQConfi
                        ("num_tokens", len(ctx.tokens))):
         _require(meta.get(name) == want, f"PQ centroids object has {name}={meta.get(name)!r}, expected {want!r}")
     _require(pq.PQConfig.from_dict(meta.get("config")) == config, "PQ centroids object has another configuration")
-    tokens = obj.tensor("tokens")
-    _require(tokens.dtype == torch.int32 and np.array_equal(tokens.numpy(), ctx.tokens),
-             "PQ centroids object holds different token ids")
-    centroids = obj.tensor("centroids")
-    _require(centroids.dtype in (torch.int8, torch.float16, torch.float32), f"PQ centroids have dtype {centroids.dtype}")
+    fmt = meta.get("centroid_format")
+    _require(fmt in centroid_storage.FORMATS, f"PQ centroids object has an unknown centroid format {fmt!r}")
+    _require(set(obj.header.buffers) == set(centroid_storage.buffer_names(fmt)),
+             f"PQ centroids object holds buffers {sorted(obj.header.buffers)}, format {fmt} needs "
+             f"{list(centroid_storage.buffer_names(fmt))}")
     head_dim = meta.get("head_dim")
     _require(type(head_dim) is int and head_dim > 0 and head_dim % config.subspaces == 0,
              f"PQ centroids object has a bad head_dim {head_dim!r}")
-    dims = (meta.get("layers"), meta.get("kv_heads"), config.subspaces, config.centroids, head_dim // config.subspaces)
-    _require(tuple(centroids.shape) == dims,
-             f"PQ centroids are {dtype_name(centroids.dtype)}{list(centroids.shape)}, expected {list(dims)}")
-    if centroids.dtype == torch.int8:
-        scales = obj.tensor("centroid_scales")
-        _require(scales.dtype == torch.float16 and tuple(scales.shape) == dims[:-1], "PQ centroid scales are malformed")
-        centroids = centroids.float() * scales.float()[..., None]
-    elif "centroid_scales" in obj.header.buffers:
-        raise FormatError("PQ centroid scales given for unquantized centroids")
+    layers, kv_heads = meta.get("layers"), meta.get("kv_heads")
+    _require(type(layers) is int and layers > 0 and type(kv_heads) is int and kv_heads > 0,
+             "PQ centroids object has a bad layer or head count")
+    dims = (layers, kv_heads, config.subspaces, config.centroids, head_dim // config.subspaces)
+    centroids = centroid_storage.decode(fmt, obj.tensor, obj.raw, dims)
     raw = meta.get("codes")
     _require(isinstance(raw, list) and len(raw) == len(ctx.bounds), "PQ centroids object lists the wrong number of codes objects")
     listing = []
@@ -246,9 +239,7 @@ def _check_codes(blob: bytes, expected: ChunkObject, ctx: _Context, i: int, cent
     for name, value in want.items():
         _require(obj.header.meta.get(name) == value, f"PQ codes object {expected.key} has {name}="
                  f"{obj.header.meta.get(name)!r}, expected {value!r}")
-    tokens = obj.tensor("tokens")
-    _require(tokens.dtype == torch.int32 and np.array_equal(tokens.numpy(), ctx.tokens[start:stop]),
-             f"PQ codes object {expected.key} holds different token ids")
+    _require(set(obj.header.buffers) == {"codes"}, f"PQ codes object {expected.key} holds other buffers")
     shape = (layers, kv_heads, stop - start, config.subspaces)
     codes = pq.unpack_codes(np.frombuffer(obj.raw("codes"), dtype=np.uint8), config.bits, int(np.prod(shape)))
     return codes.reshape(shape)
@@ -284,7 +275,7 @@ async def get_pq(
     centroids, listing = _check_centroids(obj, ctx, config)
     if expected is not None and tuple(listing) != expected.codes:
         raise IncompleteContextError(f"PQ centroids object {key} lists other codes objects than the manifest")
-    names = ["centroids", "centroid_scales"] if "centroid_scales" in obj.header.buffers else ["centroids"]
+    names = centroid_storage.buffer_names(obj.header.meta["centroid_format"])
     centroids_sum = _centroids_checksum([obj.raw(name) for name in names])
     layers, kv_heads = centroids.shape[:2]
     limit = asyncio.Semaphore(kvstore.max_concurrency)
