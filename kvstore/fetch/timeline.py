@@ -38,6 +38,7 @@ def draw_timeline(ax_rate: Any, ax_chunks: Any, timeline: dict[str, Any], title:
     est = [(d["decided_at"], d["throughput_Bps"] * 8 / 1e6) for d in decisions if d["throughput_Bps"]]
     ax_rate.step([e[0] for e in est], [e[1] for e in est], where="post", color="C0",
                  label="fetcher's estimate (at each decision)")
+    ax_rate.set_ylim(bottom=0, top=max(ys + [e[1] for e in est]) * 1.15 if ys else None)
     ax_rate.set_ylabel("Mbit/s")
     ax_rate.legend(loc="upper right", fontsize=8)
     ax_rate.set_title(title)
@@ -48,8 +49,8 @@ def draw_timeline(ax_rate: Any, ax_chunks: Any, timeline: dict[str, Any], title:
         ax_chunks.barh(d["index"], d["fetch_end"] - d["fetch_start"], left=d["fetch_start"], color=LEVEL_COLORS[d["level"] % len(LEVEL_COLORS)])
         ax_chunks.barh(d["index"], d["ready_at"] - d["fetch_end"], left=d["fetch_end"], color="black", height=0.3)
         name = timeline["level_names"][d["level"]]
-        ax_chunks.annotate(f"{name} {d['nbytes'] / 1e6:.2f}MB", (d["fetch_end"], d["index"]), fontsize=7,
-                           xytext=(3, -3), textcoords="offset points")
+        ax_chunks.text(d["fetch_start"], d["index"], f" {name} {d['nbytes'] / 1e6:.2f}MB", fontsize=7, va="center")
+    ax_chunks.yaxis.get_major_locator().set_params(integer=True)
     ax_chunks.axvline(timeline["deadline_s"], color="red", ls="--", label="SLO")
     ax_chunks.set_xlabel("seconds since the load started")
     ax_chunks.set_ylabel("chunk")
