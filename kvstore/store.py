@@ -375,7 +375,22 @@ class KVStore:
             raise FormatError(f"manifest belongs to model {manifest.model_id!r}, not {model_id!r}")
         if not np.array_equal(stored_tokens, plan.tokens) or manifest.chunk_tokens != self.chunk_tokens:
             raise FormatError("manifest does not describe the requested tokens")
+        self._check_manifest_keys(manifest, plan)
         return manifest
+
+    def _check_manifest_keys(self, manifest: Manifest, plan: _Plan) -> None:
+        """Every object a manifest lists must sit where this store writes it: a manifest
+        cannot point a reader at another namespace's, model's or chunk's objects."""
+        for chunk, chunk_hash in zip(manifest.chunks, plan.hashes):
+            if chunk.hash != chunk_hash:
+                raise FormatError("manifest chunk hashes do not match the requested tokens")
+            for spec, obj in zip(manifest.levels, chunk.objects):
+                if obj.key != self.keys.chunk_key(plan.fingerprint, chunk_hash, spec.tag):
+                    raise FormatError(f"manifest lists chunk object {obj.key} outside its place")
+        if manifest.pq is not None:
+            folder = self.keys.model_prefix(plan.fingerprint) + f"pq/{plan.hashes[-1]}/"
+            if not all(obj.key.startswith(folder) for obj in manifest.pq.objects):
+                raise FormatError("manifest lists PQ objects outside the context's PQ folder")
 
     async def get(
         self,

@@ -2,6 +2,7 @@
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,3 +282,21 @@ async def test_put_gives_up_with_a_clear_error():
             await store.put(MODEL, list(range(40)), make_kv(40))
         with pytest.raises(IncompleteContextError):  # never partial KV
             await store.get(MODEL, list(range(40)))
+
+
+async def test_manifest_cannot_point_at_objects_elsewhere():
+    """A manifest (even one re-sealed with valid checksums) listing another namespace's object is refused."""
+    import dataclasses
+
+    from kvstore.format.manifest import ChunkObject
+
+    async with KVStore("memory://", chunk_tokens=16) as store:
+        tokens = list(range(40))
+        manifest = await store.put(MODEL, tokens, make_kv(40))
+        first = manifest.chunks[0]
+        moved = ChunkObject("other-tenant/" + first.objects[0].key, *dataclasses.astuple(first.objects[0])[1:])
+        forged = dataclasses.replace(manifest, chunks=(dataclasses.replace(first, objects=(moved,)), *manifest.chunks[1:]))
+        key = store.keys.manifest_key(manifest.fingerprint, manifest.chunks[-1].hash)
+        await store.store.put(key, forged.to_bytes(np.asarray(tokens, dtype="<i4")))
+        with pytest.raises(FormatError, match="outside its place"):
+            await store.get(MODEL, tokens)

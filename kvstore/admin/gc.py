@@ -185,7 +185,8 @@ async def _still_unlisted(store: Store, namespace: str, old: list[inventory.Entr
 
 async def _contexts(store: Store, namespace: str, fingerprint: str):  # type: ignore[no-untyped-def]
     async for key in store.list(f"{namespace}/{fingerprint}/contexts/"):
-        if classify(key).kind == MANIFEST:
+        info = classify(key)
+        if info.kind == MANIFEST and info.namespace == namespace:
             yield key
 
 

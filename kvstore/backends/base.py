@@ -20,7 +20,7 @@ from kvstore.errors import ConfigError, InvalidKeyError
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 MAX_KEY_LENGTH = 1024
-_SEGMENT = re.compile(r"[A-Za-z0-9._=+-]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9._=+-]+", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +68,21 @@ def slice_bounds(request: ByteRequest | None, size: int) -> tuple[int, int]:
 def validate_key(key: str) -> str:
     """Check that ``key`` is ``segment/segment/...`` of safe characters.
 
-    Rejects empty segments, ``.`` and ``..`` so that no key can escape the
-    store's root or prefix on any backend, and glob characters so that listing
-    by prefix on Redis cannot match keys outside the prefix.
+    Rejects empty segments and segments that start with ``.`` (so ``.``, ``..``
+    and the names a backend keeps for itself, such as the local store's
+    ``.ttl`` directory and ``.<name>.tmp-*`` files) so that no key can escape the
+    store's root or prefix or alias a backend's bookkeeping on any backend, and
+    glob characters so that listing by prefix on Redis cannot match keys outside
+    the prefix.
     """
     if not isinstance(key, str) or not key:
-        raise InvalidKeyError(f"key must be a non-empty string, got {key!r}")
+        raise InvalidKeyError(f"key must be a non-empty string, got {key!r}"[:200])
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidKeyError(f"key longer than {MAX_KEY_LENGTH} characters")
     for segment in key.split("/"):
-        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
+        if not _SEGMENT.fullmatch(segment) or segment.startswith("."):
             raise InvalidKeyError(
-                f"invalid key {key!r}: segments must be non-empty, not '.' or '..', "
+                f"invalid key {key!r}: segments must be non-empty, not start with '.', "
                 "and use only letters, digits and . _ = + -"
             )
     return key

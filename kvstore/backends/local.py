@@ -21,15 +21,18 @@ from kvstore.backends.base import (
     BytesLike,
     Store,
     check_ttl,
+    is_valid_key,
     slice_bounds,
     validate_key,
     validate_prefix,
 )
-from kvstore.errors import BackendError, ConfigError
+from kvstore.errors import BackendError, ConfigError, InvalidKeyError
 
 TTL_DIR = ".ttl"
 INLINE_READ_BYTES = 4 << 20  # values up to this size are read on the event loop's thread
 _TMP_MARK = ".tmp-"
+#: longest key segment: a file name, and its temporary ``.<name>.tmp-<32 hex>`` twin, must fit 255 bytes
+MAX_NAME_LENGTH = 255 - 1 - len(_TMP_MARK) - 32
 
 
 class LocalStore(Store):
@@ -51,7 +54,12 @@ class LocalStore(Store):
             raise ConfigError(f"{self.root} is not a directory")
 
     def _path(self, key: str) -> Path:
-        return self.root / validate_key(key)
+        """The file of ``key``. :func:`validate_key` keeps it under ``root`` and away from the
+        store's own ``.ttl`` directory and temporary files (their names start with ``.``)."""
+        validate_key(key)
+        if any(len(segment) > MAX_NAME_LENGTH for segment in key.split("/")):
+            raise InvalidKeyError(f"key {key!r}: a local store's key segments are at most {MAX_NAME_LENGTH} characters")
+        return self.root / key
 
     def _ttl_path(self, key: str) -> Path:
         return self.root / TTL_DIR / key
@@ -132,23 +140,22 @@ class LocalStore(Store):
         keys = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             rel_dir = os.path.relpath(dirpath, self.root)
-            if rel_dir == ".":
-                dirnames[:] = [d for d in dirnames if d != TTL_DIR]
-                rel_dir = ""
+            rel_dir = "" if rel_dir == "." else rel_dir
+            # no key has a segment starting with ".": skip the .ttl directory, temporary
+            # files and anything else that is not a key (foreign files, editor droppings)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
-                if name.startswith(".") and _TMP_MARK in name:
-                    continue
                 key = f"{rel_dir}/{name}" if rel_dir else name
                 key = key.replace(os.sep, "/")
-                if key.startswith(prefix) and not self._expired(key):
+                if key.startswith(prefix) and is_valid_key(key) and not self._expired(key):
                     keys.append(key)
         return keys
 
     # -- the async interface -----------------------------------------------------
     async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
-        validate_key(key)
+        path = self._path(key)  # validates
         try:
-            small = self._path(key).stat().st_size <= INLINE_READ_BYTES
+            small = path.stat().st_size <= INLINE_READ_BYTES
         except OSError:
             small = True  # absent (or unreadable): _read answers at once
         if small:
@@ -162,15 +169,15 @@ class LocalStore(Store):
     async def put(
         self, key: str, value: BytesLike, *, ttl: float | None = None, create_only: bool = False
     ) -> bool:
-        validate_key(key)
+        self._path(key)  # validates
         return await self._io(self._write, key, value, check_ttl(ttl), create_only)
 
     async def delete(self, key: str) -> None:
-        validate_key(key)
+        self._path(key)  # validates
         await self._io(self._remove, key)
 
     async def exists(self, key: str) -> bool:
-        validate_key(key)
+        self._path(key)  # validates
         return await self._io(lambda: self._path(key).is_file() and not self._expired(key))
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:

@@ -50,6 +50,10 @@ ALIGN = 64
 MAX_HEADER_BYTES = 4 << 20
 MAX_BUFFERS = 4096
 MAX_NDIM = 8
+#: the largest data section, and the largest extent of a buffer's shape (torch sizes are int64)
+MAX_INT = 2**63 - 1
+#: integer header fields beyond this are refused outright, so sums of them stay small enough to print
+_MAX_FIELD = 2**256
 DEFAULT_HEAD_BYTES = 16 << 10
 
 BufferLike = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
@@ -105,7 +109,10 @@ def _as_bytes_view(buf: BufferLike) -> tuple[memoryview, str, tuple[int, ...]]:
     if isinstance(buf, torch.Tensor):
         t = buf.detach().contiguous().cpu()
         name = dtype_name(t.dtype)
-        return memoryview(t.view(torch.uint8).reshape(-1).numpy()), name, tuple(t.shape)
+        if t.numel() == 0:  # an empty tensor may keep zero strides that a byte view refuses
+            return memoryview(b""), name, tuple(t.shape)
+        # flatten first: a 0-d tensor cannot be viewed as bytes of another size
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy()), name, tuple(t.shape)
     if isinstance(buf, np.ndarray):
         return _as_bytes_view(torch.from_numpy(np.ascontiguousarray(buf)))
     view = memoryview(buf).cast("B")
@@ -174,8 +181,10 @@ def _require(cond: bool, message: str) -> None:
         raise FormatError(message)
 
 
-def _nonneg_int(value: Any, what: str) -> int:
-    _require(type(value) is int and value >= 0, f"{what} must be a non-negative integer, got {value!r}")
+def _nonneg_int(value: Any, what: str, limit: int = _MAX_FIELD) -> int:
+    if not (type(value) is int and 0 <= value <= limit):
+        shown = "a huge integer" if isinstance(value, int) and value.bit_length() > 256 else repr(value)[:80]
+        raise FormatError(f"{what} must be a non-negative integer (at most {limit}), got {shown}")
     return value
 
 
@@ -188,7 +197,7 @@ def decode_header(head: bytes | memoryview, object_size: int | None = None) -> H
     length = header_length(head)
     if len(head) < PREFIX_BYTES + length:
         raise FormatError(f"object truncated inside its header ({len(head)} < {PREFIX_BYTES + length} bytes)")
-    magic, version, _, _, _, stored_sum = PREFIX.unpack_from(head)
+    magic, version, reserved_a, _, reserved_b, stored_sum = PREFIX.unpack_from(head)
     header_raw = bytes(head[PREFIX_BYTES:PREFIX_BYTES + length])
     digest = xxhash.xxh3_64(bytes(head[:16]))
     digest.update(header_raw)
@@ -196,16 +205,19 @@ def decode_header(head: bytes | memoryview, object_size: int | None = None) -> H
         raise ChecksumError("container header checksum mismatch: the object is corrupt (or not a kvstore object)")
     _require(magic == MAGIC, f"not a kvstore container (magic {magic!r})")
     _require(version == VERSION, f"unsupported container version {version} (this library reads {VERSION})")
+    _require(reserved_a == 0 and reserved_b == 0, "container prefix: reserved fields must be zero")
     try:
         doc = json.loads(header_raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"container header is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: bad JSON or UTF-8, or an integer beyond Python's digit limit;
+        # RecursionError: arrays or objects nested beyond the interpreter's recursion limit
+        raise FormatError(f"container header is not valid JSON: {str(exc)[:200]}") from None
     _require(isinstance(doc, dict), "container header must be a JSON object")
     kind, codec, meta = doc.get("kind"), doc.get("codec"), doc.get("meta")
     _require(isinstance(kind, str), "header field 'kind' must be a string")
     _require(isinstance(codec, dict) and isinstance(codec.get("name"), str), "header field 'codec' must be an object with a name")
     _require(isinstance(meta, dict), "header field 'meta' must be an object")
-    data_bytes = _nonneg_int(doc.get("data_bytes"), "data_bytes")
+    data_bytes = _nonneg_int(doc.get("data_bytes"), "data_bytes", MAX_INT)
     data_start = _data_start(length)
     if object_size is not None:
         _require(
@@ -230,6 +242,8 @@ def decode_header(head: bytes | memoryview, object_size: int | None = None) -> H
         # Python ints do not overflow; compare before anything is allocated.
         _require(math.prod(dims) * itemsize == nbytes, f"buffer {name}: {dtype} x {list(dims)} != {nbytes} bytes")
         _require(offset + nbytes <= data_bytes, f"buffer {name} [{offset}, {offset + nbytes}) lies outside the {data_bytes}-byte data section")
+        # an empty buffer may still name huge dimensions, which torch cannot make strides for
+        _require(math.prod(max(d, 1) for d in dims) * itemsize <= MAX_INT, f"buffer {name}: shape {list(dims)} is too large")
         xxh = item.get("xxh3")
         _require(type(xxh) is int and 0 <= xxh < 2**64, f"buffer {name}: bad checksum field")
         buffers[name] = BufferSpec(name, dtype, dims, offset, nbytes, xxh)

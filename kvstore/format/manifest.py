@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvstore.backends.base import validate_key
 from kvstore.errors import FormatError, IncompleteContextError
@@ -26,6 +27,7 @@ from kvstore.format.keys import chunk_bounds, is_hash
 KIND = "kv-manifest"
 VERSION = 1
 MAX_LEVELS = 64
+MAX_TIMESTAMP = 1e12  # seconds since the epoch: year ~33,700
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +211,11 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
                 and isinstance(lv.get("params"), dict) and isinstance(lv.get("tag"), str)):
             raise FormatError("manifest level entry is malformed")
         levels.append(LevelSpec(lv["codec"], lv["params"], lv["tag"]))
-    bounds = chunk_bounds(num_tokens, chunk_tokens)
     raw_chunks = _field(meta, "chunks", list)
-    if len(raw_chunks) != len(bounds):
-        raise FormatError(f"manifest lists {len(raw_chunks)} chunks, {num_tokens} tokens need {len(bounds)}")
+    needed = -(-num_tokens // chunk_tokens)
+    if len(raw_chunks) != needed:  # before building the bounds: num_tokens may claim 2**40
+        raise FormatError(f"manifest lists {len(raw_chunks)} chunks, {num_tokens} tokens need {needed}")
+    bounds = chunk_bounds(num_tokens, chunk_tokens)
     chunks = []
     for raw, (start, stop) in zip(raw_chunks, bounds):
         if not (isinstance(raw, dict) and raw.get("start") == start and raw.get("stop") == stop
@@ -224,8 +227,11 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
         chunks.append(ChunkEntry(raw["hash"], start, stop, objects))
     pq = _pq_entry(meta.get("pq"), len(bounds))
     tokens = obj.tensor("tokens")
-    if tokens.dtype.itemsize != 4 or tokens.shape != (num_tokens,):
-        raise FormatError("manifest token buffer does not match num_tokens")
+    if tokens.dtype != torch.int32 or tokens.shape != (num_tokens,):
+        raise FormatError("manifest token buffer is not int32 of num_tokens")
+    created_at = _field(meta, "created_at", (int, float))
+    if not 0 <= created_at < MAX_TIMESTAMP:
+        raise FormatError(f"manifest created_at {created_at!r} is not a plausible timestamp")
     manifest = Manifest(
         model_id=_field(meta, "model_id", str),
         fingerprint=fingerprint,
@@ -237,7 +243,7 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
         dtype=dtype,
         levels=tuple(levels),
         chunks=tuple(chunks),
-        created_at=float(_field(meta, "created_at", (int, float))),
+        created_at=float(created_at),
         pq=pq,
     )
     return manifest, tokens.numpy().astype("<i4", copy=False)
