@@ -197,10 +197,10 @@ class KVStore:
             stale = await self._changed_objects(manifest)
             if not stale:
                 return manifest
-            log.warning("put of %d tokens: %d listed objects were replaced or removed by a concurrent writer "
-                        "(attempt %d of %d), e.g. %s", len(plan.tokens), len(stale), attempt + 1, PUT_ATTEMPTS, stale[0])
+            log.warning("put of %d tokens: %d listed objects are unreadable, or were replaced or removed by a "
+                        "concurrent writer (attempt %d of %d), e.g. %s", len(plan.tokens), len(stale), attempt + 1, PUT_ATTEMPTS, stale[0])
         raise ConcurrentWriteError(
-            f"put of {len(plan.tokens)} tokens: concurrent writers or deletes kept replacing its objects "
+            f"put of {len(plan.tokens)} tokens: its objects kept reading back unreadable, replaced or removed "
             f"({len(stale)} after {PUT_ATTEMPTS} attempts, e.g. {stale[0]})"
         )
 
@@ -214,14 +214,16 @@ class KVStore:
         listed += list(manifest.pq.objects) if manifest.pq is not None else []
 
         async def changed(obj: ChunkObject) -> bool:
-            head = await self.store.get(obj.key, RangeRequest(0, obj.header_bytes))
-            if head is None:
-                return True
-            try:
-                header = container.decode_header(memoryview(head))
-            except FormatError:
-                return True
-            return header.total_bytes != obj.size or header.checksum != obj.checksum
+            for _ in range(2):  # an unreadable header is read once more: damaged in transit?
+                head = await self.store.get(obj.key, RangeRequest(0, obj.header_bytes))
+                if head is None:
+                    return True
+                try:
+                    header = container.decode_header(memoryview(head))
+                except FormatError:
+                    continue
+                return header.total_bytes != obj.size or header.checksum != obj.checksum
+            return True
 
         flags = await self._bounded([lambda obj=obj: changed(obj) for obj in listed])
         return [obj.key for obj, flag in zip(listed, flags) if flag]
@@ -421,54 +423,73 @@ class KVStore:
             expected = None
             keys = [self.keys.chunk_key(plan.fingerprint, h, self.codecs[level].tag) for h in plan.hashes]
 
-        async def fetch(key: str) -> bytes | None:
-            started = time.perf_counter()
-            blob = await self.store.get(key)
-            if blob is not None:
-                metrics.record_get(level, len(blob), time.perf_counter() - started)
-            return blob
+        found = {"hits": 0, "misses": 0}
 
-        blobs = await self._bounded([lambda key=key: fetch(key) for key in keys])
-        missing = sum(blob is None for blob in blobs)
-        metrics.record_lookup(len(blobs) - missing, missing, op="get")
-        for i, (key, blob) in enumerate(zip(keys, blobs)):
+        async def fetch(i: int) -> bytes:
+            started = time.perf_counter()
+            blob = await self.store.get(keys[i])
+            found["misses" if blob is None else "hits"] += 1
             if blob is None and expected is not None:
                 raise IncompleteContextError(
-                    f"context of {len(plan.tokens)} tokens: chunk {i} ({key}) is missing from the store"
+                    f"context of {len(plan.tokens)} tokens: chunk {i} ({keys[i]}) is missing from the store"
                 )
             if blob is None:
                 raise ContextNotFoundError(
                     f"no stored KV for these {len(plan.tokens)} tokens of model {model_id!r} "
                     f"(chunk {i} of {len(keys)} is missing; lookup() finds a stored prefix)"
                 )
+            metrics.record_get(level, len(blob), time.perf_counter() - started)
             if expected is not None:
-                try:
-                    check_recorded_object(blob, expected[i], i)
-                except FormatError:
-                    metrics.record_checksum_failure("chunk")
-                    raise
-        shape, dtype = self._shape_and_dtype(manifest, blobs[0])
-        layers, kv_heads, head_dim = shape
-        out_k = torch.empty((layers, kv_heads, len(plan.tokens), head_dim), dtype=dtype, device=device)
-        out_v = torch.empty_like(out_k)
-        codec_name = manifest.levels[level].codec if manifest is not None else self.codecs[level].name
+                check_recorded_object(blob, expected[i], i)
+            return blob
 
-        def decode(i: int) -> None:
-            start, stop = plan.bounds[i]
-            ident = ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
-                                  layers, kv_heads, head_dim, dtype)
-            started = time.perf_counter()
-            try:
-                k, v = decode_chunk(blobs[i], ident, device)
-            except FormatError:
-                metrics.record_checksum_failure("chunk")
-                raise
-            metrics.record_decode(codec_name, time.perf_counter() - started)
-            out_k[:, :, start:stop] = k
-            out_v[:, :, start:stop] = v
+        try:
+            # chunk 0 first: without a manifest its header says the shape and dtype to allocate
+            first = await self._verified(0, fetch, lambda i, blob: self._shape_and_dtype(manifest, blob))
+            (layers, kv_heads, head_dim), dtype = self._shape_and_dtype(manifest, first)
+            out_k = torch.empty((layers, kv_heads, len(plan.tokens), head_dim), dtype=dtype, device=device)
+            out_v = torch.empty_like(out_k)
+            codec_name = manifest.levels[level].codec if manifest is not None else self.codecs[level].name
 
-        await self._bounded([lambda i=i: asyncio.to_thread(decode, i) for i in range(len(blobs))])
+            def decode(i: int, blob: bytes) -> None:
+                start, stop = plan.bounds[i]
+                ident = ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
+                                      layers, kv_heads, head_dim, dtype)
+                started = time.perf_counter()
+                k, v = decode_chunk(blob, ident, device)
+                metrics.record_decode(codec_name, time.perf_counter() - started)
+                out_k[:, :, start:stop] = k
+                out_v[:, :, start:stop] = v
+
+            async def fetched_first(i: int) -> bytes:
+                return first
+
+            await self._bounded([lambda: self._verified(0, fetched_first, decode, refetch=fetch)]
+                                + [lambda i=i: self._verified(i, fetch, decode) for i in range(1, len(keys))])
+        finally:
+            metrics.record_lookup(found["hits"], found["misses"], op="get")
         return unstack_kv(out_k, out_v)
+
+    @staticmethod
+    async def _verified(i: int, fetch: Callable[[int], Awaitable[bytes]], decode: Callable[[int, bytes], Any],
+                        refetch: Callable[[int], Awaitable[bytes]] | None = None) -> bytes:
+        """Fetch chunk ``i``, check and decode it; a chunk that fails verification (damaged in
+        transit, say: Redis has no checksum on the wire) is read once more before the error
+        is raised. Returns the verified bytes."""
+        try:
+            blob = await fetch(i)
+            await asyncio.to_thread(decode, i, blob)
+            return blob
+        except FormatError as exc:
+            metrics.record_checksum_failure("chunk")
+            log.warning("chunk %d failed verification (%s): reading it again", i, exc)
+        try:
+            blob = await (refetch or fetch)(i)
+            await asyncio.to_thread(decode, i, blob)
+            return blob
+        except FormatError:
+            metrics.record_checksum_failure("chunk")
+            raise
 
     @staticmethod
     def _shape_and_dtype(manifest: Manifest | None, first_blob: bytes) -> tuple[tuple[int, int, int], torch.dtype]:

@@ -35,13 +35,13 @@ from kvstore.codecs.rans_bench import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
-from kvstore.kernels import rans_decode as kernels_dispatch_decode
+from kvstore.kernels import decode_rans as kernels_dispatch_decode
 from kvstore.kernels.dequantize import (
     dequantize_affine,
     dequantize_kv_channel_major,
     dequantize_rowscale,
 )
-from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu, encode_channel_major
+from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
 from kvstore.kernels.rans_decode import (
     MODE_AFFINE,
     MODE_ROWSCALE,
@@ -256,11 +256,12 @@ def small_profile():
 
 
 @interp
-@pytest.mark.parametrize(("tokens", "start", "plan", "dtype"), [
-    (6, 0, "split", torch.float16), (5, 100, "fused", torch.float16), (6, 0, "auto", torch.bfloat16),
+@pytest.mark.parametrize(("tokens", "start", "plan", "dtype", "version"), [
+    (6, 0, "split", torch.float16, 1), (5, 100, "fused", torch.float16, 1), (6, 0, "auto", torch.bfloat16, 1),
+    (6, 0, "auto", torch.float16, 2), (5, 100, "auto", torch.bfloat16, 2),
 ])  # fmt: skip
-def test_kvcodec_chunk_matches_the_cpu_codec(small_profile, tokens, start, plan, dtype):
-    codec = KVCodecV1(small_profile, 1)
+def test_kvcodec_chunk_matches_the_cpu_codec(small_profile, tokens, start, plan, dtype, version):
+    codec = KVCodecV1(small_profile, 1, version=version)
     keys, values = _synthetic_kv(tokens, 40 + tokens, dtype)
     buffers = codec.encode(keys, values, start=start)
     obj = container.decode(container.encode(buffers, kind="t"))
@@ -278,16 +279,28 @@ def test_kvcodec_chunk_matches_the_cpu_codec(small_profile, tokens, start, plan,
 
 
 @interp
-def test_channel_major_chunk_matches_the_cpu_codec(small_profile):
-    codec = KVCodecV1(small_profile, 2)
+def test_both_layouts_decode_alike_on_cpu_and_triton(small_profile):
+    """The same chunk in the token-major (version 1) and channel-major (version 2, here with
+    8-symbol lanes: several groups per stream) layouts: the CPU decoder and the Triton decoder
+    give the same values for both, and a stream in the other layout is rejected."""
+    old, new = KVCodecV1(small_profile, 2, version=1), KVCodecV1(small_profile, 2)
     keys, values = _synthetic_kv(7, 77)
-    obj = container.decode(container.encode(codec.encode(keys, values), kind="t"))
-    k0, v0 = codec.decode(obj, tuple(keys.shape), keys.dtype, CPU)
-    cm = container.decode(container.encode(encode_channel_major(codec, keys, values, lane_symbols=8), kind="t"))
-    for backend in ("triton", "torch"):
-        k1, v1 = decode_kvcodec_gpu(cm, codec, tuple(keys.shape), keys.dtype, CPU, backend=backend,
-                                    config=DecodeConfig(block_g=16))  # fmt: skip
-        assert torch.equal(k0, k1) and torch.equal(v0, v1), backend
+    shape = tuple(keys.shape)
+    obj1 = container.decode(container.encode(old.encode(keys, values), kind="t"))
+    k0, v0 = old.decode(obj1, shape, keys.dtype, CPU)
+    short = new.entropy_code(new.quantize(keys, values), lane_symbols=8)
+    assert rans.read_header(short["k"]).num_groups > 1 and rans.read_header(short["k"]).dims == (L * H * D, 7, 1)
+    obj2 = container.decode(container.encode(short, kind="t"))
+    assert all(torch.equal(a, b) for a, b in zip(new.decode(obj2, shape, keys.dtype, CPU), (k0, v0)))
+    for codec, obj in ((old, obj1), (new, obj2)):
+        for backend in ("triton", "torch"):
+            k1, v1 = decode_kvcodec_gpu(obj, codec, shape, keys.dtype, CPU, backend=backend,
+                                        config=DecodeConfig(block_g=16))  # fmt: skip
+            assert torch.equal(k0, k1) and torch.equal(v0, v1), (codec.version, backend)
+    with pytest.raises(FormatError):  # the layout follows the codec's version, checked against the headers
+        decode_kvcodec_gpu(obj1, new, shape, keys.dtype, CPU, backend="torch")
+    with pytest.raises(FormatError):
+        old.decode(obj2, shape, keys.dtype, CPU)
 
 
 # ----------------------------------------------------------------------------- no kernel needed
@@ -441,18 +454,20 @@ def test_gpu_corrupt_streams_raise():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_kvcodec_chunk_matches_the_codec(small_profile, dtype):
     dev = torch.device("cuda")
-    codec = KVCodecV1(small_profile, 1)
-    for tokens, start in ((700, 0), (333, 50)):
-        keys, values = _synthetic_kv(tokens, int(np.random.SeedSequence().entropy % 1000), dtype)
-        obj = container.decode(container.encode(codec.encode(keys, values, start=start), kind="t"))
-        k_gpu, v_gpu = codec.decode(obj, tuple(keys.shape), dtype, dev)  # the torch path on the same device
-        k_cpu, v_cpu = codec.decode(obj, tuple(keys.shape), dtype, CPU)
-        cm = encode_channel_major(codec, keys, values, start=start, lane_symbols=256)
-        k2, v2 = decode_kvcodec_gpu(cm, codec, tuple(keys.shape), dtype, dev)
-        assert torch.equal(k2, k_gpu) and torch.equal(v2, v_gpu)
-        for plan in ("fused", "split"):
-            for config in (DecodeConfig(), DecodeConfig(block_g=2, ballot=False, prefetch=False)):
-                k1, v1 = decode_kvcodec_gpu(obj, codec, tuple(keys.shape), dtype, dev, plan=plan, config=config)
-                assert torch.equal(k1, k_gpu) and torch.equal(v1, v_gpu), (plan, config)
-                torch.testing.assert_close(k1.cpu(), k_cpu, rtol=0, atol=0)
-                torch.testing.assert_close(v1.cpu(), v_cpu, rtol=2e-3, atol=1e-6)
+    for version in (1, 2):
+        codec = KVCodecV1(small_profile, 1, version=version)
+        for tokens, start in ((700, 0), (333, 50)):
+            keys, values = _synthetic_kv(tokens, int(np.random.SeedSequence().entropy % 1000), dtype)
+            shape = tuple(keys.shape)
+            obj = container.decode(container.encode(codec.encode(keys, values, start=start), kind="t"))
+            k_gpu, v_gpu = codec.decode(obj, shape, dtype, dev)  # the default GPU path
+            k_cpu, v_cpu = codec.decode(obj, shape, dtype, CPU)
+            short = codec.entropy_code(codec.quantize(keys, values, start=start), lane_symbols=256)
+            k2, v2 = decode_kvcodec_gpu(short, codec, shape, dtype, dev)
+            assert torch.equal(k2, k_gpu) and torch.equal(v2, v_gpu)
+            for plan in (("fused", "split") if version == 1 else ("auto",)):
+                for config in (DecodeConfig(), DecodeConfig(block_g=2, ballot=False, prefetch=False)):
+                    k1, v1 = decode_kvcodec_gpu(obj, codec, shape, dtype, dev, plan=plan, config=config)
+                    assert torch.equal(k1, k_gpu) and torch.equal(v1, v_gpu), (version, plan, config)
+                    torch.testing.assert_close(k1.cpu(), k_cpu, rtol=0, atol=0)
+                    torch.testing.assert_close(v1.cpu(), v_cpu, rtol=2e-3, atol=1e-6)

@@ -1,13 +1,18 @@
 """The project's multi-level codec on synthetic KV with realistic structure."""
 
 import asyncio
+import base64
+import hashlib
+import zlib
 
 import pytest
 import torch
 
 import kvstore.codecs.base as codec_base
 from kvstore import KVStore
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs import rans
+from kvstore.codecs.base import get_codec
+from kvstore.codecs.kvcodec import FORMAT_VERSION, KVCodecV1
 from kvstore.codecs.kvcodec_profile import ZERO, KVCodecProfile, build_profile
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
@@ -143,3 +148,185 @@ def test_store_round_trip_loads_profile_from_the_store(profile):
                 await reader.get("synthetic", tokens, level=1)
 
     asyncio.run(go())
+
+
+# -- the stream layout: channel-major (version 2) and token-major (version 1) ---------------------
+
+
+def stream_bytes(buffers):
+    return sum(len(buffers[name]) for name in ("k", "v", "scales"))
+
+
+def test_channel_major_is_the_default_and_is_recorded(profile):
+    codec = KVCodecV1(profile, 2)
+    assert FORMAT_VERSION == 2 and codec.version == 2 and codec.params["version"] == 2
+    keys, values = synthetic_kv(40, seed=20)
+    buffers = codec.encode(keys, values, start=0)
+    assert rans.read_header(buffers["k"]).dims == (L * H * D, 40, 1)
+    assert rans.read_header(buffers["v"]).dims == (L * H * D, 40, 1)
+    assert rans.read_header(buffers["scales"]).dims == (L * H, 40, 1)
+    old = KVCodecV1(profile, 2, version=1)
+    assert "version" not in old.params and rans.read_header(old.encode(keys, values)["k"]).dims == (L * H, 40, D)
+    # parameters round-trip; a chunk stored without a version is version 1; unknown versions are refused
+    assert KVCodecV1.from_params(codec.params).version == 2
+    assert KVCodecV1.from_params({"profile": codec.profile_id, "level": 2}).version == 1
+    assert codec.tag != old.tag  # different bytes, different objects in a store
+    for bad in (3, 1, "2", True):
+        with pytest.raises(FormatError):
+            KVCodecV1.from_params({**codec.params, "version": bad})
+    with pytest.raises(CodecError):
+        KVCodecV1(profile, 2, version=5)
+
+
+@pytest.mark.parametrize("start", [0, 256])
+def test_layouts_decode_to_identical_values(profile, start):
+    """Same quantized symbols, another order: both decode (CPU) to the same values, bit for bit."""
+    keys, values = synthetic_kv(300, seed=21)
+    keys[2, 1, 100, 5] = -4000.0  # a patch
+    for level in range(len(profile.levels)):
+        outs = []
+        for version in (1, 2):
+            codec = KVCodecV1(profile, level, version=version)
+            _, (k2, v2) = round_trip(codec, keys, values, start=start)
+            outs.append((k2, v2))
+        (k1, v1), (k2, v2) = outs
+        assert torch.equal(k1, k2) and torch.equal(v1, v2), level
+
+
+def test_channel_major_costs_only_its_extra_groups(profile):
+    """4,096 tokens: the version-2 key/value streams have 4x the groups (lanes of ~1,024 symbols)
+    and the scale stream 3x; the extra size is at most the extra groups' states and offsets
+    (132 bytes each) and, at realistic rates, about 1%."""
+    keys, values = synthetic_kv(4096, seed=16)
+    for level in range(len(profile.levels)):
+        old, new = KVCodecV1(profile, level, version=1), KVCodecV1(profile, level)
+        b1, b2 = old.encode(keys, values, start=256), new.encode(keys, values, start=256)
+        groups = [sum(rans.read_header(b[n]).num_groups for n in ("k", "v", "scales")) for b in (b1, b2)]
+        assert groups == [7, 27]
+        s1, s2 = stream_bytes(b1), stream_bytes(b2)
+        assert 0 < s2 - s1 <= 132 * (groups[1] - groups[0]), level
+        bits = 8 * s1 / (2 * keys.numel())
+        assert s2 / s1 - 1 < (0.011 if bits > 2 else 0.015), (level, bits, s2 / s1)
+
+
+def test_entropy_code_lane_symbols_and_ideal_bits(profile):
+    codec = KVCodecV1(profile, 1)
+    keys, values = synthetic_kv(512, seed=22)
+    q = codec.quantize(keys, values, start=64)
+    assert q.keys.shape == (L * H * D, 512, 1) and q.scales.shape == (L * H, 512, 1)
+    short = codec.entropy_code(q, lane_symbols=64)
+    assert rans.read_header(short["k"]).group_size == 64 * 32 and rans.read_header(short["scales"]).group_size == 16 * 32
+    obj = container.decode(container.encode(short, kind="t"))
+    _, (k0, v0) = round_trip(codec, keys, values, start=64)
+    k1, v1 = codec.decode(obj, tuple(keys.shape), keys.dtype, torch.device("cpu"))
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    old = KVCodecV1(profile, 1, version=1)
+    ideal = codec.ideal_bits(q)
+    assert ideal == pytest.approx(old.ideal_bits(old.quantize(keys, values, start=64)), rel=1e-12)
+    assert 0.97 < ideal / (8 * stream_bytes(codec.encode(keys, values, start=64))) < 1.0
+
+
+# A chunk written by the token-major encoder before the format version existed (commit e1fcd6d):
+# a 1-level profile of 2 layers x 2 heads x 8 dims, a 40-token first chunk (sinks and a key patch),
+# and the SHA-256 of the fp16 keys + values that commit decoded from it.
+OLD_PROFILE_B64 = (
+    "eNqVkXs4lPkewEcXjpVmUxFapldPbA077zv3Yf2mY5Iuk82q2CljzAwmY0ZmmBFz5nQhwqKSpMu0rZaKON1wFLHpVC6lkmzIllsol+Q+73l1"
+    "nnZ1nnP2POf71/f++V42bP0WZ4DD4R7Mwn0Q9q+Wmrmz+6jRUIhEJoJYUEikUC4SCx3DwuWBEqkYIkIfbIgVDckEoWIsQyaXiSENEQoVKwXT"
+    "bqkgShyugFgIESvmB4sFon8Z0xpfJAmFWAwipJDIQvhKeYhYhgUpREgqjhRLMZXHg51IRJITg7pjBxFSCgKkYr5QHhoWLlYoJHIZhtstlQRM"
+    "40QCpYAfEKUUY1UwhY71DIgIDPxA5v02W4g4ii8Uy5TicGxwkTIqbNoZKJULlGQE8yiCBdMeHkJEiAyMJw8MVIiVEItEhGQfWyNYZ7U6mIyp"
+    "ZApMI1PpTAqTRmXS6TCZimiIn7AiZBLl/0X60P4/sWAGmUZFSAxsNSZCocNUOnkGS0niYzjFDFSERKZkzABR6PQZGIRK+x2DhX7D0GEYQcgM"
+    "MpPGhKlUGoVMhz/FRAqkEeI/AlFJM0F02ox9sNBHEI2GkBAqiQRTmdjVSGT4k9NhHIVQIP1DDsz8t7vNfBLz98MhTBqNTIJJ9OkUMhNhIHTN"
+    "Dg3uv4joUQJYtD0WELxOgg5dEphEPMCie0eB1feRgHvCDEyaq0HyqWSgq00ClOpUUHL1ILD0zASrNvJB6RkVWGd3ANi47wJoihwUWyQAXU4x"
+    "MD1WAXSynaAnSAM2D+wBl16FgAXJ6aB8vQb8ZfAI0F/7GtQcTAQtvlzQZNrlWlO8BZQ4xQKPop/Bw6R5bKRtHrvpW4RdkOzFtpo96tq5Lgz0"
+    "WWQAu6lngLZlDvtRyyJ2iIMl+5tGDtsQnQ2o13aCZZ9lg/luT8EPu3qA5gievfHhSjZsRWbP9e53bVrIBWvzkoBJTRc45/YGpBUvYQdVO7LZ"
+    "PT5s9Ym+Ju6mim8+x/nziKFpP65a+OO7q7cJYHDWDysOFdFWREiW/9riM1L1N3mOBa4hoHnhbpwQz95tUDl3ngVh+XjFF+Pm5Jil/ocCO25k"
+    "RtU2P8nTJTg31KKe/tqiWVRKTMmVHb4L1Xf21p8znpJyYkqYSnFLIcHGRex9PiJrYs96Tkuh7t2N3AuDERrJyGUftE0wDApjrLL23HM2P+IK"
+    "sbykm3gLBhZVa9XBcYFmIQ+jHDeFlwpXuxTo5Q162oAej78wmr80ze8sT7G85SHBxnXkjUnPUPz2NwGokel9NGis+8UIsbBA78b52fpLSkOn"
+    "W3NacJyK4qA5/FwjeHh3W3z8sC1EQx+lHI3UBaD4lBUMr5v1eXn3ZseqiA6a4/2pzUvHKdD3+4dtbSC/N3FVdZLgF5O2EDesvW/SogdsPIU8"
+    "1m6yqxjXlhr8+awxvZ6Gtvbr8V66+cOXDuOFSRPgr41jtmm+WX1o1J296iWdHa+ymfbHUNLc1/U38+3N32tJUdgNeEXovoQ+1OzC02DvgSkj"
+    "Dqc3iJ9oZHHWrANweqdU0nFKoeGo3oKwFV2bLbmwOdtyUv95aCc40/YlVviP9LKaNUE5QtRogTO6rf3Oy8b9MXrUoOxWwnvc/xbs/79wZY/Y"
+    "i4z6azkOyWVx588c7KluLEynrA/xt46oO8eb825W6gnd1+x1jdvg6J1ByWFOL47N9uk2uBiGSzTxyTZXHfMt7TyN789wfyupkscMtzVHV3Tt"
+    "UfVPpnbEHkzjtJZkOjM3KJ/4psYkTWqKw17rlr4Yr7wSlEuKy/x775/Os0wOcR/8UrlFy3IyKs7FrJS05AVD3YzFCbXxryke1wquXkZUTzxv"
+    "nxKgBw6kgWrLJ7eqT12vPIrFaKs7+461xsIplIvaeCivfyWaoWZ5nZxz175L5ahYVTb/ZtsYXtcxUbetUz9c7RfpHbR6kNqJej+P5alaqoZs"
+    "XfZ+dyfXhxGb0VWEHgiuQ673vybUe9uvHjQuuewFM3nDdqYTwCXpuY2sOeVw7OEsLGvtA4+QDm3s9YZdU20LlM9yY4KUinHrHluC+9GTRvqX"
+    "NdVVY19xuGjddqHP/AY1aqQrSO+CvzIyCarL98vZtE8kFOUN5cMXJxO3qfX7HOi2o3XXM+yt3SLMlp/WlVoPVaxyOYGWH8lq1w1eim6A32vV"
+    "x6fQhqkY18t0w3xsFJfv6D9FPKjW9k/gOdZ20fmo542T2SzjQ2+1qMr96Y2f7C5iFRMgnT8Ga6+ETS27V9NdNP9m4yhqz6mZar1/uELhXmqi"
+    "QlG8YcDR7o//T79lWkmYt0bYizNNayRk4uTlVzM6fIYrDKXlhs0Ea9E+4uN1VhZrMs9sHvVfJjjd8rRzoATcuhB3PHRPL/l+pZ+l0WLj4x5p"
+    "HU71TRbODlXFvIkRR696g3ZHr0ZWyrMNaN76zfG7/UUbWZIzXyTAWbcXZ3Hb64C+vnLJA7dyjT68wvLVrcqcla25jtcab2ti6hPvu7ukKrnG"
+    "AwmP7Zydpsr227/MObe19rmjbKflUz/ZM4/P4lcZbrn79nGPZ1igxmBtgR35n8zWtf0="
+)
+OLD_CHUNK_B64 = (
+    "S1ZTAAEAAABnAwAAAAAAAIf4WlC1QApKeyJraW5kIjoia3YtY2h1bmsiLCJjb2RlYyI6eyJuYW1lIjoia3Zjb2RlYyIsInBhcmFtcyI6eyJw"
+    "cm9maWxlIjoiN2Y0MTBkODRlMmMyZDZiNGE1YjljNTg4MDMwZmFkMTQiLCJsZXZlbCI6MH19LCJtZXRhIjp7fSwiZGF0YV9ieXRlcyI6MTk5"
+    "NiwiYnVmZmVycyI6W3sibmFtZSI6InNpbmtfayIsImR0eXBlIjoiZmxvYXQxNiIsInNoYXBlIjpbMiwyLDQsOF0sIm9mZnNldCI6MCwibmJ5"
+    "dGVzIjoyNTYsInh4aDMiOjMwOTE4NDg0NzE3NjAxMjU1MDZ9LHsibmFtZSI6InNpbmtfdiIsImR0eXBlIjoiZmxvYXQxNiIsInNoYXBlIjpb"
+    "MiwyLDQsOF0sIm9mZnNldCI6MjU2LCJuYnl0ZXMiOjI1NiwieHhoMyI6MTcxNDUwOTY2MDkxMjc0NjIyMDh9LHsibmFtZSI6ImtfcGF0Y2hf"
+    "aW5kZXgiLCJkdHlwZSI6ImludDMyIiwic2hhcGUiOlsxXSwib2Zmc2V0Ijo1MTIsIm5ieXRlcyI6NCwieHhoMyI6Mjc3NDc2NzA5NTM3ODMx"
+    "MzI4fSx7Im5hbWUiOiJrX3BhdGNoX3ZhbHVlIiwiZHR5cGUiOiJmbG9hdDE2Iiwic2hhcGUiOlsxXSwib2Zmc2V0Ijo1NzYsIm5ieXRlcyI6"
+    "MiwieHhoMyI6MTM2OTUyMDg0MTcyMzY3NDg0NDB9LHsibmFtZSI6ImsiLCJkdHlwZSI6InVpbnQ4Iiwic2hhcGUiOls0ODhdLCJvZmZzZXQi"
+    "OjY0MCwibmJ5dGVzIjo0ODgsInh4aDMiOjI5NTM0NzAyMTE0MTM0NjkxMTJ9LHsibmFtZSI6InYiLCJkdHlwZSI6InVpbnQ4Iiwic2hhcGUi"
+    "Ols1MTZdLCJvZmZzZXQiOjExNTIsIm5ieXRlcyI6NTE2LCJ4eGgzIjoxODI5NTQ0NDY2MzYyNDQ2MTA3NX0seyJuYW1lIjoic2NhbGVzIiwi"
+    "ZHR5cGUiOiJ1aW50OCIsInNoYXBlIjpbMjY4XSwib2Zmc2V0IjoxNzI4LCJuYnl0ZXMiOjI2OCwieHhoMyI6OTM5MjEzNjE0NjkzMzkwNjgw"
+    "N31dfQA2T+hQDT4sUEdUK0n0WBvXyzvnOTU9NDmGQd49CUF/QIY8MT8BNmK+CUJjQHk4ozwhPd5BikIHu9lBGUBwR3o4tMQaU6JLo0lCSHTO"
+    "jNLQy3I86TwEPUE4CUWpOB+5kcK9OJQ7NDXGvsk/Vq2IwCU3AjwpQnNDmaixPkev6T5HQpVElEnKzATGXUwy175Qq0xeMuszhDsqvT+0Eh3O"
+    "QE+4ZDwBILQ5Cj8wuBu/WbwbQJQ7w0EeO8NAUDq+PDm/OkLbS5JNw1RqSePPgkjDVTlVnDYfPRA0TsDPOCs3PkFVtGQ8ujo0Qm1E+jvOPkI5"
+    "I0GQGUNAsLy7QXw+LzBhQPJBRURVRMi5dzxMQbbBn0C8wu88prVfsWM8S7tcMYOwATjdoUsnrbp3su0vcLbzrIcu4znWvhW8J7e6Pu89ub4E"
+    "vsw4m7aPupu9UDh4NIA35bO+LF+wzpw0JuiydSqpKKKsGp3TNTazV7VZKuK0w7uzuGe84bd/vSO47TjAvnrAVj6jsBYz+LLAryO4sLZgqAio"
+    "lCyAtpswPS9jNH+xiDfpNDy0azGXuEQ3DTbvN9y45TOCpuacxZdOKGEsbCnBpH0pajjJMQ670bGDvWQ5R6p7u0So7jMgpretIR4KLHOrDiVG"
+    "RM2qGrzuvq/FbT/uNgXF4kBRt8O9SjwSQKE55LnkuiMDAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAADcaQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAS1ZS"
+    "QQEPIAMEAAAAKAAAAAgAAAAgAAAAAAEAADMGlAOw0O3EAAUAAAEAAACYAAAAQ9ACAPjAsgcnKAEA9DIBAMivUwCgzhsLp1aiDBHBCgCJqwsG"
+    "qEYBAH6udQFOPNEODlYEAC/QKCBEOFsHqcEQADgsMwCupwEAaFoMAM+uMAE10u/i31HcryrZuLLssHID38p8ALmtqATMR6FIx8QdDBxCMwtg"
+    "qwEAXs8EJHeoAQAAAAAAmAAAADSJb8wErsB6hJUCWno2Rlo6x7sa6MX9fXexPpllrynrz4rifvHcWWG6ZDrYVWS3MuukDVAdTByESa+oJfQl"
+    "vYkJE9cXsYvTezKLXPCjDQFCQi/n+G3ylm4zbzKlg5szvZvWMknHoaWpKCvW+yXp7UaCUr3gD4V6Yhf3dI0K+/VJG8SE2+kHv0JZOeu8AqhE"
+    "GnmKWLNDDKpGnaktjDBvTAUtxWIpWNNpdw042VwwDGxN+wG4c5ru8xBXDfNdVgvMjSgXY6n+uwsWnS/gmNy5e1j1pGu2I0SkH/fl8pDbJh7K"
+    "IywWH3JfSF7lCDaWr9KU3vOrZhBSDz7HHKH35R4eJgvMI282Eom09IFiBo7HWV0cLeUk1h4jvD6tJqiazgzE552F5Io2/X0BWOwyBS+yg38A"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAABLVlJBAQ8gAwQAAAAoAAAACAAAACAAAAAAAQAA6HPoybDQ7cQABQAAAQAAAKUAAAAcvAoAA1BHAbJL"
+    "AwABTBAAPrwVAxe3cAdeRG0PWdRxAISykCj6w+IBSLc8BHlGDACtMJ4Nt8S78lQ9HAGrzOEWljMNAcc+JgA8UNpA+zIqB2HNwgVIwJFjGE0C"
+    "AES+M2PkSp1M7r4nVjq5BgDUrwUAik9lkMvO5QTOw9NJUTHiHQAAAAClAAAAYlGGLhej+SzewnppkRy5IWo5KrVuY3oqZqohjPptVpjmqfu5"
+    "QlW7+TvwvBzpJtdInVOZ8y/8CYgL9GivEUHQEPUjAWwALUXbdDEBv2dM+cJXuxHHMjf3ysYUwe3sbVirDjXbNgKpD6oKnDMsLpGNiapt5Z7E"
+    "I9Hkz+avpEs4Gz/Haxc4uOhVphUgGxVvSK6r3VStoHg9EHfPQMJqI1RkDslc9AnwBKGL6maQOgxJbsJtrMtGzjSmL6zaE+mEES4RPB6B8yWs"
+    "Nx90k/Ih9kUNwTnZ1TDGbsdK7evw7NIdijg4uKEhvK2zS1ivchvZqRCZw+aA+ozWvd4ZtQeByW5Ch/Z2Gen0sS1MrOcTu1FKrDteX7XExx24"
+    "xfGK/59/m9X1n95w0PMqlmA998eEOtOnzmx5Wo5CmiPUk4tH3KvDK4ijw0nc4EYM//Z5AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABLVlJBAQ8gAwQAAAAoAAAAAQAAAAQAAAAAAQAALGeK7KmvjiegAAAAAQAAACkAAAAf"
+    "cJMAI7pUAcseOgBG2gMAFTo8ADWTGAB7saZ1LAmPAIU6NADs3i0A4Q9AAAA7KAA9PWsABCYOAL1gAwAupAEApugRANxElgBuopQC1fgBAIhh"
+    "cgAcTgwA5NwpAHNxAQB4E0ICjwJIAObixwDNpRgAGYyvA7zoUAC1XRkAyu7XAAAAAAApAAAA/dTvEErxfq4BU28eODV/+QBhbwD6hZ8DwOHR"
+    "TwrozzWwluOYhdu0q6mJjA/uDwjsOBcXLugCDBii2y9EKQgBRUgX9c0FiLfTcwAy/KMOenJvfQAA"
+)
+OLD_DIGEST = "3eef813ac982cab759cc8d46676353362fcb1f8eccee7f459c4eac603557b070"
+
+
+def old_kv():
+    """The KV that chunk was encoded from."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, 40, 8, generator=g) * torch.linspace(0.5, 3, 8) + 1.0
+    k[:, :, 0] *= 30
+    v = torch.randn(2, 2, 40, 8, generator=g) * torch.exp(torch.randn(2, 2, 40, 1, generator=g))
+    k, v = k.half(), v.half()
+    k[1, 0, 20, 3] = 3000.0
+    return k, v
+
+
+def old_chunk():
+    """(codec from the stored parameters, container) of the old-layout chunk."""
+    profile = KVCodecProfile.from_bytes(zlib.decompress(base64.b64decode("".join(OLD_PROFILE_B64))))
+    KVCodecV1(profile, 0)  # registers the profile, as a store does when it loads it
+    obj = container.decode(base64.b64decode("".join(OLD_CHUNK_B64)))
+    return get_codec(obj.header.codec["name"], obj.header.codec["params"]), obj
+
+
+def test_old_layout_chunk_still_decodes_bit_exact():
+    codec, obj = old_chunk()
+    assert set(obj.header.codec["params"]) == {"profile", "level"} and codec.version == 1
+    k, v = codec.decode(obj, (2, 2, 40, 8), torch.float16, torch.device("cpu"))
+    assert hashlib.sha256(k.numpy().tobytes() + v.numpy().tobytes()).hexdigest() == OLD_DIGEST
+    keys, values = old_kv()
+    assert torch.equal(k[:, :, :4], keys[:, :, :4]) and k[1, 0, 20, 3] == 3000.0
+    # the version-1 encoder is kept: it still writes these exact streams
+    again = codec.encode(keys, values, start=0)
+    for name in ("k", "v", "scales"):
+        assert bytes(again[name]) == bytes(obj.raw(name)), name
+    # and the same KV in today's layout decodes to the same values
+    new = KVCodecV1(codec.profile, 0)
+    _, (k2, v2) = round_trip(new, keys, values, start=0)
+    assert torch.equal(k, k2) and torch.equal(v, v2)

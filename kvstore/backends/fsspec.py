@@ -430,14 +430,15 @@ def _error_code(exc: BaseException) -> str:
 
 def _is_transient(exc: BaseException) -> bool:
     import aiohttp
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from botocore import exceptions as bx
     from botocore.parsers import ResponseParserError
 
     transient = (
-        BotoConnectionError,
-        HTTPClientError,
-        IncompleteReadError,
+        bx.ConnectionError,
+        bx.HTTPClientError,
+        bx.IncompleteReadError,
+        # a body that fails the checksum S3 sent with it was damaged on the way: read it again
+        getattr(bx, "FlexibleChecksumError", bx.IncompleteReadError),
         ResponseParserError,
         aiohttp.ClientError,
         ConnectionError,

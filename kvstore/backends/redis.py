@@ -19,8 +19,8 @@ Semantics: ``put`` is ``SET`` (``PX`` for a TTL, ``NX`` for ``create_only``),
 so Redis itself expires values; a byte range is read by a small Lua script
 that tells a missing key from an empty value in one atomic step; ``list`` is
 ``SCAN MATCH`` on the escaped prefix (on every primary of a cluster);
-``delete`` is ``UNLINK``. Connection failures, timeouts, ``LOADING``,
-``TRYAGAIN`` and ``CLUSTERDOWN`` raise
+``delete`` is ``UNLINK``. Connection failures, timeouts, unparsable replies,
+``LOADING``, ``TRYAGAIN`` and ``CLUSTERDOWN`` raise
 :class:`~kvstore.errors.TransientBackendError` and are retried here.
 """
 
@@ -354,6 +354,7 @@ def _translate(exc: BaseException, where: str) -> BaseException:
     transient = (
         rx.ConnectionError,  # includes BusyLoadingError (LOADING) and MaxConnectionsError
         rx.TimeoutError,
+        rx.InvalidResponse,  # a reply damaged on the way; redis-py drops that connection
         rx.TryAgainError,
         rx.ClusterDownError,  # includes MasterDownError
         rx.ReadOnlyError,  # a failover demoted the node we wrote to

@@ -7,6 +7,13 @@ coder under per-model symbol statistics from the profile (so a chunk carries
 no tables). The context's first ``sink_tokens`` tokens (attention sinks) are
 stored raw, as are the rare elements whose residual falls outside the 8-bit
 symbol range ("patches").
+
+Stream layout (the ``version`` parameter, see ``README.md``): version 2, the default, codes
+keys and values channel-major (``[L*H*D, T, 1]``, one model per row, lanes of ~1,024
+symbols) so that a GPU warp's 32 lanes share one model; version 1, token-major
+(``[L*H, T, D]``), is what chunks stored without a version hold, and is still read and
+written. KV on a CUDA device is encoded and decoded by the Triton kernels of
+:mod:`kvstore.kernels` (for the same symbols, the same rANS bytes).
 """
 
 from __future__ import annotations
@@ -30,15 +37,38 @@ from kvstore.codecs.kvcodec_profile import (
 )
 from kvstore.codecs.symbol_model import FrequencyTable, ideal_code_bits
 from kvstore.errors import CodecError, FormatError
-from kvstore.kernels import use_triton
 from kvstore.format.container import BufferLike, Container
+from kvstore.kernels import use_triton
 
 DEFAULT_LEVEL = 2
+#: the chunk bitstream layout, recorded as the codec parameter ``version`` (absent = 1):
+#: 1 = keys/values token-major ``[L*H, T, D]`` (model per (l*H + h, d)), rANS lanes of ~4,096 symbols;
+#: 2 = channel-major ``[L*H*D, T, 1]`` (one model per row), lanes of ~LANE_SYMBOLS symbols.
+FORMAT_VERSION = 2
+VERSIONS = (1, 2)
+#: symbols per rANS lane of the key/value streams (version 2): ~0.85% larger than 4,096 on
+#: Llama-3-8B-shaped chunks, 4x the GPU parallelism (``benchmarks/kernels_notes.md``)
+LANE_SYMBOLS = 1024
+#: symbols per lane of the value scale stream (version 2): its lanes end with the key/value lanes
+SCALE_LANE_SYMBOLS = LANE_SYMBOLS // 4
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One rANS stream of a chunk: its buffer name, table, model map, symbol shape and the
+    group size an encoder uses (decoders read the group size from the stream header)."""
+
+    name: str
+    table: FrequencyTable
+    model_map: np.ndarray
+    shape: tuple[int, int, int]
+    group_size: int | None
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """A chunk's uint8 symbol streams (``[L*H, T, D]``, ``[L*H, T, D]``, ``[L*H, T, 1]``)
+    """A chunk's uint8 symbol streams in the codec's stream layout (keys and values
+    ``[L*H*D, T, 1]`` for version 2, ``[L*H, T, D]`` for version 1; scales ``[L*H, T, 1]``)
     and the buffers stored as they are (sinks, patches)."""
 
     keys: np.ndarray
@@ -57,11 +87,14 @@ def _patches(residuals: torch.Tensor, originals: torch.Tensor) -> tuple[torch.Te
 @register_codec
 class KVCodecV1(KVCodec):
     """The multi-level codec. ``profile``: a :class:`KVCodecProfile` (or the id of a
-    registered one); ``level``: an index into the profile's levels, 0 the best."""
+    registered one); ``level``: an index into the profile's levels, 0 the best;
+    ``version``: the stream layout it writes and reads (:data:`FORMAT_VERSION` by default;
+    chunks stored without a version are read as version 1)."""
 
     name = "kvcodec"
 
-    def __init__(self, profile: KVCodecProfile | str, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, profile: KVCodecProfile | str, level: int = DEFAULT_LEVEL, *,
+                 version: int = FORMAT_VERSION) -> None:  # fmt: skip
         if isinstance(profile, str):
             profile_id = profile
             profile = registered_profile(profile_id)  # type: ignore[assignment]
@@ -74,22 +107,44 @@ class KVCodecV1(KVCodec):
             register_profile(profile_id, profile)
         if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < len(profile.levels):
             raise CodecError(f"level must be an int in [0, {len(profile.levels)}), got {level!r}")
+        if type(version) is not int or version not in VERSIONS:
+            raise CodecError(f"kvcodec format version must be one of {VERSIONS}, got {version!r}")
         self.profile: KVCodecProfile = profile
         self.profile_id = profile_id
         self.level = level
+        self.version = version
         L, H, D = profile.shape
-        self._models = np.arange(L * H * D).reshape(L * H, D)
+        if version == 1:
+            self._models = np.arange(L * H * D).reshape(L * H, D)
+        else:
+            self._models = np.arange(L * H * D).reshape(L * H * D, 1)
         self._scale_models = np.arange(L * H).reshape(L * H, 1)
 
     @property
+    def channel_major(self) -> bool:
+        """Whether keys and values are coded channel-major (version >= 2)."""
+        return self.version >= 2
+
+    @property
     def params(self) -> dict[str, Any]:
-        return {"profile": self.profile_id, "level": self.level}
+        params: dict[str, Any] = {"profile": self.profile_id, "level": self.level}
+        if self.version != 1:  # version 1 chunks were written before the field existed
+            params["version"] = self.version
+        return params
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> KVCodecV1:
-        if set(params) != {"profile", "level"} or not isinstance(params["profile"], str):
+        if not {"profile", "level"} <= set(params) <= {"profile", "level", "version"} or not isinstance(
+            params["profile"], str
+        ):
             raise FormatError(f"bad kvcodec parameters {dict(params)!r}")
-        return cls(params["profile"], params["level"])
+        version = params.get("version", 1)
+        if "version" in params and (type(version) is not int or version not in VERSIONS or version == 1):
+            raise FormatError(f"unsupported kvcodec format version {version!r} (this reader knows {VERSIONS})")
+        try:
+            return cls(params["profile"], params["level"], version=version)
+        except CodecError as exc:
+            raise FormatError(f"bad kvcodec parameters {dict(params)!r}: {exc}") from None
 
     @classmethod
     def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:
@@ -111,19 +166,51 @@ class KVCodecV1(KVCodec):
                 f"KV of {L} layers x {H} heads x {D} dims does not match the profile's {self.profile.shape}"
             )
 
+    def streams(self, tokens: int, *, lane_symbols: int | None = None) -> tuple[StreamSpec, StreamSpec, StreamSpec]:
+        """The ``k``, ``v`` and ``scales`` streams of a chunk of ``tokens`` tokens.
+
+        ``lane_symbols``: symbols per lane of the key/value streams (scales: a quarter),
+        overriding the version's default (:data:`LANE_SYMBOLS`; rANS's 4,096 for version 1,
+        on every stream); any value decodes, the group size is in each stream's header."""
+        L, H, D = self.profile.shape
+        T = int(tokens)
+        tables = self.profile.tables[self.level]
+        kv_shape = (L * H * D, T, 1) if self.channel_major else (L * H, T, D)
+        s_shape = (L * H, T, 1)
+        if lane_symbols is None:
+            kv_lane = LANE_SYMBOLS if self.channel_major else rans.DEFAULT_LANE_SYMBOLS
+            s_lane = SCALE_LANE_SYMBOLS if self.channel_major else rans.DEFAULT_LANE_SYMBOLS
+        else:
+            kv_lane, s_lane = int(lane_symbols), max(8, int(lane_symbols) // 4)
+
+        def group(shape: tuple[int, int, int], lane: int) -> int | None:
+            n = shape[0] * shape[1] * shape[2]
+            return rans.default_group_size(n, lane) if n else None
+
+        return (
+            StreamSpec("k", tables.keys, self._models, kv_shape, group(kv_shape, kv_lane)),
+            StreamSpec("v", tables.values, self._models, kv_shape, group(kv_shape, kv_lane)),
+            StreamSpec("scales", tables.scales, self._scale_models, s_shape, group(s_shape, s_lane)),
+        )
+
     # -- encode -----------------------------------------------------------------
-    def quantize(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> Quantized:
-        """The symbol streams and raw side data of a chunk, before entropy coding."""
+    def quantize_tensors(
+        self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, BufferLike]]:
+        """The chunk's key, value and scale symbols (uint8, contiguous, in the stream layout
+        of :meth:`streams`) on the device of ``keys``, and the raw side buffers (sinks,
+        patches). Torch operations only: the CPU and GPU encoders share them."""
         if keys.shape != values.shape or keys.ndim != 4:
             raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D]")
         self._check_shape(tuple(keys.shape))
         L, H, T, D = keys.shape
         device = keys.device
         prof, level = self.profile, self.profile.levels[self.level]
-        kf, vf = keys.float(), values.float()
-        k_res = quantize_keys(kf, prof.key_center.to(device), prof.key_step(self.level).to(device))
+        k_res = quantize_keys(keys.to(torch.float32, copy=True), prof.key_center.to(device),
+                              prof.key_step(self.level).to(device), inplace=True)  # fmt: skip
+        vf = values.to(torch.float32, copy=True)
         codes = value_scale_codes(vf)
-        v_res = torch.round(vf / value_steps(codes, level.gamma)[..., None])
+        v_res = vf.div_(value_steps(codes, level.gamma)[..., None]).round_()
         sinks = max(0, min(T, prof.sink_tokens - start))
         raw: dict[str, BufferLike] = {}
         if sinks:
@@ -136,36 +223,50 @@ class KVCodecV1(KVCodec):
             if index.numel():
                 raw[f"{name}_patch_index"] = index
                 raw[f"{name}_patch_value"] = patch
-        flat = (L * H, T, D)
-        return Quantized(
-            keys=to_symbols(k_res).reshape(flat).cpu().numpy(),
-            values=to_symbols(v_res).reshape(flat).cpu().numpy(),
-            scales=to_symbols(codes).reshape(L * H, T, 1).cpu().numpy(),
-            raw=raw,
-        )
+        k_sym = to_symbols(k_res, inplace=True)
+        del k_res
+        v_sym = to_symbols(v_res, inplace=True)
+        del v_res, vf
+        if self.channel_major:  # [L, H, T, D] -> [L*H*D, T, 1]: each (layer, head, channel) row of T tokens
+            k_sym = k_sym.reshape(L * H, T, D).transpose(1, 2).contiguous()
+            v_sym = v_sym.reshape(L * H, T, D).transpose(1, 2).contiguous()
+        spec_k, _, spec_s = self.streams(T)
+        return (k_sym.reshape(spec_k.shape), v_sym.reshape(spec_k.shape), to_symbols(codes).reshape(spec_s.shape),
+                raw)  # fmt: skip
 
-    def _streams(self) -> tuple[tuple[str, FrequencyTable, np.ndarray], ...]:
-        tables = self.profile.tables[self.level]
-        return (("k", tables.keys, self._models), ("v", tables.values, self._models),
-                ("scales", tables.scales, self._scale_models))
+    def quantize(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> Quantized:
+        """The symbol streams (numpy, stream layout) and raw side data of a chunk, before entropy coding."""
+        k_sym, v_sym, s_sym, raw = self.quantize_tensors(keys, values, start=start)
+        return Quantized(k_sym.cpu().numpy(), v_sym.cpu().numpy(), s_sym.cpu().numpy(), raw)
+
+    def entropy_code(self, q: Quantized, *, lane_symbols: int | None = None) -> dict[str, BufferLike]:
+        """A quantized chunk's buffers: its raw side buffers and the three rANS streams (CPU
+        encoder). ``lane_symbols``: see :meth:`streams`."""
+        buffers = dict(q.raw)
+        T = q.scales.shape[1]
+        for spec, symbols in zip(self.streams(T, lane_symbols=lane_symbols), (q.keys, q.values, q.scales),
+                                 strict=True):  # fmt: skip
+            buffers[spec.name] = rans.encode(symbols, spec.table, spec.model_map, group_size=spec.group_size)
+        return buffers
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
-        q = self.quantize(keys, values, start=start)
-        buffers = dict(q.raw)
-        for (name, table, models), symbols in zip(self._streams(), (q.keys, q.values, q.scales)):
-            buffers[name] = rans.encode(symbols, table, models)
-        return buffers
+        if keys.device.type == "cuda" and use_triton(keys.device):
+            from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu  # quantize + Triton rANS encode on the GPU
+
+            return encode_kvcodec_gpu(self, keys, values, start=start)
+        return self.entropy_code(self.quantize(keys, values, start=start))
 
     def ideal_bits(self, q: Quantized) -> float:
         """The information content of a chunk's symbols under the profile's models: what
         an ideal entropy coder would emit (for ``entropy_efficiency``)."""
-        return sum(ideal_code_bits(symbols, table, models)
-                   for (_, table, models), symbols in zip(self._streams(), (q.keys, q.values, q.scales)))
+        specs = self.streams(q.scales.shape[1])
+        return sum(ideal_code_bits(symbols, spec.table, spec.model_map)
+                   for spec, symbols in zip(specs, (q.keys, q.values, q.scales), strict=True))  # fmt: skip
 
     # -- decode -----------------------------------------------------------------
     @staticmethod
-    def _residuals(obj: Container, name: str, table: FrequencyTable, models: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
-        symbols = rans.decode(obj.raw(name), table, models, shape=shape)
+    def _residuals(obj: Container, spec: StreamSpec) -> torch.Tensor:
+        symbols = rans.decode(obj.raw(spec.name), spec.table, spec.model_map, shape=spec.shape)
         return torch.from_numpy(symbols).to(torch.int16) - ZERO
 
     def decode(
@@ -178,10 +279,14 @@ class KVCodecV1(KVCodec):
             return decode_kvcodec_gpu(obj, self, shape, dtype, device)
         L, H, T, D = shape
         prof, level = self.profile, self.profile.levels[self.level]
-        (_, k_table, models), (_, v_table, _), (_, s_table, scale_models) = self._streams()
-        k_res = self._residuals(obj, "k", k_table, models, (L * H, T, D)).to(device)
-        v_res = self._residuals(obj, "v", v_table, models, (L * H, T, D)).to(device)
-        codes = self._residuals(obj, "scales", s_table, scale_models, (L * H, T, 1)).to(device)
+        spec_k, spec_v, spec_s = self.streams(T)
+        k_res = self._residuals(obj, spec_k)
+        v_res = self._residuals(obj, spec_v)
+        if self.channel_major:  # [L*H*D, T, 1] -> [L*H, T, D]
+            k_res = k_res.reshape(L * H, D, T).transpose(1, 2).contiguous()
+            v_res = v_res.reshape(L * H, D, T).transpose(1, 2).contiguous()
+        k_res, v_res = k_res.to(device), v_res.to(device)
+        codes = self._residuals(obj, spec_s).to(device)
         step_k = prof.key_step(self.level).to(device)[:, :, None]
         keys = k_res.reshape(L, H, T, D).float() * step_k + prof.key_center.to(device)[:, :, None]
         steps_v = value_steps(codes.reshape(L, H, T).float(), level.gamma)

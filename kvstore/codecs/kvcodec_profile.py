@@ -20,10 +20,9 @@ tables at all, however small they are.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import zlib
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ ZERO = 128  # symbol of a zero residual; symbols are uint8 in [0, 256)
 SCALE_STEPS_PER_OCTAVE = 4
 PRECISION = 15
 TABLE_HEADER_BYTES = 16
+MAX_LEVEL_FACTOR = 1e6  # a stored level's step factors are finite and at most this
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +59,11 @@ DEFAULT_LEVELS = (
 )
 
 
-def quantize_keys(keys: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Integer residuals ``round((k - center) / step)`` (unclamped, float)."""
+def quantize_keys(keys: torch.Tensor, center: torch.Tensor, step: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Integer residuals ``round((k - center) / step)`` (unclamped, float). ``inplace``: overwrite
+    ``keys`` (a float32 scratch copy) instead of allocating temporaries; the same values."""
+    if inplace:
+        return keys.sub_(center[:, :, None]).div_(step[:, :, None]).round_()
     return torch.round((keys - center[:, :, None]) / step[:, :, None])
 
 
@@ -75,8 +78,11 @@ def value_steps(codes: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma * torch.exp2(codes / SCALE_STEPS_PER_OCTAVE)
 
 
-def to_symbols(residuals: torch.Tensor) -> torch.Tensor:
-    """Residuals as uint8 symbols around ``ZERO`` (clamped; the codec patches what was clamped)."""
+def to_symbols(residuals: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Residuals as uint8 symbols around ``ZERO`` (clamped; the codec patches what was clamped).
+    ``inplace``: clamp and shift ``residuals`` itself (a float scratch tensor) on the way."""
+    if inplace:
+        return residuals.clamp_(-ZERO, 255 - ZERO).add_(ZERO).to(torch.uint8)
     return (residuals.clamp(-ZERO, 255 - ZERO) + ZERO).to(torch.uint8)
 
 
@@ -145,8 +151,9 @@ class KVCodecProfile:
             raise FormatError("profile levels are malformed")
         levels = []
         for lv in raw_levels:
-            if not (isinstance(lv, list) and len(lv) == 2 and all(isinstance(x, int | float) and x > 0 for x in lv)):
-                raise FormatError("profile level entry is malformed")
+            if not (isinstance(lv, list) and len(lv) == 2
+                    and all(type(x) in (int, float) and 0 < x <= MAX_LEVEL_FACTOR for x in lv)):
+                raise FormatError("profile level entry is malformed (two factors in (0, 1e6])")
             levels.append(Level(float(lv[0]), float(lv[1])))
         center, unit = obj.tensor("key_center"), obj.tensor("key_unit")
         for t in (center, unit):
@@ -171,8 +178,6 @@ class KVCodecProfile:
                 raise FormatError(f"profile table {i} does not match the profile's dimensions")
             tables.append(t)
         return cls(layers, kv_heads, head_dim, center, unit, tuple(levels), tuple(tables), sink_tokens)
-
-
 
 
 def _inflate(data: memoryview, models: int) -> bytes:

@@ -6,7 +6,10 @@ throughput measured on completed transfers. Decoding runs in a worker thread
 (on CUDA, on its own stream) so that chunk *i* decodes while chunk *i + 1* is
 still on the wire. When the deadline cannot be met even at the smallest level,
 the application's ``recompute(tokens, prefix_kv)`` rebuilds a chunk (or the rest)
-from its tokens. Every decision is recorded in a trace.
+from its tokens. A chunk whose fetch fails after the backend's retries (an
+outage, a missing, truncated or corrupt object) is recomputed the same way when
+a ``recompute`` is given, and raises its clear error otherwise: a load returns
+verified KV or raises, never wrong KV. Every decision is recorded in a trace.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from kvstore import metrics
-from kvstore.errors import ConfigError, ContextNotFoundError, FormatError, IncompleteContextError
+from kvstore.errors import BackendError, ConfigError, ContextNotFoundError, FormatError, IncompleteContextError
 from kvstore.fetch.policy import (
     FETCH,
     RECOMPUTE_CHUNK,
@@ -281,17 +284,24 @@ class _Load:
             while (item := await queue.get()) is not None:
                 d, task = item
                 if task is not None:
-                    blob = await task
-                    bytes_fetched += len(blob)
-                    started = time.perf_counter()
-                    await asyncio.to_thread(self._decode_into, d.index, blob)
-                    d.work_s = time.perf_counter() - started
-                    self.decode_s.append(d.work_s)
-                    metrics.record_decode(self.m.levels[d.level].codec, d.work_s)  # type: ignore[index]
-                    slots.release()  # a window slot covers a chunk until it is decoded
-                    d.ready_at = self.now()
-                    yield d
-                    continue
+                    try:
+                        blob = await task
+                        bytes_fetched += len(blob)
+                        started = time.perf_counter()
+                        await asyncio.to_thread(self._decode_into, d.index, blob)
+                    except (BackendError, FormatError) as exc:
+                        slots.release()
+                        if self.f.recompute is None:
+                            raise
+                        self._fetch_failed(d, exc)
+                    else:
+                        d.work_s = time.perf_counter() - started
+                        self.decode_s.append(d.work_s)
+                        metrics.record_decode(self.m.levels[d.level].codec, d.work_s)  # type: ignore[index]
+                        slots.release()  # a window slot covers a chunk until it is decoded
+                        d.ready_at = self.now()
+                        yield d
+                        continue
                 rest = d.reason.startswith("[rest]")
                 stop = self.m.chunks[-1].stop if rest else d.stop
                 started = time.perf_counter()
@@ -310,6 +320,11 @@ class _Load:
                     task.cancel()
         kv = list(zip(self.keys.unbind(0), self.values.unbind(0)))
         yield LoadResult(kv, self.decisions, self.deadline, self.now(), bytes_fetched, self.m)
+
+    def _fetch_failed(self, d: ChunkDecision, exc: Exception) -> None:
+        """Turn a chunk whose fetch or verification failed into a recompute of that chunk."""
+        d.reason = f"fetch failed (level {d.level}): {type(exc).__name__}: {exc}"
+        d.action, d.level, d.codec, d.nbytes = "recompute", None, None, 0
 
     async def _schedule(self, slots: asyncio.Semaphore, queue: asyncio.Queue) -> None:  # type: ignore[type-arg]
         try:

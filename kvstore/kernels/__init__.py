@@ -5,13 +5,17 @@ op                     Triton (``kvstore.kernels.<module>``)        reference (`
 =====================  ==========================================  =====================================
 rANS decode            ``rans_decode.rans_decode_launch`` /        ``rans_decode_launch_ref`` /
                        ``rans_decode_gpu``                          ``rans_decode_ref``
+rANS encode            ``rans_encode.rans_encode_launch`` /        ``rans_encode_launch_ref`` /
+                       ``rans_encode_gpu``                          ``rans_encode_ref``
 dequantize             ``dequantize.dequantize_rowscale`` /         ``dequantize_rowscale_ref`` /
                        ``dequantize_affine``                        ``dequantize_affine_ref``
 kvcodec chunk decode   ``kvcodec_gpu.decode_kvcodec_gpu``           the same with ``backend="torch"``
+kvcodec chunk encode   ``kvcodec_encode.encode_kvcodec_gpu``        the same with ``backend="torch"``
 =====================  ==========================================  =====================================
 
-The dispatch helpers here pick Triton on CUDA devices and the torch reference
-elsewhere (or when Triton cannot be imported). Importing this package imports
+The dispatch helpers here (``decode_rans``, ``encode_rans``, ``decode_kvcodec``; not named
+like the kernel modules, which would shadow them as package attributes) pick Triton on
+CUDA devices and the torch reference elsewhere (or when Triton cannot be imported). Importing this package imports
 neither Triton nor the kernels; they load on first use. Triton also runs the
 kernels on the CPU through its interpreter (``kernel_for`` in ``rans_decode``), which
 is what the tests use where there is no GPU.
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["decode_kvcodec", "rans_decode", "triton_available", "use_triton"]
+__all__ = ["decode_kvcodec", "decode_rans", "encode_rans", "triton_available", "use_triton"]
 
 
 @functools.cache
@@ -42,7 +46,7 @@ def use_triton(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and triton_available()
 
 
-def rans_decode(data, table, model_map=None, *, shape=None, device: torch.device | str = "cpu") -> torch.Tensor:
+def decode_rans(data, table, model_map=None, *, shape=None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Decode one rANS stream into uint8 symbols on ``device`` (see ``rans_decode.rans_decode_gpu``)."""
     if use_triton(device):
         from kvstore.kernels.rans_decode import rans_decode_gpu
@@ -51,6 +55,17 @@ def rans_decode(data, table, model_map=None, *, shape=None, device: torch.device
     from kvstore.kernels.reference import rans_decode_ref
 
     return rans_decode_ref(data, table, model_map, shape=shape, device=device)
+
+
+def encode_rans(symbols: torch.Tensor, table, model_map=None, *, group_size: int | None = None) -> bytes:
+    """:func:`kvstore.codecs.rans.encode` of a uint8 tensor on its device (see ``rans_encode.rans_encode_gpu``)."""
+    if use_triton(symbols.device):
+        from kvstore.kernels.rans_encode import rans_encode_gpu
+
+        return rans_encode_gpu(symbols, table, model_map, group_size=group_size)
+    from kvstore.kernels.reference import rans_encode_ref
+
+    return rans_encode_ref(symbols, table, model_map, group_size=group_size)
 
 
 def decode_kvcodec(obj_or_buffers: Any, codec: Any, shape, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:

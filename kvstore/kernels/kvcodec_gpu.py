@@ -8,11 +8,11 @@ dtype), with the entropy decoding and dequantization in Triton kernels:
 1. host: the three rANS headers (``k``, ``v``, ``scales``) get the checks of
    :func:`kvstore.codecs.rans.decode`; the streams go to the device in one copy (through
    a pinned staging buffer) unless they are device tensors already;
-2. device, *fused* plan (when the scale stream is short: at most 1/16 of the steps per
-   lane of the key/value streams): decode ``scales`` to codes, then one launch decodes
-   ``k`` straight into fp16/bf16 keys and ``v`` straight into values;
-   *split* plan (otherwise, e.g. kvcodec's default where each stream's lanes carry
-   ~4096 symbols): one launch decodes ``k`` into keys, ``v`` into uint8 symbols and
+2. device, token-major chunks (format version 1): *fused* plan (when the scale stream is
+   short: at most 1/16 of the steps per lane of the key/value streams): decode ``scales``
+   to codes, then one launch decodes ``k`` straight into fp16/bf16 keys and ``v`` straight
+   into values; *split* plan (otherwise, e.g. as version 1 writes them, every stream with
+   lanes of ~4096 symbols): one launch decodes ``k`` into keys, ``v`` into uint8 symbols and
    ``scales`` into codes concurrently, then one elementwise pass turns the value symbols
    into values (:func:`kvstore.kernels.dequantize.dequantize_rowscale`);
 3. patches and sink tokens (checked and copied to the device once, in
@@ -21,11 +21,13 @@ dtype), with the entropy decoding and dequantization in Triton kernels:
 4. one synchronization reads the kernels' error flags; any corrupt stream raises
    :class:`~kvstore.errors.FormatError`.
 
-*Channel-major* chunks (``k``/``v`` coded as ``[L*H*D, T, 1]`` with one model per row, see
-:func:`encode_channel_major`, a layout proposed to kvcodec: the 32 lanes of a warp then
-share one model, so a table lookup touches one or two cache lines instead of 32) are
-recognized by their headers: one launch decodes the three streams to uint8, then
+*Channel-major* chunks (kvcodec format version 2, its default: ``k``/``v`` coded as
+``[L*H*D, T, 1]`` with one model per row, so the 32 lanes of a warp share one model and a
+table lookup touches one or two cache lines instead of 32) have their own plan: one launch
+decodes the three streams to uint8, then
 :func:`kvstore.kernels.dequantize.dequantize_kv_channel_major` transposes and dequantizes.
+The layout follows the codec's ``version`` (chunks stored without one are token-major,
+version 1, and take the fused or split plan); a stream whose header disagrees is rejected.
 
 ``backend="torch"`` runs the same plan with the pure-torch references of
 :mod:`kvstore.kernels.reference` (any device; slow).
@@ -40,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.codecs import rans
 from kvstore.codecs.kvcodec_profile import ZERO, value_steps
 from kvstore.codecs.rans import HEADER_BYTES, StreamInfo, _as_bytes
 from kvstore.errors import CodecError, FormatError
@@ -63,10 +64,8 @@ from kvstore.kernels.rans_decode import (
 
 __all__ = [
     "PreparedChunk",
-    "channel_major_buffers",
     "decode_kvcodec_gpu",
     "decode_prepared",
-    "encode_channel_major",
     "prepare_kvcodec",
 ]
 
@@ -157,19 +156,10 @@ def prepare_kvcodec(
     device = _norm_device(device)
     codec._check_shape(tuple(shape))
     L, H, T, D = (int(v) for v in shape)
-    tables = codec.profile.tables[codec.level]
     names, get, tensor = _getter(obj_or_buffers)
     values = [get(name) for name in STREAMS]
-    layout = _layout(values[0], (L, H, T, D))
-    if layout == "channel":
-        kv_models, kv_shape = _channel_models(L * H * D), (L * H * D, T, 1)
-    else:
-        kv_models, kv_shape = codec._models, (L * H, T, D)
-    specs = (
-        ("k", tables.keys, kv_models, kv_shape),
-        ("v", tables.values, kv_models, kv_shape),
-        ("scales", tables.scales, codec._scale_models, (L * H, T, 1)),
-    )
+    layout = "channel" if codec.channel_major else "token"
+    specs = [(spec.name, spec.table, spec.model_map, spec.shape) for spec in codec.streams(T)]
     pads: list[torch.Tensor] = []
     if all(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
         infos, parts, offsets, pos = [], [], [], 0
@@ -201,51 +191,6 @@ def prepare_kvcodec(
     pad_bytes = torch.cat([p.reshape(-1) for p in pads]) if pads else None
     return PreparedChunk(codec, (L, H, T, D), device, data, tuple(infos), tuple(offsets), pad_bytes, patches, sinks,
                          layout)  # fmt: skip
-
-
-def _channel_models(rows: int) -> np.ndarray:
-    return np.arange(rows).reshape(rows, 1)
-
-
-def _layout(k_stream: Any, shape: tuple[int, int, int, int]) -> str:
-    """"channel" if the key stream's header says ``[L*H*D, T, 1]``, else "token" (checked later)."""
-    L, H, T, D = shape
-    if isinstance(k_stream, torch.Tensor):
-        head = k_stream[:HEADER_BYTES].cpu().numpy()
-    else:
-        head = _as_bytes(k_stream)[:HEADER_BYTES]
-    if len(head) < HEADER_BYTES or D == 1:
-        return "token"
-    ndim = int(head[7])
-    B, Tt, C = (int(v) for v in np.frombuffer(head[8:20].tobytes(), dtype="<u4"))
-    return "channel" if (ndim, B, Tt, C) == (3, L * H * D, T, 1) else "token"
-
-
-def encode_channel_major(codec, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0,
-                         lane_symbols: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """``codec.encode`` with keys and values coded channel-major (``[L*H*D, T, 1]``, model of
-    row ``lh*D + d`` = the profile's model of ``(lh, d)``, the same tables): a prototype of the
-    layout this module decodes fastest. ``lane_symbols``: symbols per lane (default: rans's)."""
-    return channel_major_buffers(codec, codec.quantize(keys, values, start=start), tuple(keys.shape), lane_symbols)
-
-
-def channel_major_buffers(codec, q, shape: tuple[int, int, int, int], lane_symbols: int | None = None) -> dict[str, Any]:
-    """:func:`encode_channel_major` from a chunk already quantized (``codec.quantize``)."""
-    L, H, T, D = shape
-    buffers = dict(q.raw)
-    tables = codec.profile.tables[codec.level]
-    rows = _channel_models(L * H * D)
-
-    def group_size(n: int, lane: int | None) -> int | None:
-        return None if lane is None else rans.default_group_size(n, lane)
-
-    for name, sym, table in (("k", q.keys, tables.keys), ("v", q.values, tables.values)):
-        cm = np.ascontiguousarray(sym.reshape(L * H, T, D).transpose(0, 2, 1)).reshape(L * H * D, T, 1)
-        buffers[name] = rans.encode(cm, table, rows, group_size=group_size(cm.size, lane_symbols))
-    small = None if lane_symbols is None else max(8, lane_symbols // 4)
-    buffers["scales"] = rans.encode(q.scales, tables.scales, codec._scale_models,
-                                    group_size=group_size(q.scales.size, small))  # fmt: skip
-    return buffers
 
 
 def _descriptors(chunk: PreparedChunk, key: tuple, streams: list[LaunchStream], block_g: int) -> torch.Tensor:

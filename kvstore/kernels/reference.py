@@ -42,6 +42,8 @@ __all__ = [
     "dequantize_rowscale_ref",
     "rans_decode_launch_ref",
     "rans_decode_ref",
+    "rans_encode_launch_ref",
+    "rans_encode_ref",
 ]
 
 _U32 = 0xFFFFFFFF
@@ -261,3 +263,85 @@ def dequantize_kv_channel_major_ref(
     o[0] = keys.to(out.dtype)
     o[1] = values.to(out.dtype)
     return out
+
+
+def rans_encode_launch_ref(symbols, plans, *, config=None):
+    """:func:`kvstore.kernels.rans_encode.rans_encode_launch` in torch (``config`` ignored): the
+    same :class:`~kvstore.kernels.rans_encode.EncodeOutputs` (scratch slots that hold no word
+    may differ)."""
+    from kvstore.kernels.rans_encode import ERR_BAD_SYMBOL, _check_symbols, _outputs, build_descriptors
+
+    device = _check_symbols(symbols, plans)
+    _, _, scr_base, grp_base, _ = build_descriptors(plans, 1)
+    out = _outputs(plans, device, scr_base, grp_base)
+    if sum(p.num_groups for p in plans) == 0:
+        return out
+    prec = plans[0].table.precision
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("sid", "start", "nsym", "TC", "C", "scr")}
+    for i, p in enumerate(plans):
+        G, S, N = p.num_groups, p.group_size, p.num_symbols
+        if G == 0:
+            continue
+        _, T, C = p.dims
+        start = torch.arange(G, device=device, dtype=torch.int64) * S
+        full = lambda v, G=G: torch.full((G,), v, dtype=torch.int64, device=device)
+        cols["sid"].append(full(i))
+        cols["start"].append(start)
+        cols["nsym"].append(torch.clamp(N - start, max=S))
+        cols["TC"].append(full(T * C))
+        cols["C"].append(full(C))
+        cols["scr"].append(full(scr_base[i]))
+    g = {k: torch.cat(v)[:, None] for k, v in cols.items()}
+    entries = [decode_tables(p.table, device).cf.to(torch.int64) for p in plans]
+    maps = [torch.from_numpy(p.mm32.astype(np.int64)).to(device) for p in plans]
+    syms = [s_.reshape(-1).to(torch.int64) for s_ in symbols]
+    cum_mask = (1 << 17) - 1 if prec > 15 else 0xFFFF
+    f_shift = 32 if prec > 15 else 16
+    lane = torch.arange(LANES, device=device, dtype=torch.int64)[None, :]
+    x = torch.full((g["sid"].shape[0], LANES), STATE_LOW, dtype=torch.int64, device=device)
+    wpos = (g["start"] + g["nsym"]).clone()  # [Gtot, 1]
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    steps = int((int(g["nsym"].max()) + LANES - 1) // LANES)
+    for k in range(steps - 1, -1, -1):
+        q = k * LANES + lane
+        active = q < g["nsym"]
+        pos = torch.where(active, g["start"] + q, 0)
+        s = torch.zeros_like(x)
+        cum = torch.zeros_like(x)
+        f = torch.zeros_like(x)
+        for i in range(len(plans)):
+            sel = active & (g["sid"] == i)
+            if not bool(sel.any()):
+                continue
+            ps = torch.where(sel, pos, 0)
+            si = syms[i][ps]
+            m = maps[i][(ps // g["TC"]) * g["C"] + ps % g["C"]]
+            e = entries[i][m, si]
+            s = torch.where(sel, si, s)
+            cum = torch.where(sel, e & cum_mask, cum)
+            f = torch.where(sel, (e >> f_shift) & 0x1FFFF, f)
+        ok = active & (f != 0)
+        bad |= active & (f == 0)
+        f = torch.where(ok, f, 1)
+        need = ok & (x >= (f << (32 - prec)))
+        needi = need.to(torch.int64)
+        wpos = wpos - needi.sum(dim=1, keepdim=True)
+        slot = g["scr"] + wpos + torch.cumsum(needi, dim=1) - needi
+        out.scratch[slot[need]] = (x[need] & 0xFFFF).to(torch.int32).to(torch.int16)
+        x = torch.where(need, x >> 16, x)
+        x = torch.where(ok, ((x // f) << prec) + x % f + cum, x)
+    out.states[: x.numel()] = x.to(torch.int32).reshape(-1)  # wraps to the uint32 bit pattern
+    out.counts[: x.shape[0]] = (g["start"] + g["nsym"] - wpos).reshape(-1).to(torch.int32)
+    out.err[: x.shape[0]] = bad.any(dim=1).to(torch.int32) * ERR_BAD_SYMBOL
+    return out
+
+
+def rans_encode_ref(symbols: torch.Tensor, table: FrequencyTable, model_map=None, *, group_size: int | None = None,
+                    config=None) -> bytes:  # fmt: skip
+    """:func:`kvstore.kernels.rans_encode.rans_encode_gpu` in torch."""
+    from kvstore.kernels.rans_encode import encode_streams, plan_stream
+
+    if not isinstance(symbols, torch.Tensor) or symbols.dtype != torch.uint8:
+        raise CodecError("symbols must be a uint8 tensor")
+    plan = plan_stream(tuple(symbols.shape), table, model_map, group_size)
+    return encode_streams([symbols.contiguous()], [plan], backend="torch").to_host()[0].tobytes()

@@ -1,0 +1,455 @@
+"""rANS encoding on the GPU: the ``@triton.jit`` kernel, its launcher and the stream assembly.
+
+Produces exactly the bytes of :func:`kvstore.codecs.rans.encode` (``README_rans.md``) for the
+same symbols, table, model map and group size, so the CPU and GPU decoders read either.
+The algorithm is the CPU encoder's, run in lockstep: a program owns a ``[BLOCK_G, 32]``
+tile (up to ``BLOCK_G`` groups of one stream, 32 lanes each) and walks its groups' steps
+from the last to the first; at each step every lane encodes its symbol (positions
+``g*S + 32k + j``) from its own state::
+
+    if x >= freq << (32 - P):  emit x & 0xFFFF;  x >>= 16
+    x = (x // freq << P) + x % freq + cum
+
+A lane's words go to a per-stream scratch buffer (one slot per symbol), written backwards
+from the end of its group: at each step the lanes that emit take the next slots below the
+previous step's, in lane order (an exclusive prefix sum, or a warp vote on CUDA), which is
+the order :func:`kvstore.codecs._rans_kernels.encode_groups` writes them in. The kernel
+stores each lane's final state, each group's word count and an error flag (a symbol of
+frequency 0, or outside the alphabet). :func:`assemble` then reads the word counts (the one
+synchronization), builds the 48-byte headers on the host and the offsets, and gathers every
+group's words into the stream on the device.
+
+One launch encodes up to three streams (a kvcodec chunk's ``k``, ``v`` and ``scales``) so
+that their groups run concurrently. The pure-torch twin of :func:`rans_encode_launch` is
+:func:`kvstore.kernels.reference.rans_encode_launch_ref` (same signature and outputs).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from numpy.typing import ArrayLike
+
+from kvstore.codecs import rans
+from kvstore.codecs.rans import HEADER_BYTES, LANES, MAX_SYMBOLS, stream_overhead_bytes
+from kvstore.codecs.symbol_model import FrequencyTable, canonical_layout, validate_model_map
+from kvstore.errors import CodecError
+from kvstore.kernels.rans_decode import _ballot_excl, decode_tables, interpreter_active, kernel_for
+
+__all__ = [
+    "EncodeConfig",
+    "EncodeOutputs",
+    "EncodedStreams",
+    "StreamPlan",
+    "assemble",
+    "encode_streams",
+    "plan_stream",
+    "rans_encode_gpu",
+    "rans_encode_launch",
+]
+
+MAX_STREAMS = 3
+ERR_BAD_SYMBOL = 1  # a symbol with frequency 0 in its model (or outside the alphabet)
+
+# descriptor columns (int64 [n_streams, NDESC])
+(E_G, E_S, E_N, E_TC, E_C, E_SCR, E_MM, E_IDENT, E_PROG0, E_GRP, E_INC_C, E_INC_R, E_CARRY_R) = range(13)
+NDESC = 16
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Kernel variant: ``block_g`` groups per program, ``num_warps``, ``ballot`` (word slots by
+    PTX vote/popc instead of a scan; CUDA with ``block_g == 1`` and one warp only: the 32
+    lanes of the tile must be the 32 threads of one warp)."""
+
+    block_g: int = 1
+    num_warps: int = 1
+    ballot: bool = True
+
+
+DEFAULT_CONFIG = EncodeConfig()
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """One stream to encode: the header fields :func:`kvstore.codecs.rans.encode` would write
+    and the model map (int32 ``[B*C]``; ``identity`` when ``model_map[i] == i``)."""
+
+    table: FrequencyTable
+    ndim: int
+    dims: tuple[int, int, int]
+    mm32: np.ndarray
+    identity: bool
+    map_crc: int
+    group_size: int
+    num_groups: int
+
+    @property
+    def num_symbols(self) -> int:
+        B, T, C = self.dims
+        return B * T * C
+
+
+def plan_stream(
+    shape: tuple[int, ...], table: FrequencyTable, model_map: ArrayLike | int | None = None,
+    group_size: int | None = None,
+) -> StreamPlan:  # fmt: skip
+    """The checks of :func:`kvstore.codecs.rans.encode` on a stream's shape, map and group size
+    (``None``: :func:`kvstore.codecs.rans.default_group_size`)."""
+    if not isinstance(table, FrequencyTable):
+        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
+    shape = tuple(int(d) for d in shape)
+    n = int(np.prod(shape)) if shape else 1
+    if any(d >= 1 << 32 for d in shape) or n > MAX_SYMBOLS:
+        raise CodecError(f"at most {MAX_SYMBOLS} symbols per stream, got {n}")
+    dims, mm = canonical_layout(shape, model_map)
+    mm32 = validate_model_map(mm, table.num_models)
+    if group_size is None:
+        S = rans.default_group_size(n)
+    else:
+        S = int(group_size)
+        if S < LANES or S % LANES or S > MAX_SYMBOLS:
+            raise CodecError(f"group_size must be a positive multiple of {LANES}, got {group_size}")
+        if n == 0:
+            S = 0
+    G = -(-n // S) if n else 0
+    identity = bool(np.array_equal(mm32, np.arange(mm32.size, dtype=np.int32)))
+    crc = zlib.crc32(mm32.astype("<u4").tobytes())
+    return StreamPlan(table, len(shape), dims, mm32, identity, crc, S, G)
+
+
+@dataclass
+class EncodeOutputs:
+    """What an encode launch writes: ``scratch`` int16 (each stream's words at the end of its
+    groups' slots), ``states`` int32 ``[sum G * 32]``, ``counts`` int32 ``[sum G]`` (words per
+    group) and ``err`` int32 ``[sum G]`` (0 = fine), streams one after the other."""
+
+    scratch: torch.Tensor
+    states: torch.Tensor
+    counts: torch.Tensor
+    err: torch.Tensor
+    scratch_base: list[int]
+    group_base: list[int]
+
+
+def build_descriptors(plans: Sequence[StreamPlan], block_g: int) -> tuple[np.ndarray, int, list[int], list[int], list[int]]:
+    """int64 descriptors, the number of programs, each stream's scratch, group and map offsets."""
+    desc = np.zeros((max(1, len(plans)), NDESC), dtype=np.int64)
+    prog = scr = grp = mm = 0
+    scr_base, grp_base, mm_base = [], [], []
+    for i, p in enumerate(plans):
+        _, T, C = p.dims
+        TC = T * C
+        desc[i, E_G], desc[i, E_S], desc[i, E_N] = p.num_groups, p.group_size, p.num_symbols
+        desc[i, E_TC], desc[i, E_C] = TC, C
+        desc[i, E_SCR], desc[i, E_MM], desc[i, E_IDENT] = scr, mm, int(p.identity)
+        desc[i, E_PROG0], desc[i, E_GRP] = prog, grp
+        if C and TC:
+            desc[i, E_INC_C], desc[i, E_INC_R], desc[i, E_CARRY_R] = LANES % C, LANES % TC, LANES // TC
+        scr_base.append(scr)
+        grp_base.append(grp)
+        mm_base.append(mm)
+        scr += p.num_symbols
+        grp += p.num_groups
+        mm += 0 if p.identity else p.mm32.size
+        prog += -(-p.num_groups // block_g)
+    return desc, prog, scr_base, grp_base, mm_base
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+@triton.jit
+def _rans_encode_kernel(
+    desc_ptr, sym0, sym1, sym2, cf0, cf1, cf2, mm_ptr, scratch_ptr, states_ptr, counts_ptr, err_ptr,
+    NSTREAMS: tl.constexpr, PREC: tl.constexpr, CF64: tl.constexpr, BALLOT: tl.constexpr,
+    BLOCK_G: tl.constexpr, NDESC_C: tl.constexpr,
+):  # fmt: skip
+    LANES_C: tl.constexpr = 32
+    pid = tl.program_id(0)
+    sid = 0
+    for i in tl.static_range(1, NSTREAMS):
+        p0 = tl.load(desc_ptr + i * NDESC_C + 8)
+        sid = tl.where(pid >= p0, i, sid)
+    d = desc_ptr + sid * NDESC_C
+    G = tl.load(d + 0).to(tl.int32)
+    S = tl.load(d + 1).to(tl.int32)
+    N = tl.load(d + 2).to(tl.int32)
+    TC = tl.load(d + 3).to(tl.int32)
+    C = tl.load(d + 4).to(tl.int32)
+    scr = tl.load(d + 5)
+    mm_base = tl.load(d + 6)
+    ident = tl.load(d + 7).to(tl.int32)
+    prog0 = tl.load(d + 8).to(tl.int32)
+    grp = tl.load(d + 9)
+    inc_c = tl.load(d + 10).to(tl.int32)
+    inc_r = tl.load(d + 11).to(tl.int32)
+    carry_r = tl.load(d + 12).to(tl.int32)
+    if sid == 0:
+        sp = sym0
+        cft = cf0
+    elif sid == 1:
+        sp = sym1
+        cft = cf1
+    else:
+        sp = sym2
+        cft = cf2
+
+    gi = (pid - prog0) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG] group index within the stream
+    gval = gi < G
+    lane = tl.arange(0, LANES_C)
+    start = gi * S
+    nsym = tl.where(gval, tl.minimum(S, N - start), 0)  # [BG]
+    steps = (tl.max(nsym, axis=0) + 31) // 32
+    last = (steps - 1) * LANES_C
+    q = last + lane[None, :] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)  # step * 32 + lane
+    pos = start[:, None] + q
+    c = pos % C
+    r = pos % TC
+    bC = (pos // TC) * C
+    x = tl.full([BLOCK_G, LANES_C], 65536, dtype=tl.uint32)
+    wpos = (start + nsym)[:, None] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)  # replicated per lane
+    bad = tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)
+    scr_ptr = scratch_ptr + scr
+
+    for _k in range(steps):
+        active = q < nsym[:, None]
+        s = tl.load(sp + pos, mask=active, other=0).to(tl.int32)
+        mi = bC + c
+        if ident == 0:
+            mi = tl.load(mm_ptr + mm_base + mi, mask=active, other=0)
+        e = tl.load(cft + mi * 256 + s, mask=active, other=0)
+        if CF64:
+            cum = (e & 0x1FFFF).to(tl.uint32)
+            f = (e >> 32).to(tl.uint32)
+        else:
+            cum = (e & 0xFFFF).to(tl.uint32)
+            f = ((e >> 16) & 0xFFFF).to(tl.uint32)
+        ok = active & (f != 0)
+        bad = bad | (active & (f == 0)).to(tl.int32)
+        f = tl.where(ok, f, 1)
+        # ---- renormalization: the emitting lanes take the next slots below, in lane order
+        need = ok & (x.to(tl.int64) >= (f.to(tl.int64) << (32 - PREC)))
+        needi = need.to(tl.int32)
+        if BALLOT:
+            excl, total = _ballot_excl(needi)
+        else:
+            excl = tl.cumsum(needi, axis=1) - needi
+            total = tl.sum(needi, axis=1)[:, None]
+        wpos = wpos - total
+        word = (x & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True)
+        tl.store(scr_ptr + (wpos + excl), word, mask=need)
+        x = tl.where(need, x >> 16, x)
+        # ---- state update
+        qq = x // f
+        x = tl.where(ok, (qq << PREC) + (x - qq * f) + cum, x)
+        # ---- every lane steps back by 32 positions
+        q = q - LANES_C
+        pos = pos - LANES_C
+        c = c - inc_c
+        wc = c < 0
+        c = tl.where(wc, c + C, c)
+        r = r - inc_r
+        wr = r < 0
+        r = tl.where(wr, r + TC, r)
+        bC = bC - (carry_r + wr.to(tl.int32)) * C
+
+    sidx = (grp + gi[:, None]) * LANES_C + lane[None, :]
+    tl.store(states_ptr + sidx, x.to(tl.int32, bitcast=True), mask=gval[:, None])
+    count = (start + nsym) - tl.min(wpos, axis=1)
+    tl.store(counts_ptr + grp + gi, count, mask=gval)
+    tl.store(err_ptr + grp + gi, tl.max(bad, axis=1), mask=gval)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check_symbols(symbols: Sequence[torch.Tensor], plans: Sequence[StreamPlan]) -> torch.device:
+    if not 1 <= len(plans) <= MAX_STREAMS or len(symbols) != len(plans):
+        raise CodecError(f"a launch encodes 1 to {MAX_STREAMS} streams, one symbol tensor each")
+    device = symbols[0].device
+    for sym, p in zip(symbols, plans, strict=True):
+        if sym.dtype != torch.uint8 or not sym.is_contiguous() or sym.numel() != p.num_symbols:
+            raise CodecError(f"symbols must be contiguous uint8 with {p.num_symbols} elements")
+        if sym.device != device:
+            raise CodecError("all symbols of one launch must be on one device")
+    if len({p.table.precision for p in plans}) != 1:
+        raise CodecError("all tables of one launch must share their precision")
+    return device
+
+
+def _outputs(plans: Sequence[StreamPlan], device: torch.device, scr_base, grp_base) -> EncodeOutputs:
+    groups = sum(p.num_groups for p in plans)
+    return EncodeOutputs(
+        scratch=torch.empty(max(1, sum(p.num_symbols for p in plans)), dtype=torch.int16, device=device),
+        states=torch.empty(max(1, groups * LANES), dtype=torch.int32, device=device),
+        counts=torch.zeros(max(1, groups), dtype=torch.int32, device=device),
+        err=torch.zeros(max(1, groups), dtype=torch.int32, device=device),
+        scratch_base=list(scr_base),
+        group_base=list(grp_base),
+    )
+
+
+def model_maps_tensor(plans: Sequence[StreamPlan], device: torch.device) -> torch.Tensor | None:
+    """The non-identity maps of ``plans`` concatenated (int32, in descriptor order), or None."""
+    maps = [p.mm32 for p in plans if not p.identity]
+    return torch.from_numpy(np.concatenate(maps)).to(device) if maps else None
+
+
+def rans_encode_launch(
+    symbols: Sequence[torch.Tensor], plans: Sequence[StreamPlan], *, config: EncodeConfig = DEFAULT_CONFIG
+) -> EncodeOutputs:
+    """Encode up to three streams (``symbols[i]`` under ``plans[i]``) in one launch; asynchronous.
+
+    Returns the raw outputs (:class:`EncodeOutputs`) that :func:`assemble` turns into streams."""
+    device = _check_symbols(symbols, plans)
+    desc_h, programs, scr_base, grp_base, _ = build_descriptors(plans, config.block_g)
+    out = _outputs(plans, device, scr_base, grp_base)
+    if programs == 0:
+        return out
+    prec = plans[0].table.precision
+    cfs = [decode_tables(p.table, device).cf for p in plans]
+    cfs = cfs + [cfs[0]] * (MAX_STREAMS - len(cfs))
+    syms = list(symbols) + [symbols[0]] * (MAX_STREAMS - len(symbols))
+    mm = model_maps_tensor(plans, device)
+    if mm is None:
+        mm = torch.zeros(1, dtype=torch.int32, device=device)
+    desc = torch.from_numpy(desc_h).to(device)
+    native = device.type == "cuda" and not interpreter_active()
+    ballot = bool(config.ballot) and native and config.block_g == 1 and config.num_warps == 1
+    kernel_for(_rans_encode_kernel, device)[(programs,)](
+        desc, syms[0], syms[1], syms[2], cfs[0], cfs[1], cfs[2], mm, out.scratch, out.states, out.counts, out.err,
+        NSTREAMS=len(plans), PREC=prec, CF64=prec > 15, BALLOT=ballot,
+        BLOCK_G=config.block_g, NDESC_C=NDESC, num_warps=config.num_warps,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- stream assembly
+
+
+@dataclass
+class EncodedStreams:
+    """Finished streams, back to back in one uint8 device buffer (each starts 4-byte aligned)."""
+
+    data: torch.Tensor
+    spans: list[tuple[int, int]]  # (byte offset, length) per stream
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Each stream as a uint8 view of :attr:`data`."""
+        return [self.data[o : o + n] for o, n in self.spans]
+
+    def to_host(self) -> list[np.ndarray]:
+        """Each stream as a uint8 numpy array (one device-to-host copy, through pinned memory on CUDA)."""
+        if self.data.device.type == "cpu":
+            host = self.data
+        else:
+            host = torch.empty(self.data.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(self.data, non_blocking=True)
+            torch.cuda.current_stream(self.data.device).synchronize()
+        arr = host.numpy()
+        return [arr[o : o + n] for o, n in self.spans]
+
+
+def _raise_symbol_error(sym: torch.Tensor, plan: StreamPlan) -> None:
+    """The CPU encoder's message for the first uncodable symbol (host copy; error path only)."""
+    flat = sym.reshape(-1).cpu().numpy()
+    rans._raise_encode_error(flat, plan.mm32, plan.dims, plan.table)
+    raise CodecError("a symbol has frequency 0 in its model")  # pragma: no cover - the line above raises
+
+
+def assemble(symbols: Sequence[torch.Tensor], plans: Sequence[StreamPlan], out: EncodeOutputs) -> EncodedStreams:
+    """The streams' bytes from a launch's outputs: reads the word counts and error flags (one
+    synchronization), raises :class:`CodecError` for an uncodable symbol as ``rans.encode``
+    does, then writes headers, states, offsets and gathered words on the device."""
+    counts_h = out.counts.cpu().numpy().astype(np.int64)
+    err_h = out.err.cpu().numpy()
+    device = out.states.device
+    spans, pos = [], 0
+    offsets_h: list[np.ndarray] = []
+    for p, g0 in zip(plans, out.group_base, strict=True):
+        cnt = counts_h[g0 : g0 + p.num_groups]
+        offs = np.zeros(p.num_groups + 1, dtype=np.int64)
+        np.cumsum(cnt, out=offs[1:])
+        offsets_h.append(offs)
+        W = int(offs[-1])
+        total = stream_overhead_bytes(p.num_groups, W) + 2 * W
+        spans.append((pos, total))
+        pos += total
+    for sym, p, g0 in zip(symbols, plans, out.group_base, strict=True):
+        if p.num_groups and err_h[g0 : g0 + p.num_groups].any():
+            _raise_symbol_error(sym, p)
+    data = torch.zeros(max(pos, 4), dtype=torch.uint8, device=device)
+    # headers and offsets: packed on the host, one small host-to-device copy, placed on the device
+    small = np.zeros(sum(HEADER_BYTES + 4 * (p.num_groups + 1) for p in plans), dtype=np.uint8)
+    places = []  # (byte offset in data, offset in small, length)
+    at = 0
+    for p, (o, _), offs in zip(plans, spans, offsets_h, strict=True):
+        G, W = p.num_groups, int(offs[-1])
+        B, T, C = p.dims
+        rans._HEADER.pack_into(
+            small, at, rans.MAGIC, rans.VERSION, p.table.precision, LANES, p.ndim, B, T, C,
+            p.table.num_models, p.table.alphabet, 0, p.table.fingerprint, p.map_crc, p.group_size, G, W,
+        )  # fmt: skip
+        small[at + HEADER_BYTES : at + HEADER_BYTES + 4 * (G + 1)] = offs.astype("<u4").view(np.uint8)
+        places += [(o, at, HEADER_BYTES), (o + HEADER_BYTES + 4 * LANES * G, at + HEADER_BYTES, 4 * (G + 1))]
+        at += HEADER_BYTES + 4 * (G + 1)
+    small_d = torch.from_numpy(small).to(device)
+    for o, a, length in places:
+        data[o : o + length] = small_d[a : a + length]
+    for p, g0, scr0, (o, _), offs in zip(plans, out.group_base, out.scratch_base, spans, offsets_h, strict=True):
+        G, W = p.num_groups, int(offs[-1])
+        if not G:
+            continue
+        so = o + HEADER_BYTES
+        data[so : so + 4 * LANES * G].view(torch.int32)[:] = out.states[g0 * LANES : (g0 + G) * LANES]
+        if not W:
+            continue
+        wo = so + 4 * LANES * G + 4 * (G + 1)
+        # group g's words are scratch[end_g - cnt_g : end_g]; they go to words[offs[g] : offs[g+1]]
+        S, n = p.group_size, p.num_symbols
+        ends = np.minimum(np.arange(1, G + 1, dtype=np.int64) * S, n)
+        shift = torch.from_numpy(scr0 + ends - (offs[1:] - offs[:-1]) - offs[:-1]).to(device)
+        cnt = torch.from_numpy(offs[1:] - offs[:-1]).to(device)
+        src = torch.repeat_interleave(shift, cnt, output_size=W) + torch.arange(W, device=device)
+        data[wo : wo + 2 * W].view(torch.int16)[:] = out.scratch[src]
+    return EncodedStreams(data, spans)
+
+
+def encode_streams(
+    symbols: Sequence[torch.Tensor], plans: Sequence[StreamPlan], *, config: EncodeConfig = DEFAULT_CONFIG,
+    backend: str = "triton",
+) -> EncodedStreams:  # fmt: skip
+    """Encode and assemble up to three streams on their device (``backend``: "triton" or "torch")."""
+    if backend == "triton":
+        out = rans_encode_launch(symbols, plans, config=config)
+    elif backend == "torch":
+        from kvstore.kernels.reference import rans_encode_launch_ref
+
+        out = rans_encode_launch_ref(symbols, plans, config=config)
+    else:
+        raise CodecError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    return assemble(symbols, plans, out)
+
+
+def rans_encode_gpu(
+    symbols: torch.Tensor,
+    table: FrequencyTable,
+    model_map: ArrayLike | int | None = None,
+    *,
+    group_size: int | None = None,
+    config: EncodeConfig = DEFAULT_CONFIG,
+) -> bytes:
+    """:func:`kvstore.codecs.rans.encode` of a uint8 tensor on its device (CUDA, or the CPU
+    under the Triton interpreter): the same bytes."""
+    if not isinstance(symbols, torch.Tensor) or symbols.dtype != torch.uint8:
+        raise CodecError("symbols must be a uint8 tensor")
+    plan = plan_stream(tuple(symbols.shape), table, model_map, group_size)
+    streams = encode_streams([symbols.contiguous()], [plan], config=config)
+    return streams.to_host()[0].tobytes()
