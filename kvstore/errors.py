@@ -55,5 +55,9 @@ class IncompleteContextError(FormatError):
     """A manifest names a chunk object that is missing or does not match it."""
 
 
+class MissingObjectError(IncompleteContextError):
+    """An object the manifest lists is not in the store (removed since it was written)."""
+
+
 class CodecError(KVStoreError, ValueError):
     """A codec was misconfigured or given tensors it cannot encode."""

@@ -38,6 +38,7 @@ from kvstore.errors import (
     ContextNotFoundError,
     FormatError,
     IncompleteContextError,
+    MissingObjectError,
 )
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
@@ -430,7 +431,7 @@ class KVStore:
             blob = await self.store.get(keys[i])
             found["misses" if blob is None else "hits"] += 1
             if blob is None and expected is not None:
-                raise IncompleteContextError(
+                raise MissingObjectError(
                     f"context of {len(plan.tokens)} tokens: chunk {i} ({keys[i]}) is missing from the store"
                 )
             if blob is None:
@@ -480,6 +481,8 @@ class KVStore:
             blob = await fetch(i)
             await asyncio.to_thread(decode, i, blob)
             return blob
+        except MissingObjectError:
+            raise
         except FormatError as exc:
             metrics.record_checksum_failure("chunk")
             log.warning("chunk %d failed verification (%s): reading it again", i, exc)
