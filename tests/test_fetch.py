@@ -164,15 +164,41 @@ async def test_missing_and_corrupt_chunks_raise(shaped):
 
 
 def test_throughput_estimator_counts_overlap_once():
-    est = ThroughputEstimator(window=4)
+    est = ThroughputEstimator(window=3)
     assert est.estimate() is None
     est.record(1000, 0.0, 1.0)
-    est.record(1000, 0.5, 1.5)  # overlapping: the link was busy 1.5 s for 2000 bytes
-    assert est.estimate() == pytest.approx(2000 / 1.5)
-    est.record(1000, 10.0, 11.0)  # idle gap not counted; the last, slower sample bounds the estimate
     assert est.estimate() == pytest.approx(1000.0)
-    est.record(4000, 11.0, 12.0)
-    assert est.estimate() == pytest.approx(4 / (1 / 1000 + 1 / 2000 + 1 / 1000 + 1 / 4000))
+    est.record(1000, 0.5, 1.5)  # overlapping: the link was busy 1.5 s for 2000 bytes
+    assert est._rates[-1] == pytest.approx(2000 / 1.5)
+    assert est.estimate() == pytest.approx(2 / (1 / 1000 + 1.5 / 2000))
+    est.record(1000, 10.0, 11.0)  # alone on the link after an idle gap: its own rate
+    assert est._rates[-1] == pytest.approx(1000)
+
+
+def test_throughput_estimator_no_spike_from_transfers_sharing_the_link():
+    """Two transfers on parallel connections share a 1000 B/s link and end 10 ms apart: the
+    second is not a 100 kB/s sample (the old serial rule's spike), both give the link's rate."""
+    est = ThroughputEstimator(window=3)
+    est.record(1000, 0.0, 2.0)  # alone in its cohort: 500 B/s, low (its partner was still in flight)
+    est.record(1000, 0.0, 2.01)
+    assert est._rates[-1] == pytest.approx(1000, rel=0.01)
+    assert est.estimate() <= 1000
+
+
+def test_throughput_estimator_serial_transfers_and_a_drop():
+    est = ThroughputEstimator(window=3)
+    for i in range(3):  # one at a time at 1000 B/s
+        est.record(1000, float(i), i + 1.0)
+    assert est.estimate() == pytest.approx(1000)
+    est.record(1000, 3.0, 7.0)  # the link drops to 250 B/s: the latest sample bounds the estimate at once
+    assert est.estimate() == pytest.approx(250)
+
+
+def test_union_length():
+    from kvstore.fetch.throughput import union_length
+
+    assert union_length([]) == 0
+    assert union_length([(0, 1), (0.5, 1.5), (3, 4), (3.2, 3.5)]) == pytest.approx(2.5)
 
 
 def test_trace_arithmetic():

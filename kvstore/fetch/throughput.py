@@ -1,9 +1,16 @@
 """Throughput estimation from what has been received so far (never from the future).
 
-Completed transfers are recorded as (bytes, start, end); overlapping transfers
-are not counted as twice the bandwidth, and idle gaps (while the fetcher waits
-on a decode) do not dilute the estimate. Before the first transfer completes,
-the caller's prior (or ``None``) is returned.
+Completed transfers are recorded as (bytes, start, end). Transfers in flight at
+the same time share the link (the fetcher keeps up to ``max_in_flight``
+requests out on pooled connections), so a transfer's own duration says little:
+two that shared a link finish close together, and charging each only for the
+time since the other ended made a spike of the second. Instead the sample taken
+when a transfer completes covers its *cohort*, the recent transfers whose
+intervals overlap its own: their bytes over the length of the union of their
+intervals. Time during which several were on the wire counts once, idle gaps
+(the fetcher waiting on a decode) count not at all, and one transfer at a time
+gives each transfer's own rate. Before the first transfer completes, the
+caller's prior (or ``None``) is returned.
 """
 
 from __future__ import annotations
@@ -11,34 +18,47 @@ from __future__ import annotations
 from collections import deque
 
 
-class ThroughputEstimator:
-    """The smaller of the last transfer's link rate and the harmonic mean of the last
-    ``window`` transfers' rates.
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by ``[start, end]`` intervals, overlaps counted once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
 
-    A transfer's rate is its bytes over the time the link spent on it: from its
-    start, or from the end of the transfer completed before it if that was later
-    (so a request queued behind another is not charged for the wait). The
-    harmonic mean leans towards slow samples and the last sample shows a drop at
-    once, so a spike is trusted less than a drop: what a deadline needs.
+
+class ThroughputEstimator:
+    """The smaller of the latest sample and the harmonic mean of the last ``window`` samples.
+
+    A sample is the delivered rate of the completed transfer's cohort (see above). The
+    harmonic mean leans towards slow samples and the latest sample shows a drop soonest,
+    so a spike is trusted less than a drop: what a deadline needs. Bytes of transfers
+    still in flight are not seen, so with transfers in parallel the estimate errs low,
+    never high.
     """
+
+    RECENT = 8  # completed transfers kept to find a cohort
 
     def __init__(self, window: int = 3, prior_Bps: float | None = None) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
         self.prior_Bps = prior_Bps
+        self._recent: deque[tuple[int, float, float]] = deque(maxlen=self.RECENT)
         self._rates: deque[float] = deque(maxlen=window)
-        self._last_end: float | None = None
 
     def record(self, nbytes: int, start: float, end: float) -> None:
         """Add a completed transfer of ``nbytes`` that ran from ``start`` to ``end`` (seconds)."""
         if end < start or nbytes < 0:
             raise ValueError("a transfer needs end >= start and nbytes >= 0")
-        service_start = start if self._last_end is None else min(end, max(start, self._last_end))
-        self._last_end = end if self._last_end is None else max(self._last_end, end)
         if nbytes == 0:
             return
-        self._rates.append(nbytes / max(end - service_start, 1e-6))
+        cohort = [(n, s, e) for n, s, e in self._recent if e > start and s < end] + [(nbytes, start, end)]
+        self._recent.append((nbytes, start, end))
+        busy = union_length([(s, e) for _, s, e in cohort])
+        self._rates.append(sum(n for n, _, _ in cohort) / max(busy, 1e-6))
 
     @property
     def samples(self) -> int:
