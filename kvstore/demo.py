@@ -114,18 +114,20 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
         assert loaded_default is not None
         raw_loaded = await store.get(lm.model_id, context, level=0)
 
-        # Stream it as a server would: over a shaped link that drops to half its rate a sixth of
+        # Stream it as a server would: over a shaped link that drops to half its rate a quarter of
         # the way to a deadline of half what int8 needs on the full link, the fetcher choosing
         # among the kvcodec levels chunk by chunk (feasible at levels 3-4, not at int8).
         deadline = manifest.level_bytes(names.index("int8")) / (LINK_MBIT * MBIT) * DEADLINE_VS_INT8
-        drop_at = round(deadline / 6, 3)
+        drop_at = round(deadline / 4, 3)
         trace = BandwidthTrace.step(LINK_MBIT * MBIT, LINK_MBIT * MBIT * DROP_TO, at_s=drop_at)
         _say(f"streaming it back over a {LINK_MBIT} Mbit/s link that drops to {DROP_TO:.0%} at {drop_at} s, "
              f"deadline {deadline:.2f} s ...")
         shaped = KVStore(ShapedStore(store.store, trace), levels=codecs)
         await shaped.load_profiles(manifest)
+        # two chunks out at a time: the shaped link serves one transfer at a time anyway, and each
+        # level is then chosen knowing how the one before it went
         fetcher = AdaptiveFetcher(shaped, recompute=make_recompute(lm.model),
-                                  prefill_tokens_per_s=context_tokens / recompute_s)
+                                  prefill_tokens_per_s=context_tokens / recompute_s, max_in_flight=2)
         shaped.store.reset()
         streamed = await fetcher.load(lm.model_id, context, deadline_s=deadline,
                                       levels=list(range(names.index("kvcodec-L0"), len(names))))

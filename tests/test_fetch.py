@@ -208,3 +208,14 @@ def test_trace_arithmetic():
     assert trace.mean_rate(0, 2) == pytest.approx(55)
     rnd = BandwidthTrace.uniform_random(1.0, 2.0, 0.5, 3.0, seed=3)
     assert all(1.0 <= r <= 2.0 for r in rnd.rates_Bps) and rnd == BandwidthTrace.uniform_random(1.0, 2.0, 0.5, 3.0, seed=3)
+
+
+def test_in_flight_bound_falls_while_transfers_stay_on_the_wire():
+    from kvstore.fetch.throughput import in_flight_bound
+
+    assert in_flight_bound([], [(100, 1.0)], 2.0) is None
+    on_wire = [(1000, 1.0), (1000, 1.5)]  # nothing completed since t=1
+    assert in_flight_bound(on_wire, [(500, 0.9)], 1.0) is None  # no time has passed
+    assert in_flight_bound(on_wire, [(500, 0.9)], 2.0) == pytest.approx(2000 / 1.0)
+    assert in_flight_bound(on_wire, [(500, 0.9)], 5.0) == pytest.approx(2000 / 4.0)  # the longer, the lower
+    assert in_flight_bound(on_wire, [(500, 1.2)], 2.0) == pytest.approx(2500 / 1.0)  # completed meanwhile

@@ -34,7 +34,7 @@ from kvstore.fetch.policy import (
     Policy,
     StaticPolicy,
 )
-from kvstore.fetch.throughput import ThroughputEstimator
+from kvstore.fetch.throughput import ThroughputEstimator, in_flight_bound
 from kvstore.format.chunk import ChunkIdentity, decode_chunk
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
@@ -220,10 +220,20 @@ class _Load:
             index=i, now=self.now(), deadline=self.deadline,
             remaining_sizes=[[c.objects[lv].size for lv in self.candidates] for c in chunks],
             remaining_tokens=[c.stop - c.start for c in chunks],
-            candidates=self.candidates, throughput_Bps=self.estimator.estimate(),
+            candidates=self.candidates, throughput_Bps=self._throughput(),
             pending_bytes=sum(self.pending.values()), decode_tail_s=decode_tail,
             prefill_tokens_per_s=rate,
         )
+
+    def _throughput(self) -> float | None:
+        """The estimator's figure, lowered by what the transfers still on the wire prove
+        (see :func:`~kvstore.fetch.throughput.in_flight_bound`)."""
+        estimate = self.estimator.estimate()
+        on_wire = [(n, self.decisions[j].fetch_start) for j, n in self.pending.items()
+                   if self.decisions[j].fetch_start is not None]
+        done = [(d.nbytes, d.fetch_end) for d in self.decisions if d.fetch_end is not None]
+        bound = in_flight_bound(on_wire, done, self.now())  # type: ignore[arg-type]
+        return estimate if estimate is None or bound is None else min(estimate, bound)
 
     async def _fetch(self, d: ChunkDecision) -> bytes:
         try:

@@ -70,3 +70,24 @@ class ThroughputEstimator:
             return self.prior_Bps
         harmonic = len(self._rates) / sum(1.0 / r for r in self._rates)
         return min(harmonic, self._rates[-1])
+
+
+def in_flight_bound(in_flight: list[tuple[int, float]], completed: list[tuple[int, float]], now: float) -> float | None:
+    """An upper bound of the link's recent rate from transfers that have *not* completed.
+
+    ``in_flight``: (bytes, start) of the transfers on the wire; ``completed``: (bytes, end)
+    of finished ones. Since the earliest in-flight transfer started, the link delivered
+    less than the in-flight bytes plus the bytes of transfers completed meanwhile, so its
+    average rate over that time is below their sum over the elapsed time. When the rate
+    drops while every transfer is still on the wire (parallel connections slow down
+    together, and none completes to give a sample), this bound falls with every moment
+    that passes. ``None`` when nothing is in flight.
+    """
+    if not in_flight:
+        return None
+    since = min(start for _, start in in_flight)
+    elapsed = now - since
+    if elapsed <= 0:
+        return None
+    delivered = sum(n for n, _ in in_flight) + sum(n for n, end in completed if end >= since)
+    return delivered / elapsed
