@@ -88,7 +88,8 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
     names = ["raw", "int8"] + [f"kvcodec-L{i}" for i in range(len(profile.levels))]
     codecs: list[Any] = ["raw", "int8"] + [KVCodecV1(profile, i) for i in range(len(profile.levels))]
     default = names.index(f"kvcodec-L{DEFAULT_LEVEL}")
-    async with KVStore(store_url, levels=codecs, storage_options=storage_options) as store:
+    chunk_tokens = context_tokens // 8  # 8 chunks: enough decisions for the fetcher to adapt in the quick run too
+    async with KVStore(store_url, levels=codecs, chunk_tokens=chunk_tokens, storage_options=storage_options) as store:
         _say(f"storing it at {len(codecs)} levels, with PQ codes, in {store.store.url} ...")
         started = time.perf_counter()
         manifest = await store.put(lm.model_id, context, kv, pq=PQConfig())
@@ -122,7 +123,7 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
         trace = BandwidthTrace.step(LINK_MBIT * MBIT, LINK_MBIT * MBIT * DROP_TO, at_s=drop_at)
         _say(f"streaming it back over a {LINK_MBIT} Mbit/s link that drops to {DROP_TO:.0%} at {drop_at} s, "
              f"deadline {deadline:.2f} s ...")
-        shaped = KVStore(ShapedStore(store.store, trace), levels=codecs)
+        shaped = KVStore(ShapedStore(store.store, trace), levels=codecs, chunk_tokens=chunk_tokens)
         await shaped.load_profiles(manifest)
         # two chunks out at a time: the shaped link serves one transfer at a time anyway, and each
         # level is then chosen knowing how the one before it went
