@@ -274,3 +274,13 @@ def test_sync_store_passes_pq_through(context):
     with SyncKVStore("memory://", chunk_tokens=128) as store:
         store.put(MODEL, tokens, kv, pq=index)
         assert torch.equal(store.get_pq(MODEL, tokens).codes, index.codes)
+
+
+async def test_grid_centroids_beyond_fp16_are_refused(kvs, context):
+    tokens, _, index = context
+    huge = pq.PQIndex(index.config, index.centroids * 1e7, index.codes)
+    for fmt in ("q4", "int8"):
+        with pytest.raises(ConfigError, match="fp16"):
+            await put_pq(kvs, MODEL, tokens, huge, centroid_format=fmt)
+    await put_pq(kvs, MODEL, tokens, huge, centroid_format="float32")
+    assert torch.equal((await get_pq(kvs, MODEL, tokens, CONFIG)).centroids, huge.centroids)

@@ -43,11 +43,15 @@ def encode(centroids: torch.Tensor, fmt: str) -> dict[str, torch.Tensor | np.nda
         levels = (1 << _grid_bits(fmt)) - 1
         lo = centroids.amin(-2).to(torch.float16)
         step = ((centroids.amax(-2) - lo.float()) / levels).to(torch.float16)
+        if not (torch.isfinite(lo).all() and torch.isfinite(step).all()):
+            raise ConfigError(f"centroids beyond the fp16 range cannot be stored as {fmt}: use float32")
         q = torch.round((centroids - lo.float()[..., None, :]) / step.float().clamp_min(_F16_TINY)[..., None, :])
         packed = pq.pack_codes(q.clamp_(0, levels).to(torch.uint8), _grid_bits(fmt))
         return {"centroids": packed, "centroid_offsets": lo, "centroid_steps": step}
     if fmt == "int8":
         scale = (centroids.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
+        if not torch.isfinite(scale).all():
+            raise ConfigError("centroids beyond the fp16 range cannot be stored as int8: use float32")
         q = torch.round(centroids / scale.float().clamp_min(_F16_TINY)).clamp_(-127, 127).to(torch.int8)
         return {"centroids": q, "centroid_scales": scale[..., 0]}
     return {"centroids": centroids.to(getattr(torch, fmt))}
