@@ -47,7 +47,7 @@ def test_plan_counts_every_attended_token():
 
 def test_full_budget_is_full_attention(setup):
     keys, values, queries, index, order, approx = setup
-    config = RetrievalConfig(budget=1.0, sinks=8, window=16)
+    config = RetrievalConfig(budget=1.0, sinks=8, window=16, rerank=1.0)
     positions = torch.arange(T - 8, T)
     mask = retrieval_mask(queries, approx, positions, config)
     assert torch.equal(mask, causal_mask(positions, T).expand_as(mask))
@@ -86,7 +86,7 @@ def test_decode_step_matches_masked_form(setup, rerank):
 
 def test_select_tokens_layout(setup):
     _, _, queries, index, order, _ = setup
-    config = RetrievalConfig(budget=0.3, sinks=8, window=16)
+    config = RetrievalConfig(budget=0.3, sinks=8, window=16, rerank=1.0)
     idx = select_tokens(queries[:, 0], index.centroids[0], index.codes[0], 300, config, order)
     sinks, window, k = config.plan(300)
     assert torch.equal(idx[:, :sinks], torch.arange(sinks).expand(KV_HEADS, -1))
@@ -97,7 +97,7 @@ def test_select_tokens_layout(setup):
 
 def test_each_query_attends_causally_within_budget(setup):
     _, _, queries, _, _, approx = setup
-    config = RetrievalConfig(budget=0.2, sinks=8, window=16)
+    config = RetrievalConfig(budget=0.2, sinks=8, window=16, rerank=1.0)
     positions = torch.arange(T - 8, T)
     mask = retrieval_mask(queries, approx, positions, config)
     assert not (mask & ~causal_mask(positions, T)).any()
@@ -109,7 +109,7 @@ def test_each_query_attends_causally_within_budget(setup):
 def test_recall_exact_keys_and_rerank(setup):
     keys, _, queries, _, _, approx = setup
     positions = torch.arange(T - 8, T)
-    config = RetrievalConfig(budget=0.2, sinks=8, window=16)
+    config = RetrievalConfig(budget=0.2, sinks=8, window=16, rerank=1.0)
     assert torch.equal(topk_recall(queries, keys, keys, positions, config), torch.ones(KV_HEADS * 8))
     pq_recall = topk_recall(queries, keys, approx, positions, config).mean()
     everything = RetrievalConfig(budget=0.2, sinks=8, window=16, rerank=100.0)
