@@ -130,8 +130,44 @@ def stream_overhead_bytes(num_groups: int, num_words: int) -> int:
     return HEADER_BYTES + 4 * LANES * num_groups + 4 * (num_groups + 1) + 2 * (num_words & 1)
 
 
-def _map_crc(mm32: np.ndarray) -> int:
+def map_crc(mm32: np.ndarray) -> int:
+    """The CRC32 of a stream's int32 model map, as its header records it."""
     return zlib.crc32(mm32.astype("<u4").tobytes())
+
+
+def stream_layout(
+    shape: tuple[int, ...], table: FrequencyTable, model_map: ArrayLike | int | None = None,
+    group_size: int | None = None,
+) -> tuple[tuple[int, int, int], np.ndarray, int, int]:  # fmt: skip
+    """The checks every encoder (CPU or GPU) makes on a stream's shape, model map and group
+    size: ``(dims (B, T, C), int32 model map, group size, number of groups)``."""
+    if not isinstance(table, FrequencyTable):
+        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
+    shape = tuple(int(d) for d in shape)
+    n = int(np.prod(shape)) if shape else 1
+    if any(d >= 1 << 32 for d in shape) or n > MAX_SYMBOLS:
+        raise CodecError(f"at most {MAX_SYMBOLS} symbols per stream, got {n}")
+    dims, mm = canonical_layout(shape, model_map)
+    mm32 = validate_model_map(mm, table.num_models)
+    if group_size is None:
+        S = default_group_size(n)
+    else:
+        S = int(group_size)
+        if S < LANES or S % LANES or S > MAX_SYMBOLS:
+            raise CodecError(f"group_size must be a positive multiple of {LANES}, got {group_size}")
+        if n == 0:
+            S = 0
+    return dims, mm32, S, (-(-n // S) if n else 0)
+
+
+def pack_header(out: np.ndarray, offset: int, table: FrequencyTable, ndim: int, dims: tuple[int, int, int],
+                crc: int, group_size: int, num_groups: int, num_words: int) -> None:
+    """Write a stream's header into ``out`` (uint8) at ``offset``."""
+    B, T, C = dims
+    _HEADER.pack_into(
+        out, offset, MAGIC, VERSION, table.precision, LANES, ndim, B, T, C,
+        table.num_models, table.alphabet, 0, table.fingerprint, crc, group_size, num_groups, num_words,
+    )  # fmt: skip
 
 
 def _thread_count(threads: int | None, groups: int, symbols: int) -> int:
@@ -186,25 +222,11 @@ def encode(
     to :func:`default_group_size`. Raises :class:`CodecError` for a symbol outside
     the alphabet or with zero frequency in its model.
     """
-    if not isinstance(table, FrequencyTable):
-        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
     sym = np.asarray(symbols)
     if sym.dtype != np.uint8:
         raise CodecError(f"symbols must be uint8, got {sym.dtype}")
-    if any(d >= 1 << 32 for d in sym.shape) or sym.size > MAX_SYMBOLS:
-        raise CodecError(f"at most {MAX_SYMBOLS} symbols per stream, got {sym.size}")
-    dims, mm = canonical_layout(sym.shape, model_map)
-    mm32 = validate_model_map(mm, table.num_models)
+    dims, mm32, S, G = stream_layout(sym.shape, table, model_map, group_size)
     n = int(sym.size)
-    if group_size is None:
-        S = default_group_size(n)
-    else:
-        S = int(group_size)
-        if S < LANES or S % LANES or S > MAX_SYMBOLS:
-            raise CodecError(f"group_size must be a positive multiple of {LANES}, got {group_size}")
-        if n == 0:
-            S = 0
-    G = -(-n // S) if n else 0
     flat = np.ascontiguousarray(sym).reshape(-1)
     states = np.empty(G * LANES, dtype=np.uint32)
     counts = np.zeros(G, dtype=np.int64)
@@ -226,10 +248,7 @@ def encode(
     W = int(counts.sum())
     total = stream_overhead_bytes(G, W) + 2 * W
     out = np.zeros(total, dtype=np.uint8)
-    _HEADER.pack_into(
-        out, 0, MAGIC, VERSION, table.precision, LANES, sym.ndim, B, T, C,
-        table.num_models, table.alphabet, 0, table.fingerprint, _map_crc(mm32), S, G, W,
-    )  # fmt: skip
+    pack_header(out, 0, table, sym.ndim, dims, map_crc(mm32), S, G, W)
     so = HEADER_BYTES
     oo = so + 4 * LANES * G
     wo = oo + 4 * (G + 1)
@@ -336,7 +355,7 @@ def check_stream(
     except CodecError as exc:
         raise FormatError(f"rANS stream: model_map does not fit the stream's shape {info.shape}: {exc}") from None
     mm32 = validate_model_map(mm, table.num_models)
-    if _map_crc(mm32) != info.map_crc:
+    if map_crc(mm32) != info.map_crc:
         raise FormatError("rANS stream was coded with a different model_map (checksum mismatch)")
     if np.any(raw[info.words_offset + 2 * info.num_words :]):
         raise FormatError("rANS stream: non-zero padding after the words")

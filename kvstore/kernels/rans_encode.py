@@ -26,7 +26,6 @@ that their groups run concurrently. The pure-torch twin of :func:`rans_encode_la
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,8 +36,8 @@ import triton.language as tl
 from numpy.typing import ArrayLike
 
 from kvstore.codecs import rans
-from kvstore.codecs.rans import HEADER_BYTES, LANES, MAX_SYMBOLS, stream_overhead_bytes
-from kvstore.codecs.symbol_model import FrequencyTable, canonical_layout, validate_model_map
+from kvstore.codecs.rans import HEADER_BYTES, LANES, stream_overhead_bytes
+from kvstore.codecs.symbol_model import FrequencyTable
 from kvstore.errors import CodecError
 from kvstore.kernels.rans_decode import _ballot_excl, decode_tables, interpreter_active, kernel_for
 
@@ -102,26 +101,10 @@ def plan_stream(
 ) -> StreamPlan:  # fmt: skip
     """The checks of :func:`kvstore.codecs.rans.encode` on a stream's shape, map and group size
     (``None``: :func:`kvstore.codecs.rans.default_group_size`)."""
-    if not isinstance(table, FrequencyTable):
-        raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
-    shape = tuple(int(d) for d in shape)
-    n = int(np.prod(shape)) if shape else 1
-    if any(d >= 1 << 32 for d in shape) or n > MAX_SYMBOLS:
-        raise CodecError(f"at most {MAX_SYMBOLS} symbols per stream, got {n}")
-    dims, mm = canonical_layout(shape, model_map)
-    mm32 = validate_model_map(mm, table.num_models)
-    if group_size is None:
-        S = rans.default_group_size(n)
-    else:
-        S = int(group_size)
-        if S < LANES or S % LANES or S > MAX_SYMBOLS:
-            raise CodecError(f"group_size must be a positive multiple of {LANES}, got {group_size}")
-        if n == 0:
-            S = 0
-    G = -(-n // S) if n else 0
+    dims, mm32, S, G = rans.stream_layout(shape, table, model_map, group_size)
     identity = bool(np.array_equal(mm32, np.arange(mm32.size, dtype=np.int32)))
-    crc = zlib.crc32(mm32.astype("<u4").tobytes())
-    return StreamPlan(table, len(shape), dims, mm32, identity, crc, S, G)
+    crc = rans.map_crc(mm32)
+    return StreamPlan(table, len(tuple(shape)), dims, mm32, identity, crc, S, G)
 
 
 @dataclass
@@ -392,11 +375,7 @@ def assemble(symbols: Sequence[torch.Tensor], plans: Sequence[StreamPlan], out: 
     at = 0
     for p, (o, _), offs in zip(plans, spans, offsets_h, strict=True):
         G, W = p.num_groups, int(offs[-1])
-        B, T, C = p.dims
-        rans._HEADER.pack_into(
-            small, at, rans.MAGIC, rans.VERSION, p.table.precision, LANES, p.ndim, B, T, C,
-            p.table.num_models, p.table.alphabet, 0, p.table.fingerprint, p.map_crc, p.group_size, G, W,
-        )  # fmt: skip
+        rans.pack_header(small, at, p.table, p.ndim, p.dims, p.map_crc, p.group_size, G, W)
         small[at + HEADER_BYTES : at + HEADER_BYTES + 4 * (G + 1)] = offs.astype("<u4").view(np.uint8)
         places += [(o, at, HEADER_BYTES), (o + HEADER_BYTES + 4 * LANES * G, at + HEADER_BYTES, 4 * (G + 1))]
         at += HEADER_BYTES + 4 * (G + 1)
