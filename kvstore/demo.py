@@ -125,8 +125,8 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
              f"deadline {deadline:.2f} s ...")
         shaped = KVStore(ShapedStore(store.store, trace), levels=codecs, chunk_tokens=chunk_tokens)
         await shaped.load_profiles(manifest)
-        # two chunks out at a time: the shaped link serves one transfer at a time anyway, and each
-        # level is then chosen knowing how the one before it went
+        # two chunks out at a time: they share the link, so more in flight adds no bandwidth, and
+        # each level is then chosen knowing how the one before it went
         fetcher = AdaptiveFetcher(shaped, recompute=make_recompute(lm.model),
                                   prefill_tokens_per_s=context_tokens / recompute_s, max_in_flight=2)
         shaped.store.reset()

@@ -1,5 +1,7 @@
 """The adaptive fetcher on a shaped in-process link: level choice, recompute, pipelining, errors."""
 
+import asyncio
+
 import pytest
 import torch
 
@@ -163,35 +165,51 @@ async def test_missing_and_corrupt_chunks_raise(shaped):
         await fetcher.load(MODEL, TOKENS, deadline_s=1, levels=[7])
 
 
-def test_throughput_estimator_counts_overlap_once():
+def test_throughput_estimator_serial_transfers_give_their_own_rate():
     est = ThroughputEstimator(window=3)
     assert est.estimate() is None
     est.record(1000, 0.0, 1.0)
     assert est.estimate() == pytest.approx(1000.0)
-    est.record(1000, 0.5, 1.5)  # overlapping: the link was busy 1.5 s for 2000 bytes
-    assert est._rates[-1] == pytest.approx(2000 / 1.5)
-    assert est.estimate() == pytest.approx(2 / (1 / 1000 + 1.5 / 2000))
-    est.record(1000, 10.0, 11.0)  # alone on the link after an idle gap: its own rate
-    assert est._rates[-1] == pytest.approx(1000)
+    est.record(1000, 10.0, 11.0)  # alone on the link after an idle gap: the idle time is not charged
+    assert est.estimate() == pytest.approx(1000.0)
 
 
-def test_throughput_estimator_no_spike_from_transfers_sharing_the_link():
-    """Two transfers on parallel connections share a 1000 B/s link and end 10 ms apart: the
-    second is not a 100 kB/s sample (the old serial rule's spike), both give the link's rate."""
+def test_throughput_estimator_transfers_sharing_the_link_each_show_its_rate():
+    """Three transfers start together on a 3,000 B/s link shared equally: each gets 1,000 B/s
+    while all three are on the wire. The first to finish (still with two partners in flight)
+    shows the link's rate, not a third of it."""
     est = ThroughputEstimator(window=3)
-    est.record(1000, 0.0, 2.0)  # alone in its cohort: 500 B/s, low (its partner was still in flight)
-    est.record(1000, 0.0, 2.01)
-    assert est._rates[-1] == pytest.approx(1000, rel=0.01)
-    assert est.estimate() <= 1000
+    a, b, c = est.start(0.0), est.start(0.0), est.start(0.0)
+    est.finish(a, 1000, 1.0)  # 1,000 bytes at a third of the link
+    assert est.estimate() == pytest.approx(3000)
+    est.finish(b, 1000, 1.0)
+    est.finish(c, 2500, 1.5)  # alone from t=1: 1,000 + 1,500 bytes
+    assert est.estimate() == pytest.approx(3000)
 
 
-def test_throughput_estimator_serial_transfers_and_a_drop():
+def test_throughput_estimator_unfair_sharing_cancels_in_the_sum():
+    """Two connections split a 2,000 B/s link 3:1 and both finish by t=1.0 / 1.5: each alone
+    misreads the link, their sum does not."""
+    est = ThroughputEstimator(window=2)
+    fast, slow = est.start(0.0), est.start(0.0)
+    est.finish(fast, 1500, 1.0)  # had 1,500 B/s of the 2,000
+    assert est.estimate() == pytest.approx(3000)  # fair share would have given it 1,000 B/s
+    est.finish(slow, 1500, 1.25)  # 500 B/s until t=1, then the whole link
+    assert est.estimate() == pytest.approx(2400)  # 3,000 bytes over 1.25 s of busy link
+
+
+def test_throughput_estimator_a_drop_shows_and_failed_transfers_leave_the_link():
     est = ThroughputEstimator(window=3)
-    for i in range(3):  # one at a time at 1000 B/s
+    for i in range(3):
         est.record(1000, float(i), i + 1.0)
-    assert est.estimate() == pytest.approx(1000)
-    est.record(1000, 3.0, 7.0)  # the link drops to 250 B/s: the latest sample bounds the estimate at once
-    assert est.estimate() == pytest.approx(250)
+    est.record(1000, 3.0, 7.0)  # 250 B/s: the slow transfer's long time dominates the sums
+    assert est.estimate() == pytest.approx(3000 / 6.0)
+    failed = est.start(8.0)
+    est.cancel(failed)
+    est.record(1000, 8.0, 9.0)  # not shared with the failed transfer
+    assert est._samples[-1] == (1000, pytest.approx(1.0))
+    with pytest.raises(ValueError):
+        est.record(10, 5.0, 4.0)
 
 
 def test_union_length():
@@ -219,3 +237,41 @@ def test_in_flight_bound_falls_while_transfers_stay_on_the_wire():
     assert in_flight_bound(on_wire, [(500, 0.9)], 2.0) == pytest.approx(2000 / 1.0)
     assert in_flight_bound(on_wire, [(500, 0.9)], 5.0) == pytest.approx(2000 / 4.0)  # the longer, the lower
     assert in_flight_bound(on_wire, [(500, 1.2)], 2.0) == pytest.approx(2500 / 1.0)  # completed meanwhile
+
+
+async def test_recompute_cost_is_learned_when_not_declared(shaped):
+    link, store, _ = shaped
+    calls = []
+    fetcher = AdaptiveFetcher(store, recompute=truth_recompute(calls))
+    assert fetcher.prefill_cost is None
+    result = await fetcher.load(MODEL, TOKENS, deadline_s=5, policy=RecomputePolicy())
+    assert calls == [(0, T)] and result.decisions[0].work_s > 0
+    assert fetcher.prefill_cost is not None
+    assert fetcher.prefill_cost.seconds(T) == pytest.approx(result.decisions[0].work_s)
+
+
+async def test_shaped_link_is_shared_equally_by_transfers_in_flight():
+    inner = MemoryStore()
+    await inner.put("big", b"x" * 100_000)
+    await inner.put("small", b"y" * 50_000)
+    link = ShapedStore(inner, BandwidthTrace.steady(1 * MB), latency_s=0)
+
+    async def timed(key):
+        value = await link.get(key)
+        return len(value), link.now()
+
+    link.reset()
+    (big, big_end), (small, small_end) = await asyncio.gather(timed("big"), timed("small"))
+    assert (big, small) == (100_000, 50_000)
+    assert small_end == pytest.approx(0.100, abs=0.015)  # 50 kB at half of 1 MB/s
+    assert big_end == pytest.approx(0.150, abs=0.015)  # then alone for its last 50 kB
+    link.reset(BandwidthTrace.step(1 * MB, 0.1 * MB, at_s=0.05))
+    _, end = await timed("big")  # 50 kB by 0.05 s, the other 50 kB at 100 kB/s
+    assert end == pytest.approx(0.55, abs=0.02)
+    assert link.bytes_carried == 100_000
+    link.reset(BandwidthTrace.steady(0.1 * MB))
+    task = asyncio.ensure_future(timed("big"))
+    await asyncio.sleep(0.05)
+    task.cancel()  # a cancelled transfer leaves the link to the others
+    (_, end), = await asyncio.gather(timed("small"))
+    assert end == pytest.approx(0.55, abs=0.03)

@@ -39,7 +39,7 @@ from kvstore.eval.corpus import documents
 from kvstore.eval.model import load_model
 from kvstore.eval.perplexity import ppl
 from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
-from kvstore.fetch import AdaptiveFetcher
+from kvstore.fetch import AdaptiveFetcher, PrefillCost
 from kvstore.fetch.policy import AdaptivePolicy, OraclePolicy, Policy, StaticPolicy
 from kvstore.fetch.timeline import draw_timeline, timeline_of
 from kvstore.integrations.hf import extract_kv, make_recompute
@@ -67,7 +67,7 @@ def _median_rate(trace: BandwidthTrace, horizon_s: float = 3.0) -> float:
 class _InProcessLink:
     """The in-process shaped link (any machine)."""
 
-    detail = "in-process ShapedStore (FIFO transfers on the trace, 0.5 ms per request)"
+    detail = "in-process ShapedStore (transfers share the trace's rate equally, 0.5 ms per request)"
 
     def __init__(self, why: str) -> None:
         self.name = f"in-process ({why})"
@@ -150,17 +150,19 @@ async def _measure(quick: bool, lm: Any, profile: Any, docs: list[Any], level_na
     recompute_fn = make_recompute(lm.model)
     runs: list[dict[str, Any]] = []
     timeline: dict[str, Any] | None = None
+    prefill_cost: PrefillCost | None = None
     for doc in docs:
         context = doc.tokens[:context_tokens]
         cont = doc.tokens[context_tokens:context_tokens + continuation]
-        started = time.perf_counter()
         kv32 = extract_kv(lm.model, context)
-        prefill_s = time.perf_counter() - started
         kv16 = [(k.half(), v.half()) for k, v in kv32]
         base = ppl(lm.model, context, cont, kv16)
         store = KVStore(link.byte_store, levels=codecs, namespace=f"bench{os.getpid()}")
         manifest = await store.put(lm.model_id, context, kv16)
         await store.load_profiles(manifest)  # once per process and model, as a server would
+        if prefill_cost is None:  # the application's recompute, timed once as a server would at start-up
+            chunk = manifest.chunks[0].stop - manifest.chunks[0].start
+            prefill_cost = PrefillCost.measure(recompute_fn, context, chunk_tokens=chunk)
         ppl_cache: dict[tuple[int | None, ...], float] = {}
 
         def quality(levels: list[int | None], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -178,7 +180,7 @@ async def _measure(quick: bool, lm: Any, profile: Any, docs: list[Any], level_na
             ]
             policies += [(name, StaticPolicy(i), None) for i, name in enumerate(level_names)]
             for name, policy, levels in policies:
-                fetcher = AdaptiveFetcher(store, recompute=recompute_fn, prefill_tokens_per_s=context_tokens / prefill_s)
+                fetcher = AdaptiveFetcher(store, recompute=recompute_fn, prefill_cost=prefill_cost)
                 await link.start(trace)
                 try:
                     result = await fetcher.load(lm.model_id, context, deadline_s=deadline, policy=policy, levels=levels)
@@ -230,6 +232,8 @@ async def _measure(quick: bool, lm: Any, profile: Any, docs: list[Any], level_na
         "link": link.name,
         "link_detail": link.detail,
         "decoder": "cpu" if not torch.cuda.is_available() else "cuda",
+        "prefill_cost": None if prefill_cost is None else {
+            "per_token_s": prefill_cost.per_token_s, "per_token_pair_s": prefill_cost.per_token_pair_s},
         "runs": runs,
         "summary": summary,
         "adaptive_slo_met_on_feasible": (sum(r["slo_met"] for r, _ in feasible) / len(feasible)) if feasible else None,

@@ -34,6 +34,7 @@ from kvstore.fetch.policy import (
     Policy,
     StaticPolicy,
 )
+from kvstore.fetch.prefill import PrefillCost
 from kvstore.fetch.throughput import ThroughputEstimator, in_flight_bound
 from kvstore.format.chunk import ChunkIdentity, decode_chunk
 from kvstore.format.dtypes import torch_dtype
@@ -114,8 +115,11 @@ class AdaptiveFetcher:
         recompute: ``recompute(tokens, prefix_kv) -> kv`` rebuilding the KV of ``tokens``
             that follow ``prefix_kv`` (e.g. :func:`kvstore.integrations.hf.make_recompute`);
             ``None`` disables the fallback.
-        prefill_tokens_per_s: the application's prefill rate, used to decide when
-            recomputing beats fetching (measured on the first recompute if not given).
+        prefill_cost: what the application's recompute costs (a :class:`PrefillCost`,
+            e.g. from :meth:`PrefillCost.measure`), used to decide when recomputing beats
+            fetching; fitted to the recomputes this fetcher has timed if not given.
+        prefill_tokens_per_s: a flat prefill rate instead of ``prefill_cost`` (simpler, but it
+            undercharges the last chunks of a long context).
         device: where the KV is assembled.
         max_in_flight: chunks in flight or fetched and awaiting decode (the pipeline window).
         prior_Bps: a throughput guess used before the first transfer completes.
@@ -126,6 +130,7 @@ class AdaptiveFetcher:
         store: KVStore,
         *,
         recompute: Recompute | None = None,
+        prefill_cost: PrefillCost | None = None,
         prefill_tokens_per_s: float | None = None,
         device: str | torch.device = "cpu",
         max_in_flight: int = 3,
@@ -135,7 +140,12 @@ class AdaptiveFetcher:
             raise ConfigError("max_in_flight must be at least 1")
         self.store = store
         self.recompute = recompute
-        self.prefill_tokens_per_s = prefill_tokens_per_s
+        if prefill_cost is not None and prefill_tokens_per_s is not None:
+            raise ConfigError("give prefill_cost or prefill_tokens_per_s, not both")
+        self.prefill_cost = (PrefillCost.from_rate(prefill_tokens_per_s) if prefill_tokens_per_s is not None
+                             else prefill_cost)
+        self._prefill_declared = self.prefill_cost is not None
+        self._prefill_samples: list[tuple[int, int, float]] = []  # (tokens, prefix, seconds) of timed recomputes
         self.device = torch.device(device)
         self.max_in_flight = max_in_flight
         self.prior_Bps = prior_Bps
@@ -215,14 +225,15 @@ class _Load:
     def _context(self, i: int) -> DecisionContext:
         chunks = self.m.chunks[i:]
         decode_tail = float(np.median(self.decode_s)) if self.decode_s else 0.0
-        rate = self.f.prefill_tokens_per_s if self.f.recompute is not None else None
+        prefill = self.f.prefill_cost if self.f.recompute is not None else None
         return DecisionContext(
             index=i, now=self.now(), deadline=self.deadline,
             remaining_sizes=[[c.objects[lv].size for lv in self.candidates] for c in chunks],
-            remaining_tokens=[c.stop - c.start for c in chunks],
+            remaining_tokens=[c.stop - c.start for c in chunks], prefix_tokens=chunks[0].start,
             candidates=self.candidates, throughput_Bps=self._throughput(),
             pending_bytes=sum(self.pending.values()), decode_tail_s=decode_tail,
-            prefill_tokens_per_s=rate,
+            prefill=prefill,
+            previous_level=self.decisions[i - 1].level if i > 0 and self.decisions[i - 1].action == "fetch" else None,
         )
 
     def _throughput(self) -> float | None:
@@ -236,18 +247,20 @@ class _Load:
         return estimate if estimate is None or bound is None else min(estimate, bound)
 
     async def _fetch(self, d: ChunkDecision) -> bytes:
+        key = self.m.chunks[d.index].objects[d.level].key  # type: ignore[index]
+        d.fetch_start = self.now()
+        started = time.perf_counter()
+        transfer = self.estimator.start(started)
         try:
-            key = self.m.chunks[d.index].objects[d.level].key  # type: ignore[index]
-            d.fetch_start = self.now()
-            started = time.perf_counter()
             blob = await self.f.store.store.get(key)
             d.fetch_end = self.now()
             if blob is None:
                 raise IncompleteContextError(f"chunk {d.index} ({key}) is missing from the store")
-            self.estimator.record(len(blob), started, time.perf_counter())
+            self.estimator.finish(transfer, len(blob), time.perf_counter())
             metrics.record_get(d.level, len(blob), time.perf_counter() - started)
             return blob
         finally:
+            self.estimator.cancel(transfer)  # a no-op once finished
             self.pending.pop(d.index, None)
 
     def _decode_into(self, i: int, blob: bytes) -> None:
@@ -318,8 +331,9 @@ class _Load:
                 await asyncio.to_thread(self._recompute_into, d.start, stop)
                 d.work_s = time.perf_counter() - started
                 metrics.record_recompute(len(self.decisions[d.index:]) if rest else 1)
-                if self.f.prefill_tokens_per_s is None and d.work_s > 0:
-                    self.f.prefill_tokens_per_s = (stop - d.start) / d.work_s
+                if not self.f._prefill_declared and d.work_s > 0:
+                    self.f._prefill_samples.append((stop - d.start, d.start, d.work_s))
+                    self.f.prefill_cost = PrefillCost.fit(self.f._prefill_samples[-16:])
                 for later in self.decisions[d.index:] if rest else [d]:
                     later.ready_at = self.now()
                     yield later

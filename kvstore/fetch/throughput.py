@@ -1,20 +1,25 @@
 """Throughput estimation from what has been received so far (never from the future).
 
-Completed transfers are recorded as (bytes, start, end). Transfers in flight at
-the same time share the link (the fetcher keeps up to ``max_in_flight``
-requests out on pooled connections), so a transfer's own duration says little:
-two that shared a link finish close together, and charging each only for the
-time since the other ended made a spike of the second. Instead the sample taken
-when a transfer completes covers its *cohort*, the recent transfers whose
-intervals overlap its own: their bytes over the length of the union of their
-intervals. Time during which several were on the wire counts once, idle gaps
-(the fetcher waiting on a decode) count not at all, and one transfer at a time
-gives each transfer's own rate. Before the first transfer completes, the
-caller's prior (or ``None``) is returned.
+The fetcher keeps several requests out at once, each on its own pooled
+connection, and parallel connections through one bottleneck share it about
+fairly (TCP's processor sharing). A completed transfer's duration therefore says
+little on its own: while ``n`` transfers were on the wire it got about ``1/n``
+of the link. So the estimator is told when each transfer starts and when it
+ends, and a completed transfer of ``b`` bytes over ``[s, e]`` gives the sample
+
+    link rate = b / integral over [s, e] of dt / n(t)
+
+where ``n(t)`` counts the transfers on the wire at ``t`` (completed or not).
+One transfer at a time gives its own rate; three sharing a link each give the
+link's rate, where charging each for its whole duration read a third of it, and
+pooling only the completed ones (the previous rule) read low whenever a partner
+was still in flight. Before the first transfer completes, the caller's prior
+(or ``None``) is returned.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 
@@ -29,47 +34,77 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-class ThroughputEstimator:
-    """The smaller of the latest sample and the harmonic mean of the last ``window`` samples.
+def fair_share_time(start: float, end: float, others: list[tuple[float, float]]) -> float:
+    """The integral over ``[start, end]`` of ``1 / n(t)``, where ``n(t)`` is one (the transfer
+    itself) plus the number of ``others`` intervals covering ``t``: the time the transfer had
+    the whole link to itself, were the link shared equally."""
+    cuts = sorted({start, end, *(t for s, e in others for t in (s, e) if start < t < end)})
+    total = 0.0
+    for a, b in zip(cuts, cuts[1:]):
+        middle = (a + b) / 2
+        total += (b - a) / (1 + sum(1 for s, e in others if s <= middle < e))
+    return total
 
-    A sample is the delivered rate of the completed transfer's cohort (see above). The
-    harmonic mean leans towards slow samples and the latest sample shows a drop soonest,
-    so a spike is trusted less than a drop: what a deadline needs. Bytes of transfers
-    still in flight are not seen, so with transfers in parallel the estimate errs low,
-    never high.
+
+class ThroughputEstimator:
+    """Bytes over fair-share time, summed over the last ``window`` completed transfers.
+
+    Each completed transfer contributes its bytes and its fair-share time (see above).
+    Connections do not share a link exactly fairly (one of three finishing first had
+    more than a third), so one sample alone is noisy, but over transfers that shared
+    the link their fair-share times add up to the time the link was busy: the ratio of
+    sums is the link's delivered rate, the unfairness cancelling. A drop shows as soon
+    as slow transfers complete, since their longer times dominate the sums (and the
+    fetcher caps the figure by what the transfers still in flight prove, see
+    :func:`in_flight_bound`).
     """
 
-    RECENT = 8  # completed transfers kept to find a cohort
+    RECENT = 16  # completed transfers kept to count who shared the link
 
     def __init__(self, window: int = 3, prior_Bps: float | None = None) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
         self.prior_Bps = prior_Bps
-        self._recent: deque[tuple[int, float, float]] = deque(maxlen=self.RECENT)
-        self._rates: deque[float] = deque(maxlen=window)
+        self._ids = itertools.count()
+        self._active: dict[int, float] = {}  # transfer id -> start
+        self._done: deque[tuple[float, float]] = deque(maxlen=self.RECENT)
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)  # (bytes, fair-share seconds)
+
+    def start(self, at: float) -> int:
+        """A transfer went on the wire at ``at`` (seconds); returns its handle."""
+        handle = next(self._ids)
+        self._active[handle] = at
+        return handle
+
+    def finish(self, handle: int, nbytes: int, at: float) -> None:
+        """Transfer ``handle`` delivered ``nbytes`` by ``at``: take its sample."""
+        start = self._active.pop(handle)
+        if at < start or nbytes < 0:
+            raise ValueError("a transfer needs end >= start and nbytes >= 0")
+        others = [*self._done, *((s, float("inf")) for s in self._active.values())]
+        self._done.append((start, at))
+        if nbytes > 0:
+            self._samples.append((nbytes, fair_share_time(start, at, others)))
+
+    def cancel(self, handle: int) -> None:
+        """Transfer ``handle`` failed: forget it (it no longer shares the link)."""
+        self._active.pop(handle, None)
 
     def record(self, nbytes: int, start: float, end: float) -> None:
-        """Add a completed transfer of ``nbytes`` that ran from ``start`` to ``end`` (seconds)."""
-        if end < start or nbytes < 0:
-            raise ValueError("a transfer needs end >= start and nbytes >= 0")
-        if nbytes == 0:
-            return
-        cohort = [(n, s, e) for n, s, e in self._recent if e > start and s < end] + [(nbytes, start, end)]
-        self._recent.append((nbytes, start, end))
-        busy = union_length([(s, e) for _, s, e in cohort])
-        self._rates.append(sum(n for n, _, _ in cohort) / max(busy, 1e-6))
+        """A completed transfer reported after the fact (it shared the link with the
+        transfers started and not yet finished, and with those recorded before)."""
+        self.finish(self.start(start), nbytes, end)
 
     @property
     def samples(self) -> int:
-        return len(self._rates)
+        return len(self._samples)
 
     def estimate(self) -> float | None:
         """Bytes per second, or the prior when nothing has completed yet."""
-        if not self._rates:
+        if not self._samples:
             return self.prior_Bps
-        harmonic = len(self._rates) / sum(1.0 / r for r in self._rates)
-        return min(harmonic, self._rates[-1])
+        return sum(n for n, _ in self._samples) / max(sum(t for _, t in self._samples), 1e-6)
 
 
 def in_flight_bound(in_flight: list[tuple[int, float]], completed: list[tuple[int, float]], now: float) -> float | None:

@@ -1,21 +1,23 @@
 """A deterministic in-process link: any byte store's reads shaped to a bandwidth trace.
 
 ``ShapedStore`` delays each ``get`` until its bytes would have crossed a link
-whose rate follows a :class:`BandwidthTrace` (piecewise constant), one transfer
-after another (FIFO, as one saturated connection delivers them), plus a fixed
-per-request latency. Writes and metadata calls pass through unshaped. For unit
-tests of the fetcher and for benchmarks on machines without root (the real
-kernel shaping is in :mod:`kvstore.testing.netshape`).
+whose rate follows a :class:`BandwidthTrace` (piecewise constant), after a fixed
+per-request latency. Transfers in flight together share the link equally, as
+parallel connections through one bottleneck do (processor sharing; the kernel
+link shows the same within the unfairness of TCP). Writes and metadata calls pass
+through unshaped. For unit tests of the fetcher and for benchmarks on machines
+without root (the real kernel shaping is in :mod:`kvstore.testing.netshape`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvstore.backends.base import ByteRequest, BytesLike, Store
 
@@ -89,14 +91,22 @@ class BandwidthTrace:
             i += 1
 
 
+@dataclass(eq=False)
+class _Transfer:
+    remaining: float  # bytes still to cross the link
+    done: asyncio.Future[None] = field(repr=False)
+
+
 class ShapedStore(Store):
-    """``inner``'s values, read over a link that follows ``trace`` (FIFO, ``latency_s`` per request)."""
+    """``inner``'s values, read over a link that follows ``trace``, shared equally by the
+    transfers in flight, ``latency_s`` per request."""
 
     def __init__(self, inner: Store, trace: BandwidthTrace, *, latency_s: float = 0.0005) -> None:
         self.inner = inner
         self.trace = trace
         self.latency_s = latency_s
         self.url = f"shaped+{inner.url}"
+        self._server: asyncio.Task[None] | None = None
         self.reset()
 
     def reset(self, trace: BandwidthTrace | None = None) -> None:
@@ -104,7 +114,8 @@ class ShapedStore(Store):
         if trace is not None:
             self.trace = trace
         self.t0 = time.perf_counter()
-        self._link_free = 0.0
+        self._clock = 0.0  # the link is simulated up to here (seconds since t0)
+        self._active: list[_Transfer] = []
         self.bytes_carried = 0
 
     def now(self) -> float:
@@ -112,13 +123,62 @@ class ShapedStore(Store):
 
     async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
         value = await self.inner.get(key, byte_range)
-        start = max(self.now() + self.latency_s, self._link_free)
+        await asyncio.sleep(self.latency_s)
         size = 0 if value is None else len(value)
-        end = self.trace.finish_time(start, size)
-        self._link_free = end
         self.bytes_carried += size
-        await asyncio.sleep(max(0.0, end - self.now()))
+        if size == 0:
+            return value
+        self._advance(self.now())
+        transfer = _Transfer(float(size), asyncio.get_running_loop().create_future())
+        self._active.append(transfer)
+        self._wake_server()
+        try:
+            await transfer.done
+        finally:
+            if transfer in self._active:  # cancelled mid-transfer: it stops sharing the link
+                self._advance(self.now())
+                self._active.remove(transfer)
+                self._wake_server()
         return value
+
+    def _advance(self, until: float) -> None:
+        """Move the simulated link to ``until``, completing the transfers that finish by then."""
+        t = max(self._clock, 0.0)
+        while self._active and t < until:
+            share = len(self._active)
+            smallest = min(x.remaining for x in self._active)
+            first_done = self.trace.finish_time(t, smallest * share)
+            step_end = min(first_done, until)
+            carried = self.trace.bytes_between(t, step_end) / share
+            finishing = [x for x in self._active if x.remaining == smallest] if step_end >= first_done else []
+            for x in self._active:
+                x.remaining -= carried
+            t = step_end
+            for x in finishing + [x for x in self._active if x.remaining <= 1e-6 and x not in finishing]:
+                self._active.remove(x)
+                if not x.done.done():
+                    x.done.set_result(None)
+        self._clock = max(self._clock, until)
+
+    def _next_completion(self) -> float:
+        share = len(self._active)
+        return self.trace.finish_time(self._clock, min(x.remaining for x in self._active) * share)
+
+    def _wake_server(self) -> None:
+        if self._server is None or self._server.done():
+            self._wake = asyncio.Event()
+            self._server = asyncio.get_running_loop().create_task(self._serve())
+        self._wake.set()
+
+    async def _serve(self) -> None:
+        """Sleep until the next transfer completes (or one arrives or leaves), then advance."""
+        while self._active:
+            self._wake.clear()
+            delay = self._next_completion() - self.now()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            self._advance(self.now())
 
     async def put(self, key: str, value: BytesLike, *, ttl: float | None = None, create_only: bool = False) -> bool:
         return await self.inner.put(key, value, ttl=ttl, create_only=create_only)
