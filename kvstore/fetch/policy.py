@@ -3,7 +3,7 @@
 A policy sees what the fetcher knows when it must start chunk *i*: the sizes of
 every remaining chunk at every candidate level, the time left until the
 deadline, the bytes still in flight, the throughput estimated from completed
-transfers, how long a decode takes, and the application's prefill rate. The
+transfers, how long a decode takes, and the application's prefill cost. The
 adaptive rule (CacheGen's): take the best level at which *all* remaining chunks
 would still arrive in time; if even the smallest cannot, recompute the rest or
 this chunk from text, whichever the application's prefill cost says is faster
