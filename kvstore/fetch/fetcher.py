@@ -209,7 +209,9 @@ class _Load:
         self.deadline = deadline_s
         self.policy = policy
         self.candidates = candidates
-        self.estimator = ThroughputEstimator(prior_Bps=fetcher.prior_Bps)
+        # the last ``max_in_flight`` completions are the latest transfers that shared the link:
+        # enough for their unfairness to cancel, few enough that a drop shows at once
+        self.estimator = ThroughputEstimator(window=fetcher.max_in_flight, prior_Bps=fetcher.prior_Bps)
         self.dtype = torch_dtype(manifest.dtype)[0]
         self.keys = torch.empty((manifest.layers, manifest.kv_heads, manifest.num_tokens, manifest.head_dim),
                                 dtype=self.dtype, device=fetcher.device)
