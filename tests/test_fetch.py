@@ -212,13 +212,6 @@ def test_throughput_estimator_a_drop_shows_and_failed_transfers_leave_the_link()
         est.record(10, 5.0, 4.0)
 
 
-def test_union_length():
-    from kvstore.fetch.throughput import union_length
-
-    assert union_length([]) == 0
-    assert union_length([(0, 1), (0.5, 1.5), (3, 4), (3.2, 3.5)]) == pytest.approx(2.5)
-
-
 def test_trace_arithmetic():
     trace = BandwidthTrace.step(100.0, 10.0, at_s=1.0)
     assert trace.bytes_between(0.5, 2.0) == pytest.approx(50 + 10)
@@ -275,3 +268,29 @@ async def test_shaped_link_is_shared_equally_by_transfers_in_flight():
     task.cancel()  # a cancelled transfer leaves the link to the others
     (_, end), = await asyncio.gather(timed("small"))
     assert end == pytest.approx(0.55, abs=0.03)
+
+
+def test_shaped_link_survives_a_loop_that_ended_mid_transfer():
+    """A transfer abandoned when its event loop ended neither shares the link with the next
+    run's transfers nor leaves the link's server stranded on the dead loop (a hang)."""
+    inner = MemoryStore()
+    asyncio.run(inner.put("a", b"x" * 20_000))
+    link = ShapedStore(inner, BandwidthTrace.steady(0.1 * MB), latency_s=0)
+
+    async def abandon():
+        asyncio.ensure_future(link.get("a"))
+        await asyncio.sleep(0.02)
+
+    async def fetch():
+        started = link.now()
+        value = await asyncio.wait_for(link.get("a"), timeout=2)
+        return len(value), link.now() - started
+
+    asyncio.run(abandon())  # asyncio.run cancels the transfer at shutdown
+    size, took = asyncio.run(fetch())
+    assert size == 20_000 and took == pytest.approx(0.2, abs=0.05)  # alone on the link
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(abandon())
+    loop.close()  # closed with the transfer and the link's server still pending
+    size, took = asyncio.run(fetch())
+    assert size == 20_000 and took == pytest.approx(0.2, abs=0.05)

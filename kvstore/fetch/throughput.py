@@ -23,17 +23,6 @@ import itertools
 from collections import deque
 
 
-def union_length(intervals: list[tuple[float, float]]) -> float:
-    """Total length covered by ``[start, end]`` intervals, overlaps counted once."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end <= reach:
-            continue
-        total += end - max(start, reach)
-        reach = end
-    return total
-
-
 def fair_share_time(start: float, end: float, others: list[tuple[float, float]]) -> float:
     """The integral over ``[start, end]`` of ``1 / n(t)``, where ``n(t)`` is one (the transfer
     itself) plus the number of ``others`` intervals covering ``t``: the time the transfer had

@@ -128,6 +128,11 @@ class ShapedStore(Store):
         self.bytes_carried += size
         if size == 0:
             return value
+        loop = asyncio.get_running_loop()
+        if self._server is not None and self._server.get_loop() is not loop:
+            # a server and transfers left on a closed loop by an earlier run are dropped
+            self._active = [x for x in self._active if x.done.get_loop() is loop]
+            self._server = None
         self._advance(self.now())
         transfer = _Transfer(float(size), asyncio.get_running_loop().create_future())
         self._active.append(transfer)
