@@ -1,15 +1,17 @@
 """The adaptive fetcher on a shaped in-process link: level choice, recompute, pipelining, errors."""
 
 import asyncio
+import gc
+import logging
 
 import pytest
 import torch
 
 from kvstore import KVStore
 from kvstore.backends.memory import MemoryStore
-from kvstore.errors import ChecksumError, ConfigError, ContextNotFoundError, IncompleteContextError
+from kvstore.errors import BackendError, ChecksumError, ConfigError, ContextNotFoundError, IncompleteContextError
 from kvstore.fetch import AdaptiveFetcher
-from kvstore.fetch.policy import OraclePolicy, RecomputePolicy, StaticPolicy
+from kvstore.fetch.policy import FETCH, RECOMPUTE_CHUNK, RECOMPUTE_REST, Choice, OraclePolicy, Policy, RecomputePolicy, StaticPolicy
 from kvstore.fetch.throughput import ThroughputEstimator
 from kvstore.testing.shaping import BandwidthTrace, ShapedStore, link_utilization
 
@@ -188,14 +190,14 @@ def test_throughput_estimator_transfers_sharing_the_link_each_show_its_rate():
 
 
 def test_throughput_estimator_unfair_sharing_cancels_in_the_sum():
-    """Two connections split a 2,000 B/s link 3:1 and both finish by t=1.0 / 1.5: each alone
-    misreads the link, their sum does not."""
+    """Two connections split a 2,000 B/s link 3:1 and finish at t=1.0 and 1.5: the first
+    alone misreads the link, their sum does not."""
     est = ThroughputEstimator(window=2)
     fast, slow = est.start(0.0), est.start(0.0)
     est.finish(fast, 1500, 1.0)  # had 1,500 B/s of the 2,000
     assert est.estimate() == pytest.approx(3000)  # fair share would have given it 1,000 B/s
-    est.finish(slow, 1500, 1.25)  # 500 B/s until t=1, then the whole link
-    assert est.estimate() == pytest.approx(2400)  # 3,000 bytes over 1.25 s of busy link
+    est.finish(slow, 1500, 1.5)  # 500 B/s until t=1, then the whole link for 0.5 s
+    assert est.estimate() == pytest.approx(2000)  # 3,000 bytes over 1.5 s of busy link
 
 
 def test_throughput_estimator_a_drop_shows_and_failed_transfers_leave_the_link():
@@ -294,3 +296,66 @@ def test_shaped_link_survives_a_loop_that_ended_mid_transfer():
     loop.close()  # closed with the transfer and the link's server still pending
     size, took = asyncio.run(fetch())
     assert size == 20_000 and took == pytest.approx(0.2, abs=0.05)
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.disabled = True  # the dead loop's tasks are collected now, not in a later test's log
+    try:
+        gc.collect()
+    finally:
+        asyncio_log.disabled = False
+
+
+class ScriptedPolicy(Policy):
+    """Fetches at ``levels[i]`` ("one": recompute this chunk, ``None``: the rest) and keeps
+    what it was shown."""
+
+    def __init__(self, levels):
+        self.levels, self.seen = levels, []
+
+    def choose(self, ctx):
+        self.seen.append(ctx)
+        level = self.levels[ctx.index]
+        if level == "one":
+            return Choice(RECOMPUTE_CHUNK, None, "scripted")
+        return Choice(RECOMPUTE_REST, None, "scripted") if level is None else Choice(FETCH, level, "scripted")
+
+
+async def test_policy_sees_the_prefix_and_the_latest_fetched_level(shaped):
+    link, store, _ = shaped
+    calls = []
+    policy = ScriptedPolicy([2, 1, "one", 0, 2, 0, None, None])
+    fetcher = AdaptiveFetcher(store, recompute=truth_recompute(calls), prior_Bps=10 * MB)
+    result = await fetcher.load(MODEL, TOKENS, deadline_s=5, policy=policy)
+    assert [c.prefix_tokens for c in policy.seen] == [i * CHUNK for i in range(7)]
+    assert [c.previous_level for c in policy.seen] == [None, 2, 1, 1, 0, 2, 0]  # a recompute keeps the last
+    assert calls == [(2 * CHUNK, CHUNK), (6 * CHUNK, 2 * CHUNK)]
+    samples = list(fetcher._prefill_samples)  # learned: no cost was declared
+    assert samples == [(CHUNK, 2 * CHUNK, result.decisions[2].work_s), (2 * CHUNK, 6 * CHUNK, result.decisions[6].work_s)]
+    exact = [slice(2 * CHUNK, 4 * CHUNK), slice(5 * CHUNK, 8 * CHUNK)]  # raw and recomputed chunks
+    assert_kv_equal([(k[:, s], v[:, s]) for k, v in result.kv for s in exact],
+                    [(k[:, s], v[:, s]) for k, v in KV for s in exact])
+
+
+async def test_a_failed_fetch_leaves_the_throughput_estimate_alone(shaped):
+    """A chunk whose fetch fails is recomputed; its transfer must stop counting as sharing the
+    link, or every later estimate would read double."""
+    link, store, manifest = shaped
+    link.reset(BandwidthTrace.steady(2 * MB))
+    await link.inner.delete(manifest.chunks[2].objects[0].key)
+    fetcher = AdaptiveFetcher(store, recompute=truth_recompute([]), max_in_flight=1)
+    result = await fetcher.load(MODEL, TOKENS, deadline_s=60, policy=StaticPolicy(0))
+    assert result.levels()[2] is None and "fetch failed" in result.decisions[2].reason
+    later = [d.throughput_Bps for d in result.decisions[4:]]
+    assert all(0.7 * 2 * MB < rate < 1.1 * 2 * MB for rate in later), later
+    assert_kv_equal(result.kv, KV)
+
+
+async def test_resetting_the_shaped_link_fails_reads_on_it():
+    inner = MemoryStore()
+    await inner.put("a", b"x" * 10_000)
+    link = ShapedStore(inner, BandwidthTrace.steady(0.1 * MB), latency_s=0)
+    read = asyncio.ensure_future(link.get("a"))
+    await asyncio.sleep(0.02)
+    link.reset()
+    with pytest.raises(BackendError, match="reset"):
+        await asyncio.wait_for(read, timeout=1)
+    assert await link.get("a") == b"x" * 10_000

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -117,7 +118,9 @@ class AdaptiveFetcher:
             ``None`` disables the fallback.
         prefill_cost: what the application's recompute costs (a :class:`PrefillCost`,
             e.g. from :meth:`PrefillCost.measure`), used to decide when recomputing beats
-            fetching; fitted to the recomputes this fetcher has timed if not given.
+            fetching. Without it (or ``prefill_tokens_per_s``) the policy cannot weigh a
+            recompute, so ``recompute`` serves only chunks whose fetch failed, and the cost
+            is fitted to those once timed.
         prefill_tokens_per_s: a flat prefill rate instead of ``prefill_cost`` (simpler, but it
             undercharges the last chunks of a long context).
         device: where the KV is assembled.
@@ -145,7 +148,7 @@ class AdaptiveFetcher:
         self.prefill_cost = (PrefillCost.from_rate(prefill_tokens_per_s) if prefill_tokens_per_s is not None
                              else prefill_cost)
         self._prefill_declared = self.prefill_cost is not None
-        self._prefill_samples: list[tuple[int, int, float]] = []  # (tokens, prefix, seconds) of timed recomputes
+        self._prefill_samples: deque[tuple[int, int, float]] = deque(maxlen=16)  # (tokens, prefix, s) timed
         self.device = torch.device(device)
         self.max_in_flight = max_in_flight
         self.prior_Bps = prior_Bps
@@ -235,7 +238,7 @@ class _Load:
             candidates=self.candidates, throughput_Bps=self._throughput(),
             pending_bytes=sum(self.pending.values()), decode_tail_s=decode_tail,
             prefill=prefill,
-            previous_level=self.decisions[i - 1].level if i > 0 and self.decisions[i - 1].action == "fetch" else None,
+            previous_level=next((d.level for d in reversed(self.decisions) if d.action == "fetch"), None),
         )
 
     def _throughput(self) -> float | None:
@@ -297,6 +300,8 @@ class _Load:
         kv = self.f.recompute(torch.as_tensor(self.tokens[start:stop], dtype=torch.long), prefix)
         self.keys[:, :, start:stop] = torch.stack([k for k, _ in kv]).to(self.keys.device, self.dtype)
         self.values[:, :, start:stop] = torch.stack([v for _, v in kv]).to(self.keys.device, self.dtype)
+        if self.keys.is_cuda:  # the work is timed: wait for it, not for its launch
+            torch.cuda.synchronize(self.keys.device)
 
     async def execute(self) -> AsyncIterator[ChunkDecision | LoadResult]:
         self.t0 = time.perf_counter()
@@ -335,7 +340,7 @@ class _Load:
                 metrics.record_recompute(len(self.decisions[d.index:]) if rest else 1)
                 if not self.f._prefill_declared and d.work_s > 0:
                     self.f._prefill_samples.append((stop - d.start, d.start, d.work_s))
-                    self.f.prefill_cost = PrefillCost.fit(self.f._prefill_samples[-16:])
+                    self.f.prefill_cost = PrefillCost.fit(self.f._prefill_samples)
                 for later in self.decisions[d.index:] if rest else [d]:
                     later.ready_at = self.now()
                     yield later

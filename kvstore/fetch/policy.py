@@ -38,7 +38,7 @@ class DecisionContext:
     pending_bytes: int  # bytes of chunks in flight
     decode_tail_s: float  # expected decode time of one chunk after its bytes arrive
     prefill: PrefillCost | None  # None: recompute unavailable
-    previous_level: int | None = None  # the level chunk ``index - 1`` was fetched at (None: recomputed or first)
+    previous_level: int | None = None  # the level of the latest chunk fetched before ``index`` (None: none yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ class RecomputePolicy(Policy):
 def deadline_choice(ctx: DecisionContext, rate_Bps: float | None, what: str, max_step_up: int | None = None) -> Choice:
     """CacheGen's rule at bandwidth ``rate_Bps``: the best level whose whole remaining
     transfer meets the deadline, else the faster of recompute and the smallest level.
-    ``max_step_up``: at most this many levels better than the previous chunk's."""
+    ``max_step_up``: at most this many levels better than the latest fetched chunk's."""
     levels = list(ctx.candidates)
     if rate_Bps is None or rate_Bps <= 0:
         middle = levels[len(levels) // 2]
@@ -118,7 +118,7 @@ def deadline_choice(ctx: DecisionContext, rate_Bps: float | None, what: str, max
 
 class AdaptivePolicy(Policy):
     """CacheGen's rule with the throughput measured so far, a safety margin on it, and
-    quality raised by at most ``max_step_up`` levels from one chunk to the next.
+    quality raised by at most ``max_step_up`` levels above the latest fetched chunk's.
 
     The step limit (``None``: none) is the video players' rule: an estimate that reads
     high for a moment would otherwise buy one chunk at a much better level and leave the

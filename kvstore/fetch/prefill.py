@@ -88,18 +88,20 @@ class PrefillCost:
         total = len(ids)
         if not 0 < chunk_tokens < total:
             raise ConfigError(f"chunk_tokens must be in (0, {total}), got {chunk_tokens}")
-        recompute(ids[:chunk_tokens], None)  # warm-up (allocator, kernels picked on first use)
+        def timed(tokens: torch.Tensor, prefix: Any) -> tuple[Any, float]:
+            started = time.perf_counter()
+            kv = recompute(tokens, prefix)
+            if torch.cuda.is_available() and kv and kv[0][0].is_cuda:  # the work, not its launch
+                torch.cuda.synchronize(kv[0][0].device)
+            return kv, time.perf_counter() - started
+
+        timed(ids[:chunk_tokens], None)  # warm-up (allocator, kernels picked on first use)
         samples: list[tuple[int, int, float]] = []
         prefix_start = total - chunk_tokens
         for _ in range(repeats):
-            started = time.perf_counter()
-            recompute(ids[:chunk_tokens], None)
-            samples.append((chunk_tokens, 0, time.perf_counter() - started))
-            started = time.perf_counter()
-            kv = recompute(ids, None)
-            samples.append((total, 0, time.perf_counter() - started))
+            samples.append((chunk_tokens, 0, timed(ids[:chunk_tokens], None)[1]))
+            kv, seconds = timed(ids, None)
+            samples.append((total, 0, seconds))
             prefix = [(k[:, :prefix_start], v[:, :prefix_start]) for k, v in kv]
-            started = time.perf_counter()
-            recompute(ids[prefix_start:], prefix)
-            samples.append((chunk_tokens, prefix_start, time.perf_counter() - started))
+            samples.append((chunk_tokens, prefix_start, timed(ids[prefix_start:], prefix)[1]))
         return cls.fit(samples)

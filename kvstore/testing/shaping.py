@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.backends.base import ByteRequest, BytesLike, Store
+from kvstore.errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,13 @@ class ShapedStore(Store):
         self.reset()
 
     def reset(self, trace: BandwidthTrace | None = None) -> None:
-        """Restart the trace's clock now (optionally with a new trace)."""
+        """Restart the trace's clock now (optionally with a new trace). Reads still on the
+        link fail with :class:`~kvstore.errors.BackendError` (their timing is lost)."""
         if trace is not None:
             self.trace = trace
+        for dropped in getattr(self, "_active", []):
+            if not dropped.done.done() and not dropped.done.get_loop().is_closed():
+                dropped.done.set_exception(BackendError("the shaped link was reset during this read"))
         self.t0 = time.perf_counter()
         self._clock = 0.0  # the link is simulated up to here (seconds since t0)
         self._active: list[_Transfer] = []
