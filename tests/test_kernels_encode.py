@@ -27,7 +27,6 @@ triton = pytest.importorskip("triton")
 
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import KVCodecV1
-from kvstore.codecs.kvcodec_profile import build_profile
 from kvstore.codecs.rans_bench import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError
@@ -38,6 +37,8 @@ from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
 from kvstore.kernels.rans_decode import DecodeConfig, interpreter_active, rans_decode_gpu
 from kvstore.kernels.rans_encode import EncodeConfig, encode_streams, plan_stream, rans_encode_gpu
 from kvstore.kernels.reference import rans_encode_ref
+
+from kvcodec_samples import small_profile as fitted_small_profile, synthetic_kv
 
 INTERP = not CUDA and interpreter_active()
 interp = pytest.mark.skipif(not INTERP, reason="needs the Triton interpreter on from the start of the process")
@@ -139,20 +140,9 @@ def test_uncodable_symbols_raise_like_the_cpu_encoder():
         rans_encode_gpu(torch.from_numpy(big), small, np.arange(16).reshape(2, 8), group_size=64)
 
 
-L, H, D = 2, 2, 32
-
-
-def _synthetic_kv(tokens, seed, dtype=torch.float16):
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(L, H, tokens, D, generator=g) * (1 + torch.arange(D) % 5) + torch.linspace(-3, 3, D)
-    keys[:, :, 0] *= 40
-    values = torch.randn(L, H, tokens, D, generator=g) * torch.exp(torch.randn(L, H, tokens, 1, generator=g))
-    return keys.to(dtype), values.to(dtype)
-
-
 @pytest.fixture(scope="module")
 def small_profile():
-    return build_profile([_synthetic_kv(96, s) for s in range(2)])
+    return fitted_small_profile()
 
 
 @interp
@@ -161,7 +151,7 @@ def small_profile():
 ])  # fmt: skip
 def test_kvcodec_gpu_encoder_writes_the_cpu_codecs_chunk(small_profile, version, tokens, start, dtype):
     codec = KVCodecV1(small_profile, 1, version=version)
-    keys, values = _synthetic_kv(tokens, 60 + tokens, dtype)
+    keys, values = synthetic_kv(tokens, 60 + tokens, dtype)
     keys[1, 0, tokens - 1, 4] = 5000.0  # a patch
     cpu = codec.encode(keys, values, start=start)
     for backend in ("triton", "torch"):
@@ -298,7 +288,7 @@ def test_gpu_kvcodec_encode_reads_back_on_both_decoders(small_profile, version):
     bytes for the same (GPU-quantized) symbols, and the CPU and GPU decoders agree."""
     dev = torch.device("cuda")
     codec = KVCodecV1(small_profile, 1, version=version)
-    keys, values = _synthetic_kv(700, int(np.random.SeedSequence().entropy % 1000))
+    keys, values = synthetic_kv(700, int(np.random.SeedSequence().entropy % 1000))
     kd, vd = keys.to(dev), values.to(dev)
     buffers = codec.encode(kd, vd, start=0)
     q = codec.quantize(kd, vd, start=0)  # the same torch quantization on the GPU, copied to the host

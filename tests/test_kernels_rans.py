@@ -30,7 +30,6 @@ triton = pytest.importorskip("triton")
 
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import KVCodecV1
-from kvstore.codecs.kvcodec_profile import build_profile
 from kvstore.codecs.rans_bench import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError, FormatError
@@ -62,6 +61,8 @@ from kvstore.kernels.reference import (
     rans_decode_launch_ref,
     rans_decode_ref,
 )
+
+from kvcodec_samples import D, H, L, small_profile as fitted_small_profile, synthetic_kv
 
 INTERP = not CUDA and interpreter_active()
 interp = pytest.mark.skipif(not INTERP, reason="needs the Triton interpreter on from the start of the process")
@@ -239,20 +240,9 @@ def test_channel_major_dequantize_matches_reference(D):
     assert_same(a, b)
 
 
-L, H, D = 2, 2, 32
-
-
-def _synthetic_kv(tokens, seed, dtype=torch.float16):
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(L, H, tokens, D, generator=g) * (1 + torch.arange(D) % 5) + torch.linspace(-3, 3, D)
-    keys[:, :, 0] *= 40  # a sink-like first token: patches
-    values = torch.randn(L, H, tokens, D, generator=g) * torch.exp(torch.randn(L, H, tokens, 1, generator=g))
-    return keys.to(dtype), values.to(dtype)
-
-
 @pytest.fixture(scope="module")
 def small_profile():
-    return build_profile([_synthetic_kv(96, s) for s in range(2)])
+    return fitted_small_profile()
 
 
 @interp
@@ -262,7 +252,7 @@ def small_profile():
 ])  # fmt: skip
 def test_kvcodec_chunk_matches_the_cpu_codec(small_profile, tokens, start, plan, dtype, version):
     codec = KVCodecV1(small_profile, 1, version=version)
-    keys, values = _synthetic_kv(tokens, 40 + tokens, dtype)
+    keys, values = synthetic_kv(tokens, 40 + tokens, dtype)
     buffers = codec.encode(keys, values, start=start)
     obj = container.decode(container.encode(buffers, kind="t"))
     k0, v0 = codec.decode(obj, tuple(keys.shape), dtype, CPU)
@@ -284,7 +274,7 @@ def test_both_layouts_decode_alike_on_cpu_and_triton(small_profile):
     8-symbol lanes: several groups per stream) layouts: the CPU decoder and the Triton decoder
     give the same values for both, and a stream in the other layout is rejected."""
     old, new = KVCodecV1(small_profile, 2, version=1), KVCodecV1(small_profile, 2)
-    keys, values = _synthetic_kv(7, 77)
+    keys, values = synthetic_kv(7, 77)
     shape = tuple(keys.shape)
     obj1 = container.decode(container.encode(old.encode(keys, values), kind="t"))
     k0, v0 = old.decode(obj1, shape, keys.dtype, CPU)
@@ -308,7 +298,7 @@ def test_both_layouts_decode_alike_on_cpu_and_triton(small_profile):
 
 def test_malformed_patches_and_sinks_raise(small_profile):
     codec = KVCodecV1(small_profile, 0)
-    keys, values = _synthetic_kv(6, 5)
+    keys, values = synthetic_kv(6, 5)
     keys[0, 0, 5, :3] = 3000.0  # far outside the symbol range: patches
     buffers = codec.encode(keys, values)
     assert "k_patch_index" in buffers and "sink_k" in buffers
@@ -457,7 +447,7 @@ def test_gpu_kvcodec_chunk_matches_the_codec(small_profile, dtype):
     for version in (1, 2):
         codec = KVCodecV1(small_profile, 1, version=version)
         for tokens, start in ((700, 0), (333, 50)):
-            keys, values = _synthetic_kv(tokens, int(np.random.SeedSequence().entropy % 1000), dtype)
+            keys, values = synthetic_kv(tokens, int(np.random.SeedSequence().entropy % 1000), dtype)
             shape = tuple(keys.shape)
             obj = container.decode(container.encode(codec.encode(keys, values, start=start), kind="t"))
             k_gpu, v_gpu = codec.decode(obj, shape, dtype, dev)  # the default GPU path
