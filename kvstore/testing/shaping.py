@@ -157,7 +157,7 @@ class ShapedStore(Store):
         while self._active and t < until:
             share = len(self._active)
             smallest = min(x.remaining for x in self._active)
-            first_done = self.trace.finish_time(t, smallest * share)
+            first_done = self._first_completion(t)
             step_end = min(first_done, until)
             carried = self.trace.bytes_between(t, step_end) / share
             finishing = [x for x in self._active if x.remaining == smallest] if step_end >= first_done else []
@@ -170,9 +170,10 @@ class ShapedStore(Store):
                     x.done.set_result(None)
         self._clock = max(self._clock, until)
 
-    def _next_completion(self) -> float:
-        share = len(self._active)
-        return self.trace.finish_time(self._clock, min(x.remaining for x in self._active) * share)
+    def _first_completion(self, t: float) -> float:
+        """When the first transfer in flight completes if none arrives or leaves after ``t``
+        (each gets ``1/n`` of the link, so the smallest needs ``n`` times its bytes of link)."""
+        return self.trace.finish_time(t, min(x.remaining for x in self._active) * len(self._active))
 
     def _wake_server(self) -> None:
         if self._server is None or self._server.done():
@@ -184,7 +185,7 @@ class ShapedStore(Store):
         """Sleep until the next transfer completes (or one arrives or leaves), then advance."""
         while self._active:
             self._wake.clear()
-            delay = self._next_completion() - self.now()
+            delay = self._first_completion(self._clock) - self.now()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
