@@ -27,6 +27,7 @@ triton = pytest.importorskip("triton")
 
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec_profile import Level, build_profile
 from kvstore.codecs.rans_bench import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError
@@ -34,6 +35,7 @@ from kvstore.format import container
 from kvstore.kernels import encode_rans as dispatch_encode
 from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu
 from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
+from kvstore.kernels.quantize import quantize_kvcodec_gpu
 from kvstore.kernels.rans_decode import DecodeConfig, interpreter_active, rans_decode_gpu
 from kvstore.kernels.rans_encode import EncodeConfig, encode_streams, plan_stream, rans_encode_gpu
 from kvstore.kernels.reference import rans_encode_ref
@@ -154,9 +156,10 @@ def test_kvcodec_gpu_encoder_writes_the_cpu_codecs_chunk(small_profile, version,
     keys, values = synthetic_kv(tokens, 60 + tokens, dtype)
     keys[1, 0, tokens - 1, 4] = 5000.0  # a patch
     cpu = codec.encode(keys, values, start=start)
-    for backend in ("triton", "torch"):
-        got = encode_kvcodec_gpu(codec, keys, values, start=start, backend=backend, config=EncodeConfig(block_g=16))
-        assert container.encode(got, kind="t") == container.encode(cpu, kind="t"), backend
+    for backend, quantize in (("triton", "triton"), ("torch", "triton"), ("triton", "torch")):
+        got = encode_kvcodec_gpu(codec, keys, values, start=start, backend=backend, quantize=quantize,
+                                 config=EncodeConfig(block_g=16))  # fmt: skip
+        assert container.encode(got, kind="t") == container.encode(cpu, kind="t"), (backend, quantize)
     # several groups per stream: still the CPU encoder's bytes, and both decoders read them
     short = encode_kvcodec_gpu(codec, keys, values, start=start, lane_symbols=4, config=EncodeConfig(block_g=16))
     assert rans.read_header(short["k"]).num_groups > 1
@@ -177,6 +180,58 @@ def test_kvcodec_gpu_encoder_writes_the_cpu_codecs_chunk(small_profile, version,
         torch.testing.assert_close(v1.float(), v0.float(), rtol=2**-7, atol=0)
     else:
         assert torch.equal(k1, k0) and torch.equal(v1, v0)
+
+
+def _kv(L: int, H: int, T: int, D: int, seed: int, dtype: torch.dtype = torch.float32):
+    """Keys with per-channel offsets, values with per-token scales, ``[L, H, T, D]`` (any D)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(L, H, T, D, generator=g) * (1 + torch.arange(D) % 3) + torch.linspace(-2, 2, D)
+    values = torch.randn(L, H, T, D, generator=g) * torch.exp(torch.randn(L, H, T, 1, generator=g))
+    return keys.to(dtype), values.to(dtype)
+
+
+def assert_same_quantization(codec, keys, values, start):
+    """The fused kernel's symbols, codes, sinks and patches equal the torch quantization's."""
+    fused = quantize_kvcodec_gpu(codec, keys, values, start=start)
+    expect = codec.quantize_tensors(keys, values, start=start)
+    for name, a, b in zip(("k", "v", "scales"), fused[:3], expect[:3], strict=True):
+        assert a.dtype == torch.uint8 and a.shape == b.shape and torch.equal(a, b), name
+    assert sorted(fused[3]) == sorted(expect[3])
+    for name, t in expect[3].items():
+        assert torch.equal(fused[3][name], t), name
+    return fused[3]
+
+
+@interp
+@pytest.mark.parametrize(("version", "start", "dtype"), [(2, 0, torch.float16), (1, 50, torch.bfloat16), (2, 2, torch.float32)])
+def test_fused_quantization_equals_the_torch_quantization(small_profile, version, start, dtype):
+    """Both layouts, sinks (none, all four, two), a key patch, three input dtypes."""
+    codec = KVCodecV1(small_profile, 3, version=version)
+    keys, values = synthetic_kv(37, 80 + start, dtype)
+    keys[0, 1, 20, 7] = 3000.0
+    raw = assert_same_quantization(codec, keys, values, start)
+    assert "k_patch_index" in raw and ("sink_k" in raw) == (start < 4)
+
+
+@interp
+def test_fused_quantization_any_head_dim_and_value_patches():
+    """D = 24 (not a power of two: masked tile columns), a level fine enough that values need
+    patches, tokens not a multiple of the tile."""
+    samples = [_kv(1, 2, 64, 24, seed) for seed in (1, 2)]
+    profile = build_profile(samples, levels=(Level(0.5, 0.4), Level(0.3, 0.004)))
+    keys, values = _kv(1, 2, 45, 24, 3)
+    for version in (1, 2):
+        raw = assert_same_quantization(KVCodecV1(profile, 1, version=version), keys, values, 1)
+        assert raw["v_patch_index"].numel() > 10
+
+
+@interp
+@pytest.mark.parametrize(("which", "bad"), [(0, float("nan")), (1, float("inf")), (1, float("nan"))])
+def test_fused_quantization_refuses_non_finite_kv(small_profile, which, bad):
+    kv = list(synthetic_kv(20, 5))
+    kv[which][1, 1, 9, 3] = bad
+    with pytest.raises(CodecError, match="NaN or infinite"):
+        quantize_kvcodec_gpu(KVCodecV1(small_profile, 2), *kv, start=0)
 
 
 @interp
@@ -291,9 +346,10 @@ def test_gpu_kvcodec_encode_reads_back_on_both_decoders(small_profile, version):
     keys, values = synthetic_kv(700, int(np.random.SeedSequence().entropy % 1000))
     kd, vd = keys.to(dev), values.to(dev)
     buffers = codec.encode(kd, vd, start=0)
-    q = codec.quantize(kd, vd, start=0)  # the same torch quantization on the GPU, copied to the host
-    for name, sym, spec in zip(("k", "v", "scales"), (q.keys, q.values, q.scales), codec.streams(700), strict=True):
-        assert buffers[name].tobytes() == rans.encode(sym, spec.table, spec.model_map, group_size=spec.group_size)
+    q = quantize_kvcodec_gpu(codec, kd, vd, start=0)  # the fused quantization the encoder ran
+    for name, sym, spec in zip(("k", "v", "scales"), q[:3], codec.streams(700), strict=True):
+        assert buffers[name].tobytes() == rans.encode(sym.cpu().numpy(), spec.table, spec.model_map,
+                                                      group_size=spec.group_size)  # fmt: skip
     obj = container.decode(container.encode(buffers, kind="t"))
     k_cpu, v_cpu = codec.decode(obj, tuple(keys.shape), torch.float16, CPU)
     k_gpu, v_gpu = codec.decode(obj, tuple(keys.shape), torch.float16, dev)
@@ -302,3 +358,27 @@ def test_gpu_kvcodec_encode_reads_back_on_both_decoders(small_profile, version):
     cpu_obj = container.decode(container.encode(codec.encode(keys, values, start=0), kind="t"))
     sizes = [sum(o.header.buffers[n].nbytes for n in ("k", "v", "scales")) for o in (obj, cpu_obj)]
     assert abs(sizes[0] / sizes[1] - 1) < 1e-3  # at most a rare value scale code rounds differently
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("version", [1, 2])
+def test_gpu_fused_quantization_matches_torch_up_to_scale_code_ties(small_profile, version):
+    """On the GPU the fused kernel's ``log2`` and sum of squares are not rounded like torch's:
+    keys and key patches are equal, a scale code differs in a rare tie (by one), and every
+    token whose code agrees has equal value symbols."""
+    dev = torch.device("cuda")
+    codec = KVCodecV1(small_profile, 1, version=version)
+    T = 3000
+    keys, values = synthetic_kv(T, int(np.random.SeedSequence().entropy % 1000))
+    keys[1, 0, 100, 3] = 3000.0
+    fk, fv, fs, fraw = quantize_kvcodec_gpu(codec, keys.to(dev), values.to(dev), start=0)
+    tk, tv, ts, traw = codec.quantize_tensors(keys.to(dev), values.to(dev), start=0)
+    assert torch.equal(fk, tk)
+    assert torch.equal(fraw["k_patch_index"], traw["k_patch_index"]) and torch.equal(fraw["k_patch_value"], traw["k_patch_value"])
+    diff = fs.view(-1).int() - ts.view(-1).int()
+    assert int(diff.abs().max()) <= 1 and float((diff != 0).float().mean()) <= 1e-3
+    same = (diff == 0).view(-1, T)  # [L*H, T]
+    L, H, _, D = keys.shape
+    fv, tv = (fv.view(L * H, D, T), tv.view(L * H, D, T)) if version == 2 else (fv.view(L * H, T, D).transpose(1, 2), tv.view(L * H, T, D).transpose(1, 2))
+    assert torch.equal(fv.transpose(1, 2)[same], tv.transpose(1, 2)[same])

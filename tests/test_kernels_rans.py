@@ -176,6 +176,42 @@ def test_one_launch_decodes_three_streams_through_their_epilogues():
     assert bool((u1[:3] == 0xAB).all()) and bool((u1[3 + sc.size :] == 0xAB).all())
 
 
+@interp
+def test_row_streams_take_the_rows_loop_with_the_generic_loops_results():
+    """Three one-model-per-row streams (C == 1, identity maps, symbol epilogue: a channel-major
+    kvcodec chunk's launch) decode alike through the ``rows`` loop, the generic loop and the
+    reference, rows of lengths that are not multiples of 32 (groups span rows), one stream
+    corrupt: same symbols, same error words, nothing written outside the outputs."""
+    rng = np.random.default_rng(17)
+    cases = [make_case(rng, dims, 15, group_size=gs) for dims, gs in (((6, 45, 1), 96), ((3, 64, 1), 64), ((5, 13, 1), 32))]
+    good = [d for d, *_ in cases]
+    info2 = rans.read_header(good[2])
+    corrupt = bytearray(good[2])
+    corrupt[info2.states_offset + 1] ^= 0x5A
+    for streams_bytes, corrupted in ((good, False), (good[:2] + [bytes(corrupt)], True)):
+        infos = [check_stream(d, t, m)[0] for d, (_, t, m, _) in zip(streams_bytes, cases, strict=True)]
+        data, offs = upload_streams([np.frombuffer(d, np.uint8) for d in streams_bytes], CPU)
+        tabs = [decode_tables(t, CPU) for _, t, _, _ in cases]
+        bases = np.cumsum([4] + [s.size + 7 for *_, s in cases])
+        streams = [LaunchStream(i, o, j, MODE_SYMBOL, int(bases[j]), identity=True)
+                   for j, (i, o) in enumerate(zip(infos, offs, strict=True))]  # fmt: skip
+        results = []
+        for fn, config in ((rans_decode_launch, DecodeConfig(block_g=2)), (rans_decode_launch, DecodeConfig(block_g=2, rows=False)),
+                           (rans_decode_launch_ref, DecodeConfig(block_g=2))):  # fmt: skip
+            out = torch.full((int(bases[-1]) + 9,), 0xAB, dtype=torch.uint8)
+            results.append((out, fn(data, streams, tabs, out_u8=out, config=config)))
+        (u1, e1) = results[0]
+        for u, e in results[1:]:
+            assert torch.equal(u1, u) and torch.equal(e1, e)
+        assert bool(e1.any()) == corrupted
+        for j, (*_, sym) in enumerate(cases):
+            base = int(bases[j])
+            assert bool((u1[base - 4 : base] == 0xAB).all())
+            if not (corrupted and j == 2):
+                np.testing.assert_array_equal(u1[base : base + sym.size].numpy(), sym.reshape(-1))
+        assert bool((u1[int(bases[2]) + cases[2][3].size :] == 0xAB).all())
+
+
 def _corruptions(data: bytes, info, rng, count):
     """Single-byte changes in the states, offsets and words sections (the kernel checks these)."""
     lo, hi = info.states_offset, info.words_offset + 2 * info.num_words

@@ -79,6 +79,16 @@ def test_sink_tokens_and_outliers_are_exact(profile):
     assert "sink_k" not in container.decode(data).header.buffers
 
 
+@pytest.mark.parametrize(("which", "bad"), [(0, float("nan")), (1, float("nan")), (0, float("inf")), (1, float("-inf"))])
+def test_non_finite_kv_is_refused(profile, which, bad):
+    """NaN or infinite KV raises CodecError: a NaN key would not be patched and a NaN or
+    infinite value ruins its token's scale, so either would decode as wrong values."""
+    kv = list(synthetic_kv(40, seed=14))
+    kv[which][2, 1, 17, 5] = bad
+    with pytest.raises(CodecError, match="NaN or infinite"):
+        KVCodecV1(profile, 2).encode(*kv, start=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dtypes(profile, dtype):
     keys, values = synthetic_kv(40, seed=13)

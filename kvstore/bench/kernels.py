@@ -12,10 +12,12 @@ between runs):
 
 - ``hbm_copy_GBps``: a 1 GiB device-to-device copy, bytes read + written;
 - ``encode_GBps``: ``KVCodecV1.encode`` of the KV on the GPU (:func:`encode_kvcodec_gpu`:
-  torch quantization, one Triton rANS launch, stream assembly, the streams copied to
-  host memory through a pinned buffer);
+  the fused Triton quantization pass, one Triton rANS launch, stream assembly, the streams
+  copied to host memory through a pinned buffer);
 - ``encode_device_GBps``: the same with the streams left on the device;
-- ``encode_quantize_ms`` / ``encode_rans_kernel_ms``: its two main parts alone;
+- ``encode_torch_quantize_GBps``: the same as ``encode_GBps`` with the torch quantization;
+- ``encode_quantize_ms`` / ``encode_quantize_torch_ms`` / ``encode_rans_kernel_ms``: the parts
+  alone (``checks.fused_quantize_mismatches``: symbols where the two quantizations differ);
 - ``encode_cpu_MBps``: the CPU encoder (torch quantization + numba rANS), MB/s;
 - ``decode_GBps``: :func:`decode_prepared` on streams already on the GPU, the error
   check (one synchronization) and patches/sinks included;
@@ -98,12 +100,13 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     """The whole benchmark on ``dev`` (``bench(fn) -> ms``, ``sync()``); ``run`` uses CUDA and
     ``do_bench``, tests use a small shape on the CPU under the Triton interpreter."""
     from kvstore.codecs import rans
-    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, FORMAT_VERSION, KVCodecV1
+    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, FORMAT_VERSION, KVCodecV1, Quantized
     from kvstore.codecs.kvcodec_profile import build_profile
     from kvstore.format import container
     from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu, stream_plans
     from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu, decode_prepared, prepare_kvcodec
     from kvstore.kernels.rans_decode import DecodeConfig
+    from kvstore.kernels.quantize import quantize_kvcodec_gpu
     from kvstore.kernels.rans_encode import rans_encode_launch
 
     L, H, T, D = shape
@@ -128,24 +131,34 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
 
     # ---- encode on the device: same bytes as the CPU encoder for the same symbols
     buffers = encode_kvcodec_gpu(codec, keys, values)
-    q = codec.quantize(keys, values)  # the same torch quantization, symbols copied to the host
-    cpu_streams = codec.entropy_code(q)
+    fused = quantize_kvcodec_gpu(codec, keys, values)
+    q = codec.quantize(keys, values)  # the torch quantization (the CPU encoder's), symbols copied to the host
+    cpu_streams = codec.entropy_code(Quantized(*(t.cpu().numpy() for t in fused[:3]), fused[3]))
     checks: dict[str, Any] = {"gpu_encoder_streams_identical_to_cpu": all(
         buffers[k].tobytes() == cpu_streams[k] for k in ("k", "v", "scales"))}  # fmt: skip
+    # fused vs torch quantization: keys equal; a scale code may differ in a rare tie (module doc of quantize)
+    checks["fused_quantize_mismatches"] = {
+        name: int((a.cpu().numpy() != b).sum()) for name, a, b in zip(("k", "v", "scales"), fused[:3], (q.keys, q.values, q.scales), strict=True)
+    }  # fmt: skip
     ms = bench(lambda: encode_kvcodec_gpu(codec, keys, values))
     result["encode_GBps"], result["encode_ms"] = _gbps(kv_bytes, ms), ms
     ms = bench(lambda: encode_kvcodec_gpu(codec, keys, values, to_host=False))
     result["encode_device_GBps"], result["encode_device_ms"] = _gbps(kv_bytes, ms), ms
-    result["encode_quantize_ms"] = bench(lambda: codec.quantize_tensors(keys, values))
-    syms = list(codec.quantize_tensors(keys, values)[:3])
+    ms = bench(lambda: encode_kvcodec_gpu(codec, keys, values, quantize="torch"))
+    result["encode_torch_quantize_GBps"] = _gbps(kv_bytes, ms)
+    result["encode_quantize_ms"] = bench(lambda: quantize_kvcodec_gpu(codec, keys, values))
+    result["encode_quantize_torch_ms"] = bench(lambda: codec.quantize_tensors(keys, values))
+    syms = list(fused[:3])
+    del fused
     plans = stream_plans(codec, T)
     result["encode_rans_kernel_ms"] = bench(lambda: rans_encode_launch(syms, plans))
     syms.clear()
     t1 = time.perf_counter()
     codec.encode(kc, vc)
     result["encode_cpu_MBps"] = kv_bytes / (time.perf_counter() - t1) / 1e6
-    _log(f"encode {result['encode_GBps']:.1f} GB/s (device-resident {result['encode_device_GBps']:.1f}; "
-         f"quantize {result['encode_quantize_ms']:.3f} ms, rANS kernel {result['encode_rans_kernel_ms']:.3f} ms); "
+    _log(f"encode {result['encode_GBps']:.1f} GB/s (device-resident {result['encode_device_GBps']:.1f}, torch "
+         f"quantization {result['encode_torch_quantize_GBps']:.1f}; quantize {result['encode_quantize_ms']:.3f} ms, "
+         f"torch {result['encode_quantize_torch_ms']:.3f} ms, rANS kernel {result['encode_rans_kernel_ms']:.3f} ms); "
          f"cpu {result['encode_cpu_MBps']:.0f} MB/s; {checks}")  # fmt: skip
 
     blob = container.encode(buffers, kind="bench")
@@ -227,6 +240,7 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     # ---- kernel variants (the default layout and lanes)
     variants = [
         DecodeConfig(),
+        DecodeConfig(rows=False),  # the generic loop (model-map, channel-counter and epilogue branches)
         DecodeConfig(ballot=False, prefetch=False),
         DecodeConfig(block_g=2, ballot=False, prefetch=False),
         DecodeConfig(lookup=0),
@@ -313,7 +327,9 @@ def _summary(r: dict[str, Any]) -> str:
     lines = [
         f"hbm copy            {r['hbm_copy_GBps']:8.0f} GB/s",
         (f"encode (gpu)        {r['encode_GBps']:8.1f} GB/s   streams left on the device {r['encode_device_GBps']:.1f}"
-         f"   (quantize {r['encode_quantize_ms']:.3f} ms, rANS kernel {r['encode_rans_kernel_ms']:.3f} ms)"),
+         f"   (quantize {r['encode_quantize_ms']:.3f} ms, torch {r['encode_quantize_torch_ms']:.3f} ms, "
+         f"rANS kernel {r['encode_rans_kernel_ms']:.3f} ms)"),
+        f"encode (torch quant) {r['encode_torch_quantize_GBps']:7.1f} GB/s",
         f"encode (cpu)        {r['encode_cpu_MBps']:8.0f} MB/s",
         (f"decode (default)    {r['decode_GBps']:8.1f} GB/s   kernels only {r['decode_kernels_GBps']:.1f}   "
          f"pipelined {r['decode_pipelined_GBps']:.1f}"),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kvstore.codecs import rans
+from kvstore.codecs._quant import check_finite
 from kvstore.codecs.base import KVCodec, profile_content_id, register_codec, register_profile, registered_profile
 from kvstore.codecs.kvcodec_profile import (
     ZERO,
@@ -206,6 +207,8 @@ class KVCodecV1(KVCodec):
         L, H, T, D = keys.shape
         device = keys.device
         prof, level = self.profile, self.profile.levels[self.level]
+        for name, t in (("keys", keys), ("values", values)):  # NaN or inf would decode wrong (amax keeps NaN)
+            check_finite(t.abs().amax(), f"kvcodec {name}")
         k_res = quantize_keys(keys.to(torch.float32, copy=True), prof.key_center.to(device),
                               prof.key_step(self.level).to(device), inplace=True)  # fmt: skip
         vf = values.to(torch.float32, copy=True)

@@ -3,8 +3,11 @@
 :func:`encode_kvcodec_gpu` returns what :meth:`kvstore.codecs.kvcodec.KVCodecV1.encode`
 returns for KV on the CPU, without copying the KV off the GPU:
 
-1. :meth:`~kvstore.codecs.kvcodec.KVCodecV1.quantize_tensors` on the KV's device (the torch
-   operations the CPU encoder runs: symbols in the codec's stream layout, patches, sinks);
+1. quantization on the KV's device: by default one fused Triton pass
+   (:func:`kvstore.kernels.quantize.quantize_kvcodec_gpu`: the KV read once, symbols written
+   in the codec's stream layout); ``quantize="torch"`` runs
+   :meth:`~kvstore.codecs.kvcodec.KVCodecV1.quantize_tensors` instead (the torch operations
+   the CPU encoder runs, ~20 passes over fp32 temporaries);
 2. one launch of :func:`kvstore.kernels.rans_encode.rans_encode_launch` codes the ``k``,
    ``v`` and ``scales`` streams concurrently, then :func:`~kvstore.kernels.rans_encode.assemble`
    (one synchronization for the word counts) lays the streams out on the device;
@@ -25,7 +28,9 @@ from typing import Any
 
 import torch
 
+from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
+from kvstore.kernels.quantize import quantize_kvcodec_gpu
 from kvstore.kernels.rans_encode import DEFAULT_CONFIG, EncodeConfig, StreamPlan, encode_streams, plan_stream
 
 __all__ = ["encode_kvcodec_gpu", "stream_plans"]
@@ -52,13 +57,19 @@ def encode_kvcodec_gpu(
     backend: str = "triton",
     lane_symbols: int | None = None,
     to_host: bool = True,
+    quantize: str = "triton",
 ) -> dict[str, BufferLike]:
     """``codec.encode(keys, values, start=start)`` on the KV's device (see the module doc).
 
     ``lane_symbols``: see :meth:`~kvstore.codecs.kvcodec.KVCodecV1.streams`. ``to_host=False``
     leaves the three streams as uint8 tensors on the device (``decode_kvcodec_gpu`` reads
-    them there)."""
-    k_sym, v_sym, s_sym, raw = codec.quantize_tensors(keys, values, start=start)
+    them there). ``quantize``: "triton" (the fused kernel) or "torch"."""
+    if quantize == "triton":
+        k_sym, v_sym, s_sym, raw = quantize_kvcodec_gpu(codec, keys, values, start=start)
+    elif quantize == "torch":
+        k_sym, v_sym, s_sym, raw = codec.quantize_tensors(keys, values, start=start)
+    else:
+        raise CodecError(f"quantize must be 'triton' or 'torch', got {quantize!r}")
     plans = stream_plans(codec, keys.shape[2], lane_symbols)
     encoded = encode_streams([k_sym, v_sym, s_sym], plans, config=config, backend=backend)
     streams = encoded.to_host() if to_host else encoded.tensors()
