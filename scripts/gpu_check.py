@@ -5,8 +5,9 @@
 2. Store path, token-major chunks (format version 1, as stored before the version existed),
    encoded on the CPU: CUDA decode equals CPU decode at every level.
 3. The GPU encoder's streams are byte-identical to the CPU encoder's for the same symbols, on
-   a Llama-3-8B-shaped 2,048-token chunk; how many symbols the GPU quantization rounds
-   differently from the CPU's; a rough encode and decode speed (``kvstore bench kernels``
+   a Llama-3-8B-shaped 2,048-token chunk; how many symbols the fused GPU quantization and the
+   torch one on the GPU round differently from the CPU's (keys: none; scale codes: rare ties);
+   a rough encode and decode speed (``kvstore bench kernels``
    has the real figures).
 
 Run: ``python scripts/gpu_check.py`` (exits non-zero on any mismatch).
@@ -26,6 +27,7 @@ from kvstore.codecs.kvcodec_profile import build_profile
 from kvstore.format import container
 from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu
 from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
+from kvstore.kernels.quantize import quantize_kvcodec_gpu
 
 
 def synthetic(L=4, H=2, T=600, D=64, seed=0):
@@ -71,16 +73,20 @@ def encoder_check() -> None:
     fp16_bytes = 2 * keys.numel() * 2
     for version in (2, 1):
         codec = KVCodecV1(profile, DEFAULT_LEVEL, version=version)
-        buffers = codec.encode(keys, values)  # dispatches to the GPU encoder
-        q_gpu = codec.quantize(keys, values)  # GPU quantization, symbols on the host
+        buffers = codec.encode(keys, values)  # dispatches to the GPU encoder (fused quantization)
+        fused = [t.cpu().numpy() for t in quantize_kvcodec_gpu(codec, keys, values)[:3]]
         specs = codec.streams(T)
-        for name, sym, spec in zip(("k", "v", "scales"), (q_gpu.keys, q_gpu.values, q_gpu.scales), specs):
+        for name, sym, spec in zip(("k", "v", "scales"), fused, specs):
             same = buffers[name].tobytes() == rans.encode(sym, spec.table, spec.model_map, group_size=spec.group_size)
             print(f"version {version} stream {name}: gpu encoder bytes equal cpu encoder bytes: {same}")
             assert same
+        q_gpu = codec.quantize(keys, values)  # torch quantization on the GPU, symbols on the host
         q_cpu = codec.quantize(keys.cpu(), values.cpu())
-        differ = {n: int((getattr(q_gpu, n) != getattr(q_cpu, n)).sum()) for n in ("keys", "values", "scales")}
-        print(f"version {version}: symbols the GPU quantization rounds differently from the CPU: {differ}")
+        for label, q in (("fused kernel", fused), ("torch on the GPU", (q_gpu.keys, q_gpu.values, q_gpu.scales))):
+            differ = {n: int((a != b).sum()) for n, a, b in zip(("keys", "values", "scales"), q,
+                                                                (q_cpu.keys, q_cpu.values, q_cpu.scales))}
+            print(f"version {version}: symbols the {label} quantization rounds differently from the CPU: {differ}")
+            assert differ["keys"] == 0 and differ["scales"] <= 1e-3 * q_cpu.scales.size
         obj = container.decode(container.encode(buffers, kind="check"))
         k_gpu, v_gpu = codec.decode(obj, SHAPE, torch.float16, dev)
         k_cpu, v_cpu = codec.decode(obj, SHAPE, torch.float16, torch.device("cpu"))

@@ -334,6 +334,33 @@ def _prefetch(ptrs):
 
 
 @triton.jit
+def _stream_tile(desc_ptr, pid, NSTREAMS: tl.constexpr, NDESC_C: tl.constexpr, PROG0_COL: tl.constexpr,
+                 BLOCK_G: tl.constexpr):  # fmt: skip
+    """The stream a program works on and its tile of groups, from the launch descriptors (the
+    decoder's and the encoder's share columns 0-4: G, S, N, T*C, C; ``PROG0_COL`` holds each
+    stream's first program). Returns the stream's descriptor row, T*C, C, its first program,
+    the tile's group indices ``gi``, which are valid, their first positions and symbol counts,
+    and the steps of the longest group."""
+    sid = 0
+    for i in tl.static_range(1, NSTREAMS):
+        p0 = tl.load(desc_ptr + i * NDESC_C + PROG0_COL)
+        sid = tl.where(pid >= p0, i, sid)
+    d = desc_ptr + sid * NDESC_C
+    G = tl.load(d + 0).to(tl.int32)
+    S = tl.load(d + 1).to(tl.int32)
+    N = tl.load(d + 2).to(tl.int32)
+    TC = tl.load(d + 3).to(tl.int32)
+    C = tl.load(d + 4).to(tl.int32)
+    prog0 = tl.load(d + PROG0_COL).to(tl.int32)
+    gi = (pid - prog0) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG] group index within the stream
+    gval = gi < G
+    start = gi * S
+    nsym = tl.where(gval, tl.minimum(S, N - start), 0)  # [BG]
+    steps = (tl.max(nsym, axis=0) + 31) // 32
+    return sid, d, G, TC, C, gi, gval, start, nsym, steps
+
+
+@triton.jit
 def _rans_decode_kernel(
     desc_ptr, data32_ptr, data16_ptr, mm_ptr,
     bkt0, cf0, bkt1, cf1, bkt2, cf2,
@@ -348,18 +375,7 @@ def _rans_decode_kernel(
     BSHIFT: tl.constexpr = PREC - BB
     NB: tl.constexpr = 1 << BB
     pid = tl.program_id(0)
-
-    # which stream this program decodes
-    sid = 0
-    for i in tl.static_range(1, NSTREAMS):
-        p0 = tl.load(desc_ptr + i * NDESC_C + 14)
-        sid = tl.where(pid >= p0, i, sid)
-    d = desc_ptr + sid * NDESC_C
-    G = tl.load(d + 0).to(tl.int32)
-    S = tl.load(d + 1).to(tl.int32)
-    N = tl.load(d + 2).to(tl.int32)
-    TC = tl.load(d + 3).to(tl.int32)
-    C = tl.load(d + 4).to(tl.int32)
+    _sid, d, G, TC, C, gi, gval, start, nsym, steps = _stream_tile(desc_ptr, pid, NSTREAMS, NDESC_C, 14, BLOCK_G)
     st_base = tl.load(d + 5)
     off_base = tl.load(d + 6)
     w_base = tl.load(d + 7)
@@ -369,7 +385,6 @@ def _rans_decode_kernel(
     out_base = tl.load(d + 11)
     row_base = tl.load(d + 12)
     tab = tl.load(d + 13).to(tl.int32)
-    prog0 = tl.load(d + 14).to(tl.int32)
     err_base = tl.load(d + 15)
     inc_c = tl.load(d + 16).to(tl.int32)
     inc_r = tl.load(d + 17).to(tl.int32)
@@ -387,12 +402,7 @@ def _rans_decode_kernel(
         bkt = bkt2
         cft = cf2
 
-    gi = (pid - prog0) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG] group index within the stream
-    gval = gi < G
     lane = tl.arange(0, LANES_C)
-    start = gi * S
-    nsym = tl.where(gval, tl.minimum(S, N - start), 0)  # [BG]
-    steps = (tl.max(nsym, axis=0) + 31) // 32
 
     # word offsets (checked here: the host read only the header)
     ob = tl.load(data32_ptr + off_base + gi, mask=gval, other=0).to(tl.uint32, bitcast=True).to(tl.int64)

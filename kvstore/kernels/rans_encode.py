@@ -39,7 +39,7 @@ from kvstore.codecs import rans
 from kvstore.codecs.rans import HEADER_BYTES, LANES, stream_overhead_bytes
 from kvstore.codecs.symbol_model import FrequencyTable
 from kvstore.errors import CodecError
-from kvstore.kernels.rans_decode import _ballot_excl, decode_tables, interpreter_active, kernel_for
+from kvstore.kernels.rans_decode import _ballot_excl, _stream_tile, decode_tables, interpreter_active, kernel_for
 
 __all__ = [
     "EncodeConfig",
@@ -156,20 +156,10 @@ def _rans_encode_kernel(
 ):  # fmt: skip
     LANES_C: tl.constexpr = 32
     pid = tl.program_id(0)
-    sid = 0
-    for i in tl.static_range(1, NSTREAMS):
-        p0 = tl.load(desc_ptr + i * NDESC_C + 8)
-        sid = tl.where(pid >= p0, i, sid)
-    d = desc_ptr + sid * NDESC_C
-    G = tl.load(d + 0).to(tl.int32)
-    S = tl.load(d + 1).to(tl.int32)
-    N = tl.load(d + 2).to(tl.int32)
-    TC = tl.load(d + 3).to(tl.int32)
-    C = tl.load(d + 4).to(tl.int32)
+    sid, d, G, TC, C, gi, gval, start, nsym, steps = _stream_tile(desc_ptr, pid, NSTREAMS, NDESC_C, 8, BLOCK_G)
     scr = tl.load(d + 5)
     mm_base = tl.load(d + 6)
     ident = tl.load(d + 7).to(tl.int32)
-    prog0 = tl.load(d + 8).to(tl.int32)
     grp = tl.load(d + 9)
     inc_c = tl.load(d + 10).to(tl.int32)
     inc_r = tl.load(d + 11).to(tl.int32)
@@ -184,12 +174,7 @@ def _rans_encode_kernel(
         sp = sym2
         cft = cf2
 
-    gi = (pid - prog0) * BLOCK_G + tl.arange(0, BLOCK_G)  # [BG] group index within the stream
-    gval = gi < G
     lane = tl.arange(0, LANES_C)
-    start = gi * S
-    nsym = tl.where(gval, tl.minimum(S, N - start), 0)  # [BG]
-    steps = (tl.max(nsym, axis=0) + 31) // 32
     last = (steps - 1) * LANES_C
     q = last + lane[None, :] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)  # step * 32 + lane
     pos = start[:, None] + q
