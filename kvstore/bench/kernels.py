@@ -29,7 +29,11 @@ between runs):
 - ``decode_cpu_MBps``: ``KVCodecV1.decode`` on the CPU (numba, all cores), MB/s;
 - ``variants``: every kernel variant's figure (checked bit-identical to the default's output);
 - ``group_size_study``: the chunk re-encoded in both layouts with other lane lengths, the
-  size against the token-major layout at its default 4,096-symbol lanes, and the decode figure.
+  size against the token-major layout at its default 4,096-symbol lanes, and the decode figure;
+- ``pq_topk_us`` / ``pq_topk_torch_ref_us``: PQ scores (Triton LUT + score kernels) and
+  ``torch.topk`` for one layer of 131,072 tokens, 8 KV heads, 32 query heads, budget 1/5,
+  against the torch reference; ``pq_scores_us``, ``pq_torch_topk_only_us``, ``pq_gather_us``
+  (the selected tokens' K and V) beside them (:mod:`kvstore.kernels.pq_topk_bench`).
 
 Without CUDA the benchmark is skipped with a message.
 """
@@ -89,7 +93,31 @@ def run(quick: bool) -> dict[str, Any]:
     def bench(fn, rep=300):
         return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
 
-    return measure(torch.device("cuda"), SHAPE, quick, bench, torch.cuda.synchronize)
+    result = measure(torch.device("cuda"), SHAPE, quick, bench, torch.cuda.synchronize)
+    result.update(pq_figures(quick))
+    return result
+
+
+def pq_figures(quick: bool) -> dict[str, Any]:
+    """PQ scores + top-k and the gather on CUDA (:mod:`kvstore.kernels.pq_topk_bench`: one layer,
+    131,072 tokens, 8 KV / 32 query heads, budget 1/5), after its correctness checks."""
+    from kvstore.kernels import pq_topk_bench
+
+    failures = pq_topk_bench.check()
+    t = pq_topk_bench.timings(sets=8 if quick else 24)
+    out = {
+        "pq_topk_us": t["pq_topk_us"],
+        "pq_topk_torch_ref_us": t["pq_topk_reference_us"],
+        "pq_topk_speedup_vs_torch_ref": t["pq_topk_reference_us"] / t["pq_topk_us"],
+        "pq_scores_us": t["pq_scores_triton_us"],
+        "pq_torch_topk_only_us": t["torch_topk_only_us"],
+        "pq_gather_us": t["gather_triton_us"],
+        "pq_gather_torch_ref_us": t["gather_reference_us"],
+        "pq_k": t["k"],
+        "pq_check_failures": failures,
+    }
+    _log(f"pq {out}")
+    return out
 
 
 def _stream_bytes(buffers: dict[str, Any]) -> int:

@@ -11,6 +11,9 @@ dequantize             ``dequantize.dequantize_rowscale`` /         ``dequantize
                        ``dequantize_affine``                        ``dequantize_affine_ref``
 kvcodec chunk decode   ``kvcodec_gpu.decode_kvcodec_gpu``           the same with ``backend="torch"``
 kvcodec chunk encode   ``kvcodec_encode.encode_kvcodec_gpu``        the same with ``backend="torch"``
+kvcodec quantization   ``quantize.quantize_kvcodec_gpu``            ``KVCodecV1.quantize_tensors`` (torch)
+PQ scores, top-k       ``pq_topk.pq_topk_triton`` /                 ``pq_reference.pq_topk_reference`` /
+and gather             ``gather_kv_triton``                         ``gather_kv_reference``
 =====================  ==========================================  =====================================
 
 The dispatch helpers here (``decode_rans``, ``encode_rans``, ``decode_kvcodec``; not named
@@ -18,7 +21,8 @@ like the kernel modules, which would shadow them as package attributes) pick Tri
 CUDA devices and the torch reference elsewhere (or when Triton cannot be imported). Importing this package imports
 neither Triton nor the kernels; they load on first use. Triton also runs the
 kernels on the CPU through its interpreter (``kernel_for`` in ``rans_decode``), which
-is what the tests use where there is no GPU.
+is what the tests use where there is no GPU; ``python -m kvstore.kernels.compile_check``
+compiles every kernel for sm_90 without a GPU and prints registers and main-loop lengths.
 """
 
 from __future__ import annotations
