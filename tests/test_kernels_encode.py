@@ -264,12 +264,24 @@ def test_kernels_benchmark_runs_on_a_small_shape(small_profile):
     result = measure(CPU, (1, 2, 8, 16), True, bench, lambda: None)
     assert result["encode_GBps"] > 0 and result["decode_GBps"] > 0
     assert result["checks"]["gpu_encoder_streams_identical_to_cpu"]
+    assert result["checks"]["fused_quantize_mismatches"] == {"k": 0, "v": 0, "scales": 0}
     assert result["checks"]["equal_to_codec_decode"] and result["checks"]["keys_equal_to_cpu_decode"]
     assert result["chunk"]["version"] == 2
     assert all(row["bit_identical"] for row in result["group_size_study"])
 
 
 # ----------------------------------------------------------------------------- no kernel needed
+
+
+def test_torch_backend_encodes_a_chunk_on_the_cpu(small_profile):
+    """``backend="torch"`` works off CUDA (quantization by torch there, or by the fused kernel
+    under the interpreter): the CPU codec's chunk."""
+    codec = KVCodecV1(small_profile, 2)
+    keys, values = synthetic_kv(9, 21)
+    got = encode_kvcodec_gpu(codec, keys, values, start=0, backend="torch", config=EncodeConfig(block_g=16))
+    assert container.encode(got, kind="t") == container.encode(codec.encode(keys, values, start=0), kind="t")
+    with pytest.raises(CodecError, match="quantize must be"):
+        encode_kvcodec_gpu(codec, keys, values, quantize="numpy")
 
 
 def test_reference_encoder_matches_cpu_on_many_shapes():

@@ -89,6 +89,12 @@ def test_non_finite_kv_is_refused(profile, which, bad):
         KVCodecV1(profile, 2).encode(*kv, start=0)
 
 
+def test_empty_chunk_encodes_and_decodes(profile):
+    empty = torch.zeros(L, H, 0, D, dtype=torch.float16)
+    _, (k2, v2) = round_trip(KVCodecV1(profile, 2), empty, empty, start=0)
+    assert k2.shape == (L, H, 0, D) and v2.shape == (L, H, 0, D)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dtypes(profile, dtype):
     keys, values = synthetic_kv(40, seed=13)

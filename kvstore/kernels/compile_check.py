@@ -5,7 +5,7 @@ the kernels' Python with numpy: it never lowers them, so a kernel that only fail
 for a real GPU (an unsupported op, inline PTX, a type the backend rejects) passes every
 interpreted test. This module lowers each kernel variant the launchers use through Triton's
 own compiler and the ``ptxas`` shipped with it, for a target such as ``sm_90`` (H100/H200),
-and reports what the machine code costs: registers, spills, shared memory and the number of
+and reports what the machine code costs: registers, local memory (spills), shared memory and the number of
 SASS instructions in the kernel's main loop (the issue-bound floor of a latency-free loop is
 proportional to it). ``python -m kvstore.kernels.compile_check [--arch 90] [--json PATH]``
 prints the table; ``tests/test_kernels_compile.py`` compiles everything in CI.
@@ -53,7 +53,7 @@ class KernelReport:
     name: str
     arch: int
     registers: int
-    spill_bytes: int
+    local_bytes: int  # local memory per thread (stack and register spills)
     shared_bytes: int
     sass_instructions: int
     loop_instructions: int | None  # the largest loop's body (None: no loop)
@@ -134,6 +134,10 @@ def variants() -> list[Variant]:
         Variant("kvcodec quantize (fused, channel-major symbols)", _quantize,
                 "*fp16:16, *fp16:16, *fp32:16, *fp32:16, *fp32:16, *u8:16, *u8:16, *u8:16, *i32:16, i32, i32",
                 {"D": 128, "BLOCK_D": 128, "BLOCK_T": 16, "ZERO_SYM": 128, "SCALE_STEPS": 4, "CHANNEL_MAJOR": True},
+                {"num_warps": 4, "enable_fp_fusion": False}),  # fmt: skip
+        Variant("kvcodec quantize (fused, token-major, bf16, D=96)", _quantize,
+                "*bf16:16, *bf16:16, *fp32:16, *fp32:16, *fp32:16, *u8:16, *u8:16, *u8:16, *i32:16, i32, i32",
+                {"D": 96, "BLOCK_D": 128, "BLOCK_T": 16, "ZERO_SYM": 128, "SCALE_STEPS": 4, "CHANNEL_MAJOR": False},
                 {"num_warps": 4, "enable_fp_fusion": False}),  # fmt: skip
         Variant("pq lut", _pq("_pq_lut_kernel"), "*fp16:16, *fp16:16, *fp32:16, i32",
                 {"GROUP": 4, "M": 32, "K": 256, "SUB": 4, "BLOCK_D": 4}, _pq_options),  # fmt: skip
@@ -232,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="compile only the variants whose name contains this")
     args = parser.parse_args(argv)
     reports = [compile_variant(v, args.arch) for v in variants() if args.only in v.name]
-    print(f"{'kernel variant':52} {'regs':>5} {'spill':>5} {'smem':>6} {'sass':>5} {'loop':>5}")
+    print(f"{'kernel variant':52} {'regs':>5} {'local':>5} {'smem':>6} {'sass':>5} {'loop':>5}")
     for r in reports:
         loop = "-" if r.loop_instructions is None else str(r.loop_instructions)
-        print(f"{r.name:52} {r.registers:5d} {r.spill_bytes:5d} {r.shared_bytes:6d} {r.sass_instructions:5d} {loop:>5}")
+        print(f"{r.name:52} {r.registers:5d} {r.local_bytes:5d} {r.shared_bytes:6d} {r.sass_instructions:5d} {loop:>5}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
     return 0

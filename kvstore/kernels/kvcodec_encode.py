@@ -19,7 +19,8 @@ For the same symbols the streams are byte-identical to the CPU encoder's, so the
 decoders read both. Quantization on a GPU may round a rare value scale code differently
 from the CPU (``log2`` and the RMS reduction are not correctly rounded alike): the chunk is
 then a valid encoding of the same KV with that token's step a quarter octave apart.
-``backend="torch"`` runs the torch reference of the rANS encoder instead (any device; slow).
+``backend="torch"`` runs the torch reference of the rANS encoder instead (any device; slow;
+off CUDA the quantization is then the torch one too).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
 from kvstore.kernels.quantize import quantize_kvcodec_gpu
+from kvstore.kernels.rans_decode import interpreter_active
 from kvstore.kernels.rans_encode import DEFAULT_CONFIG, EncodeConfig, StreamPlan, encode_streams, plan_stream
 
 __all__ = ["encode_kvcodec_gpu", "stream_plans"]
@@ -57,13 +59,16 @@ def encode_kvcodec_gpu(
     backend: str = "triton",
     lane_symbols: int | None = None,
     to_host: bool = True,
-    quantize: str = "triton",
+    quantize: str | None = None,
 ) -> dict[str, BufferLike]:
     """``codec.encode(keys, values, start=start)`` on the KV's device (see the module doc).
 
     ``lane_symbols``: see :meth:`~kvstore.codecs.kvcodec.KVCodecV1.streams`. ``to_host=False``
     leaves the three streams as uint8 tensors on the device (``decode_kvcodec_gpu`` reads
-    them there). ``quantize``: "triton" (the fused kernel) or "torch"."""
+    them there). ``quantize``: "triton" (the fused kernel), "torch", or None: "triton" where
+    Triton runs (CUDA, or the interpreter), else "torch"."""
+    if quantize is None:
+        quantize = "triton" if keys.device.type == "cuda" or interpreter_active() else "torch"
     if quantize == "triton":
         k_sym, v_sym, s_sym, raw = quantize_kvcodec_gpu(codec, keys, values, start=start)
     elif quantize == "torch":

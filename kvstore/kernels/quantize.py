@@ -16,11 +16,13 @@ token-major). A program owns one (layer, head) and ``BLOCK_T`` tokens:
   counted, non-finite inputs are counted.
 
 One synchronization reads the counts. Non-finite KV raises :class:`~kvstore.errors.CodecError`
-(as the torch path does); when a tensor has out-of-range residuals ("patches", rare) their
-indices and original values come from torch operations that compute the very same residuals,
-so the chunk equals the torch path's. The scale codes may differ from the torch path's in
-rare ties: the kernel's ``log2`` and sum of squares are not rounded like torch's; such a chunk
-is a valid encoding of the same KV with that token's step a quarter octave apart.
+(as the torch path does). When a tensor has out-of-range residuals ("patches", rare), their
+clamped symbols (0 or 255) locate the candidates, and torch recomputes the residuals of those
+elements only, with the torch path's arithmetic: the same patches (the count must match the
+kernel's, or the chunk is refused). The scale codes may differ from the torch path's in rare
+ties: the kernel sums the squares in another order, and torch's CUDA ``mean`` multiplies by
+``1/D`` where the kernel divides (the same when D is a power of two); such a chunk is a valid
+encoding of the same KV with that token's step a quarter octave apart.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvstore.codecs.kvcodec import _patches
-from kvstore.codecs.kvcodec_profile import SCALE_STEPS_PER_OCTAVE, ZERO, quantize_keys
+from kvstore.codecs.kvcodec_profile import SCALE_STEPS_PER_OCTAVE, ZERO
+from kvstore.codecs.rans import MAX_SYMBOLS
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
 from kvstore.kernels.rans_decode import kernel_for
@@ -99,16 +101,36 @@ def _kvcodec_quantize_kernel(
         tl.store(ksym_ptr + base + src, ks, mask=mask)
         tl.store(vsym_ptr + base + src, vs, mask=mask)
     tl.store(codes_ptr + lh * T + t, ci.to(tl.uint8), mask=tm)
-    tl.atomic_add(counts_ptr + 0, tl.sum(tl.sum(kout.to(tl.int32), axis=1), axis=0))
-    tl.atomic_add(counts_ptr + 1, tl.sum(tl.sum(vout.to(tl.int32), axis=1), axis=0))
-    tl.atomic_add(counts_ptr + 2, nonfinite.to(tl.int32))
+    # counts, almost always 0: an atomic only where there is something to count
+    n_k = tl.sum(tl.sum(kout.to(tl.int32), axis=1), axis=0)
+    n_v = tl.sum(tl.sum(vout.to(tl.int32), axis=1), axis=0)
+    n_bad = nonfinite.to(tl.int32)
+    tl.atomic_add(counts_ptr + 0, n_k, mask=n_k > 0, sem="relaxed")
+    tl.atomic_add(counts_ptr + 1, n_v, mask=n_v > 0, sem="relaxed")
+    tl.atomic_add(counts_ptr + 2, n_bad, mask=n_bad > 0, sem="relaxed")
 
 
-def _patches_after_sinks(residuals: torch.Tensor, originals: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codec's patches of ``residuals`` once the sink tokens' residuals are zeroed (as its encoder does)."""
-    if sinks:
-        residuals[:, :, :sinks] = 0
-    return _patches(residuals, originals)
+def _patches_from_symbols(
+    sym: torch.Tensor, originals: torch.Tensor, residual_at, shape: tuple[int, int, int, int], sinks: int,
+    channel_major: bool, expected: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The codec's patches (sorted flat ``[L, H, T, D]`` indices, int32, and original values):
+    a clamped residual has symbol 0 or 255, so only those elements get their residual
+    recomputed in torch (``residual_at(flat_indices)``, the torch path's arithmetic) and
+    are kept when it lies outside the symbol range; sink tokens are never patched."""
+    _, _, T, D = shape
+    cand = ((sym == 0) | (sym == 255)).view(-1).nonzero().squeeze(1)
+    if channel_major:  # symbol (lh*D + d)*T + t -> element (lh*T + t)*D + d
+        lhd, t = cand // T, cand % T
+        cand = ((lhd // D) * T + t) * D + lhd % D
+    flat = cand.sort().values
+    flat = flat[(flat // D) % T >= sinks]
+    res = residual_at(flat)
+    index = flat[(res < -ZERO) | (res > 255 - ZERO)]
+    if index.numel() != expected:  # the kernel and torch disagree on a residual: never store such a chunk
+        raise CodecError(f"internal error: the quantization kernel counted {expected} patches, torch finds "
+                         f"{index.numel()}")  # fmt: skip
+    return index.to(torch.int32), originals.reshape(-1)[index]
 
 
 def quantize_kvcodec_gpu(
@@ -118,13 +140,20 @@ def quantize_kvcodec_gpu(
     codec's stream layout, raw sink and patch buffers), by the fused kernel (module doc).
 
     ``keys``/``values``: ``[L, H, T, D]`` on a CUDA device (or the CPU under the Triton
-    interpreter). ``block_t``: tokens per program (default ``2048 / D``, within 8-64)."""
+    interpreter). ``block_t``: tokens per program, a power of two (default ``2048 / D`` with D
+    rounded up to a power of two, within 8-64)."""
     if keys.shape != values.shape or keys.ndim != 4 or keys.device != values.device:
         raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D] on one device")
     if not keys.is_floating_point() or not values.is_floating_point():
         raise CodecError("keys and values must be float tensors")
     codec._check_shape(tuple(keys.shape))
     L, H, T, D = keys.shape
+    if L * H * T * D > MAX_SYMBOLS:
+        raise CodecError(f"a chunk of {L * H * T * D} elements per tensor is more than one rANS stream holds")
+    if L * H > 65535:
+        raise CodecError(f"{L * H} (layer, head) pairs: more than the kernel's grid allows (65,535)")
+    if block_t is not None and (not isinstance(block_t, int) or block_t < 1 or block_t & (block_t - 1)):
+        raise CodecError(f"block_t must be a power of two, got {block_t!r}")
     device = keys.device
     keys, values = keys.contiguous(), values.contiguous()
     from kvstore.kernels.kvcodec_gpu import _profile_cache  # the decoder's tables: the same steps
@@ -151,15 +180,21 @@ def quantize_kvcodec_gpu(
     if sinks:
         raw["sink_k"] = keys[:, :, :sinks]
         raw["sink_v"] = values[:, :, :sinks]
+    shape = (L, H, T, D)
     if k_out:
-        k_res = quantize_keys(keys.to(torch.float32, copy=True), cache["bias"].view(L, H, D),
-                              cache["scale"].view(L, H, D), inplace=True)  # fmt: skip
-        raw["k_patch_index"], raw["k_patch_value"] = _patches_after_sinks(k_res, keys, sinks)
-        del k_res
+        def key_residual(flat: torch.Tensor) -> torch.Tensor:
+            model = (flat // (T * D)) * D + flat % D
+            k = keys.reshape(-1)[flat].to(torch.float32)
+            return torch.round((k - cache["bias"][model]) / cache["scale"][model])
+
+        raw["k_patch_index"], raw["k_patch_value"] = _patches_from_symbols(
+            k_sym, keys, key_residual, shape, sinks, codec.channel_major, k_out)  # fmt: skip
     if v_out:
-        steps = cache["vtab"][codes.long()].view(L, H, T, 1)
-        v_res = values.to(torch.float32, copy=True).div_(steps).round_()
-        raw["v_patch_index"], raw["v_patch_value"] = _patches_after_sinks(v_res, values, sinks)
-        del v_res
+        def value_residual(flat: torch.Tensor) -> torch.Tensor:
+            step = cache["vtab"][codes[flat // D].long()]
+            return torch.round(values.reshape(-1)[flat].to(torch.float32) / step)
+
+        raw["v_patch_index"], raw["v_patch_value"] = _patches_from_symbols(
+            v_sym, values, value_residual, shape, sinks, codec.channel_major, v_out)  # fmt: skip
     spec_k, _, spec_s = codec.streams(T)
     return k_sym.view(spec_k.shape), v_sym.view(spec_k.shape), codes.view(spec_s.shape), raw
