@@ -37,6 +37,7 @@ from kvstore.codecs.kvcodec_profile import SCALE_STEPS_PER_OCTAVE, ZERO
 from kvstore.codecs.rans import MAX_SYMBOLS
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
+from kvstore.kernels.kvcodec_gpu import _profile_cache
 from kvstore.kernels.rans_decode import kernel_for
 
 __all__ = ["quantize_kvcodec_gpu"]
@@ -156,9 +157,7 @@ def quantize_kvcodec_gpu(
         raise CodecError(f"block_t must be a power of two, got {block_t!r}")
     device = keys.device
     keys, values = keys.contiguous(), values.contiguous()
-    from kvstore.kernels.kvcodec_gpu import _profile_cache  # the decoder's tables: the same steps
-
-    cache = _profile_cache(codec, device)
+    cache = _profile_cache(codec, device)  # the decoder's tables: the same steps
     sinks = max(0, min(T, codec.profile.sink_tokens - start))
     n = L * H * T * D
     k_sym = torch.empty(n, dtype=torch.uint8, device=device)

@@ -338,9 +338,9 @@ def _stream_tile(desc_ptr, pid, NSTREAMS: tl.constexpr, NDESC_C: tl.constexpr, P
                  BLOCK_G: tl.constexpr):  # fmt: skip
     """The stream a program works on and its tile of groups, from the launch descriptors (the
     decoder's and the encoder's share columns 0-4: G, S, N, T*C, C; ``PROG0_COL`` holds each
-    stream's first program). Returns the stream's descriptor row, T*C, C, its first program,
-    the tile's group indices ``gi``, which are valid, their first positions and symbol counts,
-    and the steps of the longest group."""
+    stream's first program). Returns the stream's index and descriptor row, its group count,
+    T*C and C, the tile's group indices ``gi``, which are valid, their first positions and
+    symbol counts, and the steps of the longest group."""
     sid = 0
     for i in tl.static_range(1, NSTREAMS):
         p0 = tl.load(desc_ptr + i * NDESC_C + PROG0_COL)
