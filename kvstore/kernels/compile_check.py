@@ -23,7 +23,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,12 +220,6 @@ def compile_variant(variant: Variant, arch: int = 90) -> KernelReport:
     count = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", sass))
     return KernelReport(variant.name, arch, int(regs.group(1)) if regs else -1, int(local.group(1)) if local else 0,
                         int(shared.group(1)) if shared else 0, count, main_loop_instructions(sass))  # fmt: skip
-
-
-def compile_all(arch: int = 90) -> Iterator[KernelReport]:
-    """Every variant of :func:`variants`, compiled for ``sm_<arch>``."""
-    for v in variants():
-        yield compile_variant(v, arch)
 
 
 def main(argv: list[str] | None = None) -> int:
