@@ -107,3 +107,119 @@ def test_triton_kernels_match_reference_under_interpreter():
     result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+# -- counting select (pq_select): top-k by code combination, ties to the lowest positions --------
+from kvstore.kernels.pq_reference import order_selection, pq_select_reference  # noqa: E402
+from kvstore.kernels.pq_select import combinations, pq_select  # noqa: E402
+
+
+def test_order_selection_breaks_ties_by_position_and_returns_ascending_positions():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0], [0.0, -0.0, 5.0, 0.0, -2.0, float("nan")]])
+    assert order_selection(scores[:1], 2).tolist() == [[1, 2]]
+    assert order_selection(scores[:1], 4, start=10).tolist() == [[11, 12, 13, 14]]
+    # -0.0 ties with 0.0; a positive NaN ranks above everything
+    assert order_selection(scores[1:], 3).tolist() == [[0, 2, 5]]
+    assert order_selection(-scores[1:], 1).tolist() == [[4]]  # a negative NaN ranks below -inf
+    assert order_selection(scores, 0).shape == (2, 0)
+    with pytest.raises(ConfigError):
+        order_selection(scores, 7)
+
+
+def test_select_reference_is_the_topk_set_in_position_order():
+    query, centroids, codes = inputs(n=900)
+    got = pq_select_reference(query, centroids, codes, 120, 32, 836)
+    want, _ = pq_topk_reference(query, centroids, codes, 120, 32, 836)
+    assert torch.equal(got, want.sort(1).values)  # continuous scores: no ties at the k-th
+    assert torch.equal(pq_select(query, centroids, codes, 120, 32, 836), got)  # CPU dispatch
+
+
+def test_combinations_apply_to_power_of_two_codebooks_up_to_4096():
+    assert combinations(2, 64) == 4096 and combinations(1, 256) == 256 and combinations(3, 16) == 4096
+    assert combinations(2, 128) is None and combinations(2, 48) is None and combinations(4, 16) is None
+
+
+SELECT_INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from kvstore.errors import ConfigError
+    from kvstore.kernels.pq_reference import pq_scores_reference, pq_select_reference
+    from kvstore.kernels.pq_select import pq_select_triton
+
+    g = torch.Generator().manual_seed(3)
+
+    def data(kv_heads, group, m, K, sub, n, integer, dtype=torch.float32):
+        if integer:  # small integers: every score exact in fp32, whatever the summation order
+            query = torch.randint(-3, 4, (kv_heads * group, m * sub), generator=g).to(dtype)
+            centroids = torch.randint(-3, 4, (kv_heads, m, K, sub), generator=g).to(dtype)
+        else:
+            query = torch.randn(kv_heads * group, m * sub, generator=g).to(dtype)
+            centroids = torch.randn(kv_heads, m, K, sub, generator=g).to(dtype)
+        return query, centroids, torch.randint(0, K, (kv_heads, n, m), generator=g, dtype=torch.uint8)
+
+    cases = [  # kv_heads, group, m, K, sub, n, k, start, stop, segments
+        (2, 3, 2, 64, 16, 3000, 600, 32, 2936, None),   # PQCache's m=2, b=6: int16 token words
+        (2, 3, 2, 64, 16, 3000, 600, 32, 2936, 3),
+        (3, 1, 2, 16, 8, 2500, 2500 - 96, 32, 2436, 4),  # k = every candidate
+        (1, 4, 1, 256, 16, 1500, 1, 0, 1500, 2),         # int8 words, k = 1
+        (2, 2, 4, 8, 4, 1200, 300, 5, 1100, 3),          # int32 words
+        (2, 2, 3, 16, 4, 1100, 250, 0, 1100, 2),         # 3 bytes a token: the byte path
+        (2, 2, 2, 4, 4, 700, 350, 0, 700, 1),            # 16 combinations, heavy ties
+    ]
+    for kv_heads, group, m, K, sub, n, k, start, stop, segments in cases:
+        query, centroids, codes = data(kv_heads, group, m, K, sub, n, True)
+        buf = torch.full((kv_heads * k + 64,), -1, dtype=torch.int64)  # poisoned, with a guard after `out`
+        out = buf[: kv_heads * k].view(kv_heads, k)
+        got = pq_select_triton(query, centroids, codes, k, start, stop, segments=segments, out=out)
+        want = pq_select_reference(query, centroids, codes, k, start, stop)
+        assert got is out and torch.equal(got, want), (m, K, segments, (got != want).sum())
+        assert (buf[kv_heads * k:] == -1).all(), "wrote past the output"
+
+    # strided codes (a view of wider rows) and fp16 queries: same answer as the contiguous copy
+    query, centroids, wide = data(2, 4, 4, 64, 8, 2000, True, torch.float16)
+    codes = wide[:, 100:, 1:3]
+    centroids2 = centroids[:, 1:3].contiguous()
+    query2 = query[:, 8:24].contiguous()
+    got = pq_select_triton(query2, centroids2, codes, 400, 10, 1800, segments=3)
+    assert torch.equal(got, pq_select_reference(query2, centroids2, codes.contiguous(), 400, 10, 1800))
+
+    # continuous scores: every pick is at least the float64 k-th best (fp32 rounding aside)
+    for segments in (None, 5):
+        query, centroids, codes = data(3, 4, 2, 64, 32, 4000, False)
+        got = pq_select_triton(query, centroids, codes, 777, 32, 3900, segments=segments)
+        q = query.double().reshape(3, -1, 2, 32).sum(1)
+        lut = torch.einsum("hms,hmks->hmk", q, centroids.double())
+        ref = torch.gather(lut, 2, codes[:, 32:3900].long().transpose(1, 2)).sum(1)
+        kth = ref.topk(777, dim=1).values[:, -1:]
+        assert (ref.gather(1, got - 32) >= kth - 1e-5 * ref.abs().max()).all()
+        assert (got.diff(dim=1) > 0).all() and int(got.min()) >= 32 and int(got.max()) < 3900
+
+    # codes >= K (never written by PQIndex) are read as K - 1, without reading out of bounds
+    query, centroids, codes = data(2, 2, 2, 16, 4, 600, True)
+    bad = codes.clone()
+    bad[0, ::7, 1] = 200
+    got = pq_select_triton(query, centroids, bad, 100, 0, 600, segments=2)
+    assert torch.equal(got, pq_select_reference(query, centroids, bad.clamp(max=15), 100, 0, 600))
+
+    for args, kwargs in [((query, centroids, codes, 601), {}), ((query, centroids, codes, 5, 10, 5), {}),
+                         ((query, centroids, codes, 5), {"out": torch.empty(2, 4, dtype=torch.int64)}),
+                         ((query, centroids, codes, 5), {"segments": 0}),
+                         ((query, centroids[:, :, :12].contiguous(), codes, 5), {})]:
+        try:
+            pq_select_triton(*args, **kwargs)
+        except ConfigError:
+            pass
+        else:
+            raise AssertionError(f"no ConfigError for {kwargs or len(args)}")
+    print("ok")
+    """
+)
+
+
+def test_counting_select_kernels_match_reference_under_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", SELECT_INTERPRETED], env=env, capture_output=True, text=True,
+                            timeout=600, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

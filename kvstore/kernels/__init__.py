@@ -14,6 +14,8 @@ kvcodec chunk encode   ``kvcodec_encode.encode_kvcodec_gpu``        the same wit
 kvcodec quantization   ``quantize.quantize_kvcodec_gpu``            ``KVCodecV1.quantize_tensors`` (torch)
 PQ scores, top-k       ``pq_topk.pq_topk_triton`` /                 ``pq_reference.pq_topk_reference`` /
 and gather             ``gather_kv_triton``                         ``gather_kv_reference``
+PQ top-k by counting   ``pq_select.pq_select_triton``               ``pq_reference.pq_select_reference``
+code combinations
 =====================  ==========================================  =====================================
 
 The dispatch helpers here (``decode_rans``, ``encode_rans``, ``decode_kvcodec``; not named

@@ -1,4 +1,5 @@
-"""Pure-torch reference of the PQ score / top-k and gather kernels (:mod:`kvstore.kernels.pq_topk`).
+"""Pure-torch reference of the PQ score / top-k and gather kernels (:mod:`kvstore.kernels.pq_topk`,
+:mod:`kvstore.kernels.pq_select`).
 
 Shapes (one layer, one decode step):
 
@@ -69,6 +70,44 @@ def pq_topk_reference(
     if not 0 <= k <= scores.shape[1]:
         raise ConfigError(f"k={k} must lie in [0, {scores.shape[1]}] (the candidate tokens)")
     return scores.topk(k, dim=1, sorted=False).indices + start, scores
+
+
+def score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys in ``[0, 2**32)`` of fp32 ``scores`` (``-0.0`` and ``0.0``
+    equal; a NaN ranks by its bits, above ``inf`` or below ``-inf`` by its sign): what the
+    select kernel compares, so ties are the same in both."""
+    bits = (scores.float() + 0.0).view(torch.int32).long()
+    return torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
+
+
+def order_selection(scores: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
+    """Positions ``[kv_heads, k]`` (int64, ascending, offset by ``start``) of each row's ``k``
+    highest ``scores``; ties at the k-th score go to the lowest positions."""
+    rows, n = scores.shape
+    if not 0 <= k <= n:
+        raise ConfigError(f"k={k} must lie in [0, {n}] (the candidate tokens)")
+    if k == 0:
+        return torch.empty(rows, 0, dtype=torch.int64, device=scores.device)
+    keys = score_keys(scores)
+    kth = keys.topk(k, dim=1).values[:, -1:]
+    above = keys > kth
+    tie = keys == kth
+    take = above | (tie & (tie.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    return take.nonzero()[:, 1].reshape(rows, k) + start
+
+
+def pq_select_reference(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    k: int,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """The ``k`` tokens of ``[start, stop)`` with the highest PQ score per KV head, as
+    ascending positions ``[kv_heads, k]`` int64; ties at the k-th score go to the lowest
+    positions (the semantics of :func:`kvstore.kernels.pq_select.pq_select_triton`)."""
+    return order_selection(pq_scores_reference(query, centroids, codes, start, stop), k, start)
 
 
 def gather_kv_reference(

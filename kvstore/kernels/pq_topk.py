@@ -9,9 +9,11 @@ One layer, one decode step (shapes in :mod:`kvstore.kernels.pq_reference`):
    reads ``BLOCK_N`` tokens' ``m`` uint8 codes (contiguous, ``m`` bytes a token)
    and sums their table entries: the only pass over the codes, about ``m`` bytes
    read and 4 written per token and KV head.
-3. Top-k is ``torch.topk(sorted=False)`` on the kernel's scores: a fused
-   selection (a radix select over the fp32 score bits) is not written yet, and at
-   131K tokens the top-k, not the scoring, is the larger cost.
+3. Top-k is ``torch.topk(sorted=False)`` on the kernel's scores. At 131K tokens
+   the top-k, not the scoring, is the larger cost: retrieval attention runs
+   :mod:`kvstore.kernels.pq_select` instead, which finds the top-k from the code
+   combinations without writing scores (this path remains for codebooks with more
+   than 4,096 combinations, and for callers that want the scores).
 4. ``_gather_kernel``, grid ``(kv_heads, cdiv(k, BLOCK_S))``: copies the selected
    tokens' key and value rows into ``[kv_heads, k, head_dim]`` outputs.
 

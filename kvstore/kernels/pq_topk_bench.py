@@ -1,13 +1,15 @@
 """Check the PQ top-k / gather Triton kernels against the torch reference on CUDA, and time them.
 
 ``python -m kvstore.kernels.pq_topk_bench``: fresh random inputs for every check,
-outputs poisoned with NaN before each kernel run, scores compared with a float64
-reference; then ``pq_topk_us`` for one layer of 131,072 tokens, 8 KV heads, 32
-query heads, head_dim 128, m=2, b=6, budget 1/5 (sinks 32 + window 64 + top-k),
-the Triton path (LUT + score kernels, ``torch.topk``) against the torch
-reference on the same GPU, and the gather of the selected K/V. Timings are
-medians of ``triton.testing.do_bench`` over inputs rotated among sets larger
-than L2. Prints a table last.
+outputs poisoned (NaN / -1, with a guard after the selection) before each kernel run,
+scores compared with a float64 reference, the counting select compared element for
+element with :func:`~kvstore.kernels.pq_reference.pq_select_reference` on integer data
+(exact scores); then, for one layer of 131,072 tokens, 8 KV heads, 32 query heads,
+head_dim 128, m=2, b=6, budget 1/5 (sinks 32 + window 64 + top-k): the counting select
+(``pq_select_triton``, what retrieval attention runs), the scores + ``torch.topk`` path
+(``pq_topk_triton``) and the torch reference on the same GPU, and the gather of the
+selected K/V. Timings are medians of ``triton.testing.do_bench`` over inputs rotated
+among sets larger than L2. Prints a table last.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import sys
 
 import torch
 
-from kvstore.kernels.pq_reference import gather_kv_reference, pq_topk_reference
+from kvstore.kernels.pq_reference import gather_kv_reference, pq_select_reference, pq_topk_reference
+from kvstore.kernels.pq_select import pq_select_triton
 from kvstore.kernels.pq_topk import gather_kv_triton, pq_scores_triton, pq_topk_triton
 
 
@@ -39,6 +42,36 @@ CASES = [  # dtype, kv_heads, group, m, K, sub, n, k, start, stop
 def _sync(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def _check_select(query, centroids, codes, k, start, stop, ref, device, g) -> list[str]:
+    """The counting select on the case's data (picks at least the float64 k-th best, ascending)
+    and on integer data of the same shape (equal to the reference element for element)."""
+    failures = []
+    kv_heads, m, K, _ = centroids.shape
+    if K & (K - 1) or K**m > 4096:
+        return failures
+    for integer in (False, True):
+        if integer:
+            query = torch.randint(-3, 4, query.shape, generator=g).to(device, query.dtype)
+            centroids = torch.randint(-3, 4, centroids.shape, generator=g).to(device, centroids.dtype)
+        buf = torch.full((kv_heads * k + 64,), -1, device=device, dtype=torch.int64)
+        got = pq_select_triton(query, centroids, codes, k, start, stop, out=buf[: kv_heads * k].view(kv_heads, k))
+        _sync(device)
+        if not (buf[kv_heads * k:] == -1).all():
+            failures.append(f"select {kv_heads}x{codes.shape[1]} k={k}: wrote past its output")
+        if integer:
+            want = pq_select_reference(query, centroids, codes, k, start, stop)
+            if not torch.equal(got, want):
+                failures.append(f"select {kv_heads}x{codes.shape[1]} k={k}: {int((got != want).sum())} "
+                                "positions differ from the reference on exact scores")  # fmt: skip
+        elif k:
+            kth = ref.topk(k, dim=1).values[:, -1:]
+            ok = (ref.gather(1, (got - start).clamp(0, ref.shape[1] - 1)) >= kth - 1e-5 * ref.abs().max()).all()
+            if not ok or not (got.diff(dim=1) > 0).all() or int(got.min()) < start or int(got.max()) >= stop:
+                failures.append(f"select {kv_heads}x{codes.shape[1]} k={k}: a pick below the k-th best, "
+                                "out of order or out of range")  # fmt: skip
+    return failures
 
 
 def check(device: str = "cuda", cases: list = CASES, gather_tokens: int = 20000) -> list[str]:
@@ -66,6 +99,7 @@ def check(device: str = "cuda", cases: list = CASES, gather_tokens: int = 20000)
         ref_idx, _ = pq_topk_reference(query, centroids, codes, k, start, stop)
         if ref_idx.shape != idx.shape:
             failures.append("topk shapes differ from the reference")
+        failures += _check_select(query, centroids, codes, k, start, stop, ref, device, g)
         print(f"  scores {dtype!s:15s} heads {kv_heads} group {group} m {m} K {K} n {n}: rel err {rel:.1e}", flush=True)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         keys = torch.randn(1, 8, gather_tokens, 128, generator=g).to(device, dtype)
@@ -114,6 +148,7 @@ def timings(sets: int = 24) -> dict[str, float]:
         return c2[0]
 
     out = {
+        "pq_select_us": do_bench(lambda: pq_select_triton(*nxt(), k, sinks, stop), return_mode="median") * 1e3,
         "pq_scores_triton_us": do_bench(lambda: pq_scores_triton(*nxt(), sinks, stop), return_mode="median") * 1e3,
         "pq_topk_us": do_bench(lambda: pq_topk_triton(*nxt(), k, sinks, stop), return_mode="median") * 1e3,
         "pq_topk_reference_us": do_bench(lambda: pq_topk_reference(*nxt(), k, sinks, stop), return_mode="median") * 1e3,

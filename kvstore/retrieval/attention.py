@@ -7,7 +7,8 @@ attended set is, per KV head:
 - the last ``window`` tokens ``[p - window + 1, p]`` (the current one included);
 - the ``k`` tokens of the middle ``[sinks, p - window + 1)`` with the highest
   PQ score ``sum_j (sum_g q_gj) . centroid_j[code_j]`` (GQA groups summed, as
-  PQCache does: one selection per KV head, shared by its query heads),
+  PQCache does: one selection per KV head, shared by its query heads; ties at
+  the k-th score go to the lowest positions, in both forms below),
 
 with ``k = ceil(budget * visible) - sinks - window`` (at least 0): the budget
 counts every attended token, sinks and window included.
@@ -28,7 +29,8 @@ from typing import Protocol
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.kernels.pq_topk import gather_kv, pq_topk
+from kvstore.kernels.pq_select import pq_select
+from kvstore.kernels.pq_topk import gather_kv
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,7 @@ def select_tokens(
     query = query.to(device)
     if order is not None:
         query = query.index_select(-1, order.to(device))
-    top, _ = pq_topk(query, centroids, codes, k, sinks, visible - window)
+    top = pq_select(query, centroids, codes, k, sinks, visible - window)
     sink_idx = torch.arange(sinks, device=device).expand(kv_heads, -1)
     window_idx = torch.arange(visible - window, visible, device=device).expand(kv_heads, -1)
     return torch.cat([sink_idx, top, window_idx], dim=1)

@@ -1,0 +1,296 @@
+"""PQ top-k selection by counting code combinations: the k best tokens without sorting scores.
+
+With PQCache's settings (``m = 2`` subspaces of ``K = 64`` centroids) a token's PQ score
+depends only on its code combination, one of ``K**m = 4,096``; the 131,072 tokens of a
+long context share them. So the top-k is found from the combinations, not the tokens:
+
+1. ``_pq_combo_count_kernel``, grid ``(kv_heads, cdiv(n, BLOCK_N))``: counts the tokens
+   of ``[start, stop)`` per combination (one relaxed atomic add per token, into a zeroed
+   ``[kv_heads, K**m]`` buffer). Independent of the query.
+2. ``_pq_classify_kernel``, grid ``(kv_heads, segments)``, about one program per SM:
+
+   - the lookup tables (group-summed query . centroids, ``m x K``) and from them the
+     score of every combination, as an order-preserving 32-bit key;
+   - a weighted radix select over the keys (32 one-bit steps, each a sum of counts): the
+     exact k-th best key ``T``;
+   - a class per combination (above ``T``, at ``T``, below) in the program's own scratch
+     copy, and how many of its segment's tokens are above and at ``T``.
+3. ``_pq_compact_kernel``, same grid: from the earlier segments' counts, its first output
+   slot and how many tokens at ``T`` came before; then one ordered pass over its segment
+   that writes the positions of the tokens above ``T`` and of the first ``k - above`` at ``T``.
+
+The result is exact: every token above the k-th score, ties at it broken by position
+(lowest first), positions ascending: :func:`kvstore.kernels.pq_reference.pq_select_reference`
+has the same semantics on the reference's scores. It replaces ``torch.topk`` over
+``[kv_heads, n]`` fp32 scores (87 us of the 100 us that scores + top-k took at 131,072
+tokens on an H100): the scores are never written. Three launches plus a memset.
+
+:func:`pq_select` dispatches: these kernels on CUDA tensors when ``K`` is a power of two and
+``K**m <= MAX_COMBOS``, the scores kernel + ``torch.topk`` (ordered the same way) on CUDA
+otherwise, and the reference elsewhere. :func:`pq_select_triton` always runs the kernels (on
+CPU tensors under ``TRITON_INTERPRET=1``, as the tests do). Works with triton >= 3.6 (no
+``tl.histogram``: before 3.9 it lowers to per-bin ballots, ~50 instructions a token at 4,096 bins).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.errors import ConfigError
+from kvstore.kernels.pq_reference import check_pq_shapes, order_selection, pq_select_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - platforms without triton use the reference
+    triton = None
+
+__all__ = ["MAX_COMBOS", "combinations", "pq_select", "pq_select_triton"]
+
+MAX_COMBOS = 4096  # K**m the classify kernel holds in registers (16 per thread at 8 warps)
+MAX_SEGMENTS = 1024  # programs per KV head (the compaction sums the earlier segments' counts in one block)
+_PROGRAMS = 128  # classify / compact programs in all on a GPU: about one per SM
+
+
+def combinations(m: int, k: int) -> int | None:
+    """``K**m`` when the counting select applies (``K`` a power of two, at most
+    :data:`MAX_COMBOS` combinations), else ``None``."""
+    if k < 1 or k & (k - 1) or m < 1:
+        return None
+    bits = (k.bit_length() - 1) * m
+    return 1 << bits if bits <= MAX_COMBOS.bit_length() - 1 else None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _combo_ids(codes_ptr, h, tok, nmask, stride_ch, stride_cn,
+                   M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   WORD: tl.constexpr):
+        """Each token's code combination ``sum_j code_j << (j * log2 K)`` (codes >= K read as K - 1).
+
+        ``WORD``: ``codes_ptr`` holds one ``M``-byte integer per token (contiguous codes viewed as
+        int8/int16/int32, ``stride_cn == 1``): one vector load per token instead of ``M`` byte loads."""
+        if WORD:
+            word = tl.load(codes_ptr + h.to(tl.int64) * stride_ch + tok, mask=nmask, other=0).to(tl.int32)
+            combo = tl.zeros(tok.shape, dtype=tl.int32)
+            for j in tl.static_range(M):
+                combo |= tl.minimum((word >> (8 * j)) & 255, K - 1) << (j * LOG2K)
+            return combo
+        else:
+            offs_m = tl.arange(0, BLOCK_M)
+            mask = nmask[:, None] & (offs_m[None, :] < M)
+            code = tl.load(codes_ptr + h * stride_ch + tok[:, None] * stride_cn + offs_m[None, :], mask=mask, other=0)
+            code = tl.minimum(code.to(tl.int32), K - 1)
+            return tl.sum(tl.where(mask, code << (offs_m[None, :] * LOG2K), 0), axis=1)
+
+    @triton.jit
+    def _pq_combo_count_kernel(
+        codes_ptr, counts_ptr,
+        start, n, stride_ch, stride_cn,
+        M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr, WORD: tl.constexpr,
+        NC: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs < n
+        combo = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
+        tl.atomic_add(counts_ptr + h * NC + combo, tl.full([BLOCK_N], 1, tl.int32), mask=nmask, sem="relaxed")
+
+    @triton.jit
+    def _pq_classify_kernel(
+        q_ptr, c_ptr, codes_ptr, counts_ptr, lut_ptr, cls_ptr, seg_ptr,
+        start, n, k, seg_len, stride_qh, stride_ch, stride_cn,
+        GROUP: tl.constexpr, M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr,
+        WORD: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        p = tl.program_id(1)
+        me = h * tl.num_programs(1) + p  # this program's scratch copy (no two programs share one)
+        # 1. lookup tables: group-summed query . each centroid, per subspace
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < SUB
+        offs_k = tl.arange(0, K)
+        for j in tl.static_range(M):
+            qsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for g in tl.static_range(GROUP):
+                qsum += tl.load(q_ptr + (h * GROUP + g) * stride_qh + j * SUB + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            cent = tl.load(c_ptr + ((h * M + j) * K + offs_k[:, None]) * SUB + offs_d[None, :], mask=dmask[None, :], other=0.0)
+            tl.store(lut_ptr + (me * M + j) * K + offs_k, tl.sum(cent.to(tl.float32) * qsum[None, :], axis=1))
+        tl.debug_barrier()
+        # 2. every combination's score as an order-preserving unsigned key
+        combo = tl.arange(0, NC)
+        score = tl.zeros([NC], dtype=tl.float32)
+        for j in tl.static_range(M):
+            score += tl.load(lut_ptr + (me * M + j) * K + ((combo >> (j * LOG2K)) & (K - 1)))
+        score = score + 0.0  # -0.0 -> +0.0: equal scores get equal keys
+        bits = score.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits ^ -2147483648, ~bits).to(tl.uint32, bitcast=True)
+        count = tl.load(counts_ptr + h * NC + combo)
+        # 3. weighted radix select: the largest T with (tokens whose key >= T) >= k, bit by bit
+        t = tl.zeros([], dtype=tl.uint32)
+        bit = tl.full([], 2147483648, tl.uint32)
+        for _ in range(32):
+            cand = t | bit
+            reach = tl.sum(tl.where(key >= cand, count, 0), axis=0)
+            t = tl.where(reach >= k, cand, t)
+            bit = bit >> 1
+        above = tl.sum(tl.where(key > t, count, 0), axis=0)
+        tl.store(cls_ptr + me * NC + combo, tl.where(key > t, 2, tl.where(key == t, 1, 0)).to(tl.int8))
+        tl.debug_barrier()
+        # 4. this segment's tokens above T and at T, for the compaction's offsets
+        seg_above = 0
+        seg_ties = 0
+        lo = p * seg_len
+        for s in range(lo, tl.minimum(lo + seg_len, n), BLOCK_N):
+            offs = s + tl.arange(0, BLOCK_N)
+            nmask = offs < n
+            ids = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
+            cls = tl.load(cls_ptr + me * NC + ids, mask=nmask, other=0)
+            seg_above += tl.sum((cls == 2).to(tl.int32), axis=0)
+            seg_ties += tl.sum((cls == 1).to(tl.int32), axis=0)
+        tl.store(seg_ptr + me * 3, seg_above)
+        tl.store(seg_ptr + me * 3 + 1, seg_ties)
+        tl.store(seg_ptr + me * 3 + 2, k - above)  # tokens to take among those scoring exactly T (>= 1)
+
+    @triton.jit
+    def _pq_compact_kernel(
+        codes_ptr, cls_ptr, seg_ptr, out_ptr,
+        start, n, k, seg_len, stride_ch, stride_cn,
+        M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr, WORD: tl.constexpr,
+        NC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        p = tl.program_id(1)
+        me = h * tl.num_programs(1) + p
+        # the earlier segments' counts give this segment's first output slot and tie rank
+        offs_p = tl.arange(0, BLOCK_P)
+        earlier = offs_p < p
+        first = h * tl.num_programs(1) + offs_p
+        above_before = tl.sum(tl.load(seg_ptr + first * 3, mask=earlier, other=0), axis=0)
+        ties = tl.sum(tl.load(seg_ptr + first * 3 + 1, mask=earlier, other=0), axis=0)
+        need = tl.load(seg_ptr + me * 3 + 2)
+        written = above_before + tl.minimum(ties, need)
+        # positions of this segment's tokens above T, and of those at T while fewer than `need`
+        # came before; one scan per block counts both (above: low 16 bits, at T: high 16)
+        lo = p * seg_len
+        for s in range(lo, tl.minimum(lo + seg_len, n), BLOCK_N):
+            offs = s + tl.arange(0, BLOCK_N)
+            nmask = offs < n
+            tok = start + offs
+            ids = _combo_ids(codes_ptr, h, tok, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
+            cls = tl.load(cls_ptr + me * NC + ids, mask=nmask, other=0).to(tl.int32)
+            both = tl.where(cls == 2, 1, tl.where(cls == 1, 65536, 0))
+            excl = tl.cumsum(both, axis=0) - both
+            tie_before = ties + (excl >> 16)
+            take = (cls == 2) | ((cls == 1) & (tie_before < need))
+            pos = written + (excl & 65535) + tl.minimum(tie_before, need) - tl.minimum(ties, need)
+            tl.store(out_ptr + h.to(tl.int64) * k + pos, tok.to(tl.int64), mask=take)
+            total = tl.sum(both, axis=0)
+            written += (total & 65535) + tl.minimum(ties + (total >> 16), need) - tl.minimum(ties, need)
+            ties += total >> 16
+
+
+_WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+
+
+def _token_words(codes: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``codes [kv_heads, N, m]`` as one ``m``-byte integer per token ``[kv_heads, N]`` when ``m`` is
+    1, 2 or 4 (copied to be contiguous if need be), else the uint8 codes with a unit last stride."""
+    m = codes.shape[2]
+    if m not in _WORDS:
+        return (codes if codes.stride(2) == 1 else codes.contiguous()), False
+    if codes.stride(2) != 1 or codes.stride(1) != m or codes.stride(0) % m or codes.storage_offset() % m:
+        codes = codes.contiguous()
+    return codes.view(_WORDS[m])[..., 0], True
+
+
+def pq_select_triton(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    k: int,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    segments: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`~kvstore.kernels.pq_reference.pq_select_reference` by the counting-select kernels:
+    ``[kv_heads, k]`` int64 positions, ascending. Needs ``K`` a power of two and ``K**m <= MAX_COMBOS``.
+
+    ``segments``: programs per KV head for the classify and compact passes (default: about
+    one program per SM in all; tests set it to cover segment boundaries); ``out``: a contiguous
+    int64 ``[kv_heads, k]`` tensor to write into."""
+    if triton is None:
+        raise ConfigError("triton is not installed: use pq_select, which falls back to torch")
+    kv_heads, group, m, n_centroids, sub = check_pq_shapes(query, centroids, codes)
+    nc = combinations(m, n_centroids)
+    if nc is None:
+        raise ConfigError(f"counting select needs K a power of two and K**m <= {MAX_COMBOS}, got K={n_centroids}, m={m}")
+    stop = codes.shape[1] if stop is None else stop
+    if not 0 <= start <= stop <= codes.shape[1]:
+        raise ConfigError(f"token range [{start}, {stop}) is outside the {codes.shape[1]} coded tokens")
+    n = stop - start
+    if not 0 <= k <= n:
+        raise ConfigError(f"k={k} must lie in [0, {n}] (the candidate tokens)")
+    if out is None:
+        out = torch.empty(kv_heads, k, device=codes.device, dtype=torch.int64)
+    elif out.shape != (kv_heads, k) or out.dtype != torch.int64 or not out.is_contiguous() or out.device != codes.device:
+        raise ConfigError(f"out must be a contiguous int64 [{kv_heads}, {k}] tensor on {codes.device}")
+    if k == 0:
+        return out
+    query = query.contiguous()
+    centroids = centroids.contiguous()
+    codes, word = _token_words(codes)
+    device = codes.device
+    block_n = 1024 if codes.is_cuda else 512
+    if segments is None:  # about one program per SM (132 on an H100) across the heads
+        segments = max(1, min(_PROGRAMS // kv_heads, triton.cdiv(n, 4 * block_n))) if codes.is_cuda else 2
+    if not 1 <= segments <= MAX_SEGMENTS:
+        raise ConfigError(f"segments must lie in [1, {MAX_SEGMENTS}], got {segments}")
+    seg_len = triton.cdiv(triton.cdiv(n, segments), block_n) * block_n
+    segments = triton.cdiv(n, seg_len)
+    programs = kv_heads * segments
+    counts = torch.zeros(kv_heads, nc, device=device, dtype=torch.int32)
+    lut = torch.empty(programs, m, n_centroids, device=device, dtype=torch.float32)
+    cls = torch.empty(programs, nc, device=device, dtype=torch.int8)
+    seg = torch.empty(programs, 3, device=device, dtype=torch.int32)
+    shape = dict(M=m, K=n_centroids, LOG2K=n_centroids.bit_length() - 1, BLOCK_M=triton.next_power_of_2(m),
+                 WORD=word, NC=nc)  # fmt: skip
+    strides = (codes.stride(0), codes.stride(1))
+    _pq_combo_count_kernel[(kv_heads, triton.cdiv(n, block_n))](codes, counts, start, n, *strides, **shape, BLOCK_N=block_n)
+    _pq_classify_kernel[(kv_heads, segments)](
+        query, centroids, codes, counts, lut, cls, seg, start, n, k, seg_len, query.stride(0), *strides,
+        GROUP=group, SUB=sub, BLOCK_D=triton.next_power_of_2(sub), **shape, BLOCK_N=block_n, num_warps=8,
+    )
+    _pq_compact_kernel[(kv_heads, segments)](
+        codes, cls, seg, out, start, n, k, seg_len, *strides, **shape, BLOCK_N=block_n,
+        BLOCK_P=triton.next_power_of_2(segments), num_warps=8,
+    )
+    return out
+
+
+def pq_select(
+    query: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    k: int,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """The ``k`` tokens of ``[start, stop)`` with the highest PQ score per KV head: ``[kv_heads, k]``
+    int64 positions, ascending; ties at the k-th score go to the lowest positions.
+
+    CUDA: the counting-select kernels when ``K**m <= MAX_COMBOS`` (PQCache's m=2, K=64 is
+    4,096), else the Triton scores and ``torch.topk``; elsewhere the torch reference. The
+    choice among exactly equal scores is the same everywhere; scores that differ only by
+    fp32 rounding (the kernels sum in another order) may rank differently."""
+    if not (codes.is_cuda and triton is not None):
+        return pq_select_reference(query, centroids, codes, k, start, stop)
+    _, _, m, n_centroids, _ = check_pq_shapes(query, centroids, codes)
+    if combinations(m, n_centroids) is not None:
+        return pq_select_triton(query, centroids, codes, k, start, stop)
+    from kvstore.kernels.pq_topk import pq_scores_triton
+
+    return order_selection(pq_scores_triton(query, centroids, codes, start, stop), k, start)
