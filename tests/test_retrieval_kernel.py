@@ -223,3 +223,13 @@ def test_counting_select_kernels_match_reference_under_interpreter():
                             timeout=600, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernels_match_reference_on_gpu():
+    """Scores, scores + top-k, the counting select and the gather, compiled, on fresh inputs with
+    poisoned outputs (:func:`kvstore.kernels.pq_topk_bench.check`)."""
+    from kvstore.kernels import pq_topk_bench
+
+    assert pq_topk_bench.check("cuda") == []

@@ -62,6 +62,8 @@ def combinations(m: int, k: int) -> int | None:
 
 
 if triton is not None:
+    # ``n`` and ``k`` change at every decode step: not specialized on (divisibility by 16 would
+    # compile up to four variants of each kernel in the first steps, and buys nothing here).
 
     @triton.jit
     def _combo_ids(codes_ptr, h, tok, nmask, stride_ch, stride_cn,
@@ -84,7 +86,7 @@ if triton is not None:
             code = tl.minimum(code.to(tl.int32), K - 1)
             return tl.sum(tl.where(mask, code << (offs_m[None, :] * LOG2K), 0), axis=1)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _pq_combo_count_kernel(
         codes_ptr, counts_ptr,
         start, n, stride_ch, stride_cn,
@@ -97,7 +99,7 @@ if triton is not None:
         combo = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
         tl.atomic_add(counts_ptr + h * NC + combo, tl.full([BLOCK_N], 1, tl.int32), mask=nmask, sem="relaxed")
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "k"])
     def _pq_classify_kernel(
         q_ptr, c_ptr, codes_ptr, counts_ptr, lut_ptr, cls_ptr, seg_ptr,
         start, n, k, seg_len, stride_qh, stride_ch, stride_cn,
@@ -153,7 +155,7 @@ if triton is not None:
         tl.store(seg_ptr + me * 3 + 1, seg_ties)
         tl.store(seg_ptr + me * 3 + 2, k - above)  # tokens to take among those scoring exactly T (>= 1)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "k"])
     def _pq_compact_kernel(
         codes_ptr, cls_ptr, seg_ptr, out_ptr,
         start, n, k, seg_len, stride_ch, stride_cn,
