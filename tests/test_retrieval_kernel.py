@@ -11,9 +11,12 @@ import torch
 from kvstore.errors import ConfigError
 from kvstore.kernels.pq_reference import (
     gather_kv_reference,
+    order_selection,
     pq_scores_reference,
+    pq_select_reference,
     pq_topk_reference,
 )
+from kvstore.kernels.pq_select import combinations, pq_select
 from kvstore.kernels.pq_topk import gather_kv, pq_topk
 
 
@@ -110,17 +113,16 @@ def test_triton_kernels_match_reference_under_interpreter():
 
 
 # -- counting select (pq_select): top-k by code combination, ties to the lowest positions --------
-from kvstore.kernels.pq_reference import order_selection, pq_select_reference  # noqa: E402
-from kvstore.kernels.pq_select import combinations, pq_select  # noqa: E402
 
 
 def test_order_selection_breaks_ties_by_position_and_returns_ascending_positions():
     scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0], [0.0, -0.0, 5.0, 0.0, -2.0, float("nan")]])
     assert order_selection(scores[:1], 2).tolist() == [[1, 2]]
     assert order_selection(scores[:1], 4, start=10).tolist() == [[11, 12, 13, 14]]
-    # -0.0 ties with 0.0; a positive NaN ranks above everything
-    assert order_selection(scores[1:], 3).tolist() == [[0, 2, 5]]
-    assert order_selection(-scores[1:], 1).tolist() == [[4]]  # a negative NaN ranks below -inf
+    # -0.0 ties with 0.0; NaN (either sign) ranks lowest, on every device
+    assert order_selection(scores[1:], 3).tolist() == [[0, 1, 2]]
+    assert order_selection(-scores[1:], 1).tolist() == [[4]]
+    assert order_selection(scores[1:], 6).tolist() == [[0, 1, 2, 3, 4, 5]]
     assert order_selection(scores, 0).shape == (2, 0)
     with pytest.raises(ConfigError):
         order_selection(scores, 7)
@@ -134,6 +136,17 @@ def test_select_reference_is_the_topk_set_in_position_order():
     assert torch.equal(pq_select(query, centroids, codes, 120, 32, 836), got)  # CPU dispatch
 
 
+def test_reference_reads_codes_beyond_the_codebook_as_the_last_centroid_and_checks_devices():
+    query, centroids, codes = inputs(k=16)
+    bad = codes.clone()
+    bad[:, ::5, 0] = 255
+    assert torch.equal(pq_scores_reference(query, centroids, bad), pq_scores_reference(query, centroids, bad.clamp(max=15)))
+    with pytest.raises(ConfigError):
+        pq_scores_reference(query.to("meta"), centroids, codes)
+    with pytest.raises(ConfigError):
+        pq_scores_reference(query, centroids, codes, 10, 800)
+
+
 def test_combinations_apply_to_power_of_two_codebooks_up_to_4096():
     assert combinations(2, 64) == 4096 and combinations(1, 256) == 256 and combinations(3, 16) == 4096
     assert combinations(2, 128) is None and combinations(2, 48) is None and combinations(4, 16) is None
@@ -143,8 +156,9 @@ SELECT_INTERPRETED = textwrap.dedent(
     """
     import torch
     from kvstore.errors import ConfigError
-    from kvstore.kernels.pq_reference import pq_scores_reference, pq_select_reference
+    from kvstore.kernels.pq_reference import pq_lut_reference, pq_select_reference
     from kvstore.kernels.pq_select import pq_select_triton
+    from kvstore.kernels.pq_topk_bench import reference_scores64
 
     g = torch.Generator().manual_seed(3)
 
@@ -175,21 +189,43 @@ SELECT_INTERPRETED = textwrap.dedent(
         assert got is out and torch.equal(got, want), (m, K, segments, (got != want).sum())
         assert (buf[kv_heads * k:] == -1).all(), "wrote past the output"
 
-    # strided codes (a view of wider rows) and fp16 queries: same answer as the contiguous copy
+    # the GPU's 1,024-token blocks, whole blocks above the k-th score (two 16-bit counts per scan)
+    query, centroids, codes = data(2, 2, 1, 4, 4, 3100, False)
+    worst = pq_lut_reference(query, centroids)[:, 0].argmin(1)
+    for h in range(2):
+        head = codes[h, 20:2068, 0]
+        head[head == worst[h]] = (int(worst[h]) + 1) % 4
+    got = pq_select_triton(query, centroids, codes, 3080, 20, 3100, segments=2, _block_n=1024)
+    assert torch.equal(got, pq_select_reference(query, centroids, codes, 3080, 20, 3100))
+
+    # codes the kernels read as they are (a token slice: strided heads, an offset) or copy first
+    # (narrowed rows; odd offsets and strides that forbid the int16 view), fp16 queries
     query, centroids, wide = data(2, 4, 4, 64, 8, 2000, True, torch.float16)
-    codes = wide[:, 100:, 1:3]
-    centroids2 = centroids[:, 1:3].contiguous()
-    query2 = query[:, 8:24].contiguous()
-    got = pq_select_triton(query2, centroids2, codes, 400, 10, 1800, segments=3)
-    assert torch.equal(got, pq_select_reference(query2, centroids2, codes.contiguous(), 400, 10, 1800))
+    centroids2, query2 = centroids[:, 1:3].contiguous(), query[:, 8:24].contiguous()
+    pairs = wide[:, :, 1:3].contiguous()
+    flat = torch.randint(0, 64, (2 * 2000 * 2 + 1,), generator=g, dtype=torch.uint8)
+    one_head = torch.randint(0, 64, (1, 2001, 2), generator=g, dtype=torch.uint8)
+    for codes, q, c in [(pairs[:, 100:1900], query2, centroids2), (wide[:, 100:, 1:3], query2, centroids2),
+                        (flat[1:].view(2, 2000, 2), query2, centroids2),
+                        (one_head.view(-1)[1:4001].view(1, 2000, 2), query2[:4], centroids2[:1])]:
+        got = pq_select_triton(q, c, codes, 400, 10, 1800, segments=3)
+        assert torch.equal(got, pq_select_reference(q, c, codes.contiguous(), 400, 10, 1800))
+    quad = torch.randint(0, 8, (2 * 500 * 4 + 2,), generator=g, dtype=torch.uint8)[2:].view(2, 500, 4)
+    q4, c4, _ = data(2, 2, 4, 8, 4, 1, True)
+    assert torch.equal(pq_select_triton(q4, c4, quad, 60, segments=2), pq_select_reference(q4, c4, quad, 60))
+
+    # a NaN query: every score NaN, all tied (NaN ranks lowest): the first k positions, no hang
+    query, centroids, codes = data(2, 2, 2, 16, 4, 900, False)
+    query[0, 0] = float("nan")
+    got = pq_select_triton(query, centroids, codes, 50, 5, 900, segments=2)
+    assert torch.equal(got, pq_select_reference(query, centroids, codes, 50, 5, 900))
+    assert got[0].tolist() == list(range(5, 55))
 
     # continuous scores: every pick is at least the float64 k-th best (fp32 rounding aside)
     for segments in (None, 5):
         query, centroids, codes = data(3, 4, 2, 64, 32, 4000, False)
         got = pq_select_triton(query, centroids, codes, 777, 32, 3900, segments=segments)
-        q = query.double().reshape(3, -1, 2, 32).sum(1)
-        lut = torch.einsum("hms,hmks->hmk", q, centroids.double())
-        ref = torch.gather(lut, 2, codes[:, 32:3900].long().transpose(1, 2)).sum(1)
+        ref = reference_scores64(query, centroids, codes, 32, 3900)
         kth = ref.topk(777, dim=1).values[:, -1:]
         assert (ref.gather(1, got - 32) >= kth - 1e-5 * ref.abs().max()).all()
         assert (got.diff(dim=1) > 0).all() and int(got.min()) >= 32 and int(got.max()) < 3900

@@ -33,7 +33,24 @@ def check_pq_shapes(query: torch.Tensor, centroids: torch.Tensor, codes: torch.T
         )
     if codes.dtype != torch.uint8:
         raise ConfigError(f"codes must be uint8, got {codes.dtype}")
+    if query.device != codes.device or centroids.device != codes.device:
+        raise ConfigError(f"query ({query.device}), centroids ({centroids.device}) and codes ({codes.device}) "
+                          "must be on one device")  # fmt: skip
     return kv_heads, q_heads // kv_heads, m, k, sub
+
+
+def check_token_range(codes: torch.Tensor, start: int, stop: int | None) -> int:
+    """Validate ``[start, stop)`` against the coded tokens (``stop=None``: all); return ``stop``."""
+    stop = codes.shape[1] if stop is None else stop
+    if not 0 <= start <= stop <= codes.shape[1]:
+        raise ConfigError(f"token range [{start}, {stop}) is outside the {codes.shape[1]} coded tokens")
+    return stop
+
+
+def check_k(k: int, candidates: int) -> None:
+    """``k`` must lie in ``[0, candidates]``."""
+    if not 0 <= k <= candidates:
+        raise ConfigError(f"k={k} must lie in [0, {candidates}] (the candidate tokens)")
 
 
 def pq_lut_reference(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -46,10 +63,14 @@ def pq_lut_reference(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
 def pq_scores_reference(
     query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, start: int = 0, stop: int | None = None
 ) -> torch.Tensor:
-    """Approximate scores ``[kv_heads, stop - start]`` fp32 of tokens ``[start, stop)``."""
-    check_pq_shapes(query, centroids, codes)
+    """Approximate scores ``[kv_heads, stop - start]`` fp32 of tokens ``[start, stop)``.
+
+    Codes ``>= K`` (never written by :class:`~kvstore.retrieval.pq.PQIndex`) are read as
+    ``K - 1``, as the kernels read them."""
+    _, _, _, n_centroids, _ = check_pq_shapes(query, centroids, codes)
+    stop = check_token_range(codes, start, stop)
     lut = pq_lut_reference(query, centroids)
-    idx = codes[:, start:stop].long().transpose(1, 2)  # [kv_heads, m, n]
+    idx = codes[:, start:stop].long().clamp_(max=n_centroids - 1).transpose(1, 2)  # [kv_heads, m, n]
     return torch.gather(lut, 2, idx).sum(1)
 
 
@@ -67,25 +88,25 @@ def pq_topk_reference(
     scores [kv_heads, stop - start] fp32)``.
     """
     scores = pq_scores_reference(query, centroids, codes, start, stop)
-    if not 0 <= k <= scores.shape[1]:
-        raise ConfigError(f"k={k} must lie in [0, {scores.shape[1]}] (the candidate tokens)")
+    check_k(k, scores.shape[1])
     return scores.topk(k, dim=1, sorted=False).indices + start, scores
 
 
 def score_keys(scores: torch.Tensor) -> torch.Tensor:
     """Order-preserving int64 keys in ``[0, 2**32)`` of fp32 ``scores`` (``-0.0`` and ``0.0``
-    equal; a NaN ranks by its bits, above ``inf`` or below ``-inf`` by its sign): what the
-    select kernel compares, so ties are the same in both."""
-    bits = (scores.float() + 0.0).view(torch.int32).long()
-    return torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
+    equal; NaN, whatever its bits, the lowest, 0): what the select kernel compares, so ties
+    and NaN rank the same on every device."""
+    scores = scores.float()
+    bits = (scores + 0.0).view(torch.int32).long()
+    keys = torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
+    return keys.masked_fill_(scores.isnan(), 0)
 
 
 def order_selection(scores: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
     """Positions ``[kv_heads, k]`` (int64, ascending, offset by ``start``) of each row's ``k``
     highest ``scores``; ties at the k-th score go to the lowest positions."""
     rows, n = scores.shape
-    if not 0 <= k <= n:
-        raise ConfigError(f"k={k} must lie in [0, {n}] (the candidate tokens)")
+    check_k(k, n)
     if k == 0:
         return torch.empty(rows, 0, dtype=torch.int64, device=scores.device)
     keys = score_keys(scores)

@@ -4,7 +4,7 @@ With PQCache's settings (``m = 2`` subspaces of ``K = 64`` centroids) a token's 
 depends only on its code combination, one of ``K**m = 4,096``; the 131,072 tokens of a
 long context share them. So the top-k is found from the combinations, not the tokens:
 
-1. ``_pq_combo_count_kernel``, grid ``(kv_heads, cdiv(n, BLOCK_N))``: counts the tokens
+1. ``_pq_combo_count_kernel``, grid ``(cdiv(n, BLOCK_N), kv_heads)``: counts the tokens
    of ``[start, stop)`` per combination (one relaxed atomic add per token, into a zeroed
    ``[kv_heads, K**m]`` buffer). Independent of the query.
 2. ``_pq_classify_kernel``, grid ``(kv_heads, segments)``, about one program per SM:
@@ -26,10 +26,12 @@ has the same semantics on the reference's scores. It replaces ``torch.topk`` ove
 tokens on an H100): the scores are never written. Three launches plus a memset.
 
 :func:`pq_select` dispatches: these kernels on CUDA tensors when ``K`` is a power of two and
-``K**m <= MAX_COMBOS``, the scores kernel + ``torch.topk`` (ordered the same way) on CUDA
-otherwise, and the reference elsewhere. :func:`pq_select_triton` always runs the kernels (on
-CPU tensors under ``TRITON_INTERPRET=1``, as the tests do). Works with triton >= 3.6 (no
-``tl.histogram``: before 3.9 it lowers to per-bin ballots, ~50 instructions a token at 4,096 bins).
+``K**m <= MAX_COMBOS``; on CUDA otherwise, the Triton scores kernel (``K`` a power of two) or
+the torch scores, then the same ordered selection in torch; the reference elsewhere.
+:func:`pq_select_triton` always runs the kernels (on CPU tensors under ``TRITON_INTERPRET=1``,
+as the tests do). Works with triton >= 3.6. Not ``tl.histogram``: before 3.9 it lowers to
+per-bin ballots (4,320 instructions per thread and spills per 1,024 elements at 4,096 bins,
+against 304 with 3.9's shared-memory atomics).
 """
 
 from __future__ import annotations
@@ -37,11 +39,20 @@ from __future__ import annotations
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.kernels.pq_reference import check_pq_shapes, order_selection, pq_select_reference
+from kvstore.kernels.pq_reference import (
+    check_k,
+    check_pq_shapes,
+    check_token_range,
+    order_selection,
+    pq_scores_reference,
+    pq_select_reference,
+)
 
 try:
     import triton
     import triton.language as tl
+
+    from kvstore.kernels.pq_topk import lut_row
 except ImportError:  # pragma: no cover - platforms without triton use the reference
     triton = None
 
@@ -52,12 +63,12 @@ MAX_SEGMENTS = 1024  # programs per KV head (the compaction sums the earlier seg
 _PROGRAMS = 128  # classify / compact programs in all on a GPU: about one per SM
 
 
-def combinations(m: int, k: int) -> int | None:
-    """``K**m`` when the counting select applies (``K`` a power of two, at most
-    :data:`MAX_COMBOS` combinations), else ``None``."""
-    if k < 1 or k & (k - 1) or m < 1:
+def combinations(m: int, n_centroids: int) -> int | None:
+    """``n_centroids**m`` when the counting select applies (``n_centroids`` a power of two, at
+    most :data:`MAX_COMBOS` combinations), else ``None``."""
+    if n_centroids < 1 or n_centroids & (n_centroids - 1) or m < 1:
         return None
-    bits = (k.bit_length() - 1) * m
+    bits = (n_centroids.bit_length() - 1) * m
     return 1 << bits if bits <= MAX_COMBOS.bit_length() - 1 else None
 
 
@@ -82,7 +93,8 @@ if triton is not None:
         else:
             offs_m = tl.arange(0, BLOCK_M)
             mask = nmask[:, None] & (offs_m[None, :] < M)
-            code = tl.load(codes_ptr + h * stride_ch + tok[:, None] * stride_cn + offs_m[None, :], mask=mask, other=0)
+            code = tl.load(codes_ptr + h.to(tl.int64) * stride_ch + tok[:, None] * stride_cn + offs_m[None, :],
+                           mask=mask, other=0)
             code = tl.minimum(code.to(tl.int32), K - 1)
             return tl.sum(tl.where(mask, code << (offs_m[None, :] * LOG2K), 0), axis=1)
 
@@ -93,8 +105,8 @@ if triton is not None:
         M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr, WORD: tl.constexpr,
         NC: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        h = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        h = tl.program_id(1)  # token blocks on axis 0: no 65,535-block limit
+        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs < n
         combo = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
         tl.atomic_add(counts_ptr + h * NC + combo, tl.full([BLOCK_N], 1, tl.int32), mask=nmask, sem="relaxed")
@@ -110,26 +122,22 @@ if triton is not None:
         p = tl.program_id(1)
         me = h * tl.num_programs(1) + p  # this program's scratch copy (no two programs share one)
         # 1. lookup tables: group-summed query . each centroid, per subspace
-        offs_d = tl.arange(0, BLOCK_D)
-        dmask = offs_d < SUB
-        offs_k = tl.arange(0, K)
         for j in tl.static_range(M):
-            qsum = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for g in tl.static_range(GROUP):
-                qsum += tl.load(q_ptr + (h * GROUP + g) * stride_qh + j * SUB + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            cent = tl.load(c_ptr + ((h * M + j) * K + offs_k[:, None]) * SUB + offs_d[None, :], mask=dmask[None, :], other=0.0)
-            tl.store(lut_ptr + (me * M + j) * K + offs_k, tl.sum(cent.to(tl.float32) * qsum[None, :], axis=1))
+            lut = lut_row(q_ptr, c_ptr, h, j, stride_qh, GROUP, M, K, SUB, BLOCK_D)
+            tl.store(lut_ptr + (me * M + j) * K + tl.arange(0, K), lut)
         tl.debug_barrier()
         # 2. every combination's score as an order-preserving unsigned key
         combo = tl.arange(0, NC)
         score = tl.zeros([NC], dtype=tl.float32)
         for j in tl.static_range(M):
             score += tl.load(lut_ptr + (me * M + j) * K + ((combo >> (j * LOG2K)) & (K - 1)))
-        score = score + 0.0  # -0.0 -> +0.0: equal scores get equal keys
+        # (a sum that starts at +0.0 is never -0.0; NaN, whatever its bits, ranks lowest)
         bits = score.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits ^ -2147483648, ~bits).to(tl.uint32, bitcast=True)
+        key = tl.where(score != score, 0, tl.where(bits >= 0, bits ^ -2147483648, ~bits)).to(tl.uint32, bitcast=True)
         count = tl.load(counts_ptr + h * NC + combo)
-        # 3. weighted radix select: the largest T with (tokens whose key >= T) >= k, bit by bit
+        # 3. weighted radix select: the largest T with (tokens whose key >= T) >= k, bit by bit.
+        # Every program of a head computes the same T (same inputs, deterministic sums): the
+        # compaction relies on it.
         t = tl.zeros([], dtype=tl.uint32)
         bit = tl.full([], 2147483648, tl.uint32)
         for _ in range(32):
@@ -162,6 +170,7 @@ if triton is not None:
         M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr, WORD: tl.constexpr,
         NC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
+        tl.static_assert(BLOCK_N < 65536, "two 16-bit counts share one scan")
         h = tl.program_id(0)
         p = tl.program_id(1)
         me = h * tl.num_programs(1) + p
@@ -203,7 +212,7 @@ def _token_words(codes: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if m not in _WORDS:
         return (codes if codes.stride(2) == 1 else codes.contiguous()), False
     if codes.stride(2) != 1 or codes.stride(1) != m or codes.stride(0) % m or codes.storage_offset() % m:
-        codes = codes.contiguous()
+        codes = codes.clone(memory_format=torch.contiguous_format)  # (contiguous() may keep the offset)
     return codes.view(_WORDS[m])[..., 0], True
 
 
@@ -217,25 +226,23 @@ def pq_select_triton(
     *,
     segments: int | None = None,
     out: torch.Tensor | None = None,
+    _block_n: int | None = None,
 ) -> torch.Tensor:
     """:func:`~kvstore.kernels.pq_reference.pq_select_reference` by the counting-select kernels:
     ``[kv_heads, k]`` int64 positions, ascending. Needs ``K`` a power of two and ``K**m <= MAX_COMBOS``.
 
     ``segments``: programs per KV head for the classify and compact passes (default: about
     one program per SM in all; tests set it to cover segment boundaries); ``out``: a contiguous
-    int64 ``[kv_heads, k]`` tensor to write into."""
+    int64 ``[kv_heads, k]`` tensor to write into. Codes ``>= K`` are read as ``K - 1``.
+    ``_block_n`` (tests): tokens per block instead of the device's default."""
     if triton is None:
         raise ConfigError("triton is not installed: use pq_select, which falls back to torch")
     kv_heads, group, m, n_centroids, sub = check_pq_shapes(query, centroids, codes)
     nc = combinations(m, n_centroids)
     if nc is None:
         raise ConfigError(f"counting select needs K a power of two and K**m <= {MAX_COMBOS}, got K={n_centroids}, m={m}")
-    stop = codes.shape[1] if stop is None else stop
-    if not 0 <= start <= stop <= codes.shape[1]:
-        raise ConfigError(f"token range [{start}, {stop}) is outside the {codes.shape[1]} coded tokens")
-    n = stop - start
-    if not 0 <= k <= n:
-        raise ConfigError(f"k={k} must lie in [0, {n}] (the candidate tokens)")
+    n = check_token_range(codes, start, stop) - start
+    check_k(k, n)
     if out is None:
         out = torch.empty(kv_heads, k, device=codes.device, dtype=torch.int64)
     elif out.shape != (kv_heads, k) or out.dtype != torch.int64 or not out.is_contiguous() or out.device != codes.device:
@@ -246,7 +253,7 @@ def pq_select_triton(
     centroids = centroids.contiguous()
     codes, word = _token_words(codes)
     device = codes.device
-    block_n = 1024 if codes.is_cuda else 512
+    block_n = _block_n or (1024 if codes.is_cuda else 512)
     if segments is None:  # about one program per SM (132 on an H100) across the heads
         segments = max(1, min(_PROGRAMS // kv_heads, triton.cdiv(n, 4 * block_n))) if codes.is_cuda else 2
     if not 1 <= segments <= MAX_SEGMENTS:
@@ -261,7 +268,7 @@ def pq_select_triton(
     shape = dict(M=m, K=n_centroids, LOG2K=n_centroids.bit_length() - 1, BLOCK_M=triton.next_power_of_2(m),
                  WORD=word, NC=nc)  # fmt: skip
     strides = (codes.stride(0), codes.stride(1))
-    _pq_combo_count_kernel[(kv_heads, triton.cdiv(n, block_n))](codes, counts, start, n, *strides, **shape, BLOCK_N=block_n)
+    _pq_combo_count_kernel[(triton.cdiv(n, block_n), kv_heads)](codes, counts, start, n, *strides, **shape, BLOCK_N=block_n)
     _pq_classify_kernel[(kv_heads, segments)](
         query, centroids, codes, counts, lut, cls, seg, start, n, k, seg_len, query.stride(0), *strides,
         GROUP=group, SUB=sub, BLOCK_D=triton.next_power_of_2(sub), **shape, BLOCK_N=block_n, num_warps=8,
@@ -285,14 +292,17 @@ def pq_select(
     int64 positions, ascending; ties at the k-th score go to the lowest positions.
 
     CUDA: the counting-select kernels when ``K**m <= MAX_COMBOS`` (PQCache's m=2, K=64 is
-    4,096), else the Triton scores and ``torch.topk``; elsewhere the torch reference. The
-    choice among exactly equal scores is the same everywhere; scores that differ only by
-    fp32 rounding (the kernels sum in another order) may rank differently."""
+    4,096), else scores (the Triton kernel when ``K`` is a power of two, torch otherwise)
+    and the same selection in torch; elsewhere the torch reference. The choice among
+    exactly equal scores is the same everywhere (NaN scores rank lowest); scores that differ
+    only by fp32 rounding (the kernels sum in another order) may rank differently."""
     if not (codes.is_cuda and triton is not None):
         return pq_select_reference(query, centroids, codes, k, start, stop)
     _, _, m, n_centroids, _ = check_pq_shapes(query, centroids, codes)
     if combinations(m, n_centroids) is not None:
         return pq_select_triton(query, centroids, codes, k, start, stop)
+    if n_centroids & (n_centroids - 1):
+        return order_selection(pq_scores_reference(query, centroids, codes, start, stop), k, start)
     from kvstore.kernels.pq_topk import pq_scores_triton
 
     return order_selection(pq_scores_triton(query, centroids, codes, start, stop), k, start)

@@ -29,7 +29,9 @@ import torch
 
 from kvstore.errors import ConfigError
 from kvstore.kernels.pq_reference import (
+    check_k,
     check_pq_shapes,
+    check_token_range,
     gather_kv_reference,
     pq_topk_reference,
 )
@@ -51,6 +53,20 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def lut_row(q_ptr, c_ptr, h, j, stride_qh,
+                GROUP: tl.constexpr, M: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr):
+        """KV head ``h``'s lookup table for subspace ``j``: its GQA group's queries summed over the
+        subspace, dotted with each of the ``K`` centroids (``[K]`` fp32)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < SUB
+        qsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for g in tl.static_range(GROUP):
+            qsum += tl.load(q_ptr + (h * GROUP + g) * stride_qh + j * SUB + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        offs_k = tl.arange(0, K)
+        cent = tl.load(c_ptr + ((h * M + j) * K + offs_k[:, None]) * SUB + offs_d[None, :], mask=dmask[None, :], other=0.0)
+        return tl.sum(cent.to(tl.float32) * qsum[None, :], axis=1)
+
+    @triton.jit
     def _pq_lut_kernel(
         q_ptr, c_ptr, lut_ptr,
         stride_qh,
@@ -58,16 +74,8 @@ if triton is not None:
     ):
         h = tl.program_id(0)
         j = tl.program_id(1)
-        offs_d = tl.arange(0, BLOCK_D)
-        dmask = offs_d < SUB
-        qsum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for g in tl.static_range(GROUP):
-            qsum += tl.load(q_ptr + (h * GROUP + g) * stride_qh + j * SUB + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        offs_k = tl.arange(0, K)
-        base = (h * M + j) * K
-        cent = tl.load(c_ptr + (base + offs_k[:, None]) * SUB + offs_d[None, :], mask=dmask[None, :], other=0.0)
-        lut = tl.sum(cent.to(tl.float32) * qsum[None, :], axis=1)
-        tl.store(lut_ptr + base + offs_k, lut)
+        lut = lut_row(q_ptr, c_ptr, h, j, stride_qh, GROUP, M, K, SUB, BLOCK_D)
+        tl.store(lut_ptr + (h * M + j) * K + tl.arange(0, K), lut)
 
     @triton.jit
     def _pq_score_kernel(
@@ -83,7 +91,8 @@ if triton is not None:
         mask = nmask[:, None] & (offs_m[None, :] < M)
         tok = (start + offs).to(tl.int64)
         code = tl.load(codes_ptr + h * stride_ch + tok[:, None] * stride_cn + offs_m[None, :], mask=mask, other=0)
-        entry = tl.load(lut_ptr + (h * M + offs_m[None, :]) * K + code.to(tl.int32), mask=mask, other=0.0)
+        code = tl.minimum(code.to(tl.int32), K - 1)  # codes >= K (never written) read as K - 1
+        entry = tl.load(lut_ptr + (h * M + offs_m[None, :]) * K + code, mask=mask, other=0.0)
         tl.store(out_ptr + h * n_out + offs, tl.sum(entry, axis=1), mask=nmask)
 
     @triton.jit
@@ -123,9 +132,7 @@ def pq_scores_triton(
     """Approximate scores ``[kv_heads, stop - start]`` fp32 by the Triton kernels (into ``out`` if given)."""
     _need_triton()
     kv_heads, group, m, k, sub = check_pq_shapes(query, centroids, codes)
-    stop = codes.shape[1] if stop is None else stop
-    if not 0 <= start <= stop <= codes.shape[1]:
-        raise ConfigError(f"token range [{start}, {stop}) is outside the {codes.shape[1]} coded tokens")
+    stop = check_token_range(codes, start, stop)
     if k & (k - 1):
         raise ConfigError(f"the Triton kernel needs a power-of-two number of centroids, got {k}")
     query = query.contiguous()
@@ -161,8 +168,7 @@ def pq_topk_triton(
     """:func:`~kvstore.kernels.pq_reference.pq_topk_reference` with the scores from the Triton kernels
     (top-k by ``torch.topk``)."""
     scores = pq_scores_triton(query, centroids, codes, start, stop)
-    if not 0 <= k <= scores.shape[1]:
-        raise ConfigError(f"k={k} must lie in [0, {scores.shape[1]}] (the candidate tokens)")
+    check_k(k, scores.shape[1])
     return scores.topk(k, dim=1, sorted=False).indices + start, scores
 
 

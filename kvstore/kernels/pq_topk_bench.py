@@ -24,7 +24,8 @@ from kvstore.kernels.pq_select import pq_select_triton
 from kvstore.kernels.pq_topk import gather_kv_triton, pq_scores_triton, pq_topk_triton
 
 
-def _reference_scores64(query, centroids, codes, start, stop):
+def reference_scores64(query, centroids, codes, start, stop):
+    """PQ scores in float64 (``[kv_heads, stop - start]``): what fp32 kernels are checked against."""
     kv_heads, m, _, sub = centroids.shape
     q = query.double().reshape(kv_heads, -1, m, sub).sum(1)
     lut = torch.einsum("hms,hmks->hmk", q, centroids.double())
@@ -85,7 +86,7 @@ def check(device: str = "cuda", cases: list = CASES, gather_tokens: int = 20000)
         out = torch.full((kv_heads, stop - start), float("nan"), device=device)
         scores = pq_scores_triton(query, centroids, codes, start, stop, out=out)
         _sync(device)
-        ref = _reference_scores64(query, centroids, codes, start, stop)
+        ref = reference_scores64(query, centroids, codes, start, stop)
         rel = ((scores.double() - ref).norm() / ref.norm()).item()
         if not torch.isfinite(scores).all() or rel > 1e-5:
             failures.append(f"scores {dtype} {kv_heads}x{n}: rel {rel:.2e}, finite {bool(torch.isfinite(scores).all())}")
