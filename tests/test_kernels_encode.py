@@ -32,7 +32,7 @@ from kvstore.codecs.rans_bench import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError
 from kvstore.format import container
-from kvstore.kernels import encode_rans as dispatch_encode
+from kvstore.kernels import encode_rans as dispatch_encode, interpreter_supported
 from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu
 from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
 from kvstore.kernels.quantize import quantize_kvcodec_gpu
@@ -43,7 +43,8 @@ from kvstore.kernels.reference import rans_encode_ref
 from kvcodec_samples import small_profile as fitted_small_profile, synthetic_kv
 
 INTERP = not CUDA and interpreter_active()
-interp = pytest.mark.skipif(not INTERP, reason="needs the Triton interpreter on from the start of the process")
+interp = pytest.mark.skipif(not (INTERP and interpreter_supported()),
+                            reason="needs the Triton interpreter (>= 3.9) on from the start of the process")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 CPU = torch.device("cpu")
@@ -315,7 +316,8 @@ def test_dispatch_uses_the_reference_off_cuda():
     assert dispatch_encode(torch.from_numpy(sym), table, mm, group_size=64) == rans.encode(sym, table, mm, group_size=64)
 
 
-@pytest.mark.skipif(INTERP or CUDA, reason="the interpreted tests ran in this process")
+@pytest.mark.skipif(INTERP or CUDA or not interpreter_supported(),
+                    reason="the interpreted tests ran in this process, or this Triton's interpreter cannot run them")
 def test_interpreted_kernels_in_a_subprocess():
     """Triton was imported before this module could switch its interpreter on: run the
     interpreted tests in a fresh process."""

@@ -34,7 +34,7 @@ from kvstore.codecs.rans_bench import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
-from kvstore.kernels import decode_rans as kernels_dispatch_decode
+from kvstore.kernels import decode_rans as kernels_dispatch_decode, interpreter_supported
 from kvstore.kernels.dequantize import (
     dequantize_affine,
     dequantize_kv_channel_major,
@@ -65,7 +65,8 @@ from kvstore.kernels.reference import (
 from kvcodec_samples import D, H, L, small_profile as fitted_small_profile, synthetic_kv
 
 INTERP = not CUDA and interpreter_active()
-interp = pytest.mark.skipif(not INTERP, reason="needs the Triton interpreter on from the start of the process")
+interp = pytest.mark.skipif(not (INTERP and interpreter_supported()),
+                            reason="needs the Triton interpreter (>= 3.9) on from the start of the process")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 CPU = torch.device("cpu")
@@ -409,7 +410,8 @@ def test_dispatch_uses_the_reference_off_cuda():
     np.testing.assert_array_equal(kernels_dispatch_decode(data, table, mm, device="cpu").numpy(), sym)
 
 
-@pytest.mark.skipif(INTERP or CUDA, reason="the interpreted tests ran in this process")
+@pytest.mark.skipif(INTERP or CUDA or not interpreter_supported(),
+                    reason="the interpreted tests ran in this process, or this Triton's interpreter cannot run them")
 def test_interpreted_kernels_in_a_subprocess():
     """Triton was imported before this module could switch its interpreter on: run the
     interpreted tests in a fresh process."""

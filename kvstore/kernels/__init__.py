@@ -30,11 +30,12 @@ compiles every kernel for sm_90 without a GPU and prints registers and main-loop
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import torch
 
-__all__ = ["decode_kvcodec", "decode_rans", "encode_rans", "triton_available", "use_triton"]
+__all__ = ["decode_kvcodec", "decode_rans", "encode_rans", "interpreter_supported", "triton_available", "use_triton"]
 
 
 @functools.cache
@@ -45,6 +46,23 @@ def triton_available() -> bool:
     except Exception:  # noqa: BLE001  # pragma: no cover - a broken install must not break CPU paths
         return False
     return True
+
+
+#: Triton's interpreter runs the kernels from this version on: 3.6's cannot run a loop whose
+#: bound is a computed scalar (its compiler can), see ``benchmarks/kernels_notes.md``.
+MIN_INTERPRETER_VERSION = (3, 9)
+
+
+@functools.cache
+def interpreter_supported() -> bool:
+    """Whether this Triton's interpreter (``TRITON_INTERPRET=1``, the CPU test path) runs the
+    kernels: Triton >= :data:`MIN_INTERPRETER_VERSION`."""
+    if not triton_available():
+        return False
+    import triton
+
+    found = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return bool(found) and (int(found[1]), int(found[2])) >= MIN_INTERPRETER_VERSION
 
 
 def use_triton(device: torch.device | str) -> bool:

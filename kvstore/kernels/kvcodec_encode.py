@@ -32,6 +32,7 @@ import torch
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
 from kvstore.kernels.quantize import quantize_kvcodec_gpu
+from kvstore.kernels import interpreter_supported
 from kvstore.kernels.rans_decode import interpreter_active
 from kvstore.kernels.rans_encode import DEFAULT_CONFIG, EncodeConfig, StreamPlan, encode_streams, plan_stream
 
@@ -68,7 +69,8 @@ def encode_kvcodec_gpu(
     them there). ``quantize``: "triton" (the fused kernel), "torch", or None: "triton" where
     Triton runs (CUDA, or the interpreter), else "torch"."""
     if quantize is None:
-        quantize = "triton" if keys.device.type == "cuda" or interpreter_active() else "torch"
+        interpreted = interpreter_active() and interpreter_supported()
+        quantize = "triton" if keys.device.type == "cuda" or interpreted else "torch"
     if quantize == "triton":
         k_sym, v_sym, s_sym, raw = quantize_kvcodec_gpu(codec, keys, values, start=start)
     elif quantize == "torch":

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.errors import ConfigError
+from kvstore.kernels import interpreter_supported
 from kvstore.kernels.pq_reference import (
     check_k,
     check_pq_shapes,
@@ -237,6 +238,8 @@ def pq_select_triton(
     ``_block_n`` (tests): tokens per block instead of the device's default."""
     if triton is None:
         raise ConfigError("triton is not installed: use pq_select, which falls back to torch")
+    if not codes.is_cuda and not interpreter_supported():
+        raise ConfigError(f"Triton {triton.__version__}'s interpreter cannot run the select kernels: use pq_select")
     kv_heads, group, m, n_centroids, sub = check_pq_shapes(query, centroids, codes)
     nc = combinations(m, n_centroids)
     if nc is None:

@@ -49,6 +49,7 @@ from kvstore.codecs import rans
 from kvstore.codecs.rans import LANES, StreamInfo, _as_bytes
 from kvstore.codecs.symbol_model import FrequencyTable
 from kvstore.errors import CodecError, FormatError
+from kvstore.kernels import MIN_INTERPRETER_VERSION, interpreter_supported
 
 __all__ = [
     "ERR_BITS",
@@ -249,7 +250,12 @@ def interpreter_active() -> bool:
 def kernel_for(kernel, device: torch.device):
     """``kernel`` to launch on tensors of ``device``: CUDA, or any device under the interpreter
     (numpy on the CPU, ~30 ms per loop iteration of a program: tests use small streams)."""
-    if device.type == "cuda" or interpreter_active():
+    if device.type == "cuda":
+        return kernel
+    if interpreter_active():
+        if not interpreter_supported():
+            raise CodecError(f"Triton {triton.__version__}'s interpreter cannot run these kernels (needs "
+                             f"{'.'.join(map(str, MIN_INTERPRETER_VERSION))} or later); use the torch references")  # fmt: skip
         return kernel
     raise CodecError(
         "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before triton is imported; "
