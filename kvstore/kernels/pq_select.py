@@ -171,7 +171,7 @@ if triton is not None:
         M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr, WORD: tl.constexpr,
         NC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
-        tl.static_assert(BLOCK_N < 65536, "two 16-bit counts share one scan")
+        tl.static_assert(BLOCK_N < 32768, "two counts share one int32 scan: 16 bits each, the high one signed")
         h = tl.program_id(0)
         p = tl.program_id(1)
         me = h * tl.num_programs(1) + p
