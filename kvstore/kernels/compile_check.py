@@ -19,6 +19,7 @@ Needs triton imported *without* the interpreter (``TRITON_INTERPRET`` unset).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import subprocess
@@ -59,49 +60,19 @@ class KernelReport:
     loop_instructions: int | None  # the largest loop's body (None: no loop)
 
 
-def _decode() -> Any:
-    from kvstore.kernels.rans_decode import _rans_decode_kernel
+def _kernel(module: str, name: str) -> Callable[[], Any]:
+    """A getter for kernel ``name`` of ``kvstore.kernels.<module>``, imported on first use (so
+    listing the variants imports neither triton nor the kernels)."""
 
-    return _rans_decode_kernel
-
-
-def _encode() -> Any:
-    from kvstore.kernels.rans_encode import _rans_encode_kernel
-
-    return _rans_encode_kernel
-
-
-def _dequantize(name: str) -> Callable[[], Any]:
     def get() -> Any:
-        from kvstore.kernels import dequantize
-
-        return getattr(dequantize, name)
+        return getattr(importlib.import_module(f"kvstore.kernels.{module}"), name)
 
     return get
 
 
-def _pq(name: str) -> Callable[[], Any]:
-    def get() -> Any:
-        from kvstore.kernels import pq_topk
-
-        return getattr(pq_topk, name)
-
-    return get
-
-
-def _pq_select(name: str) -> Callable[[], Any]:
-    def get() -> Any:
-        from kvstore.kernels import pq_select
-
-        return getattr(pq_select, name)
-
-    return get
-
-
-def _quantize() -> Any:
-    from kvstore.kernels.quantize import _kvcodec_quantize_kernel
-
-    return _kvcodec_quantize_kernel
+_decode = _kernel("rans_decode", "_rans_decode_kernel")
+_encode = _kernel("rans_encode", "_rans_encode_kernel")
+_quantize = _kernel("quantize", "_kvcodec_quantize_kernel")
 
 
 _DECODE_SIG = ("*i64:16, *i32:16, *i16:16, *i32:16, *u8:16, {cf}:16, *u8:16, {cf}:16, *u8:16, {cf}:16, "
@@ -135,11 +106,11 @@ def variants() -> list[Variant]:
                 {**_ENCODE_CONST, "PREC": 16, "CF64": True}, one_warp),  # fmt: skip
         Variant("rans_encode 2 groups/program (scan)", _encode, _ENCODE_SIG.format(cf="*i32"),
                 {**_ENCODE_CONST, "BALLOT": False, "BLOCK_G": 2}, {"num_warps": 2, "enable_fp_fusion": False}),  # fmt: skip
-        Variant("dequantize rowscale", _dequantize("_rowscale_kernel"), "*u8:16, *u8:16, *fp32:16, *fp16:16, i64",
+        Variant("dequantize rowscale", _kernel("dequantize", "_rowscale_kernel"), "*u8:16, *u8:16, *fp32:16, *fp16:16, i64",
                 {"ROW": 128, "ZERO_SYM": 128, "BLOCK_C": 4096}, {"num_warps": 8, "enable_fp_fusion": False}),  # fmt: skip
-        Variant("dequantize affine", _dequantize("_affine_kernel"), "*u8:16, *fp32:16, *fp32:16, *bf16:16, i64, i32",
+        Variant("dequantize affine", _kernel("dequantize", "_affine_kernel"), "*u8:16, *fp32:16, *fp32:16, *bf16:16, i64, i32",
                 {"ROW": 128, "ZERO_SYM": 128, "BLOCK_C": 4096}, {"num_warps": 8, "enable_fp_fusion": False}),  # fmt: skip
-        Variant("dequantize kv channel-major", _dequantize("_kv_channel_major_kernel"),
+        Variant("dequantize kv channel-major", _kernel("dequantize", "_kv_channel_major_kernel"),
                 "*u8:16, *u8:16, *fp32:16, *fp32:16, *fp32:16, *fp16:16, i32, i32, i64",
                 {"ZERO_SYM": 128, "BLOCK_T": 64, "BLOCK_D": 128}, {"num_warps": 8, "enable_fp_fusion": False}),  # fmt: skip
         Variant("kvcodec quantize (fused, channel-major symbols)", _quantize,
@@ -150,26 +121,26 @@ def variants() -> list[Variant]:
                 "*bf16:16, *bf16:16, *fp32:16, *fp32:16, *fp32:16, *u8:16, *u8:16, *u8:16, *i32:16, i32, i32",
                 {"D": 96, "BLOCK_D": 128, "BLOCK_T": 16, "ZERO_SYM": 128, "SCALE_STEPS": 4, "CHANNEL_MAJOR": False},
                 {"num_warps": 4, "enable_fp_fusion": False}),  # fmt: skip
-        Variant("pq lut", _pq("_pq_lut_kernel"), "*fp16:16, *fp16:16, *fp32:16, i32",
+        Variant("pq lut", _kernel("pq_topk", "_pq_lut_kernel"), "*fp16:16, *fp16:16, *fp32:16, i32",
                 {"GROUP": 4, "M": 32, "K": 256, "SUB": 4, "BLOCK_D": 4}, _pq_options),  # fmt: skip
-        Variant("pq score", _pq("_pq_score_kernel"), "*u8:16, *fp32:16, *fp32:16, i32, i32, i64, i64",
+        Variant("pq score", _kernel("pq_topk", "_pq_score_kernel"), "*u8:16, *fp32:16, *fp32:16, i32, i32, i64, i64",
                 {"M": 32, "K": 256, "BLOCK_M": 32, "BLOCK_N": 1024}, _pq_options),  # fmt: skip
         # the PQ select as retrieval launches it: start (32 sinks), seg_len and the head stride
         # divisible by 16, a unit token stride (Triton specializes an int equal to 1)
-        Variant("pq combo count (m=2, K=64)", _pq_select("_pq_combo_count_kernel"), "*i16:16, *i32:16, i32:16, i32, i32:16",
+        Variant("pq combo count (m=2, K=64)", _kernel("pq_select", "_pq_combo_count_kernel"), "*i16:16, *i32:16, i32:16, i32, i32:16",
                 {**_PQ_SELECT_CONST, "stride_cn": 1, "BLOCK_N": 1024}, _pq_options),  # fmt: skip
-        Variant("pq classify (m=2, K=64, group 4, fp16 query)", _pq_select("_pq_classify_kernel"),
+        Variant("pq classify (m=2, K=64, group 4, fp16 query)", _kernel("pq_select", "_pq_classify_kernel"),
                 _PQ_CLASSIFY_SIG.format(codes="i16"),
                 {**_PQ_SELECT_CONST, "stride_cn": 1, "GROUP": 4, "SUB": 64, "BLOCK_D": 64, "BLOCK_N": 1024},
                 {**_pq_options, "num_warps": 8}),  # fmt: skip
-        Variant("pq classify (m=3, K=16, byte codes)", _pq_select("_pq_classify_kernel"),
+        Variant("pq classify (m=3, K=16, byte codes)", _kernel("pq_select", "_pq_classify_kernel"),
                 _PQ_CLASSIFY_SIG.format(codes="u8") + ", i32",
                 {**_PQ_SELECT_CONST, "M": 3, "K": 16, "LOG2K": 4, "BLOCK_M": 4, "WORD": False, "GROUP": 4, "SUB": 32,
                  "BLOCK_D": 32, "BLOCK_N": 1024}, {**_pq_options, "num_warps": 8}),  # fmt: skip
-        Variant("pq compact (m=2, K=64)", _pq_select("_pq_compact_kernel"),
+        Variant("pq compact (m=2, K=64)", _kernel("pq_select", "_pq_compact_kernel"),
                 "*i16:16, *i8:16, *i32:16, *i64:16, i32:16, i32, i32, i32:16, i32:16",
                 {**_PQ_SELECT_CONST, "stride_cn": 1, "BLOCK_N": 1024, "BLOCK_P": 16}, {**_pq_options, "num_warps": 8}),  # fmt: skip
-        Variant("pq gather", _pq("_gather_kernel"), "*fp16:16, *fp16:16, *i64:16, *fp16:16, *fp16:16, i32, i64, i64, i64, i64",
+        Variant("pq gather", _kernel("pq_topk", "_gather_kernel"), "*fp16:16, *fp16:16, *i64:16, *fp16:16, *fp16:16, i32, i64, i64, i64, i64",
                 {"D": 128, "BLOCK_S": 64, "BLOCK_D": 128}, _pq_options),  # fmt: skip
     ]
     return out
