@@ -32,8 +32,15 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+    info["commit"] = _git_commit() or os.environ.get("KVSTORE_COMMIT") or None
+    return info
+
+
+def _git_commit() -> str | None:
+    """The checkout's short commit, or None where there is no git or no repository (a copied
+    tree, such as the GPU machine's: ``KVSTORE_COMMIT`` then names it)."""
     try:
-        info["commit"] = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
@@ -41,8 +48,7 @@ def machine_info() -> dict[str, Any]:
             timeout=10,
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
-    return info
+        return None
 
 
 def run_benchmark(name: str, quick: bool) -> dict[str, Any]:
