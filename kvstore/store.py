@@ -31,6 +31,7 @@ from kvstore import metrics
 from kvstore.backends import open_store
 from kvstore.backends.base import RangeRequest, Store, check_ttl
 from kvstore.codecs.base import KVCodec, codec_class, get_codec, profile_content_id, register_profile
+from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
 from kvstore.errors import (
     ChecksumError,
     ConcurrentWriteError,
@@ -190,8 +191,9 @@ class KVStore:
             raise ConfigError(f"pq must be a PQConfig, a PQIndex or None, got {type(pq).__name__}")
         if pq is not None and pq_centroid_format not in pq_store.CENTROID_FORMATS:
             raise ConfigError(f"pq_centroid_format must be one of {pq_store.CENTROID_FORMATS}, got {pq_centroid_format!r}")
-        if isinstance(pq, pq_index.PQConfig):
-            pq = await asyncio.to_thread(pq_index.build_index, [k for k, _ in kv], pq)  # once, not per attempt
+        if isinstance(pq, pq_index.PQConfig):  # once, not per attempt
+            build = on_stream(caller_stream(kv[0][0].device), pq_index.build_index)
+            pq = await asyncio.to_thread(build, [k for k, _ in kv], pq)
         stale: list[str] = []
         for attempt in range(PUT_ATTEMPTS):
             manifest = await self._put_once(model_id, plan, kv, ttl, pq, pq_centroid_format)
@@ -234,6 +236,8 @@ class KVStore:
         """Write every chunk object (create-only), the PQ objects, then the manifest."""
         first = kv[0][0]
         layers, (kv_heads, _, head_dim), dtype = len(kv), first.shape, first.dtype
+        stream = caller_stream(first.device)  # KV on a GPU: read it in order with the caller's work
+        stack, encode = on_stream(stream, stack_span), on_stream(stream, encode_chunk)
 
         def identity(i: int) -> ChunkIdentity:
             start, stop = plan.bounds[i]
@@ -242,13 +246,13 @@ class KVStore:
 
         async def store_chunk(i: int) -> list[ChunkObject]:
             ident = identity(i)
-            keys, values = await asyncio.to_thread(stack_span, kv, *plan.bounds[i])  # once for every level
+            keys, values = await asyncio.to_thread(stack, kv, *plan.bounds[i])  # once for every level
             return [await store_level(ident, level, codec, keys, values) for level, codec in enumerate(self.codecs)]
 
         async def store_level(ident: ChunkIdentity, level: int, codec: KVCodec,
                               keys: torch.Tensor, values: torch.Tensor) -> ChunkObject:
             key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, codec.tag)
-            data = await asyncio.to_thread(encode_chunk, codec, ident, keys, values)
+            data = await asyncio.to_thread(encode, codec, ident, keys, values)
             if await self.store.put(key, data, ttl=ttl, create_only=True):
                 metrics.record_put(level, len(data))
                 return _describe(key, data)
@@ -409,8 +413,13 @@ class KVStore:
         to find a stored prefix), :class:`IncompleteContextError` if the context's
         manifest names a chunk that is gone or changed, and
         :class:`~kvstore.errors.ChecksumError` / :class:`FormatError` for corrupt objects.
+
+        On a GPU, the KV is written by work queued on the caller's current stream (chunks
+        decode in worker threads, on that stream), so the caller's later work on that
+        stream sees it complete.
         """
-        device = torch.device(device)
+        device = resolve_device(device)
+        stream = caller_stream(device)
         plan = self._plan(model_id, tokens)
         manifest = await self._read_manifest(model_id, plan)
         if manifest is not None:
@@ -461,6 +470,8 @@ class KVStore:
                 metrics.record_decode(codec_name, time.perf_counter() - started)
                 out_k[:, :, start:stop] = k
                 out_v[:, :, start:stop] = v
+
+            decode = on_stream(stream, decode)  # runs in worker threads
 
             async def fetched_first(i: int) -> bytes:
                 return first

@@ -16,6 +16,7 @@ from typing import Any, Self, TypeVar
 import numpy as np
 import torch
 
+from kvstore.cuda_streams import current_stream_if_cuda, with_stream_of
 from kvstore.format.manifest import Manifest
 from kvstore.kv import KV
 from kvstore.retrieval.pq import PQConfig, PQIndex
@@ -34,6 +35,9 @@ class LoopThread:
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and wait for its result; GPU work it queues is ordered
+        with the calling thread's current CUDA stream (:mod:`kvstore.cuda_streams`)."""
+        coro = with_stream_of(current_stream_if_cuda(), coro)
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:

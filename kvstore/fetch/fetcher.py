@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kvstore import metrics
+from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
 from kvstore.errors import BackendError, ConfigError, ContextNotFoundError, FormatError, IncompleteContextError
 from kvstore.fetch.policy import (
     FETCH,
@@ -149,7 +150,7 @@ class AdaptiveFetcher:
                              else prefill_cost)
         self._prefill_declared = self.prefill_cost is not None
         self._prefill_samples: deque[tuple[int, int, float]] = deque(maxlen=16)  # (tokens, prefix, s) timed
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.max_in_flight = max_in_flight
         self.prior_Bps = prior_Bps
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -219,6 +220,12 @@ class _Load:
         self.keys = torch.empty((manifest.layers, manifest.kv_heads, manifest.num_tokens, manifest.head_dim),
                                 dtype=self.dtype, device=fetcher.device)
         self.values = torch.empty_like(self.keys)
+        # on a GPU: chunks decode on the fetcher's stream, recomputes run on the caller's; the
+        # decode stream first waits for the caller's work so far (the memory just allocated
+        # may still be in use there)
+        self.caller_stream = caller_stream(fetcher.device)
+        if fetcher._stream is not None:
+            fetcher._stream.wait_stream(self.caller_stream)
         self.decisions: list[ChunkDecision] = []
         self.pending: dict[int, int] = {}  # chunk index -> bytes in flight
         self.decode_s: list[float] = []
@@ -335,7 +342,7 @@ class _Load:
                 rest = d.reason.startswith("[rest]")
                 stop = self.m.chunks[-1].stop if rest else d.stop
                 started = time.perf_counter()
-                await asyncio.to_thread(self._recompute_into, d.start, stop)
+                await asyncio.to_thread(on_stream(self.caller_stream, self._recompute_into), d.start, stop)
                 d.work_s = time.perf_counter() - started
                 metrics.record_recompute(len(self.decisions[d.index:]) if rest else 1)
                 if not self.f._prefill_declared and d.work_s > 0:

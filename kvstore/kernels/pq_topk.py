@@ -101,7 +101,7 @@ if triton is not None:
         n_sel, stride_kh, stride_kn, stride_vh, stride_vn,
         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        h = tl.program_id(0)
+        h = tl.program_id(0).to(tl.int64)  # heads x tokens x D may pass 2**31 elements
         pid = tl.program_id(1)
         offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
         smask = offs_s < n_sel

@@ -647,7 +647,7 @@ def rans_decode_launch(
         out_f if out_f is not None else _dummy(device, torch.float16),
         out_u8 if out_u8 is not None else _dummy(device, torch.uint8), err,
         NSTREAMS=len(streams), PREC=prec, BB=bb, LOOKUP=lookup, CF64=prec > 15,
-        BALLOT=bool(config.ballot) and native and config.block_g == 1, BLOCK_G=config.block_g, ZERO_SYM=ZERO, NDESC_C=NDESC,
+        BALLOT=bool(config.ballot) and native and config.block_g == 1 and config.num_warps == 1, BLOCK_G=config.block_g, ZERO_SYM=ZERO, NDESC_C=NDESC,
         PREFETCH=bool(config.prefetch) and native, ROWS=rows,
         num_warps=config.num_warps, enable_fp_fusion=False,
     )  # fmt: skip

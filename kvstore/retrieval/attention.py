@@ -172,7 +172,9 @@ class TensorSource:
     def gather(self, layer: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.kv[layer]
         k, v = gather_kv(keys, values, indices.to(keys.device))
-        return k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
+        # into host memory, a non-blocking copy would hand back rows still in flight
+        to_gpu = self.device.type == "cuda"
+        return k.to(self.device, non_blocking=to_gpu), v.to(self.device, non_blocking=to_gpu)
 
 
 # -- many query positions at once (teacher forcing) -------------------------------------
