@@ -21,6 +21,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
+from kvstore.errors import ConfigError
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -34,7 +36,7 @@ def current_stream_if_cuda() -> torch.cuda.Stream | None:
     """The calling thread's current stream on its current device, or ``None`` when this
     process has not initialised CUDA (then the caller has no GPU work to order with, and
     asking would create a CUDA context for nothing)."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not torch.cuda.is_initialized():  # (is_available() would initialise the driver: no fork after it)
         return None
     return torch.cuda.current_stream()
 
@@ -52,9 +54,14 @@ async def with_stream_of(stream: torch.cuda.Stream | None, coro: Coroutine[Any, 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``device`` as a :class:`torch.device`, a CUDA device with its index (``"cuda"`` is the
-    caller's current device, which a worker thread would not know)."""
+    caller's current device, which a worker thread would not know); :class:`ConfigError`
+    for a CUDA device where CUDA is not available."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: CUDA is not available (torch {torch.__version__})")
+    if device.index is None:
         passed = _CALLER_STREAM.get()
         return passed.device if passed is not None else torch.device("cuda", torch.cuda.current_device())
     return device

@@ -191,12 +191,16 @@ class KVStore:
             raise ConfigError(f"pq must be a PQConfig, a PQIndex or None, got {type(pq).__name__}")
         if pq is not None and pq_centroid_format not in pq_store.CENTROID_FORMATS:
             raise ConfigError(f"pq_centroid_format must be one of {pq_store.CENTROID_FORMATS}, got {pq_centroid_format!r}")
+        # KV on a GPU: every read of it (and of the PQ index) is queued on the caller's stream
+        stream = caller_stream(kv[0][0].device)
         if isinstance(pq, pq_index.PQConfig):  # once, not per attempt
-            build = on_stream(caller_stream(kv[0][0].device), pq_index.build_index)
-            pq = await asyncio.to_thread(build, [k for k, _ in kv], pq)
+            pq = await asyncio.to_thread(on_stream(stream, pq_index.build_index), [k for k, _ in kv], pq)
+        if pq is not None and (pq.codes.is_cuda or pq.centroids.is_cuda):  # written from host memory
+            on_gpu = pq.codes if pq.codes.is_cuda else pq.centroids
+            pq = await asyncio.to_thread(on_stream(caller_stream(on_gpu.device), pq.to), "cpu")
         stale: list[str] = []
         for attempt in range(PUT_ATTEMPTS):
-            manifest = await self._put_once(model_id, plan, kv, ttl, pq, pq_centroid_format)
+            manifest = await self._put_once(model_id, plan, kv, ttl, pq, pq_centroid_format, stream)
             stale = await self._changed_objects(manifest)
             if not stale:
                 return manifest
@@ -232,11 +236,12 @@ class KVStore:
         return [obj.key for obj, flag in zip(listed, flags) if flag]
 
     async def _put_once(self, model_id: str, plan: _Plan, kv: KV, ttl: float | None,
-                        pq: pq_index.PQIndex | None, pq_centroid_format: str) -> Manifest:
-        """Write every chunk object (create-only), the PQ objects, then the manifest."""
+                        pq: pq_index.PQIndex | None, pq_centroid_format: str,
+                        stream: torch.cuda.Stream | None) -> Manifest:
+        """Write every chunk object (create-only), the PQ objects, then the manifest; the KV is
+        read on ``stream`` (the caller's, for KV on a GPU)."""
         first = kv[0][0]
         layers, (kv_heads, _, head_dim), dtype = len(kv), first.shape, first.dtype
-        stream = caller_stream(first.device)  # KV on a GPU: read it in order with the caller's work
         stack, encode = on_stream(stream, stack_span), on_stream(stream, encode_chunk)
 
         def identity(i: int) -> ChunkIdentity:
@@ -457,8 +462,9 @@ class KVStore:
             # chunk 0 first: without a manifest its header says the shape and dtype to allocate
             first = await self._verified(0, fetch, lambda i, blob: self._shape_and_dtype(manifest, blob))
             (layers, kv_heads, head_dim), dtype = self._shape_and_dtype(manifest, first)
-            out_k = torch.empty((layers, kv_heads, len(plan.tokens), head_dim), dtype=dtype, device=device)
-            out_v = torch.empty_like(out_k)
+            # from the caller's stream's memory pool (this thread's current stream may be another)
+            out_k = on_stream(stream, torch.empty)((layers, kv_heads, len(plan.tokens), head_dim), dtype=dtype, device=device)
+            out_v = on_stream(stream, torch.empty_like)(out_k)
             codec_name = manifest.levels[level].codec if manifest is not None else self.codecs[level].name
 
             def decode(i: int, blob: bytes) -> None:

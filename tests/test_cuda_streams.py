@@ -15,6 +15,7 @@ import torch
 
 from kvstore import KVStore, SyncKVStore
 from kvstore.cuda_streams import _CALLER_STREAM, caller_stream, current_stream_if_cuda, on_stream, resolve_device
+from kvstore.errors import ConfigError
 from kvstore.fetch.fetcher import AdaptiveFetcher
 from kvstore.sync import LoopThread
 
@@ -45,6 +46,19 @@ def test_off_cuda_nothing_changes():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_a_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+    async def get():
+        async with KVStore("memory://") as store:
+            await store.get(MODEL, [1, 2, 3], device="cuda")
+
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        asyncio.run(get())
+
+
 def test_a_blocking_callers_stream_reaches_the_loop_and_its_worker_threads(monkeypatch):
     """What :class:`SyncKVStore`'s loop thread passes along: the stream current in the calling
     thread is what the coroutine and the threads it starts see (a marker object stands in
@@ -66,35 +80,65 @@ def test_a_blocking_callers_stream_reaches_the_loop_and_its_worker_threads(monke
 
 
 # -- on a GPU ----------------------------------------------------------------------------------
-def _held_back_reader(stream: torch.cuda.Stream) -> torch.Tensor:
+def _held_back_reader(stream: torch.cuda.Stream) -> tuple[torch.Tensor, int]:
     """On ``stream``: a sleep, then ``y = 2 * x`` for a fresh ``x`` the size of a loaded KV
     tensor, freed at once (its block goes back to ``stream``'s pool while the read is
-    pending). Returns ``y``, all 2 unless someone wrote into ``x``'s memory too early."""
+    pending). Returns ``y``, all 2 unless someone wrote into ``x``'s memory too early, and
+    where ``x`` was (the caching allocator hands that block to the next allocation of its
+    size on ``stream``: the call's output)."""
     with torch.cuda.stream(stream):
         x = torch.ones(LAYERS, HEADS, TOKENS, DIM, dtype=torch.float16, device="cuda")
+        where = x.data_ptr()
         torch.cuda._sleep(SLEEP_CYCLES)
         y = x * 2
         del x
-    return y
+    return y, where
+
+
+REUSED = "the output did not reuse the freed block, so this run could not show the race"
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_get_writes_the_kv_on_the_callers_stream():
     kv = make_kv()
+    tokens = list(range(TOKENS))
 
     async def scenario():
         async with KVStore("memory://") as store:
-            await store.put(MODEL, list(range(TOKENS)), kv)
+            await store.put(MODEL, tokens, kv)
+            await store.get(MODEL, tokens, device="cuda")  # warm-up: first kernel loads may synchronize
             side = torch.cuda.Stream()
-            y = _held_back_reader(side)
+            y, where = _held_back_reader(side)
             with torch.cuda.stream(side):
-                out = await store.get(MODEL, list(range(TOKENS)), device="cuda")
+                out = await store.get(MODEL, tokens, device="cuda")
+            reused = out[0][0].data_ptr() == where
             side.synchronize()
-            return y, out
+            return y, reused, out
 
-    y, out = asyncio.run(scenario())
+    y, reused, out = asyncio.run(scenario())
+    assert reused, REUSED
     assert torch.all(y == 2), "the decode wrote into memory the caller's stream was still reading"
+    assert_kv_equal(out, kv)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_blocking_get_takes_its_output_from_the_callers_stream():
+    """SyncKVStore's loop thread has the default stream current: the output must still come
+    from the caller's stream's pool, not from a block the default stream is still reading."""
+    kv = make_kv(3)
+    tokens = list(range(TOKENS))
+    with SyncKVStore("memory://") as store:
+        store.put(MODEL, tokens, kv)
+        store.get(MODEL, tokens, device="cuda")  # warm-up
+        y, _ = _held_back_reader(torch.cuda.default_stream())
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            out = store.get(MODEL, tokens, device="cuda")
+        side.synchronize()
+        torch.cuda.synchronize()
+    assert torch.all(y == 2), "the decode wrote into memory the default stream was still reading"
     assert_kv_equal(out, kv)
 
 
@@ -103,6 +147,7 @@ def test_get_writes_the_kv_on_the_callers_stream():
 @pytest.mark.parametrize("blocking", [False, True], ids=["KVStore", "SyncKVStore"])
 def test_put_reads_the_kv_after_the_callers_stream_wrote_it(blocking):
     kv = make_kv(1)
+    tokens = list(range(TOKENS))
     on_gpu = [(k.cuda(), v.cuda()) for k, v in kv]
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -111,14 +156,14 @@ def test_put_reads_the_kv_after_the_callers_stream_wrote_it(blocking):
         late = [(k * 1, v * 1) for k, v in on_gpu]  # written only after the sleep
         if blocking:
             with SyncKVStore("memory://") as store:
-                store.put(MODEL, list(range(TOKENS)), late)
-                got = store.get(MODEL, list(range(TOKENS)))
+                store.put(MODEL, tokens, late)
+                got = store.get(MODEL, tokens)
         else:
 
             async def scenario():
                 async with KVStore("memory://") as store:
-                    await store.put(MODEL, list(range(TOKENS)), late)
-                    return await store.get(MODEL, list(range(TOKENS)))
+                    await store.put(MODEL, tokens, late)
+                    return await store.get(MODEL, tokens)
 
             got = asyncio.run(scenario())
     assert_kv_equal(got, kv)
@@ -128,18 +173,22 @@ def test_put_reads_the_kv_after_the_callers_stream_wrote_it(blocking):
 @needs_cuda
 def test_fetcher_decodes_after_the_callers_earlier_work():
     kv = make_kv(2)
+    tokens = list(range(TOKENS))
 
     async def scenario():
         async with KVStore("memory://") as store:
-            await store.put(MODEL, list(range(TOKENS)), kv)
+            await store.put(MODEL, tokens, kv)
             fetcher = AdaptiveFetcher(store, device="cuda")
+            await fetcher.load(MODEL, tokens, deadline_s=30.0)  # warm-up
             side = torch.cuda.Stream()
-            y = _held_back_reader(side)
+            y, where = _held_back_reader(side)
             with torch.cuda.stream(side):
-                result = await fetcher.load(MODEL, list(range(TOKENS)), deadline_s=30.0)
+                result = await fetcher.load(MODEL, tokens, deadline_s=30.0)
+            reused = result.kv[0][0].data_ptr() == where
             side.synchronize()
-            return y, result
+            return y, reused, result
 
-    y, result = asyncio.run(scenario())
+    y, reused, result = asyncio.run(scenario())
+    assert reused, REUSED
     assert torch.all(y == 2), "the fetcher's decode stream wrote into memory the caller's stream was still reading"
     assert_kv_equal(result.kv, kv)

@@ -217,13 +217,14 @@ class _Load:
         # enough for their unfairness to cancel, few enough that a drop shows at once
         self.estimator = ThroughputEstimator(window=fetcher.max_in_flight, prior_Bps=fetcher.prior_Bps)
         self.dtype = torch_dtype(manifest.dtype)[0]
-        self.keys = torch.empty((manifest.layers, manifest.kv_heads, manifest.num_tokens, manifest.head_dim),
-                                dtype=self.dtype, device=fetcher.device)
-        self.values = torch.empty_like(self.keys)
-        # on a GPU: chunks decode on the fetcher's stream, recomputes run on the caller's; the
-        # decode stream first waits for the caller's work so far (the memory just allocated
-        # may still be in use there)
+        # on a GPU: the KV comes from the caller's stream's memory pool, chunks decode on the
+        # fetcher's stream, recomputes run on the caller's; the decode stream first waits for
+        # the caller's work so far (the memory just allocated may still be in use there)
         self.caller_stream = caller_stream(fetcher.device)
+        self.keys = on_stream(self.caller_stream, torch.empty)(
+            (manifest.layers, manifest.kv_heads, manifest.num_tokens, manifest.head_dim),
+            dtype=self.dtype, device=fetcher.device)
+        self.values = on_stream(self.caller_stream, torch.empty_like)(self.keys)
         if fetcher._stream is not None:
             fetcher._stream.wait_stream(self.caller_stream)
         self.decisions: list[ChunkDecision] = []

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from kvstore.backends.base import validate_key
-from kvstore.cuda_streams import resolve_device
+from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
 from kvstore.errors import ConfigError, FormatError, IncompleteContextError
 from kvstore.format import container
 from kvstore.format.keys import (
@@ -289,8 +289,9 @@ async def get_pq(
         return await asyncio.to_thread(_check_codes, blob, listing[i], ctx, i, centroids_sum, layers, kv_heads, config)
 
     parts = await asyncio.gather(*(fetch(i) for i in range(len(listing))))
+    index = pq.PQIndex(config, centroids.to(torch.float32), torch.cat(parts, dim=2))
     device = resolve_device(device)
-    return pq.PQIndex(config, centroids.to(device, torch.float32), torch.cat(parts, dim=2).to(device))
+    return on_stream(caller_stream(device), index.to)(device)  # copies queued on the caller's stream
 
 
 async def pq_objects(
