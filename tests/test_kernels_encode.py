@@ -264,6 +264,7 @@ def test_kernels_benchmark_runs_on_a_small_shape(small_profile):
 
     result = measure(CPU, (1, 2, 8, 16), True, bench, lambda: None)
     assert result["encode_GBps"] > 0 and result["decode_GBps"] > 0
+    assert result["decode_host_us"] > 0 and result["decode_prelaunch_us"] > 0
     assert result["checks"]["gpu_encoder_streams_identical_to_cpu"]
     assert result["checks"]["fused_quantize_mismatches"] == {"k": 0, "v": 0, "scales": 0}
     assert result["checks"]["equal_to_codec_decode"] and result["checks"]["keys_equal_to_cpu_decode"]

@@ -22,6 +22,9 @@ between runs):
 - ``decode_GBps``: :func:`decode_prepared` on streams already on the GPU, the error
   check (one synchronization) and patches/sinks included;
 - ``decode_kernels_GBps``: the same without the final synchronization/check;
+- ``decode_host_us``: the host's time per decode (no check) with decodes queued back to back,
+  and ``decode_prelaunch_us``: from the call to the decode kernel queued, the GPU idle (with
+  the check, the GPU waits for this at every chunk);
 - ``decode_token_major_GBps``: the same chunk in the token-major layout (format version 1);
 - ``decode_e2e_GBps``: :func:`decode_kvcodec_gpu` from the chunk's container in host
   memory (checksums, header checks, pinned staging, host-to-device copy included);
@@ -35,7 +38,9 @@ between runs):
   retrieval attention runs) against the torch reference (scores + ``torch.topk``);
   ``pq_scores_topk_us`` (Triton scores + ``torch.topk``, the previous path), ``pq_scores_us``,
   ``pq_torch_topk_only_us``, ``pq_gather_us`` (the selected tokens' K and V) beside them
-  (:mod:`kvstore.kernels.pq_topk_bench`).
+  (:mod:`kvstore.kernels.pq_topk_bench`); ``pq_topk_host_us`` / ``pq_topk_torch_ref_host_us``:
+  the host's time per call with calls queued back to back (``do_bench`` flushes L2 before
+  each timed call, which hides up to ~90 us of host work; a decode loop pays it);
 
 Without CUDA the benchmark is skipped with a message.
 """
@@ -116,6 +121,8 @@ def pq_figures(quick: bool) -> dict[str, Any]:
         "pq_torch_topk_only_us": t["torch_topk_only_us"],
         "pq_gather_us": t["gather_triton_us"],
         "pq_gather_torch_ref_us": t["gather_reference_us"],
+        "pq_topk_host_us": t["pq_select_host_us"],
+        "pq_topk_torch_ref_host_us": t["pq_topk_reference_host_us"],
         "pq_k": t["k"],
         "pq_check_failures": failures,
     }
@@ -237,6 +244,7 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     result["decode_kernels_GBps"] = _gbps(kv_bytes, ms)
     result["decode_kernels_ms"] = ms
     result["decode_pipelined_GBps"] = _gbps(kv_bytes, _pipelined(chunk, sync, reps))
+    result["decode_host_us"], result["decode_prelaunch_us"] = _host_times(chunk, sync, reps)
     token_chunk = prepare_kvcodec(token_buffers, token_codec, (L, H, T, D), dev)
     kt, vt = decode_prepared(token_chunk, torch.float16)
     checks["token_major_equal"] = bool(torch.equal(kt, k1) and torch.equal(vt, v1))
@@ -335,6 +343,40 @@ def _pipelined(chunk, sync, reps: int = 20) -> float:
     return ms
 
 
+def _host_times(chunk, sync, reps: int = 20) -> tuple[float, float]:
+    """Host microseconds per decode (no check) queued back to back, and the median time from a
+    call to its decode kernel queued, with the GPU idle at the call (what a checked decode waits)."""
+    from kvstore.kernels import rans_decode
+    from kvstore.kernels.kvcodec_gpu import decode_prepared
+
+    decode_prepared(chunk, torch.float16, check=False)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        decode_prepared(chunk, torch.float16, check=False)
+    host_us = (time.perf_counter() - t0) / reps * 1e6
+    sync()
+    queued: list[float] = []
+    run = rans_decode.RansLaunch.run
+
+    def timed_run(self, **outputs):
+        out = run(self, **outputs)
+        queued.append(time.perf_counter())
+        return out
+
+    starts = []
+    rans_decode.RansLaunch.run = timed_run
+    try:
+        for _ in range(reps):
+            sync()
+            starts.append(time.perf_counter())
+            decode_prepared(chunk, torch.float16, check=False)
+    finally:
+        rans_decode.RansLaunch.run = run
+    sync()
+    return host_us, float(np.median([(q - s) * 1e6 for q, s in zip(queued, starts, strict=True)]))
+
+
 def _variants(chunk, configs, expect, out_bytes: int, bench) -> list[dict[str, Any]]:
     from kvstore.kernels.kvcodec_gpu import decode_prepared
 
@@ -364,6 +406,7 @@ def _summary(r: dict[str, Any]) -> str:
         f"encode (cpu)        {r['encode_cpu_MBps']:8.0f} MB/s",
         (f"decode (default)    {r['decode_GBps']:8.1f} GB/s   kernels only {r['decode_kernels_GBps']:.1f}   "
          f"pipelined {r['decode_pipelined_GBps']:.1f}"),
+        f"decode host         {r['decode_host_us']:8.1f} us/call   kernel queued after {r['decode_prelaunch_us']:.1f} us",
         f"decode token-major  {r['decode_token_major_GBps']:8.1f} GB/s",
         f"decode e2e (host)   {r['decode_e2e_GBps']:8.1f} GB/s",
         f"torch reference     {r['decode_torch_ref_GBps']:8.2f} GB/s",

@@ -35,7 +35,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["decode_kvcodec", "decode_rans", "encode_rans", "interpreter_supported", "triton_available", "use_triton"]
+__all__ = [
+    "cdiv", "decode_kvcodec", "decode_rans", "encode_rans", "interpreter_supported", "next_power_of_2",
+    "triton_available", "use_triton",
+]  # fmt: skip
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. Plain Python: ``triton.cdiv`` is a ``constexpr_function``
+    in Triton 3.6, and each host-side call costs microseconds in its argument unwrapping."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``); plain Python, see :func:`cdiv`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @functools.cache

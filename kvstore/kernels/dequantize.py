@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvstore.kernels import cdiv, next_power_of_2
 from kvstore.kernels.rans_decode import ZERO, kernel_for
 
 __all__ = ["dequantize_affine", "dequantize_kv_channel_major", "dequantize_rowscale"]
@@ -75,7 +76,7 @@ def dequantize_rowscale(
     scale codes (kvcodec: rows are (layer, head, token), ``vtab[c] = gamma * 2**((c - 128) / 4)``)."""
     n = _check(sym, out)
     if n:
-        kernel_for(_rowscale_kernel, sym.device)[(triton.cdiv(n, BLOCK),)](
+        kernel_for(_rowscale_kernel, sym.device)[(cdiv(n, BLOCK),)](
             sym, codes, vtab, out, n, ROW=int(row_len), ZERO_SYM=zero, BLOCK_C=BLOCK, num_warps=8,
             enable_fp_fusion=False,
         )  # fmt: skip
@@ -90,7 +91,7 @@ def dequantize_affine(
     + p % row_len``: kvcodec keys ``[L*H, T, D]`` with ``scale = step_k``, ``bias = center`` per (l, h, d)."""
     n = _check(sym, out)
     if n:
-        kernel_for(_affine_kernel, sym.device)[(triton.cdiv(n, BLOCK),)](
+        kernel_for(_affine_kernel, sym.device)[(cdiv(n, BLOCK),)](
             sym, scale, bias, out, n, int(rows_per_block) * int(row_len), ROW=int(row_len), ZERO_SYM=zero,
             BLOCK_C=BLOCK, num_warps=8, enable_fp_fusion=False,
         )  # fmt: skip
@@ -140,9 +141,9 @@ def dequantize_kv_channel_major(
     if out.numel() != sym.numel() or out.shape[-2:] != (T, D):
         raise ValueError(f"out must be [2, L, H, {T}, {D}]")
     if sym.numel():
-        block_d = triton.next_power_of_2(D)
+        block_d = next_power_of_2(D)
         block_t = max(16, min(128, 8192 // block_d))
-        kernel_for(_kv_channel_major_kernel, sym.device)[(triton.cdiv(T, block_t), LH, 2)](
+        kernel_for(_kv_channel_major_kernel, sym.device)[(cdiv(T, block_t), LH, 2)](
             sym, codes, scale, bias, vtab, out, T, D, LH * D * T, ZERO_SYM=zero, BLOCK_T=block_t, BLOCK_D=block_d,
             num_warps=8, enable_fp_fusion=False,
         )  # fmt: skip

@@ -35,7 +35,7 @@ version 1, and take the fused or split plan); a stream whose header disagrees is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +54,10 @@ from kvstore.kernels.rans_decode import (
     MODE_SYMBOL,
     DecodeConfig,
     LaunchStream,
-    build_descriptors,
     check_errors,
     check_stream,
     decode_tables,
-    rans_decode_launch,
+    plan_rans_launch,
     upload_streams,
 )
 
@@ -89,7 +88,7 @@ class PreparedChunk:
     sinks: tuple[torch.Tensor, torch.Tensor] | None
     layout: str = "token"  # "token": k/v as [L*H, T, D]; "channel": [L*H*D, T, 1]
     last_err: torch.Tensor | None = None  # per-group error words of the last decode
-    descriptors: dict = field(default_factory=dict)  # (plan, step, block_g) -> device descriptors
+    launches: dict = field(default_factory=dict)  # ((plan, step), DecodeConfig) -> RansLaunch
 
 
 def _getter(obj_or_buffers: Container | Mapping[str, Any]):
@@ -193,16 +192,28 @@ def prepare_kvcodec(
                          layout)  # fmt: skip
 
 
-def _descriptors(chunk: PreparedChunk, key: tuple, streams: list[LaunchStream], block_g: int) -> torch.Tensor:
-    """The launch descriptors of ``streams``, copied to the device once per chunk and plan."""
-    hit = chunk.descriptors.get(key)
-    if hit is None:
-        hit = chunk.descriptors[key] = torch.from_numpy(build_descriptors(streams, block_g)[0]).to(chunk.device)
-    return hit
-
-
 def _steps(info: StreamInfo) -> int:
     return -(-info.group_size // 32)
+
+
+def _rans(chunk: PreparedChunk, key: tuple, backend: str, config: DecodeConfig, streams, tables, **outputs):
+    """Queue one rANS launch of ``streams()`` with ``tables()`` (callables: built only when needed).
+    Triton: planned once per chunk, layout and config (:class:`RansLaunch`), then only run;
+    torch: the reference launch."""
+    if backend == "torch":
+        from kvstore.kernels.reference import rans_decode_launch_ref
+
+        cache = _profile_cache(chunk.codec, chunk.device)
+        return rans_decode_launch_ref(chunk.data, streams(), tables(), aff_scale=cache["scale"],
+                                      aff_bias=cache["bias"], vtab=cache["vtab"], config=config, **outputs)  # fmt: skip
+    launch = chunk.launches.get((key, config))
+    if launch is None:
+        cache = _profile_cache(chunk.codec, chunk.device)
+        launch = chunk.launches[(key, config)] = plan_rans_launch(
+            chunk.data, streams(), tables(), aff_scale=cache["scale"], aff_bias=cache["bias"], vtab=cache["vtab"],
+            config=config,
+        )  # fmt: skip
+    return launch.run(**outputs)
 
 
 def decode_prepared(
@@ -218,67 +229,68 @@ def decode_prepared(
 
     ``plan``: "auto", "fused" or "split" (module doc; channel-major chunks have their own).
     ``check=False`` skips the final synchronization and error check (the caller then checks ``chunk.last_err``).
+    The host's work before the first kernel starts is kept short (the launches are planned
+    once per chunk): with ``check`` the GPU waits for it, and a decode is ~1 ms of GPU time.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise CodecError(f"kvcodec decodes to fp16, bf16 or fp32, not {dtype}")
     if backend == "triton":
-        launch, rowscale, channel = rans_decode_launch, dequantize_rowscale, dequantize_kv_channel_major
+        rowscale, channel = dequantize_rowscale, dequantize_kv_channel_major
     elif backend == "torch":
-        from kvstore.kernels.reference import (
-            dequantize_kv_channel_major_ref,
-            dequantize_rowscale_ref,
-            rans_decode_launch_ref,
-        )
+        from kvstore.kernels.reference import dequantize_kv_channel_major_ref, dequantize_rowscale_ref
 
-        launch, rowscale, channel = rans_decode_launch_ref, dequantize_rowscale_ref, dequantize_kv_channel_major_ref
+        rowscale, channel = dequantize_rowscale_ref, dequantize_kv_channel_major_ref
     else:
         raise CodecError(f"backend must be 'triton' or 'torch', got {backend!r}")
     codec, device = chunk.codec, chunk.device
     L, H, T, D = chunk.shape
     n = L * H * T * D
-    tables = codec.profile.tables[codec.level]
-    tabs = [decode_tables(tables.keys, device), decode_tables(tables.values, device),
-            decode_tables(tables.scales, device)]  # fmt: skip
-    cache = _profile_cache(codec, device)
     ik, iv, isc = chunk.infos
     ok, ov, osc = chunk.offsets
+
+    def tables(*which: int) -> Callable[[], list]:
+        def build() -> list:
+            level = codec.profile.tables[codec.level]
+            all3 = (level.keys, level.values, level.scales)
+            return [decode_tables(all3[i], device) for i in which]
+
+        return build
+
     if chunk.layout == "channel":
         plan = "channel"
     elif plan == "auto":
         plan = "fused" if _steps(isc) * FUSED_STEP_RATIO <= max(_steps(ik), _steps(iv)) else "split"
-    out = torch.empty((2, L, H, T, D), dtype=dtype, device=device)
+    elif plan not in ("fused", "split"):
+        raise CodecError(f"plan must be 'auto', 'fused' or 'split', got {plan!r}")
     gk, gv, gs = ik.num_groups, iv.num_groups, isc.num_groups
     err = torch.zeros(max(1, gk + gv + gs), dtype=torch.int32, device=device)
-    common = {"aff_scale": cache["scale"], "aff_bias": cache["bias"], "vtab": cache["vtab"], "config": config}
-    k_st = LaunchStream(ik, ok, 0, MODE_AFFINE, 0, identity=True)
-    if plan == "fused":
-        codes = torch.empty(L * H * T, dtype=torch.uint8, device=device)
-        s_st = LaunchStream(isc, osc, 0, MODE_SYMBOL, 0, identity=True)
-        d1 = _descriptors(chunk, ("fused", 1, config.block_g), [s_st], config.block_g)
-        launch(chunk.data, [s_st], [tabs[2]], out_u8=codes, err=err[gk + gv :], desc=d1, **common)
-        v_st = LaunchStream(iv, ov, 1, MODE_ROWSCALE, n, identity=True)
-        d2 = _descriptors(chunk, ("fused", 2, config.block_g), [k_st, v_st], config.block_g)
-        launch(chunk.data, [k_st, v_st], tabs[:2], out_f=out.view(-1), codes=codes, err=err[: gk + gv], desc=d2,
-               **common)  # fmt: skip
-    elif plan == "split":
-        # symbols of v and codes of scales go to one uint8 buffer: v at [0, n), codes after
-        u8 = torch.empty(n + L * H * T, dtype=torch.uint8, device=device)
-        v_st = LaunchStream(iv, ov, 1, MODE_SYMBOL, 0, identity=True)
-        s_st = LaunchStream(isc, osc, 2, MODE_SYMBOL, n, identity=True)
-        d1 = _descriptors(chunk, ("split", 1, config.block_g), [k_st, v_st, s_st], config.block_g)
-        launch(chunk.data, [k_st, v_st, s_st], tabs, out_f=out.view(-1), out_u8=u8, err=err, desc=d1, **common)
-        vsym, codes = u8[:n], u8[n:]
-        rowscale(vsym, codes, cache["vtab"], D, out[1].view(-1))
-    elif plan == "channel":
+    if plan == "channel":
+        # the decode first (the GPU idles until it is queued), the output while it runs
         u8 = torch.empty(2 * n + L * H * T, dtype=torch.uint8, device=device)
-        k_st = LaunchStream(ik, ok, 0, MODE_SYMBOL, 0, identity=True)
-        v_st = LaunchStream(iv, ov, 1, MODE_SYMBOL, n, identity=True)
-        s_st = LaunchStream(isc, osc, 2, MODE_SYMBOL, 2 * n, identity=True)
-        d1 = _descriptors(chunk, ("channel", 1, config.block_g), [k_st, v_st, s_st], config.block_g)
-        launch(chunk.data, [k_st, v_st, s_st], tabs, out_u8=u8, err=err, desc=d1, **common)
+        _rans(chunk, ("channel",), backend, config, lambda: [
+            LaunchStream(ik, ok, 0, MODE_SYMBOL, 0, identity=True), LaunchStream(iv, ov, 1, MODE_SYMBOL, n, identity=True),
+            LaunchStream(isc, osc, 2, MODE_SYMBOL, 2 * n, identity=True)], tables(0, 1, 2), out_u8=u8, err=err)  # fmt: skip
+        out = torch.empty((2, L, H, T, D), dtype=dtype, device=device)
+        cache = _profile_cache(codec, device)
         channel(u8[: 2 * n].view(2, L * H, D, T), u8[2 * n :], cache["scale"], cache["bias"], cache["vtab"], out)
     else:
-        raise CodecError(f"plan must be 'auto', 'fused' or 'split', got {plan!r}")
+        out = torch.empty((2, L, H, T, D), dtype=dtype, device=device)
+        k_st = lambda: LaunchStream(ik, ok, 0, MODE_AFFINE, 0, identity=True)  # noqa: E731
+        if plan == "fused":
+            codes = torch.empty(L * H * T, dtype=torch.uint8, device=device)
+            _rans(chunk, ("fused", 1), backend, config, lambda: [LaunchStream(isc, osc, 0, MODE_SYMBOL, 0, identity=True)],
+                  tables(2), out_u8=codes, err=err[gk + gv :])  # fmt: skip
+            _rans(chunk, ("fused", 2), backend, config,
+                  lambda: [k_st(), LaunchStream(iv, ov, 1, MODE_ROWSCALE, n, identity=True)], tables(0, 1),
+                  out_f=out.view(-1), codes=codes, err=err[: gk + gv])  # fmt: skip
+        else:
+            # symbols of v and codes of scales go to one uint8 buffer: v at [0, n), codes after
+            u8 = torch.empty(n + L * H * T, dtype=torch.uint8, device=device)
+            _rans(chunk, ("split",), backend, config, lambda: [
+                k_st(), LaunchStream(iv, ov, 1, MODE_SYMBOL, 0, identity=True),
+                LaunchStream(isc, osc, 2, MODE_SYMBOL, n, identity=True)], tables(0, 1, 2),
+                out_f=out.view(-1), out_u8=u8, err=err)  # fmt: skip
+            rowscale(u8[:n], u8[n:], _profile_cache(codec, device)["vtab"], D, out[1].view(-1))
     keys, values = out[0], out[1]
     for name, target in (("k", keys), ("v", values)):
         if name in chunk.patches:

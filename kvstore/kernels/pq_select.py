@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.kernels import interpreter_supported
+from kvstore.kernels import cdiv, interpreter_supported, next_power_of_2
 from kvstore.kernels.pq_reference import (
     check_k,
     check_pq_shapes,
@@ -258,27 +258,27 @@ def pq_select_triton(
     device = codes.device
     block_n = _block_n or (1024 if codes.is_cuda else 512)
     if segments is None:  # about one program per SM (132 on an H100) across the heads
-        segments = max(1, min(_PROGRAMS // kv_heads, triton.cdiv(n, 4 * block_n))) if codes.is_cuda else 2
+        segments = max(1, min(_PROGRAMS // kv_heads, cdiv(n, 4 * block_n))) if codes.is_cuda else 2
     if not 1 <= segments <= MAX_SEGMENTS:
         raise ConfigError(f"segments must lie in [1, {MAX_SEGMENTS}], got {segments}")
-    seg_len = triton.cdiv(triton.cdiv(n, segments), block_n) * block_n
-    segments = triton.cdiv(n, seg_len)
+    seg_len = cdiv(cdiv(n, segments), block_n) * block_n
+    segments = cdiv(n, seg_len)
     programs = kv_heads * segments
     counts = torch.zeros(kv_heads, nc, device=device, dtype=torch.int32)
     lut = torch.empty(programs, m, n_centroids, device=device, dtype=torch.float32)
     cls = torch.empty(programs, nc, device=device, dtype=torch.int8)
     seg = torch.empty(programs, 3, device=device, dtype=torch.int32)
-    shape = dict(M=m, K=n_centroids, LOG2K=n_centroids.bit_length() - 1, BLOCK_M=triton.next_power_of_2(m),
+    shape = dict(M=m, K=n_centroids, LOG2K=n_centroids.bit_length() - 1, BLOCK_M=next_power_of_2(m),
                  WORD=word, NC=nc)  # fmt: skip
     strides = (codes.stride(0), codes.stride(1))
-    _pq_combo_count_kernel[(triton.cdiv(n, block_n), kv_heads)](codes, counts, start, n, *strides, **shape, BLOCK_N=block_n)
+    _pq_combo_count_kernel[(cdiv(n, block_n), kv_heads)](codes, counts, start, n, *strides, **shape, BLOCK_N=block_n)
     _pq_classify_kernel[(kv_heads, segments)](
         query, centroids, codes, counts, lut, cls, seg, start, n, k, seg_len, query.stride(0), *strides,
-        GROUP=group, SUB=sub, BLOCK_D=triton.next_power_of_2(sub), **shape, BLOCK_N=block_n, num_warps=8,
+        GROUP=group, SUB=sub, BLOCK_D=next_power_of_2(sub), **shape, BLOCK_N=block_n, num_warps=8,
     )
     _pq_compact_kernel[(kv_heads, segments)](
         codes, cls, seg, out, start, n, k, seg_len, *strides, **shape, BLOCK_N=block_n,
-        BLOCK_P=triton.next_power_of_2(segments), num_warps=8,
+        BLOCK_P=next_power_of_2(segments), num_warps=8,
     )
     return out
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.errors import ConfigError
+from kvstore.kernels import cdiv, next_power_of_2
 from kvstore.kernels.pq_reference import (
     check_k,
     check_pq_shapes,
@@ -142,7 +143,7 @@ def pq_scores_triton(
     lut = torch.empty(kv_heads, m, k, device=query.device, dtype=torch.float32)
     _pq_lut_kernel[(kv_heads, m)](
         query, centroids, lut, query.stride(0),
-        GROUP=group, M=m, K=k, SUB=sub, BLOCK_D=triton.next_power_of_2(sub),
+        GROUP=group, M=m, K=k, SUB=sub, BLOCK_D=next_power_of_2(sub),
     )
     n_out = stop - start
     if out is not None and (out.shape != (kv_heads, n_out) or out.dtype != torch.float32 or not out.is_contiguous()):
@@ -150,9 +151,9 @@ def pq_scores_triton(
     scores = torch.empty(kv_heads, n_out, device=query.device, dtype=torch.float32) if out is None else out
     if n_out:
         block_n = 1024 if query.is_cuda else 4096
-        _pq_score_kernel[(kv_heads, triton.cdiv(n_out, block_n))](
+        _pq_score_kernel[(kv_heads, cdiv(n_out, block_n))](
             codes, lut, scores, start, n_out, codes.stride(0), codes.stride(1),
-            M=m, K=k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n,
+            M=m, K=k, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
         )
     return scores
 
@@ -203,10 +204,10 @@ def gather_kv_triton(
                 raise ConfigError(f"out tensors must be contiguous {keys.dtype} [{kv_heads}, {n_sel}, {dim}]")
     if n_sel:
         block_s = 64 if keys.is_cuda else 1024
-        _gather_kernel[(kv_heads, triton.cdiv(n_sel, block_s))](
+        _gather_kernel[(kv_heads, cdiv(n_sel, block_s))](
             keys, values, indices, out_k, out_v,
             n_sel, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            D=dim, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim),
+            D=dim, BLOCK_S=block_s, BLOCK_D=next_power_of_2(dim),
         )
     return out_k, out_v
 

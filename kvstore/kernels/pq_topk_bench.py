@@ -9,7 +9,10 @@ head_dim 128, m=2, b=6, budget 1/5 (sinks 32 + window 64 + top-k): the counting 
 (``pq_select_triton``, what retrieval attention runs), the scores + ``torch.topk`` path
 (``pq_topk_triton``) and the torch reference on the same GPU, and the gather of the
 selected K/V. Timings are medians of ``triton.testing.do_bench`` over inputs rotated
-among sets larger than L2. Prints a table last.
+among sets larger than L2; the ``*_host_us`` figures are the host's time per call with
+calls queued back to back (what a decode loop pays when the host is the slower side:
+``do_bench`` flushes L2 before each timed call, and that hides up to ~90 us of host work).
+Prints a table last.
 """
 
 from __future__ import annotations
@@ -116,6 +119,21 @@ def check(device: str = "cuda", cases: list = CASES, gather_tokens: int = 20000)
     return failures
 
 
+def host_us(fn, reps: int = 300) -> float:
+    """Host microseconds per call of ``fn`` with the calls queued back to back (after a warm-up
+    call and a synchronization); the GPU runs behind when it is the faster side."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / reps * 1e6
+
+
 def timings(sets: int = 24) -> dict[str, float]:
     """Median microseconds of each step at the issue's shape."""
     from triton.testing import do_bench
@@ -157,6 +175,10 @@ def timings(sets: int = 24) -> dict[str, float]:
         "gather_triton_us": do_bench(lambda: gather_kv_triton(*kv[(i := nxt4())], sel[i]), return_mode="median") * 1e3,
         "gather_reference_us": do_bench(lambda: gather_kv_reference(*kv[(i := nxt4())], sel[i]), return_mode="median") * 1e3,
     }
+    # what a loop pays: calls queued back to back, host time per call (do_bench's L2 flush
+    # before each timed call hides up to ~90 us of host work, which a decode loop does not)
+    out["pq_select_host_us"] = host_us(lambda: pq_select_triton(*nxt(), k, sinks, stop))
+    out["pq_topk_reference_host_us"] = host_us(lambda: pq_topk_reference(*nxt(), k, sinks, stop))
     out["k"] = k
     out["codes_plus_scores_MB"] = (kv_heads * n * m + kv_heads * (stop - sinks) * 4) / 1e6
     out["gather_MB"] = 2 * 2 * kv_heads * k * dim * 2 / 1e6  # read + write, K and V

@@ -37,6 +37,7 @@ from kvstore.codecs.kvcodec_profile import SCALE_STEPS_PER_OCTAVE, ZERO
 from kvstore.codecs.rans import MAX_SYMBOLS
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
+from kvstore.kernels import cdiv, next_power_of_2
 from kvstore.kernels.kvcodec_gpu import _profile_cache
 from kvstore.kernels.rans_decode import kernel_for
 
@@ -165,9 +166,9 @@ def quantize_kvcodec_gpu(
     codes = torch.empty(L * H * T, dtype=torch.uint8, device=device)
     counts = torch.zeros(3, dtype=torch.int32, device=device)
     if n:
-        block_d = triton.next_power_of_2(D)
+        block_d = next_power_of_2(D)
         bt = block_t if block_t is not None else max(8, min(64, 2048 // block_d))  # 16 at D = 128: 154 registers on sm_90
-        kernel_for(_kvcodec_quantize_kernel, device)[(triton.cdiv(T, bt), L * H)](
+        kernel_for(_kvcodec_quantize_kernel, device)[(cdiv(T, bt), L * H)](
             keys, values, cache["bias"], cache["scale"], cache["vtab"], k_sym, v_sym, codes, counts, T, sinks,
             D=D, BLOCK_D=block_d, BLOCK_T=bt, ZERO_SYM=ZERO, SCALE_STEPS=SCALE_STEPS_PER_OCTAVE,
             CHANNEL_MAJOR=codec.channel_major, num_warps=4, enable_fp_fusion=False,

@@ -39,6 +39,7 @@ search over the packed cumulative frequencies (``lookup=2``). A full
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,10 +60,12 @@ __all__ = [
     "DecodeConfig",
     "DecodeTables",
     "LaunchStream",
+    "RansLaunch",
     "build_descriptors",
     "check_stream",
     "decode_tables",
     "describe_errors",
+    "plan_rans_launch",
     "rans_decode_gpu",
     "rans_decode_launch",
 ]
@@ -580,6 +583,99 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return hit
 
 
+@dataclass(frozen=True)
+class RansLaunch:
+    """A planned :func:`rans_decode_launch`: checks done, descriptors on the device, every
+    argument but the outputs bound. :meth:`run` queues it; a prepared chunk keeps one per
+    layout and config, so a decode's host work before the kernel starts is an allocation
+    and Triton's launch (the checks, descriptors and argument lists cost ~100 us per call)."""
+
+    kernel: Any
+    programs: int
+    num_errors: int
+    device: torch.device
+    args: tuple  # the kernel's arguments before ``codes``
+    constexprs: dict
+
+    def run(
+        self,
+        *,
+        out_f: torch.Tensor | None = None,
+        out_u8: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
+        err: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Queue the decode into these outputs; returns the int32 per-group error words (``err``)."""
+        if err is None:
+            err = torch.zeros(max(1, self.num_errors), dtype=torch.int32, device=self.device)
+        if self.programs:
+            dev = self.device
+            self.kernel[(self.programs,)](
+                *self.args, codes if codes is not None else _dummy(dev, torch.uint8),
+                out_f if out_f is not None else _dummy(dev, torch.float16),
+                out_u8 if out_u8 is not None else _dummy(dev, torch.uint8), err, **self.constexprs,
+            )  # fmt: skip
+        return err
+
+
+def plan_rans_launch(
+    data: torch.Tensor,
+    streams: list[LaunchStream],
+    tables: list[DecodeTables],
+    *,
+    model_maps: torch.Tensor | None = None,
+    aff_scale: torch.Tensor | None = None,
+    aff_bias: torch.Tensor | None = None,
+    vtab: torch.Tensor | None = None,
+    config: DecodeConfig = DEFAULT_CONFIG,
+    desc: torch.Tensor | None = None,
+) -> RansLaunch:
+    """Check and bind a launch of :func:`rans_decode_launch` (its arguments but the outputs)."""
+    if not 1 <= len(streams) <= MAX_STREAMS:
+        raise CodecError(f"a launch decodes 1 to {MAX_STREAMS} streams, got {len(streams)}")
+    if not 1 <= len(tables) <= MAX_STREAMS:
+        raise CodecError(f"a launch uses 1 to {MAX_STREAMS} tables, got {len(tables)}")
+    device = data.device
+    precisions = {t.precision for t in tables}
+    if len(precisions) != 1:
+        raise CodecError("all tables of one launch must share their precision")
+    prec = precisions.pop()
+    lookup = config.lookup
+    if lookup == 1 and prec > 15:
+        lookup = 0
+    cf_of = [t.cf3 if lookup == 1 else t.cf for t in tables]
+    host_desc, programs, nerr = build_descriptors(streams, config.block_g)
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise CodecError("data must be a 1-D uint8 tensor")
+    if programs and desc is None:
+        desc = torch.from_numpy(host_desc).to(device, non_blocking=False)
+    pad = (-data.numel()) % 4
+    if pad:  # int32 / int16 views need a multiple of 4 bytes
+        data = torch.cat([data, torch.zeros(pad, dtype=torch.uint8, device=device)])
+    f32 = _dummy(device, torch.float32)
+    bb = min(prec, 8, int(config.bucket_bits))
+    bks = [t.coarse_bucket(bb) for t in tables]
+    bks = bks + [bks[0]] * (MAX_STREAMS - len(bks))
+    cfs = list(cf_of) + [cf_of[0]] * (MAX_STREAMS - len(cf_of))
+    native = device.type == "cuda" and not interpreter_active()
+    rows = bool(config.rows) and all(st.identity and st.mode == MODE_SYMBOL and st.info.dims[2] == 1 for st in streams)
+    args = (
+        desc, data.view(torch.int32), data.view(torch.int16),
+        model_maps if model_maps is not None else _dummy(device, torch.int32),
+        bks[0], cfs[0], bks[1], cfs[1], bks[2], cfs[2],
+        aff_scale if aff_scale is not None else f32, aff_bias if aff_bias is not None else f32,
+        vtab if vtab is not None else f32,
+    )  # fmt: skip
+    constexprs = dict(
+        NSTREAMS=len(streams), PREC=prec, BB=bb, LOOKUP=lookup, CF64=prec > 15,
+        BALLOT=bool(config.ballot) and native and config.block_g == 1 and config.num_warps == 1,
+        BLOCK_G=config.block_g, ZERO_SYM=ZERO, NDESC_C=NDESC, PREFETCH=bool(config.prefetch) and native, ROWS=rows,
+        num_warps=config.num_warps, enable_fp_fusion=False,
+    )  # fmt: skip
+    kernel = kernel_for(_rans_decode_kernel, device) if programs else None
+    return RansLaunch(kernel, programs, nerr, device, args, constexprs)
+
+
 def rans_decode_launch(
     data: torch.Tensor,
     streams: list[LaunchStream],
@@ -602,56 +698,11 @@ def rans_decode_launch(
     per-group error words (``err``, allocated if None; 0 = fine, see :data:`ERR_BITS`).
     Asynchronous: nothing is synchronized. ``model_maps``: int32 concatenated maps of the
     non-identity streams. ``desc``: the descriptors already on the device (else built and
-    copied here). Unused outputs may be None.
+    copied here). Unused outputs may be None. :func:`plan_rans_launch` + :meth:`RansLaunch.run`.
     """
-    if not 1 <= len(streams) <= MAX_STREAMS:
-        raise CodecError(f"a launch decodes 1 to {MAX_STREAMS} streams, got {len(streams)}")
-    if not 1 <= len(tables) <= MAX_STREAMS:
-        raise CodecError(f"a launch uses 1 to {MAX_STREAMS} tables, got {len(tables)}")
-    device = data.device
-    precisions = {t.precision for t in tables}
-    if len(precisions) != 1:
-        raise CodecError("all tables of one launch must share their precision")
-    prec = precisions.pop()
-    lookup = config.lookup
-    if lookup == 1 and prec > 15:
-        lookup = 0
-    cf_of = [t.cf3 if lookup == 1 else t.cf for t in tables]
-    host_desc, programs, nerr = build_descriptors(streams, config.block_g)
-    if err is None:
-        err = torch.zeros(max(1, nerr), dtype=torch.int32, device=device)
-    if programs == 0:
-        return err
-    if desc is None:
-        desc = torch.from_numpy(host_desc).to(device, non_blocking=False)
-    if data.dtype != torch.uint8 or data.dim() != 1:
-        raise CodecError("data must be a 1-D uint8 tensor")
-    nbytes = data.numel()
-    pad = (-nbytes) % 4
-    if pad:  # int32 / int16 views need a multiple of 4 bytes
-        data = torch.cat([data, torch.zeros(pad, dtype=torch.uint8, device=device)])
-    d32 = data.view(torch.int32)
-    d16 = data.view(torch.int16)
-    f32 = _dummy(device, torch.float32)
-    bb = min(prec, 8, int(config.bucket_bits))
-    bks = [t.coarse_bucket(bb) for t in tables]
-    bks = bks + [bks[0]] * (MAX_STREAMS - len(bks))
-    cfs = list(cf_of) + [cf_of[0]] * (MAX_STREAMS - len(cf_of))
-    native = device.type == "cuda" and not interpreter_active()
-    rows = bool(config.rows) and all(st.identity and st.mode == MODE_SYMBOL and st.info.dims[2] == 1 for st in streams)
-    kernel_for(_rans_decode_kernel, device)[(programs,)](
-        desc, d32, d16, model_maps if model_maps is not None else _dummy(device, torch.int32),
-        bks[0], cfs[0], bks[1], cfs[1], bks[2], cfs[2],
-        aff_scale if aff_scale is not None else f32, aff_bias if aff_bias is not None else f32,
-        vtab if vtab is not None else f32, codes if codes is not None else _dummy(device, torch.uint8),
-        out_f if out_f is not None else _dummy(device, torch.float16),
-        out_u8 if out_u8 is not None else _dummy(device, torch.uint8), err,
-        NSTREAMS=len(streams), PREC=prec, BB=bb, LOOKUP=lookup, CF64=prec > 15,
-        BALLOT=bool(config.ballot) and native and config.block_g == 1 and config.num_warps == 1, BLOCK_G=config.block_g, ZERO_SYM=ZERO, NDESC_C=NDESC,
-        PREFETCH=bool(config.prefetch) and native, ROWS=rows,
-        num_warps=config.num_warps, enable_fp_fusion=False,
-    )  # fmt: skip
-    return err
+    planned = plan_rans_launch(data, streams, tables, model_maps=model_maps, aff_scale=aff_scale, aff_bias=aff_bias,
+                               vtab=vtab, config=config, desc=desc)  # fmt: skip
+    return planned.run(out_f=out_f, out_u8=out_u8, codes=codes, err=err)
 
 
 def upload_streams(
