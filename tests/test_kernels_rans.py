@@ -182,7 +182,8 @@ def test_row_streams_take_the_rows_loop_with_the_generic_loops_results():
     """Three one-model-per-row streams (C == 1, identity maps, symbol epilogue: a channel-major
     kvcodec chunk's launch) decode alike through the ``rows`` loop, the generic loop and the
     reference, rows of lengths that are not multiples of 32 (groups span rows), one stream
-    corrupt: same symbols, same error words, nothing written outside the outputs."""
+    corrupt: same symbols, same error words (the kernel's into a poisoned buffer: it writes every
+    group's word, so a decode may allocate them uninitialized), nothing written outside the outputs."""
     rng = np.random.default_rng(17)
     cases = [make_case(rng, dims, 15, group_size=gs) for dims, gs in (((6, 45, 1), 96), ((3, 64, 1), 64), ((5, 13, 1), 32))]
     good = [d for d, *_ in cases]
@@ -200,7 +201,9 @@ def test_row_streams_take_the_rows_loop_with_the_generic_loops_results():
         for fn, config in ((rans_decode_launch, DecodeConfig(block_g=2)), (rans_decode_launch, DecodeConfig(block_g=2, rows=False)),
                            (rans_decode_launch_ref, DecodeConfig(block_g=2))):  # fmt: skip
             out = torch.full((int(bases[-1]) + 9,), 0xAB, dtype=torch.uint8)
-            results.append((out, fn(data, streams, tabs, out_u8=out, config=config)))
+            poisoned = torch.full((sum(i.num_groups for i in infos),), -1, dtype=torch.int32)
+            err = poisoned if fn is rans_decode_launch else None
+            results.append((out, fn(data, streams, tabs, out_u8=out, err=err, config=config)))
         (u1, e1) = results[0]
         for u, e in results[1:]:
             assert torch.equal(u1, u) and torch.equal(e1, e)
