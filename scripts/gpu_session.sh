@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the kernels in one device call (device time is scarce):
 #   run(command="KVSTORE_COMMIT=<git rev-parse --short HEAD here> bash scripts/gpu_session.sh", timeout_s=600)
-# (the device gets a copy of the tree without .git: KVSTORE_COMMIT names the commit in the JSON)
+# (commit first and read the hash before writing the call; KVSTORE_COMMIT names the commit in the
+# JSON and the summary: the device's copy of the tree may carry a .git whose HEAD is stale)
 # Writes each step's log, summary.txt and kernels-<device>-<date>.json under $OUT (./out
 # when unset); a failing step is recorded in summary.txt and the next one still runs.
 # The benchmark runs first (its JSON is what the issue asks for, and it checks the kernels'

@@ -32,13 +32,14 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
-    info["commit"] = _git_commit() or os.environ.get("KVSTORE_COMMIT") or None
+    info["commit"] = os.environ.get("KVSTORE_COMMIT") or _git_commit() or None
     return info
 
 
 def _git_commit() -> str | None:
-    """The checkout's short commit, or None where there is no git or no repository (a copied
-    tree, such as the GPU machine's: ``KVSTORE_COMMIT`` then names it)."""
+    """The checkout's short commit, or None where there is no git or no repository.
+    ``KVSTORE_COMMIT``, when set, wins: the GPU machine's copy of the tree carries a ``.git``
+    whose HEAD can be older than the files sent (seen on 2026-11-22)."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
