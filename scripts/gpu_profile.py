@@ -1,10 +1,13 @@
 """Where the time of one chunk decode and one PQ select goes, on CUDA: host vs GPU.
 
-``python scripts/gpu_profile.py`` (on the lent GPU, beside ``gpu_session.sh``). For each call:
+``PYTHONPATH=$PWD python scripts/gpu_profile.py`` (on the lent GPU, beside ``gpu_session.sh``). For each call:
 the host's submit time (calls queued back to back, no synchronization), the ``do_bench``
 median (CUDA events, what ``kvstore bench kernels`` reports), each kernel's GPU time from
 ``torch.profiler``, and the host's hot spots from ``cProfile``. A call whose submit time is
 above its GPU time is bound by the host (Python, launches, allocations), not the kernels.
+``--launch-costs`` prices the pieces instead: an allocation, a Triton launch against a direct
+``CompiledKernel.run``, the select's checks, a check's synchronization. Session 7's output:
+``benchmarks/results/profile-h100-2026-11-22-session7.txt``.
 """
 
 from __future__ import annotations
@@ -13,23 +16,12 @@ import cProfile
 import io
 import math
 import pstats
-import time
 
 import torch
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-
-def host_submit_us(fn, reps: int = 200) -> float:
-    """Microseconds per call with the calls queued back to back (the GPU may run behind)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t = (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
-    return t
+from kvstore.kernels.pq_topk_bench import host_us
 
 
 def gpu_kernels(fn, reps: int = 20) -> None:
@@ -69,7 +61,7 @@ def host_hot_spots(fn, reps: int = 200) -> None:
 
 def report(name: str, fn) -> None:
     print(f"== {name}", flush=True)
-    print(f"  host submit {host_submit_us(fn):9.1f} us/call")
+    print(f"  host submit {host_us(fn, 20):9.1f} us/call")  # few: the GPU runs behind, a long loop fills the launch queue
     print(f"  do_bench    {triton.testing.do_bench(fn, warmup=50, rep=300, return_mode='median') * 1e3:9.1f} us/call")
     gpu_kernels(fn)
     host_hot_spots(fn)
@@ -110,18 +102,6 @@ def main() -> None:
     report("decode_prepared check=True", lambda: decode_prepared(chunk, torch.float16))
 
 
-def per_call_us(fn, reps: int = 2000) -> float:
-    """Host microseconds per call, GPU idle or busy (no synchronization inside)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t = (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
-    return t
-
-
 def launch_costs() -> None:
     """The host's price of each piece of a PQ select and of a decode's check, in one run."""
     from triton import knobs
@@ -141,10 +121,10 @@ def launch_costs() -> None:
     grid = (triton.cdiv(n, 1024), kv_heads)
     args = (words, counts, sinks, n - window - sinks, words.stride(0), words.stride(1))
     print("== launch costs (host us per call)")
-    print(f"  torch.empty 128 KiB     {per_call_us(lambda: torch.empty(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
-    print(f"  torch.zeros 128 KiB     {per_call_us(lambda: torch.zeros(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
+    print(f"  torch.empty 128 KiB     {host_us(lambda: torch.empty(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
+    print(f"  torch.zeros 128 KiB     {host_us(lambda: torch.zeros(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
     kern = ps._pq_combo_count_kernel
-    print(f"  count kernel[grid]()    {per_call_us(lambda: kern[grid](*args, **const)):7.2f}")
+    print(f"  count kernel[grid]()    {host_us(lambda: kern[grid](*args, **const)):7.2f}")
     ck = kern[grid](*args, **const)
     ordered = [*args] + [const[name] for name in kern.arg_names[len(args):]]
     dev = torch.cuda.current_device()
@@ -160,17 +140,17 @@ def launch_costs() -> None:
     counts.zero_()
     kern[grid](*args, **const)
     same = torch.equal(got, counts)
-    print(f"  direct compiled.run()   {per_call_us(direct):7.2f}   same counts: {same}")
-    print(f"  pq checks + out (k=0)   {per_call_us(lambda: ps.pq_select_triton(query, centroids, codes, 0, sinks, n - window), 500):7.2f}")
+    print(f"  direct compiled.run()   {host_us(direct):7.2f}   same counts: {same}")
+    print(f"  pq checks + out (k=0)   {host_us(lambda: ps.pq_select_triton(query, centroids, codes, 0, sinks, n - window), 500):7.2f}")
     sel = lambda: ps.pq_select_triton(query, centroids, codes, k, sinks, n - window)  # noqa: E731
     ref = lambda: pq_topk_reference(query, centroids, codes, k, sinks, n - window)  # noqa: E731
-    print(f"  pq_select_triton        {per_call_us(sel, 500):7.2f}   do_bench {triton.testing.do_bench(sel, return_mode='median') * 1e3:7.2f}")
-    print(f"  pq_topk_reference       {per_call_us(ref, 500):7.2f}   do_bench {triton.testing.do_bench(ref, return_mode='median') * 1e3:7.2f}")
+    print(f"  pq_select_triton        {host_us(sel, 500):7.2f}   do_bench {triton.testing.do_bench(sel, return_mode='median') * 1e3:7.2f}")
+    print(f"  pq_topk_reference       {host_us(ref, 500):7.2f}   do_bench {triton.testing.do_bench(ref, return_mode='median') * 1e3:7.2f}")
     flag = torch.zeros(64, dtype=torch.uint8, device="cuda")
     err = torch.zeros(4160, dtype=torch.int32, device="cuda")
     from kvstore.kernels.rans_decode import check_errors
-    print(f"  bool(pad.any()) idle    {per_call_us(lambda: bool(flag.any()), 500):7.2f}")
-    print(f"  check_errors idle       {per_call_us(lambda: check_errors(err), 500):7.2f}")
+    print(f"  bool(pad.any()) idle    {host_us(lambda: bool(flag.any()), 500):7.2f}")
+    print(f"  check_errors idle       {host_us(lambda: check_errors(err), 500):7.2f}")
 
 
 if __name__ == "__main__" and "--launch-costs" in __import__("sys").argv:
