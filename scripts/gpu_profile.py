@@ -67,16 +67,23 @@ def report(name: str, fn) -> None:
     host_hot_spots(fn)
 
 
+def pq_inputs() -> dict:
+    """The issue's PQ shape: one layer, 131,072 tokens, 8 KV / 32 query heads, budget 1/5."""
+    n, kv_heads, q_heads, dim, m, bits, sinks, window = 131072, 8, 32, 128, 2, 6, 32, 64
+    g = torch.Generator(device="cpu").manual_seed(7)
+    return {
+        "query": torch.randn(q_heads, dim, generator=g).cuda().half(),
+        "centroids": torch.randn(kv_heads, m, 1 << bits, dim // m, generator=g).cuda(),
+        "codes": torch.randint(0, 1 << bits, (kv_heads, n, m), generator=g, dtype=torch.uint8).cuda(),
+        "k": math.ceil(0.2 * n) - sinks - window, "start": sinks, "stop": n - window,
+    }  # fmt: skip
+
+
 def pq_case():
     from kvstore.kernels.pq_select import pq_select_triton
 
-    n, kv_heads, q_heads, dim, m, bits, sinks, window = 131072, 8, 32, 128, 2, 6, 32, 64
-    k = math.ceil(0.2 * n) - sinks - window
-    g = torch.Generator(device="cpu").manual_seed(7)
-    query = torch.randn(q_heads, dim, generator=g).cuda().half()
-    centroids = torch.randn(kv_heads, m, 1 << bits, dim // m, generator=g).cuda()
-    codes = torch.randint(0, 1 << bits, (kv_heads, n, m), generator=g, dtype=torch.uint8).cuda()
-    return lambda: pq_select_triton(query, centroids, codes, k, sinks, n - window)
+    x = pq_inputs()
+    return lambda: pq_select_triton(x["query"], x["centroids"], x["codes"], x["k"], x["start"], x["stop"])
 
 
 def decode_case():
@@ -109,17 +116,14 @@ def launch_costs() -> None:
     from kvstore.kernels import pq_select as ps
     from kvstore.kernels.pq_reference import pq_topk_reference
 
-    n, kv_heads, q_heads, dim, m, bits, sinks, window = 131072, 8, 32, 128, 2, 6, 32, 64
-    k = math.ceil(0.2 * n) - sinks - window
-    g = torch.Generator(device="cpu").manual_seed(7)
-    query = torch.randn(q_heads, dim, generator=g).cuda().half()
-    centroids = torch.randn(kv_heads, m, 1 << bits, dim // m, generator=g).cuda()
-    codes = torch.randint(0, 1 << bits, (kv_heads, n, m), generator=g, dtype=torch.uint8).cuda()
+    x = pq_inputs()
+    query, centroids, codes, k, sinks, stop = (x[key] for key in ("query", "centroids", "codes", "k", "start", "stop"))
+    kv_heads = codes.shape[0]
     words = codes.view(torch.int16)[..., 0]
     counts = torch.zeros(kv_heads, 4096, device="cuda", dtype=torch.int32)
     const = dict(M=2, K=64, LOG2K=6, BLOCK_M=2, WORD=True, NC=4096, BLOCK_N=1024)
-    grid = (triton.cdiv(n, 1024), kv_heads)
-    args = (words, counts, sinks, n - window - sinks, words.stride(0), words.stride(1))
+    grid = (triton.cdiv(stop - sinks, 1024), kv_heads)
+    args = (words, counts, sinks, stop - sinks, words.stride(0), words.stride(1))
     print("== launch costs (host us per call)")
     print(f"  torch.empty 128 KiB     {host_us(lambda: torch.empty(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
     print(f"  torch.zeros 128 KiB     {host_us(lambda: torch.zeros(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
@@ -141,9 +145,9 @@ def launch_costs() -> None:
     kern[grid](*args, **const)
     same = torch.equal(got, counts)
     print(f"  direct compiled.run()   {host_us(direct):7.2f}   same counts: {same}")
-    print(f"  pq checks + out (k=0)   {host_us(lambda: ps.pq_select_triton(query, centroids, codes, 0, sinks, n - window), 500):7.2f}")
-    sel = lambda: ps.pq_select_triton(query, centroids, codes, k, sinks, n - window)  # noqa: E731
-    ref = lambda: pq_topk_reference(query, centroids, codes, k, sinks, n - window)  # noqa: E731
+    print(f"  pq checks + out (k=0)   {host_us(lambda: ps.pq_select_triton(query, centroids, codes, 0, sinks, stop), 500):7.2f}")
+    sel = lambda: ps.pq_select_triton(query, centroids, codes, k, sinks, stop)  # noqa: E731
+    ref = lambda: pq_topk_reference(query, centroids, codes, k, sinks, stop)  # noqa: E731
     print(f"  pq_select_triton        {host_us(sel, 500):7.2f}   do_bench {triton.testing.do_bench(sel, return_mode='median') * 1e3:7.2f}")
     print(f"  pq_topk_reference       {host_us(ref, 500):7.2f}   do_bench {triton.testing.do_bench(ref, return_mode='median') * 1e3:7.2f}")
     flag = torch.zeros(64, dtype=torch.uint8, device="cuda")
