@@ -42,6 +42,8 @@ from kvstore.kernels.dequantize import (
 )
 from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
 from kvstore.kernels.rans_decode import (
+    ERR_OVERRUN,
+    ERR_WORDS_LEFT,
     MODE_AFFINE,
     MODE_ROWSCALE,
     MODE_SYMBOL,
@@ -50,6 +52,7 @@ from kvstore.kernels.rans_decode import (
     check_stream,
     decode_tables,
     interpreter_active,
+    plan_rans_launch,
     rans_decode_gpu,
     rans_decode_launch,
     upload_streams,
@@ -177,15 +180,28 @@ def test_one_launch_decodes_three_streams_through_their_epilogues():
     assert bool((u1[:3] == 0xAB).all()) and bool((u1[3 + sc.size :] == 0xAB).all())
 
 
+ROW_LAUNCHES = {
+    # rows of lengths that are not multiples of 32: the rows loop, two groups per program
+    "rows": ((((6, 45, 1), 96), ((3, 64, 1), 64), ((5, 13, 1), 32)),
+             (DecodeConfig(block_g=2), DecodeConfig(block_g=2, rows=False), DecodeConfig(block_g=2))),
+    # every row a multiple of 32 long, one group per program: the aligned loop (groups that
+    # start mid-row, span rows, hold one step)
+    "aligned": ((((5, 64, 1), 96), ((3, 96, 1), 160), ((2, 32, 1), 32)),
+                (DecodeConfig(), DecodeConfig(aligned=False), DecodeConfig())),
+}  # fmt: skip
+
+
 @interp
-def test_row_streams_take_the_rows_loop_with_the_generic_loops_results():
+@pytest.mark.parametrize("launch", sorted(ROW_LAUNCHES))
+def test_row_streams_take_the_rows_loops_with_the_generic_loops_results(launch):
     """Three one-model-per-row streams (C == 1, identity maps, symbol epilogue: a channel-major
-    kvcodec chunk's launch) decode alike through the ``rows`` loop, the generic loop and the
-    reference, rows of lengths that are not multiples of 32 (groups span rows), one stream
-    corrupt: same symbols, same error words (the kernel's into a poisoned buffer: it writes every
-    group's word, so a decode may allocate them uninitialized), nothing written outside the outputs."""
+    kvcodec chunk's launch) decode alike through the ``rows`` (or ``aligned``) loop, the generic
+    loop and the reference, one stream corrupt: same symbols, same error words (the kernel's
+    into a poisoned buffer: it writes every group's word, so a decode may allocate them
+    uninitialized), nothing written outside the outputs."""
+    layouts, (fast, generic, ref_config) = ROW_LAUNCHES[launch]
     rng = np.random.default_rng(17)
-    cases = [make_case(rng, dims, 15, group_size=gs) for dims, gs in (((6, 45, 1), 96), ((3, 64, 1), 64), ((5, 13, 1), 32))]
+    cases = [make_case(rng, dims, 15, group_size=gs) for dims, gs in layouts]
     good = [d for d, *_ in cases]
     info2 = rans.read_header(good[2])
     corrupt = bytearray(good[2])
@@ -197,9 +213,9 @@ def test_row_streams_take_the_rows_loop_with_the_generic_loops_results():
         bases = np.cumsum([4] + [s.size + 7 for *_, s in cases])
         streams = [LaunchStream(i, o, j, MODE_SYMBOL, int(bases[j]), identity=True)
                    for j, (i, o) in enumerate(zip(infos, offs, strict=True))]  # fmt: skip
+        assert plan_rans_launch(data, streams, tabs, config=fast).constexprs["ALIGNED"] == (launch == "aligned")
         results = []
-        for fn, config in ((rans_decode_launch, DecodeConfig(block_g=2)), (rans_decode_launch, DecodeConfig(block_g=2, rows=False)),
-                           (rans_decode_launch_ref, DecodeConfig(block_g=2))):  # fmt: skip
+        for fn, config in ((rans_decode_launch, fast), (rans_decode_launch, generic), (rans_decode_launch_ref, ref_config)):
             out = torch.full((int(bases[-1]) + 9,), 0xAB, dtype=torch.uint8)
             poisoned = torch.full((sum(i.num_groups for i in infos),), -1, dtype=torch.int32)
             err = poisoned if fn is rans_decode_launch else None
@@ -224,6 +240,33 @@ def _corruptions(data: bytes, info, rng, count):
         bad = bytearray(data)
         bad[p] ^= int(rng.integers(1, 256))
         yield p, bytes(bad)
+
+
+@interp
+def test_aligned_rows_loop_reports_corruption_like_the_reference():
+    """Single-byte corruptions of a channel-major-shaped stream (rows of 64, groups spanning
+    rows) give the aligned loop's decode the reference's error words (overrun, words left,
+    final state...), with nothing written outside the output."""
+    rng = np.random.default_rng(29)
+    data, table, mm, sym = make_case(rng, (4, 64, 1), 15, group_size=96)
+    info = rans.read_header(data)
+    tabs = [decode_tables(table, CPU)]
+    assert plan_rans_launch(upload_streams([np.frombuffer(data, np.uint8)], CPU)[0],
+                            [LaunchStream(info, 0, 0, MODE_SYMBOL, 0, identity=True)], tabs).constexprs["ALIGNED"]  # fmt: skip
+    seen = 0
+    for p, bad in _corruptions(data, info, rng, 6):
+        buf, (off,) = upload_streams([np.frombuffer(bad, np.uint8)], CPU)
+        st = LaunchStream(info, off, 0, MODE_SYMBOL, 8, identity=True)
+        outs, errs = [], []
+        for fn in (rans_decode_launch, rans_decode_launch_ref):
+            out = torch.full((sym.size + 16,), 0xAB, dtype=torch.uint8)
+            errs.append(fn(buf, [st], tabs, out_u8=out, err=torch.full((info.num_groups,), -1, dtype=torch.int32)
+                           if fn is rans_decode_launch else None))  # fmt: skip
+            outs.append(out)
+            assert bool((out[:8] == 0xAB).all()) and bool((out[8 + sym.size :] == 0xAB).all()), p
+        assert torch.equal(errs[0], errs[1]), (p, errs)
+        seen |= int(np.bitwise_or.reduce(errs[0].numpy()))
+    assert seen & ERR_OVERRUN or seen & ERR_WORDS_LEFT, seen  # the corruptions reached the word checks
 
 
 @interp
@@ -430,7 +473,9 @@ def test_interpreted_kernels_in_a_subprocess():
 
 
 GPU_CONFIGS = [
-    DecodeConfig(),  # lookup 1, one group per program, ballot, prefetch
+    DecodeConfig(),  # lookup 1, one group per program, ballot, prefetch, the aligned rows loop where it applies
+    DecodeConfig(aligned=False),  # the rows loop instead
+    DecodeConfig(prefetch=False),
     DecodeConfig(lookup=0),
     DecodeConfig(lookup=2),
     DecodeConfig(bucket_bits=7),
@@ -442,14 +487,17 @@ GPU_CONFIGS = [
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"L{c.lookup}b{int(c.ballot)}p{int(c.prefetch)}g{c.block_g}w{c.num_warps}bb{c.bucket_bits}")
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"L{c.lookup}b{int(c.ballot)}p{int(c.prefetch)}g{c.block_g}"
+                         f"w{c.num_warps}bb{c.bucket_bits}a{int(c.aligned)}")  # fmt: skip
 def test_gpu_decode_random_streams_every_element(config):
     seed = int(np.random.SeedSequence().entropy % (1 << 63))
     rng = np.random.default_rng(seed)
     dev = torch.device("cuda")
-    for dims, precision, gs in [((16, 512, 128), 15, None), ((8, 300, 40), 16, 32 * 40), ((4, 77, 3), 12, 32 * 3),
-                                ((1, 100_000, 1), 15, 32 * 100)]:  # fmt: skip
-        data, table, mm, sym = make_case(rng, dims, precision, permute=bool(rng.integers(2)), group_size=gs)
+    # (the last case: rows of 1,024, identity map, groups starting mid-row: the aligned rows loop)
+    for dims, precision, gs, permute in [((16, 512, 128), 15, None, rng.integers(2)), ((8, 300, 40), 16, 32 * 40, 1),
+                                         ((4, 77, 3), 12, 32 * 3, rng.integers(2)), ((1, 100_000, 1), 15, 32 * 100, 0),
+                                         ((48, 1024, 1), 15, 32 * 96, 0)]:  # fmt: skip
+        data, table, mm, sym = make_case(rng, dims, precision, permute=bool(permute), group_size=gs)
         expect = rans.decode(data, table, mm)
         info, mm32 = check_stream(data, table, mm)
         buf, (off,) = upload_streams([np.frombuffer(data, np.uint8)], dev)

@@ -279,13 +279,14 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     # ---- kernel variants (the default layout and lanes)
     variants = [
         DecodeConfig(),
+        DecodeConfig(aligned=False),  # the rows loop (per-lane row counters and masks)
         DecodeConfig(rows=False),  # the generic loop (model-map, channel-counter and epilogue branches)
+        DecodeConfig(prefetch=False),
         DecodeConfig(ballot=False, prefetch=False),
         DecodeConfig(block_g=2, ballot=False, prefetch=False),
         DecodeConfig(lookup=0),
         DecodeConfig(lookup=2),
         DecodeConfig(bucket_bits=7),
-        DecodeConfig(block_g=4, num_warps=4),
     ]
     if quick:
         variants = variants[:3]
@@ -383,7 +384,7 @@ def _variants(chunk, configs, expect, out_bytes: int, bench) -> list[dict[str, A
     rows = []
     for cfg in configs:
         name = (f"lookup{cfg.lookup}-g{cfg.block_g}-w{cfg.num_warps}-ballot{int(cfg.ballot)}"
-                f"-pf{int(cfg.prefetch)}-bb{cfg.bucket_bits}")  # fmt: skip
+                f"-pf{int(cfg.prefetch)}-bb{cfg.bucket_bits}-rows{int(cfg.rows)}-aligned{int(cfg.aligned)}")  # fmt: skip
         try:
             kv, vv = decode_prepared(chunk, torch.float16, config=cfg)
             same = bool(torch.equal(kv, expect[0]) and torch.equal(vv, expect[1]))

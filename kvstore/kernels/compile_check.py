@@ -78,7 +78,7 @@ _quantize = _kernel("quantize", "_kvcodec_quantize_kernel")
 _DECODE_SIG = ("*i64:16, *i32:16, *i16:16, *i32:16, *u8:16, {cf}:16, *u8:16, {cf}:16, *u8:16, {cf}:16, "
                "*fp32:16, *fp32:16, *fp32:16, *u8:16, *{out}:16, *u8:16, *i32:16")  # fmt: skip
 _DECODE_CONST = dict(NSTREAMS=3, PREC=15, BB=8, LOOKUP=1, CF64=False, BALLOT=True, BLOCK_G=1, ZERO_SYM=128,
-                     NDESC_C=24, PREFETCH=True, ROWS=False)  # fmt: skip
+                     NDESC_C=24, PREFETCH=True, ROWS=False, ALIGNED=False)  # fmt: skip
 _ENCODE_SIG = "*i64:16, *u8:16, *u8:16, *u8:16, {cf}:16, {cf}:16, {cf}:16, *i32:16, *i16:16, *i32:16, *i32:16, *i32:16"
 _PQ_CLASSIFY_SIG = "*fp16:16, *fp32:16, *{codes}:16, *i32:16, *fp32:16, *i8:16, *i32:16, i32:16, i32, i32, i32:16, i32:16, i32:16"
 _PQ_SELECT_CONST = dict(M=2, K=64, LOG2K=6, BLOCK_M=2, WORD=True, NC=4096)
@@ -93,6 +93,8 @@ def variants() -> list[Variant]:
     out: list[Variant] = [
         Variant("rans_decode (default: lookup 1, ballot, prefetch)", _decode, dec, _DECODE_CONST, one_warp),
         Variant("rans_decode channel-major rows (ROWS)", _decode, dec, {**_DECODE_CONST, "ROWS": True}, one_warp),
+        Variant("rans_decode channel-major aligned rows (ALIGNED)", _decode, dec,
+                {**_DECODE_CONST, "ROWS": True, "ALIGNED": True}, one_warp),  # fmt: skip
         Variant("rans_decode lookup 0", _decode, _DECODE_SIG.format(cf="*i32", out="fp16"),
                 {**_DECODE_CONST, "LOOKUP": 0}, one_warp),  # fmt: skip
         Variant("rans_decode lookup 2", _decode, _DECODE_SIG.format(cf="*i32", out="fp16"),

@@ -226,7 +226,10 @@ class DecodeConfig:
     words ~100 words ahead; CUDA only), ``bucket_bits`` (<= 8: buckets per model, log2),
     ``rows`` (launches whose streams all have one model per row, identity maps and the
     uint8 epilogue, as a channel-major kvcodec chunk's, take a loop without the model-map,
-    channel-counter and epilogue branches: 108 instead of 172 SASS instructions on sm_90).
+    channel-counter and epilogue branches: 108 instead of 172 SASS instructions on sm_90),
+    ``aligned`` (rows launches with ``block_g == 1`` whose rows are all multiples of 32
+    long, as a kvcodec chunk's are at 32-token multiples: a loop walking one row at a time,
+    with the table rows found once per row and no lane masks).
     ``ballot`` applies only with ``block_g == 1`` (with two groups per thread the vote gave
     wrong word indices on an H100, Triton 3.6: see ``benchmarks/kernels_notes.md``); the
     default is the fastest bit-exact variant measured there."""
@@ -238,6 +241,7 @@ class DecodeConfig:
     prefetch: bool = True
     bucket_bits: int = 8
     rows: bool = True
+    aligned: bool = True
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -370,6 +374,100 @@ def _stream_tile(desc_ptr, pid, NSTREAMS: tl.constexpr, NDESC_C: tl.constexpr, P
 
 
 @triton.jit
+def _lookup(brow, crow, slot, active, BSHIFT: tl.constexpr, LOOKUP: tl.constexpr, CF64: tl.constexpr):
+    """The symbol owning ``slot`` and its ``(cum, freq)``: ``brow`` / ``crow`` point at each lane's
+    model's bucket row and entry row (pointer tensors, or one pointer when the model is uniform)."""
+    if LOOKUP == 2:
+        s = tl.zeros(slot.shape, dtype=tl.int32)
+        for bit in tl.static_range(7, -1, -1):
+            cand = s + (1 << bit)
+            e = tl.load(crow + cand, mask=active, other=0)
+            if CF64:
+                cum_c = (e & 0x1FFFF).to(tl.uint32)
+            else:
+                cum_c = (e & 0xFFFF).to(tl.uint32)
+            s = tl.where(cum_c <= slot, cand, s)
+        e = tl.load(crow + s, mask=active, other=0)
+        if CF64:
+            lo = (e & 0x1FFFF).to(tl.uint32)
+            f = (e >> 32).to(tl.uint32)
+        else:
+            lo = (e & 0xFFFF).to(tl.uint32)
+            f = ((e >> 16) & 0xFFFF).to(tl.uint32)
+    elif LOOKUP == 1:
+        sb = tl.load(brow + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
+        e = tl.load(crow + sb, mask=active, other=0)
+        c0 = (e & 0xFFFF).to(tl.uint32)
+        e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
+        e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
+        e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
+        in0 = slot < e0
+        in1 = slot < e1
+        lo = tl.where(in0, c0, tl.where(in1, e0, e1))
+        hi = tl.where(in0, e0, tl.where(in1, e1, e2))
+        s = sb + tl.where(in0, 0, tl.where(in1, 1, 2))
+        more = active & (slot >= e2)
+        while tl.max(more.to(tl.int32)) > 0:  # rare: the slot lies 3+ symbols past its bucket's first
+            sb = tl.where(more, tl.minimum(sb + 3, 255), sb)
+            e = tl.load(crow + sb, mask=more, other=0)
+            c0 = (e & 0xFFFF).to(tl.uint32)
+            e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
+            e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
+            e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
+            in0 = slot < e0
+            in1 = slot < e1
+            lo = tl.where(more, tl.where(in0, c0, tl.where(in1, e0, e1)), lo)
+            hi = tl.where(more, tl.where(in0, e0, tl.where(in1, e1, e2)), hi)
+            s = tl.where(more, sb + tl.where(in0, 0, tl.where(in1, 1, 2)), s)
+            more = more & (slot >= e2)
+        f = hi - lo
+    else:
+        s = tl.load(brow + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
+        e = tl.load(crow + s, mask=active, other=0)
+        if CF64:
+            lo = (e & 0x1FFFF).to(tl.uint32)
+            f = (e >> 32).to(tl.uint32)
+        else:
+            lo = (e & 0xFFFF).to(tl.uint32)
+            f = ((e >> 16) & 0xFFFF).to(tl.uint32)
+        more = active & (slot >= lo + f)
+        while tl.max(more.to(tl.int32)) > 0:
+            s = tl.where(more, tl.minimum(s + 1, 255), s)
+            e = tl.load(crow + s, mask=more, other=0)
+            if CF64:
+                lo2 = (e & 0x1FFFF).to(tl.uint32)
+                f2 = (e >> 32).to(tl.uint32)
+            else:
+                lo2 = (e & 0xFFFF).to(tl.uint32)
+                f2 = ((e >> 16) & 0xFFFF).to(tl.uint32)
+            lo = tl.where(more, lo2, lo)
+            f = tl.where(more, f2, f)
+            more = more & (slot >= lo + f)
+    return s, lo, f
+
+
+@triton.jit
+def _renormalize(x, need, ptr, wend2, wb, BALLOT: tl.constexpr, PREFETCH: tl.constexpr):
+    """Lanes in ``need`` (state below 2**16) read their group's next words in lane order:
+    ``ptr`` (the group's next word, per lane) advances by the words taken. A read at or past
+    ``wend2`` is skipped (the group then ends with ``ptr > wend2``: the overrun error)."""
+    needi = need.to(tl.int32)
+    if BALLOT:
+        excl, total = _ballot_excl(needi)
+    else:
+        incl = tl.cumsum(needi, axis=1)
+        excl = incl - needi
+        total = tl.sum(needi, axis=1)[:, None]
+    idx = ptr + excl
+    w = tl.load(wb + idx, mask=need & (idx < wend2), other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+    x = tl.where(need, (x << 16) | w, x)
+    ptr = ptr + total
+    if PREFETCH:
+        _prefetch(wb + (ptr + 96))
+    return x, ptr
+
+
+@triton.jit
 def _rans_decode_kernel(
     desc_ptr, data32_ptr, data16_ptr, mm_ptr,
     bkt0, cf0, bkt1, cf1, bkt2, cf2,
@@ -377,7 +475,7 @@ def _rans_decode_kernel(
     out_f_ptr, out_u8_ptr, err_ptr,
     NSTREAMS: tl.constexpr, PREC: tl.constexpr, BB: tl.constexpr, LOOKUP: tl.constexpr, CF64: tl.constexpr,
     BALLOT: tl.constexpr, BLOCK_G: tl.constexpr, ZERO_SYM: tl.constexpr, NDESC_C: tl.constexpr,
-    PREFETCH: tl.constexpr = False, ROWS: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, ROWS: tl.constexpr = False, ALIGNED: tl.constexpr = False,
 ):  # fmt: skip
     LANES_C: tl.constexpr = 32
     MASK: tl.constexpr = (1 << PREC) - 1
@@ -428,142 +526,83 @@ def _rans_decode_kernel(
     x = tl.load(data32_ptr + sidx, mask=gval[:, None], other=65536).to(tl.uint32, bitcast=True)
     bad_init = tl.max((x < 65536).to(tl.int32), axis=1) > 0
 
-    # per-lane position counters: c = pos % C, r = pos % TC, bC = (pos // TC) * C, row = pos // C
     pos = start[:, None] + lane[None, :]  # [BG, 32] int32
-    c = pos % C
-    r = pos % TC
-    bC = (pos // TC) * C
-    row = pos // C
-    q = lane[None, :] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)  # step * 32 + lane
-    overrun = tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)
     wb = data16_ptr + w_base
 
-    for _k in range(steps):
-        active = q < nsym[:, None]
-        if ROWS:  # C == 1, identity map: the model is the row
-            mi = bC
-        else:
-            mi = bC + c
-            if ident == 0:
-                mi = tl.load(mm_ptr + mm_base + mi, mask=active, other=0)
-        slot = x & MASK
-        # ---- symbol lookup
-        if LOOKUP == 2:
-            s = tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)
-            for bit in tl.static_range(7, -1, -1):
-                cand = s + (1 << bit)
-                e = tl.load(cft + mi * 256 + cand, mask=active, other=0)
-                if CF64:
-                    cum_c = (e & 0x1FFFF).to(tl.uint32)
-                else:
-                    cum_c = (e & 0xFFFF).to(tl.uint32)
-                s = tl.where(cum_c <= slot, cand, s)
-            e = tl.load(cft + mi * 256 + s, mask=active, other=0)
-            if CF64:
-                lo = (e & 0x1FFFF).to(tl.uint32)
-                f = (e >> 32).to(tl.uint32)
+    if ALIGNED:
+        # ROWS, one group per program and every row a multiple of 32 long: each warp-step
+        # decodes 32 positions of one row, so the model (the row) is the same for the whole
+        # warp and every lane is active (the group holds whole steps). Rows are walked one
+        # at a time: the table rows are found once per row, not per step.
+        on = tl.full([BLOCK_G, LANES_C], 1, tl.int1)
+        g_start = tl.max(start, axis=0)
+        row0 = g_start // TC
+        r0 = g_start - row0 * TC
+        span = r0 + steps * LANES_C  # the group's positions, from the start of its first row
+        optr = out_u8_ptr + (out_base + pos)
+        for ri in range((span + TC - 1) // TC):
+            brow = bkt + (row0 + ri) * NB
+            crow = cft + (row0 + ri) * 256
+            n_here = (tl.minimum(span - ri * TC, TC) - tl.maximum(r0 - ri * TC, 0)) // LANES_C
+            for _k in range(n_here):
+                slot = x & MASK
+                s, lo, f = _lookup(brow, crow, slot, on, BSHIFT, LOOKUP, CF64)
+                x = f * (x >> PREC) + (slot - lo)
+                x, ptr = _renormalize(x, x < 65536, ptr, wend2, wb, BALLOT, PREFETCH)
+                tl.store(optr, s.to(tl.uint8))
+                optr += LANES_C
+    else:
+        # per-lane position counters: c = pos % C, r = pos % TC, bC = (pos // TC) * C, row = pos // C
+        c = pos % C
+        r = pos % TC
+        bC = (pos // TC) * C
+        row = pos // C
+        q = lane[None, :] + tl.zeros([BLOCK_G, LANES_C], dtype=tl.int32)  # step * 32 + lane
+        for _k in range(steps):
+            active = q < nsym[:, None]
+            if ROWS:  # C == 1, identity map: the model is the row
+                mi = bC
             else:
-                lo = (e & 0xFFFF).to(tl.uint32)
-                f = ((e >> 16) & 0xFFFF).to(tl.uint32)
-        elif LOOKUP == 1:
-            sb = tl.load(bkt + mi * NB + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
-            e = tl.load(cft + mi * 256 + sb, mask=active, other=0)
-            c0 = (e & 0xFFFF).to(tl.uint32)
-            e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
-            e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
-            e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
-            in0 = slot < e0
-            in1 = slot < e1
-            lo = tl.where(in0, c0, tl.where(in1, e0, e1))
-            hi = tl.where(in0, e0, tl.where(in1, e1, e2))
-            s = sb + tl.where(in0, 0, tl.where(in1, 1, 2))
-            more = active & (slot >= e2)
-            while tl.max(more.to(tl.int32)) > 0:  # rare: the slot lies 3+ symbols past its bucket's first
-                sb = tl.where(more, tl.minimum(sb + 3, 255), sb)
-                e = tl.load(cft + mi * 256 + sb, mask=more, other=0)
-                c0 = (e & 0xFFFF).to(tl.uint32)
-                e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
-                e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
-                e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
-                in0 = slot < e0
-                in1 = slot < e1
-                lo = tl.where(more, tl.where(in0, c0, tl.where(in1, e0, e1)), lo)
-                hi = tl.where(more, tl.where(in0, e0, tl.where(in1, e1, e2)), hi)
-                s = tl.where(more, sb + tl.where(in0, 0, tl.where(in1, 1, 2)), s)
-                more = more & (slot >= e2)
-            f = hi - lo
-        else:
-            s = tl.load(bkt + mi * NB + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
-            e = tl.load(cft + mi * 256 + s, mask=active, other=0)
-            if CF64:
-                lo = (e & 0x1FFFF).to(tl.uint32)
-                f = (e >> 32).to(tl.uint32)
+                mi = bC + c
+                if ident == 0:
+                    mi = tl.load(mm_ptr + mm_base + mi, mask=active, other=0)
+            slot = x & MASK
+            s, lo, f = _lookup(bkt + mi * NB, cft + mi * 256, slot, active, BSHIFT, LOOKUP, CF64)
+            xn = f * (x >> PREC) + (slot - lo)
+            x = tl.where(active, xn, x)
+            x, ptr = _renormalize(x, active & (x < 65536), ptr, wend2, wb, BALLOT, PREFETCH)
+            # ---- epilogue
+            if ROWS:
+                tl.store(out_u8_ptr + (out_base + pos), s.to(tl.uint8), mask=active)
+            elif mode == 0:
+                tl.store(out_u8_ptr + (out_base + pos), s.to(tl.uint8), mask=active)
+            elif mode == 1:
+                sc = tl.load(aff_scale_ptr + mi, mask=active, other=0.0)
+                bi = tl.load(aff_bias_ptr + mi, mask=active, other=0.0)
+                val = (s - ZERO_SYM).to(tl.float32) * sc + bi
+                tl.store(out_f_ptr + (out_base + pos), val.to(out_f_ptr.dtype.element_ty), mask=active)
             else:
-                lo = (e & 0xFFFF).to(tl.uint32)
-                f = ((e >> 16) & 0xFFFF).to(tl.uint32)
-            more = active & (slot >= lo + f)
-            while tl.max(more.to(tl.int32)) > 0:
-                s = tl.where(more, tl.minimum(s + 1, 255), s)
-                e = tl.load(cft + mi * 256 + s, mask=more, other=0)
-                if CF64:
-                    lo2 = (e & 0x1FFFF).to(tl.uint32)
-                    f2 = (e >> 32).to(tl.uint32)
-                else:
-                    lo2 = (e & 0xFFFF).to(tl.uint32)
-                    f2 = ((e >> 16) & 0xFFFF).to(tl.uint32)
-                lo = tl.where(more, lo2, lo)
-                f = tl.where(more, f2, f)
-                more = more & (slot >= lo + f)
-        # ---- state update and renormalization
-        xn = f * (x >> PREC) + (slot - lo)
-        x = tl.where(active, xn, x)
-        need = active & (x < 65536)
-        needi = need.to(tl.int32)
-        if BALLOT:
-            excl, total = _ballot_excl(needi)
-        else:
-            incl = tl.cumsum(needi, axis=1)
-            excl = incl - needi
-            total = tl.sum(needi, axis=1)[:, None]
-        idx = ptr + excl
-        ok = need & (idx < wend2)
-        overrun = overrun | (need & (idx >= wend2)).to(tl.int32)
-        w = tl.load(wb + idx, mask=ok, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-        x = tl.where(need, (x << 16) | w, x)
-        ptr = ptr + total
-        if PREFETCH:
-            _prefetch(wb + (ptr + 96))
-        # ---- epilogue
-        if ROWS:
-            tl.store(out_u8_ptr + (out_base + pos), s.to(tl.uint8), mask=active)
-        elif mode == 0:
-            tl.store(out_u8_ptr + (out_base + pos), s.to(tl.uint8), mask=active)
-        elif mode == 1:
-            sc = tl.load(aff_scale_ptr + mi, mask=active, other=0.0)
-            bi = tl.load(aff_bias_ptr + mi, mask=active, other=0.0)
-            val = (s - ZERO_SYM).to(tl.float32) * sc + bi
-            tl.store(out_f_ptr + (out_base + pos), val.to(out_f_ptr.dtype.element_ty), mask=active)
-        else:
-            code = tl.load(codes_ptr + (row_base + row), mask=active, other=0).to(tl.int32)
-            stp = tl.load(vtab_ptr + code, mask=active, other=0.0)
-            val = (s - ZERO_SYM).to(tl.float32) * stp
-            tl.store(out_f_ptr + (out_base + pos), val.to(out_f_ptr.dtype.element_ty), mask=active)
-        # ---- advance every lane by 32 positions
-        q = q + LANES_C
-        pos = pos + LANES_C
-        if not ROWS:
-            c = c + inc_c
-            wc = c >= C
-            c = tl.where(wc, c - C, c)
-            row = row + row_inc + wc.to(tl.int32)
-        r = r + inc_r
-        wr = r >= TC
-        r = tl.where(wr, r - TC, r)
-        bC = bC + (carry_r + wr.to(tl.int32)) * C
+                code = tl.load(codes_ptr + (row_base + row), mask=active, other=0).to(tl.int32)
+                stp = tl.load(vtab_ptr + code, mask=active, other=0.0)
+                val = (s - ZERO_SYM).to(tl.float32) * stp
+                tl.store(out_f_ptr + (out_base + pos), val.to(out_f_ptr.dtype.element_ty), mask=active)
+            # ---- advance every lane by 32 positions
+            q = q + LANES_C
+            pos = pos + LANES_C
+            if not ROWS:
+                c = c + inc_c
+                wc = c >= C
+                c = tl.where(wc, c - C, c)
+                row = row + row_inc + wc.to(tl.int32)
+            r = r + inc_r
+            wr = r >= TC
+            r = tl.where(wr, r - TC, r)
+            bC = bC + (carry_r + wr.to(tl.int32)) * C
 
+    # ptr only grows, by every word a lane needed: past wend2 exactly when a lane overran
     left = tl.max((ptr != wend2).to(tl.int32), axis=1) > 0
+    over = tl.max((ptr > wend2).to(tl.int32), axis=1) > 0
     final = tl.max((x != 65536).to(tl.int32), axis=1) > 0
-    over = tl.max(overrun, axis=1) > 0
     err = (bad_off.to(tl.int32) * 1 | bad_init.to(tl.int32) * 2 | over.to(tl.int32) * 4
            | (left & ~bad_off).to(tl.int32) * 8 | final.to(tl.int32) * 16)  # fmt: skip
     tl.store(err_ptr + err_base + gi, err, mask=gval)
@@ -659,6 +698,7 @@ def plan_rans_launch(
     cfs = list(cf_of) + [cf_of[0]] * (MAX_STREAMS - len(cf_of))
     native = device.type == "cuda" and not interpreter_active()
     rows = bool(config.rows) and all(st.identity and st.mode == MODE_SYMBOL and st.info.dims[2] == 1 for st in streams)
+    aligned = rows and bool(config.aligned) and config.block_g == 1 and all(st.info.dims[1] % 32 == 0 for st in streams)
     args = (
         desc, data.view(torch.int32), data.view(torch.int16),
         model_maps if model_maps is not None else _dummy(device, torch.int32),
@@ -670,6 +710,7 @@ def plan_rans_launch(
         NSTREAMS=len(streams), PREC=prec, BB=bb, LOOKUP=lookup, CF64=prec > 15,
         BALLOT=bool(config.ballot) and native and config.block_g == 1 and config.num_warps == 1,
         BLOCK_G=config.block_g, ZERO_SYM=ZERO, NDESC_C=NDESC, PREFETCH=bool(config.prefetch) and native, ROWS=rows,
+        ALIGNED=aligned,
         num_warps=config.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     kernel = kernel_for(_rans_decode_kernel, device) if programs else None
