@@ -120,14 +120,16 @@ def launch_costs() -> None:
     query, centroids, codes, k, sinks, stop = (x[key] for key in ("query", "centroids", "codes", "k", "start", "stop"))
     kv_heads = codes.shape[0]
     words = codes.view(torch.int16)[..., 0]
-    counts = torch.zeros(kv_heads, 4096, device="cuda", dtype=torch.int32)
+    segments = 16  # what pq_select_triton picks at this shape (128 programs)
+    seg_len = triton.cdiv(triton.cdiv(stop - sinks, segments), 1024) * 1024
+    counts = torch.zeros(kv_heads * segments, 4096, device="cuda", dtype=torch.int32)
     const = dict(M=2, K=64, LOG2K=6, BLOCK_M=2, WORD=True, NC=4096, BLOCK_N=1024)
-    grid = (triton.cdiv(stop - sinks, 1024), kv_heads)
-    args = (words, counts, sinks, stop - sinks, words.stride(0), words.stride(1))
+    grid = (kv_heads, segments)
+    args = (words, counts, sinks, stop - sinks, seg_len, words.stride(0), words.stride(1))
     print("== launch costs (host us per call)")
     print(f"  torch.empty 128 KiB     {host_us(lambda: torch.empty(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
     print(f"  torch.zeros 128 KiB     {host_us(lambda: torch.zeros(kv_heads, 4096, device='cuda', dtype=torch.int32)):7.2f}")
-    kern = ps._pq_combo_count_kernel
+    kern = ps._pq_segment_count_kernel
     print(f"  count kernel[grid]()    {host_us(lambda: kern[grid](*args, **const)):7.2f}")
     ck = kern[grid](*args, **const)
     ordered = [*args] + [const[name] for name in kern.arg_names[len(args):]]

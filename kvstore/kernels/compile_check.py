@@ -80,7 +80,7 @@ _DECODE_SIG = ("*i64:16, *i32:16, *i16:16, *i32:16, *u8:16, {cf}:16, *u8:16, {cf
 _DECODE_CONST = dict(NSTREAMS=3, PREC=15, BB=8, LOOKUP=1, CF64=False, BALLOT=True, BLOCK_G=1, ZERO_SYM=128,
                      NDESC_C=24, PREFETCH=True, ROWS=False, ALIGNED=False)  # fmt: skip
 _ENCODE_SIG = "*i64:16, *u8:16, *u8:16, *u8:16, {cf}:16, {cf}:16, {cf}:16, *i32:16, *i16:16, *i32:16, *i32:16, *i32:16"
-_PQ_CLASSIFY_SIG = "*fp16:16, *fp32:16, *{codes}:16, *i32:16, *fp32:16, *i8:16, *i32:16, i32:16, i32, i32, i32:16, i32:16, i32:16"
+_PQ_SELECT_SIG = "*fp16:16, *fp32:16, *{codes}:16, *i32:16, *fp32:16, *i8:16, *i64:16, i32:16, i32, i32, i32:16, i32:16, i32:16"
 _PQ_SELECT_CONST = dict(M=2, K=64, LOG2K=6, BLOCK_M=2, WORD=True, NC=4096)
 _ENCODE_CONST = dict(NSTREAMS=3, PREC=15, CF64=False, BALLOT=True, BLOCK_G=1, NDESC_C=16)
 
@@ -129,19 +129,17 @@ def variants() -> list[Variant]:
                 {"M": 32, "K": 256, "BLOCK_M": 32, "BLOCK_N": 1024}, _pq_options),  # fmt: skip
         # the PQ select as retrieval launches it: start (32 sinks), seg_len and the head stride
         # divisible by 16, a unit token stride (Triton specializes an int equal to 1)
-        Variant("pq combo count (m=2, K=64)", _kernel("pq_select", "_pq_combo_count_kernel"), "*i16:16, *i32:16, i32:16, i32, i32:16",
-                {**_PQ_SELECT_CONST, "stride_cn": 1, "BLOCK_N": 1024}, _pq_options),  # fmt: skip
-        Variant("pq classify (m=2, K=64, group 4, fp16 query)", _kernel("pq_select", "_pq_classify_kernel"),
-                _PQ_CLASSIFY_SIG.format(codes="i16"),
-                {**_PQ_SELECT_CONST, "stride_cn": 1, "GROUP": 4, "SUB": 64, "BLOCK_D": 64, "BLOCK_N": 1024},
+        Variant("pq segment count (m=2, K=64)", _kernel("pq_select", "_pq_segment_count_kernel"),
+                "*i16:16, *i32:16, i32:16, i32, i32:16, i32:16", {**_PQ_SELECT_CONST, "stride_cn": 1, "BLOCK_N": 1024},
                 {**_pq_options, "num_warps": 8}),  # fmt: skip
-        Variant("pq classify (m=3, K=16, byte codes)", _kernel("pq_select", "_pq_classify_kernel"),
-                _PQ_CLASSIFY_SIG.format(codes="u8") + ", i32",
+        Variant("pq select (m=2, K=64, group 4, fp16 query)", _kernel("pq_select", "_pq_select_kernel"),
+                _PQ_SELECT_SIG.format(codes="i16"),
+                {**_PQ_SELECT_CONST, "stride_cn": 1, "GROUP": 4, "SUB": 64, "BLOCK_D": 64, "BLOCK_N": 1024, "ROWS": 4},
+                {**_pq_options, "num_warps": 8}),  # fmt: skip
+        Variant("pq select (m=3, K=16, byte codes)", _kernel("pq_select", "_pq_select_kernel"),
+                _PQ_SELECT_SIG.format(codes="u8") + ", i32",
                 {**_PQ_SELECT_CONST, "M": 3, "K": 16, "LOG2K": 4, "BLOCK_M": 4, "WORD": False, "GROUP": 4, "SUB": 32,
-                 "BLOCK_D": 32, "BLOCK_N": 1024}, {**_pq_options, "num_warps": 8}),  # fmt: skip
-        Variant("pq compact (m=2, K=64)", _kernel("pq_select", "_pq_compact_kernel"),
-                "*i16:16, *i8:16, *i32:16, *i64:16, i32:16, i32, i32, i32:16, i32:16",
-                {**_PQ_SELECT_CONST, "stride_cn": 1, "BLOCK_N": 1024, "BLOCK_P": 16}, {**_pq_options, "num_warps": 8}),  # fmt: skip
+                 "BLOCK_D": 32, "BLOCK_N": 1024, "ROWS": 4}, {**_pq_options, "num_warps": 8}),  # fmt: skip
         Variant("pq gather", _kernel("pq_topk", "_gather_kernel"), "*fp16:16, *fp16:16, *i64:16, *fp16:16, *fp16:16, i32, i64, i64, i64, i64",
                 {"D": 128, "BLOCK_S": 64, "BLOCK_D": 128}, _pq_options),  # fmt: skip
     ]

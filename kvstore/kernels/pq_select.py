@@ -4,26 +4,31 @@ With PQCache's settings (``m = 2`` subspaces of ``K = 64`` centroids) a token's 
 depends only on its code combination, one of ``K**m = 4,096``; the 131,072 tokens of a
 long context share them. So the top-k is found from the combinations, not the tokens:
 
-1. ``_pq_combo_count_kernel``, grid ``(cdiv(n, BLOCK_N), kv_heads)``: counts the tokens
-   of ``[start, stop)`` per combination (one relaxed atomic add per token, into a zeroed
-   ``[kv_heads, K**m]`` buffer). Independent of the query.
-2. ``_pq_classify_kernel``, grid ``(kv_heads, segments)``, about one program per SM:
+Both launches have the grid ``(kv_heads, segments)``, about one program per SM in all; a
+segment is a run of ``seg_len`` consecutive tokens of ``[start, stop)``.
+
+1. ``_pq_segment_count_kernel``: each program counts its segment's tokens per combination
+   into its own histogram row (zeroed by the program itself; one relaxed atomic add per
+   token, on addresses no other program touches). Independent of the query.
+2. ``_pq_select_kernel``, per program:
 
    - the lookup tables (group-summed query . centroids, ``m x K``) and from them the
      score of every combination, as an order-preserving 32-bit key;
+   - the head's count per combination (the sum of its segments' rows), and the sum of the
+     rows of the segments before this one;
    - a weighted radix select over the keys (32 one-bit steps, each a sum of counts): the
-     exact k-th best key ``T``;
-   - a class per combination (above ``T``, at ``T``, below) in the program's own scratch
-     copy, and how many of its segment's tokens are above and at ``T``.
-3. ``_pq_compact_kernel``, same grid: from the earlier segments' counts, its first output
-   slot and how many tokens at ``T`` came before; then one ordered pass over its segment
-   that writes the positions of the tokens above ``T`` and of the first ``k - above`` at ``T``.
+     exact k-th best key ``T``, the same in every program of the head;
+   - from the earlier segments' counts, its first output slot and how many tokens at ``T``
+     came before; a class per combination (above ``T``, at ``T``, below) in its own
+     scratch copy; then one ordered pass over its segment that writes the positions of the
+     tokens above ``T`` and of the first ``k - above`` at ``T``.
 
 The result is exact: every token above the k-th score, ties at it broken by position
 (lowest first), positions ascending: :func:`kvstore.kernels.pq_reference.pq_select_reference`
 has the same semantics on the reference's scores. It replaces ``torch.topk`` over
 ``[kv_heads, n]`` fp32 scores (87 us of the 100 us that scores + top-k took at 131,072
-tokens on an H100): the scores are never written. Three launches plus a memset.
+tokens on an H100): the scores are never written. Two launches, no memset (session 7's
+version took three launches and a memset: ``benchmarks/kernels_notes.md``).
 
 :func:`pq_select` dispatches: these kernels on CUDA tensors when ``K`` is a power of two and
 ``K**m <= MAX_COMBOS``; on CUDA otherwise, the Triton scores kernel (``K`` a power of two) or
@@ -60,7 +65,8 @@ except ImportError:  # pragma: no cover - platforms without triton use the refer
 __all__ = ["MAX_COMBOS", "combinations", "pq_select", "pq_select_triton"]
 
 MAX_COMBOS = 4096  # K**m the classify kernel holds in registers (16 per thread at 8 warps)
-MAX_SEGMENTS = 1024  # programs per KV head (the compaction sums the earlier segments' counts in one block)
+MAX_SEGMENTS = 1024  # programs per KV head
+HIST_ROWS = 4  # segment histograms the select kernel sums per step
 _PROGRAMS = 128  # classify / compact programs in all on a GPU: about one per SM
 
 
@@ -100,28 +106,40 @@ if triton is not None:
             return tl.sum(tl.where(mask, code << (offs_m[None, :] * LOG2K), 0), axis=1)
 
     @triton.jit(do_not_specialize=["n"])
-    def _pq_combo_count_kernel(
-        codes_ptr, counts_ptr,
-        start, n, stride_ch, stride_cn,
+    def _pq_segment_count_kernel(
+        codes_ptr, hist_ptr,
+        start, n, seg_len, stride_ch, stride_cn,
         M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr, WORD: tl.constexpr,
         NC: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        h = tl.program_id(1)  # token blocks on axis 0: no 65,535-block limit
-        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs < n
-        combo = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
-        tl.atomic_add(counts_ptr + h * NC + combo, tl.full([BLOCK_N], 1, tl.int32), mask=nmask, sem="relaxed")
+        """``hist[h, p, c]``: the tokens of segment ``p`` of head ``h`` with combination ``c``. Each
+        program owns its row, so it zeroes the row itself and its atomics never contend with
+        another program's (no memset launch before, no cross-SM traffic on one address)."""
+        h = tl.program_id(0)
+        p = tl.program_id(1)
+        row = hist_ptr + (h * tl.num_programs(1) + p).to(tl.int64) * NC
+        tl.store(row + tl.arange(0, NC), tl.zeros([NC], dtype=tl.int32))
+        tl.debug_barrier()  # the zeros are visible to every thread of the program before its atomics
+        lo = p * seg_len
+        for s in range(lo, tl.minimum(lo + seg_len, n), BLOCK_N):
+            offs = s + tl.arange(0, BLOCK_N)
+            nmask = offs < n
+            combo = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
+            tl.atomic_add(row + combo, tl.full([BLOCK_N], 1, tl.int32), mask=nmask, sem="relaxed")
 
     @triton.jit(do_not_specialize=["n", "k"])
-    def _pq_classify_kernel(
-        q_ptr, c_ptr, codes_ptr, counts_ptr, lut_ptr, cls_ptr, seg_ptr,
+    def _pq_select_kernel(
+        q_ptr, c_ptr, codes_ptr, hist_ptr, lut_ptr, cls_ptr, out_ptr,
         start, n, k, seg_len, stride_qh, stride_ch, stride_cn,
         GROUP: tl.constexpr, M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr,
         WORD: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
+        tl.static_assert(BLOCK_N < 32768, "two counts share one int32 scan: 16 bits each, the high one signed")
         h = tl.program_id(0)
         p = tl.program_id(1)
-        me = h * tl.num_programs(1) + p  # this program's scratch copy (no two programs share one)
+        segments = tl.num_programs(1)
+        me = h * segments + p  # this program's scratch copies (no two programs share one)
         # 1. lookup tables: group-summed query . each centroid, per subspace
         for j in tl.static_range(M):
             lut = lut_row(q_ptr, c_ptr, h, j, stride_qh, GROUP, M, K, SUB, BLOCK_D)
@@ -135,8 +153,18 @@ if triton is not None:
         # (a sum that starts at +0.0 is never -0.0; NaN, whatever its bits, ranks lowest)
         bits = score.to(tl.int32, bitcast=True)
         key = tl.where(score != score, 0, tl.where(bits >= 0, bits ^ -2147483648, ~bits)).to(tl.uint32, bitcast=True)
-        count = tl.load(counts_ptr + h * NC + combo)
-        # 3. weighted radix select: the largest T with (tokens whose key >= T) >= k, bit by bit.
+        # 3. the head's count per combination, and the earlier segments' (for this segment's
+        # first output slot), from the segments' histograms, ROWS at a time
+        count = tl.zeros([NC], dtype=tl.int32)
+        before = tl.zeros([NC], dtype=tl.int32)
+        head = hist_ptr + (h * segments).to(tl.int64) * NC
+        rows = tl.arange(0, ROWS)
+        for r0 in range(0, segments, ROWS):
+            r = r0 + rows
+            part = tl.load(head + r[:, None] * NC + combo[None, :], mask=(r < segments)[:, None], other=0)
+            count += tl.sum(part, axis=0)
+            before += tl.sum(tl.where((r < p)[:, None], part, 0), axis=0)
+        # 4. weighted radix select: the largest T with (tokens whose key >= T) >= k, bit by bit.
         # Every program of a head computes the same T (same inputs, deterministic sums): the
         # compaction relies on it.
         t = tl.zeros([], dtype=tl.uint32)
@@ -146,44 +174,13 @@ if triton is not None:
             reach = tl.sum(tl.where(key >= cand, count, 0), axis=0)
             t = tl.where(reach >= k, cand, t)
             bit = bit >> 1
-        above = tl.sum(tl.where(key > t, count, 0), axis=0)
+        need = k - tl.sum(tl.where(key > t, count, 0), axis=0)  # tokens to take among those at T (>= 1)
+        written = tl.sum(tl.where(key > t, before, 0), axis=0)  # the earlier segments' tokens above T
+        ties = tl.sum(tl.where(key == t, before, 0), axis=0)  # ... and at T
+        written += tl.minimum(ties, need)
         tl.store(cls_ptr + me * NC + combo, tl.where(key > t, 2, tl.where(key == t, 1, 0)).to(tl.int8))
         tl.debug_barrier()
-        # 4. this segment's tokens above T and at T, for the compaction's offsets
-        seg_above = 0
-        seg_ties = 0
-        lo = p * seg_len
-        for s in range(lo, tl.minimum(lo + seg_len, n), BLOCK_N):
-            offs = s + tl.arange(0, BLOCK_N)
-            nmask = offs < n
-            ids = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
-            cls = tl.load(cls_ptr + me * NC + ids, mask=nmask, other=0)
-            seg_above += tl.sum((cls == 2).to(tl.int32), axis=0)
-            seg_ties += tl.sum((cls == 1).to(tl.int32), axis=0)
-        tl.store(seg_ptr + me * 3, seg_above)
-        tl.store(seg_ptr + me * 3 + 1, seg_ties)
-        tl.store(seg_ptr + me * 3 + 2, k - above)  # tokens to take among those scoring exactly T (>= 1)
-
-    @triton.jit(do_not_specialize=["n", "k"])
-    def _pq_compact_kernel(
-        codes_ptr, cls_ptr, seg_ptr, out_ptr,
-        start, n, k, seg_len, stride_ch, stride_cn,
-        M: tl.constexpr, K: tl.constexpr, LOG2K: tl.constexpr, BLOCK_M: tl.constexpr, WORD: tl.constexpr,
-        NC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):
-        tl.static_assert(BLOCK_N < 32768, "two counts share one int32 scan: 16 bits each, the high one signed")
-        h = tl.program_id(0)
-        p = tl.program_id(1)
-        me = h * tl.num_programs(1) + p
-        # the earlier segments' counts give this segment's first output slot and tie rank
-        offs_p = tl.arange(0, BLOCK_P)
-        earlier = offs_p < p
-        first = h * tl.num_programs(1) + offs_p
-        above_before = tl.sum(tl.load(seg_ptr + first * 3, mask=earlier, other=0), axis=0)
-        ties = tl.sum(tl.load(seg_ptr + first * 3 + 1, mask=earlier, other=0), axis=0)
-        need = tl.load(seg_ptr + me * 3 + 2)
-        written = above_before + tl.minimum(ties, need)
-        # positions of this segment's tokens above T, and of those at T while fewer than `need`
+        # 5. positions of this segment's tokens above T, and of those at T while fewer than `need`
         # came before; one scan per block counts both (above: low 16 bits, at T: high 16)
         lo = p * seg_len
         for s in range(lo, tl.minimum(lo + seg_len, n), BLOCK_N):
@@ -264,21 +261,18 @@ def pq_select_triton(
     seg_len = cdiv(cdiv(n, segments), block_n) * block_n
     segments = cdiv(n, seg_len)
     programs = kv_heads * segments
-    counts = torch.zeros(kv_heads, nc, device=device, dtype=torch.int32)
+    # per program: its segment's histogram, its lookup tables and its class per combination
+    hist = torch.empty(programs, nc, device=device, dtype=torch.int32)
     lut = torch.empty(programs, m, n_centroids, device=device, dtype=torch.float32)
     cls = torch.empty(programs, nc, device=device, dtype=torch.int8)
-    seg = torch.empty(programs, 3, device=device, dtype=torch.int32)
     shape = dict(M=m, K=n_centroids, LOG2K=n_centroids.bit_length() - 1, BLOCK_M=next_power_of_2(m),
-                 WORD=word, NC=nc)  # fmt: skip
+                 WORD=word, NC=nc, BLOCK_N=block_n)  # fmt: skip
     strides = (codes.stride(0), codes.stride(1))
-    _pq_combo_count_kernel[(cdiv(n, block_n), kv_heads)](codes, counts, start, n, *strides, **shape, BLOCK_N=block_n)
-    _pq_classify_kernel[(kv_heads, segments)](
-        query, centroids, codes, counts, lut, cls, seg, start, n, k, seg_len, query.stride(0), *strides,
-        GROUP=group, SUB=sub, BLOCK_D=next_power_of_2(sub), **shape, BLOCK_N=block_n, num_warps=8,
-    )
-    _pq_compact_kernel[(kv_heads, segments)](
-        codes, cls, seg, out, start, n, k, seg_len, *strides, **shape, BLOCK_N=block_n,
-        BLOCK_P=next_power_of_2(segments), num_warps=8,
+    grid = (kv_heads, segments)
+    _pq_segment_count_kernel[grid](codes, hist, start, n, seg_len, *strides, **shape)
+    _pq_select_kernel[grid](
+        query, centroids, codes, hist, lut, cls, out, start, n, k, seg_len, query.stride(0), *strides,
+        GROUP=group, SUB=sub, BLOCK_D=next_power_of_2(sub), ROWS=HIST_ROWS, **shape, num_warps=8,
     )
     return out
 
