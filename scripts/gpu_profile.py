@@ -123,7 +123,7 @@ def launch_costs() -> None:
     segments = 16  # what pq_select_triton picks at this shape (128 programs)
     seg_len = triton.cdiv(triton.cdiv(stop - sinks, segments), 1024) * 1024
     counts = torch.zeros(kv_heads * segments, 4096, device="cuda", dtype=torch.int32)
-    const = dict(M=2, K=64, LOG2K=6, BLOCK_M=2, WORD=True, NC=4096, BLOCK_N=1024)
+    const = dict(M=2, K=64, LOG2K=6, BLOCK_M=2, WORD=True, NC=4096, BLOCK_N=4096, num_warps=8)
     grid = (kv_heads, segments)
     args = (words, counts, sinks, stop - sinks, seg_len, words.stride(0), words.stride(1))
     print("== launch costs (host us per call)")

@@ -130,7 +130,7 @@ def variants() -> list[Variant]:
         # the PQ select as retrieval launches it: start (32 sinks), seg_len and the head stride
         # divisible by 16, a unit token stride (Triton specializes an int equal to 1)
         Variant("pq segment count (m=2, K=64)", _kernel("pq_select", "_pq_segment_count_kernel"),
-                "*i16:16, *i32:16, i32:16, i32, i32:16, i32:16", {**_PQ_SELECT_CONST, "stride_cn": 1, "BLOCK_N": 1024},
+                "*i16:16, *i32:16, i32:16, i32, i32:16, i32:16", {**_PQ_SELECT_CONST, "stride_cn": 1, "BLOCK_N": 4096},
                 {**_pq_options, "num_warps": 8}),  # fmt: skip
         Variant("pq select (m=2, K=64, group 4, fp16 query)", _kernel("pq_select", "_pq_select_kernel"),
                 _PQ_SELECT_SIG.format(codes="i16"),

@@ -121,9 +121,10 @@ if triton is not None:
         tl.store(row + tl.arange(0, NC), tl.zeros([NC], dtype=tl.int32))
         tl.debug_barrier()  # the zeros are visible to every thread of the program before its atomics
         lo = p * seg_len
-        for s in range(lo, tl.minimum(lo + seg_len, n), BLOCK_N):
+        hi = tl.minimum(lo + seg_len, n)
+        for s in range(lo, hi, BLOCK_N):  # (BLOCK_N need not divide seg_len: masked at hi)
             offs = s + tl.arange(0, BLOCK_N)
-            nmask = offs < n
+            nmask = offs < hi
             combo = _combo_ids(codes_ptr, h, start + offs, nmask, stride_ch, stride_cn, M, K, LOG2K, BLOCK_M, WORD)
             tl.atomic_add(row + combo, tl.full([BLOCK_N], 1, tl.int32), mask=nmask, sem="relaxed")
 
@@ -164,16 +165,18 @@ if triton is not None:
             part = tl.load(head + r[:, None] * NC + combo[None, :], mask=(r < segments)[:, None], other=0)
             count += tl.sum(part, axis=0)
             before += tl.sum(tl.where((r < p)[:, None], part, 0), axis=0)
-        # 4. weighted radix select: the largest T with (tokens whose key >= T) >= k, bit by bit.
-        # Every program of a head computes the same T (same inputs, deterministic sums): the
-        # compaction relies on it.
+        # 4. weighted radix select: the largest T with (tokens whose key >= T) >= k, two bits
+        # per step (the three candidates' sums in one reduction; the reach only falls as T
+        # grows, so the digit is how many of them still reach k). Every program of a head
+        # computes the same T (same inputs, deterministic sums): the compaction relies on it.
         t = tl.zeros([], dtype=tl.uint32)
-        bit = tl.full([], 2147483648, tl.uint32)
-        for _ in range(32):
-            cand = t | bit
-            reach = tl.sum(tl.where(key >= cand, count, 0), axis=0)
-            t = tl.where(reach >= k, cand, t)
-            bit = bit >> 1
+        digit = tl.arange(0, 4).to(tl.uint32)
+        shift = tl.full([], 32, tl.uint32)
+        for _ in range(16):
+            shift -= 2
+            cand = t | (digit << shift)  # [4]: digit 0 reaches at least k tokens (t does)
+            reach = tl.sum(tl.where(key[None, :] >= cand[:, None], count[None, :], 0), axis=1)
+            t = t | ((tl.sum((reach >= k).to(tl.uint32), axis=0) - 1) << shift)
         need = k - tl.sum(tl.where(key > t, count, 0), axis=0)  # tokens to take among those at T (>= 1)
         written = tl.sum(tl.where(key > t, before, 0), axis=0)  # the earlier segments' tokens above T
         ties = tl.sum(tl.where(key == t, before, 0), axis=0)  # ... and at T
@@ -266,13 +269,14 @@ def pq_select_triton(
     lut = torch.empty(programs, m, n_centroids, device=device, dtype=torch.float32)
     cls = torch.empty(programs, nc, device=device, dtype=torch.int8)
     shape = dict(M=m, K=n_centroids, LOG2K=n_centroids.bit_length() - 1, BLOCK_M=next_power_of_2(m),
-                 WORD=word, NC=nc, BLOCK_N=block_n)  # fmt: skip
+                 WORD=word, NC=nc)  # fmt: skip
     strides = (codes.stride(0), codes.stride(1))
     grid = (kv_heads, segments)
-    _pq_segment_count_kernel[grid](codes, hist, start, n, seg_len, *strides, **shape)
+    _pq_segment_count_kernel[grid](codes, hist, start, n, seg_len, *strides, **shape, BLOCK_N=4 * block_n,
+                                   num_warps=8)  # fmt: skip
     _pq_select_kernel[grid](
         query, centroids, codes, hist, lut, cls, out, start, n, k, seg_len, query.stride(0), *strides,
-        GROUP=group, SUB=sub, BLOCK_D=next_power_of_2(sub), ROWS=HIST_ROWS, **shape, num_warps=8,
+        GROUP=group, SUB=sub, BLOCK_D=next_power_of_2(sub), ROWS=HIST_ROWS, **shape, BLOCK_N=block_n, num_warps=8,
     )
     return out
 
