@@ -16,8 +16,8 @@ segment is a run of ``seg_len`` consecutive tokens of ``[start, stop)``.
      score of every combination, as an order-preserving 32-bit key;
    - the head's count per combination (the sum of its segments' rows), and the sum of the
      rows of the segments before this one;
-   - a weighted radix select over the keys (32 one-bit steps, each a sum of counts): the
-     exact k-th best key ``T``, the same in every program of the head;
+   - a weighted radix select over the keys (16 two-bit steps, each one reduction of the
+     counts): the exact k-th best key ``T``, the same in every program of the head;
    - from the earlier segments' counts, its first output slot and how many tokens at ``T``
      came before; a class per combination (above ``T``, at ``T``, below) in its own
      scratch copy; then one ordered pass over its segment that writes the positions of the
@@ -64,10 +64,10 @@ except ImportError:  # pragma: no cover - platforms without triton use the refer
 
 __all__ = ["MAX_COMBOS", "combinations", "pq_select", "pq_select_triton"]
 
-MAX_COMBOS = 4096  # K**m the classify kernel holds in registers (16 per thread at 8 warps)
+MAX_COMBOS = 4096  # K**m the select kernel holds in registers (16 per thread at 8 warps)
 MAX_SEGMENTS = 1024  # programs per KV head
 HIST_ROWS = 4  # segment histograms the select kernel sums per step
-_PROGRAMS = 128  # classify / compact programs in all on a GPU: about one per SM
+_PROGRAMS = 128  # programs per launch on a GPU, all heads' segments: about one per SM
 
 
 def combinations(m: int, n_centroids: int) -> int | None:
