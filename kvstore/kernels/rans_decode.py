@@ -375,6 +375,25 @@ def _stream_tile(desc_ptr, pid, NSTREAMS: tl.constexpr, NDESC_C: tl.constexpr, P
 
 
 @triton.jit
+def _cum_freq(e, CF64: tl.constexpr):
+    """``(cum, freq)`` of a packed ``cf`` entry (int32 ``cum | freq << 16``, or int64 with ``CF64``)."""
+    if CF64:
+        return (e & 0x1FFFF).to(tl.uint32), (e >> 32).to(tl.uint32)
+    else:
+        return (e & 0xFFFF).to(tl.uint32), ((e >> 16) & 0xFFFF).to(tl.uint32)
+
+
+@triton.jit
+def _cum3(e):
+    """The four bounds of a packed ``cf3`` entry: ``cum[s]`` and the ends of symbols s, s+1, s+2."""
+    c0 = (e & 0xFFFF).to(tl.uint32)
+    e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
+    e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
+    e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
+    return c0, e0, e1, e2
+
+
+@triton.jit
 def _lookup(brow, crow, slot, active, BSHIFT: tl.constexpr, LOOKUP: tl.constexpr, CF64: tl.constexpr):
     """The symbol owning ``slot`` and its ``(cum, freq)``: ``brow`` / ``crow`` point at each lane's
     model's bucket row and entry row (pointer tensors, or one pointer when the model is uniform)."""
@@ -382,26 +401,12 @@ def _lookup(brow, crow, slot, active, BSHIFT: tl.constexpr, LOOKUP: tl.constexpr
         s = tl.zeros(slot.shape, dtype=tl.int32)
         for bit in tl.static_range(7, -1, -1):
             cand = s + (1 << bit)
-            e = tl.load(crow + cand, mask=active, other=0)
-            if CF64:
-                cum_c = (e & 0x1FFFF).to(tl.uint32)
-            else:
-                cum_c = (e & 0xFFFF).to(tl.uint32)
+            cum_c, _ = _cum_freq(tl.load(crow + cand, mask=active, other=0), CF64)
             s = tl.where(cum_c <= slot, cand, s)
-        e = tl.load(crow + s, mask=active, other=0)
-        if CF64:
-            lo = (e & 0x1FFFF).to(tl.uint32)
-            f = (e >> 32).to(tl.uint32)
-        else:
-            lo = (e & 0xFFFF).to(tl.uint32)
-            f = ((e >> 16) & 0xFFFF).to(tl.uint32)
+        lo, f = _cum_freq(tl.load(crow + s, mask=active, other=0), CF64)
     elif LOOKUP == 1:
         sb = tl.load(brow + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
-        e = tl.load(crow + sb, mask=active, other=0)
-        c0 = (e & 0xFFFF).to(tl.uint32)
-        e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
-        e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
-        e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
+        c0, e0, e1, e2 = _cum3(tl.load(crow + sb, mask=active, other=0))
         in0 = slot < e0
         in1 = slot < e1
         lo = tl.where(in0, c0, tl.where(in1, e0, e1))
@@ -410,11 +415,7 @@ def _lookup(brow, crow, slot, active, BSHIFT: tl.constexpr, LOOKUP: tl.constexpr
         more = active & (slot >= e2)
         while tl.max(more.to(tl.int32)) > 0:  # rare: the slot lies 3+ symbols past its bucket's first
             sb = tl.where(more, tl.minimum(sb + 3, 255), sb)
-            e = tl.load(crow + sb, mask=more, other=0)
-            c0 = (e & 0xFFFF).to(tl.uint32)
-            e0 = c0 + ((e >> 16) & 0xFFFF).to(tl.uint32)
-            e1 = e0 + ((e >> 32) & 0xFFFF).to(tl.uint32)
-            e2 = e1 + ((e >> 48) & 0xFFFF).to(tl.uint32)
+            c0, e0, e1, e2 = _cum3(tl.load(crow + sb, mask=more, other=0))
             in0 = slot < e0
             in1 = slot < e1
             lo = tl.where(more, tl.where(in0, c0, tl.where(in1, e0, e1)), lo)
@@ -424,23 +425,11 @@ def _lookup(brow, crow, slot, active, BSHIFT: tl.constexpr, LOOKUP: tl.constexpr
         f = hi - lo
     else:
         s = tl.load(brow + (slot >> BSHIFT), mask=active, other=0).to(tl.int32)
-        e = tl.load(crow + s, mask=active, other=0)
-        if CF64:
-            lo = (e & 0x1FFFF).to(tl.uint32)
-            f = (e >> 32).to(tl.uint32)
-        else:
-            lo = (e & 0xFFFF).to(tl.uint32)
-            f = ((e >> 16) & 0xFFFF).to(tl.uint32)
+        lo, f = _cum_freq(tl.load(crow + s, mask=active, other=0), CF64)
         more = active & (slot >= lo + f)
         while tl.max(more.to(tl.int32)) > 0:
             s = tl.where(more, tl.minimum(s + 1, 255), s)
-            e = tl.load(crow + s, mask=more, other=0)
-            if CF64:
-                lo2 = (e & 0x1FFFF).to(tl.uint32)
-                f2 = (e >> 32).to(tl.uint32)
-            else:
-                lo2 = (e & 0xFFFF).to(tl.uint32)
-                f2 = ((e >> 16) & 0xFFFF).to(tl.uint32)
+            lo2, f2 = _cum_freq(tl.load(crow + s, mask=more, other=0), CF64)
             lo = tl.where(more, lo2, lo)
             f = tl.where(more, f2, f)
             more = more & (slot >= lo + f)
