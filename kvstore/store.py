@@ -46,8 +46,9 @@ from kvstore.format import manifest as manifest_format
 from kvstore.format.chunk import ChunkIdentity, chunk_meta, decode_chunk, encode_chunk
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
+from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
-from kvstore.kv import KV, check_kv, stack_span, unstack_kv
+from kvstore.kv import KV, PrefixKV, check_kv, stack_span
 from kvstore.retrieval import pq as pq_index
 from kvstore.retrieval import store as pq_store
 
@@ -56,6 +57,7 @@ T = TypeVar("T")
 
 LevelLike = str | tuple[str, dict[str, Any]] | KVCodec
 PUT_ATTEMPTS = 3  # a put whose manifest lists objects replaced since is redone this often
+SLIDING_CHUNKS = ("all", "last_window")
 
 
 def make_codec(level: LevelLike) -> KVCodec:
@@ -103,6 +105,12 @@ class KVStore:
         ttl: default time-to-live in seconds of stored objects (``None``: none).
         max_concurrency: how many object reads or writes one call keeps in flight.
         storage_options: passed to ``open_store`` when ``store`` is a URL.
+        sliding_chunks: which chunks of sliding-window (and chunked-attention) layers a
+            ``put`` stores: ``"all"`` (default), so that a prefix ending at any chunk
+            boundary continues exactly, or ``"last_window"``, only the chunks that the
+            context's end attends: smaller, but then only prefixes whose own window was
+            stored (the whole context, and prefixes of other contexts sharing the chunks)
+            can be loaded; ``lookup`` reports accordingly.
     """
 
     def __init__(
@@ -115,6 +123,7 @@ class KVStore:
         ttl: float | None = None,
         max_concurrency: int = 16,
         storage_options: dict[str, Any] | None = None,
+        sliding_chunks: str = "all",
     ) -> None:
         if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens <= 0:
             raise ConfigError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
@@ -130,7 +139,11 @@ class KVStore:
         self.keys = KeyScheme(namespace)
         self.ttl = check_ttl(ttl)
         self.max_concurrency = max_concurrency
+        if sliding_chunks not in SLIDING_CHUNKS:
+            raise ConfigError(f"sliding_chunks must be one of {SLIDING_CHUNKS}, got {sliding_chunks!r}")
+        self.sliding_chunks = sliding_chunks
         self._profiles_loaded: set[str] = set()
+        self._layouts: dict[str, CacheLayout] = {}  # fingerprint -> its verified stored layout
 
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> KVStore:
@@ -166,12 +179,20 @@ class KVStore:
         tokens: Sequence[int] | torch.Tensor | np.ndarray,
         kv: KV,
         *,
+        layout: CacheLayout | None = None,
         ttl: float | None = None,
         pq: pq_index.PQConfig | pq_index.PQIndex | None = None,
         pq_centroid_format: str = "q4",
     ) -> Manifest:
-        """Store the KV of ``tokens`` (per layer ``(key, value)``, each ``[kv_heads, tokens, head_dim]``)
-        at every level; returns the manifest written. Chunks already stored are shared.
+        """Store the KV of ``tokens`` (per layer ``(key, value)``, each ``[kv_heads, tokens, dim]``,
+        every layer covering every token) at every level; returns the manifest written.
+        Chunks already stored are shared.
+
+        ``layout``: the model's :class:`~kvstore.format.layout.CacheLayout` (from
+        :func:`kvstore.integrations.hf.cache_layout`); needed when layers differ in kind or
+        shape, otherwise every layer is taken as full attention. The first put of a model
+        stores its layout; a later put with another layout for the same ``model_id`` raises
+        :class:`ConfigError`. Each chunk is stored as one object per (level, layer group).
 
         ``pq``: also store PQ centroids and codes of the keys for retrieval attention,
         either a ready :class:`~kvstore.retrieval.pq.PQIndex` (e.g. trained during
@@ -185,12 +206,23 @@ class KVStore:
         ``gc`` may have replaced or removed one in between, and the put is then redone
         (:class:`~kvstore.errors.ConcurrentWriteError` after ``PUT_ATTEMPTS``)."""
         plan = self._plan(model_id, tokens)
-        check_kv(kv, len(plan.tokens))
+        if layout is not None and not isinstance(layout, CacheLayout):
+            raise ConfigError(f"layout must be a CacheLayout or None, got {type(layout).__name__}")
+        layout = layout if layout is not None else layout_of_kv(kv)
+        check_kv(kv, len(plan.tokens), layout)
         ttl = self.ttl if ttl is None else check_ttl(ttl)
         if pq is not None and not isinstance(pq, pq_index.PQConfig | pq_index.PQIndex):
             raise ConfigError(f"pq must be a PQConfig, a PQIndex or None, got {type(pq).__name__}")
         if pq is not None and pq_centroid_format not in pq_store.CENTROID_FORMATS:
             raise ConfigError(f"pq_centroid_format must be one of {pq_store.CENTROID_FORMATS}, got {pq_centroid_format!r}")
+        if pq is not None and not layout.is_uniform:
+            raise ConfigError(f"PQ retrieval needs every layer full attention with one shape; this layout is "
+                              f"{layout.describe()}")
+        for level, codec in enumerate(self.codecs):
+            check = getattr(codec, "check_layout", None)
+            if check is not None:
+                check(layout)  # before any write: a codec that cannot take these layers says so now
+        await self._store_layout(plan.fingerprint, layout, ttl)
         # KV on a GPU: every read of it (and of the PQ index) is queued on the caller's stream
         stream = caller_stream(kv[0][0].device)
         if isinstance(pq, pq_index.PQConfig):  # once, not per attempt
@@ -200,7 +232,7 @@ class KVStore:
             pq = await asyncio.to_thread(on_stream(caller_stream(on_gpu.device), pq.to), "cpu")
         stale: list[str] = []
         for attempt in range(PUT_ATTEMPTS):
-            manifest = await self._put_once(model_id, plan, kv, ttl, pq, pq_centroid_format, stream)
+            manifest = await self._put_once(model_id, plan, kv, layout, ttl, pq, pq_centroid_format, stream)
             stale = await self._changed_objects(manifest)
             if not stale:
                 return manifest
@@ -235,28 +267,37 @@ class KVStore:
         flags = await self._bounded([lambda obj=obj: changed(obj) for obj in listed])
         return [obj.key for obj, flag in zip(listed, flags) if flag]
 
-    async def _put_once(self, model_id: str, plan: _Plan, kv: KV, ttl: float | None,
+    def _stores_chunk(self, group: LayerGroup, bounds: tuple[int, int], num_tokens: int) -> bool:
+        """Whether a put of ``num_tokens`` tokens stores ``group``'s object of the chunk ``bounds``."""
+        if self.sliding_chunks == "all" or group.spec.window is None:
+            return True
+        return bounds[1] > group.spec.first_needed(num_tokens)
+
+    async def _put_once(self, model_id: str, plan: _Plan, kv: KV, layout: CacheLayout, ttl: float | None,
                         pq: pq_index.PQIndex | None, pq_centroid_format: str,
                         stream: torch.cuda.Stream | None) -> Manifest:
         """Write every chunk object (create-only), the PQ objects, then the manifest; the KV is
         read on ``stream`` (the caller's, for KV on a GPU)."""
-        first = kv[0][0]
-        layers, (kv_heads, _, head_dim), dtype = len(kv), first.shape, first.dtype
+        dtype = kv[0][0].dtype
+        groups = layout.groups
         stack, encode = on_stream(stream, stack_span), on_stream(stream, encode_chunk)
+        n = len(plan.tokens)
 
-        def identity(i: int) -> ChunkIdentity:
-            start, stop = plan.bounds[i]
-            return ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
-                                 layers, kv_heads, head_dim, dtype)
+        async def store_chunk(i: int) -> list[tuple[tuple[int, int], ChunkObject]]:
+            stored = []
+            for group in groups:
+                if not self._stores_chunk(group, plan.bounds[i], n):
+                    continue
+                ident = self._identity(plan, i, group, dtype)
+                keys, values = await asyncio.to_thread(stack, kv, *plan.bounds[i], group.layers)  # once for every level
+                for level, codec in enumerate(self.codecs):
+                    stored.append(((level, group.index), await store_level(ident, group, codec, keys, values)))
+            return stored
 
-        async def store_chunk(i: int) -> list[ChunkObject]:
-            ident = identity(i)
-            keys, values = await asyncio.to_thread(stack, kv, *plan.bounds[i])  # once for every level
-            return [await store_level(ident, level, codec, keys, values) for level, codec in enumerate(self.codecs)]
-
-        async def store_level(ident: ChunkIdentity, level: int, codec: KVCodec,
+        async def store_level(ident: ChunkIdentity, group: LayerGroup, codec: KVCodec,
                               keys: torch.Tensor, values: torch.Tensor) -> ChunkObject:
-            key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, codec.tag)
+            key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, codec.tag, group.name)
+            level = self.codecs.index(codec)
             data = await asyncio.to_thread(encode, codec, ident, keys, values)
             if await self.store.put(key, data, ttl=ttl, create_only=True):
                 metrics.record_put(level, len(data))
@@ -271,30 +312,73 @@ class KVStore:
 
         for stored in {p[0]: p for c in self.codecs if (p := c.stored_profile()) is not None}.values():
             await self._store_profile(plan.fingerprint, *stored, ttl)
-        objects = await self._bounded([lambda i=i: store_chunk(i) for i in range(len(plan.bounds))])
+        placed = await self._bounded([lambda i=i: store_chunk(i) for i in range(len(plan.bounds))])
         pq_entry = None
         if pq is not None:
             written = await pq_store.put_pq(self, model_id, plan.tokens, pq, centroid_format=pq_centroid_format, ttl=ttl)
             pq_entry = PQEntry(pq.config.to_dict(), written.centroids, written.codes)
+        full_grid = [(level, g) for level in range(len(self.codecs)) for g in range(len(groups))]
+        chunks = []
+        for i, entries in enumerate(placed):
+            entries.sort(key=lambda e: e[0])  # level by level, group by group
+            slots = tuple(slot for slot, _ in entries)
+            chunks.append(ChunkEntry(plan.hashes[i], *plan.bounds[i], tuple(obj for _, obj in entries),
+                                     None if list(slots) == full_grid else slots))
         manifest = Manifest(
             model_id=model_id,
             fingerprint=plan.fingerprint,
-            num_tokens=len(plan.tokens),
+            num_tokens=n,
             chunk_tokens=self.chunk_tokens,
-            layers=layers,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
+            layout=layout,
             dtype=dtype_name(dtype),
             levels=tuple(LevelSpec(c.name, c.params, c.tag) for c in self.codecs),
-            chunks=tuple(
-                ChunkEntry(plan.hashes[i], *plan.bounds[i], tuple(objects[i]))
-                for i in range(len(plan.bounds))
-            ),
+            chunks=tuple(chunks),
             pq=pq_entry,
         )
         key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
         await self.store.put(key, manifest.to_bytes(plan.tokens), ttl=ttl)
         return manifest
+
+    @staticmethod
+    def _identity(plan: _Plan, i: int, group: LayerGroup, dtype: torch.dtype) -> ChunkIdentity:
+        start, stop = plan.bounds[i]
+        spec = group.spec
+        return ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop], len(group.layers),
+                             spec.kv_heads, spec.key_dim, dtype, spec.value_dim, group.name)
+
+    async def _store_layout(self, fingerprint: str, layout: CacheLayout, ttl: float | None) -> None:
+        """Store the model's layout unless present; :class:`ConfigError` if another one is stored.
+
+        A uniform full-attention layout is not stored: readers of a store without a layout
+        object take the uniform layout from the chunk headers (as stores written before
+        layouts existed hold)."""
+        if layout.is_uniform:
+            stored = await self._stored_layout(fingerprint)
+            if stored is not None and stored != layout:
+                raise ConfigError(f"this model id is stored with layout {stored.describe()}, not {layout.describe()}")
+            return
+        data = layout_to_bytes(layout, fingerprint)
+        key = self.keys.layout_key(fingerprint)
+        if not await self.store.put(key, data, ttl=ttl, create_only=True):
+            stored = await self._stored_layout(fingerprint, cached=False)
+            if stored is None:  # removed (gc, expiry) since: write it again
+                await self.store.put(key, data, ttl=ttl)
+            elif stored != layout:
+                raise ConfigError(f"this model id is stored with layout {stored.describe()}, not {layout.describe()}")
+            elif ttl is not None:
+                await self.store.put(key, data, ttl=ttl)  # extend: the layout must outlive every chunk
+        self._layouts[fingerprint] = layout
+
+    async def _stored_layout(self, fingerprint: str, *, cached: bool = True) -> CacheLayout | None:
+        """The model's stored layout (verified), or ``None`` when the store holds none."""
+        if cached and fingerprint in self._layouts:
+            return self._layouts[fingerprint]
+        data = await self.store.get(self.keys.layout_key(fingerprint))
+        if data is None:
+            return None
+        layout = layout_from_bytes(data, fingerprint)
+        self._layouts[fingerprint] = layout
+        return layout
 
     async def _store_profile(self, fingerprint: str, profile_id: str, data: bytes, ttl: float | None) -> None:
         """Store a codec's per-model profile unless present (content-addressed, create-only).
@@ -353,17 +437,25 @@ class KVStore:
         self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray, *, level: int = 0
     ) -> int:
         """How many leading tokens of ``tokens`` have stored KV at ``level`` (a multiple of
-        ``chunk_tokens``, or ``len(tokens)`` when the whole context is stored)."""
+        ``chunk_tokens``, or ``len(tokens)`` when the whole context is stored): every chunk of
+        the full-attention layers up to there, and the chunks of each sliding-window layer
+        group that a continuation from there attends."""
         plan = self._plan(model_id, tokens)
         self._check_level(level, len(self.codecs))
         tag = self.codecs[level].tag
-        keys = [self.keys.chunk_key(plan.fingerprint, h, tag) for h in plan.hashes]
-        present = await self._bounded([lambda key=key: self.store.exists(key) for key in keys])
+        layout = await self._stored_layout(plan.fingerprint)
+        specs = [(g.name, g.spec) for g in layout.groups] if layout is not None else [("", None)]
+        keys = [[self.keys.chunk_key(plan.fingerprint, h, tag, name) for name, _ in specs] for h in plan.hashes]
+        flat = await self._bounded([lambda key=key: self.store.exists(key) for row in keys for key in row])
+        present = [flat[i * len(specs):(i + 1) * len(specs)] for i in range(len(keys))]
         covered = hits = 0
-        for (_, stop), ok in zip(plan.bounds, present):
-            if not ok:
-                break
-            covered, hits = stop, hits + 1
+        for i, (_, stop) in enumerate(plan.bounds):
+            if not all(present[i][g] for g, (_, spec) in enumerate(specs) if spec is None or spec.window is None):
+                break  # a full-attention chunk is missing: nothing after it can be continued
+            hits += 1
+            if all(present[j][g] for g, (_, spec) in enumerate(specs) if spec is not None
+                   for j in range(spec.first_needed(stop) // self.chunk_tokens, i + 1)):
+                covered = stop
         metrics.record_lookup(hits, len(keys) - hits)
         return covered
 
@@ -393,12 +485,16 @@ class KVStore:
     def _check_manifest_keys(self, manifest: Manifest, plan: _Plan) -> None:
         """Every object a manifest lists must sit where this store writes it: a manifest
         cannot point a reader at another namespace's, model's or chunk's objects."""
+        groups = manifest.layout.groups
         for chunk, chunk_hash in zip(manifest.chunks, plan.hashes):
             if chunk.hash != chunk_hash:
                 raise FormatError("manifest chunk hashes do not match the requested tokens")
-            for spec, obj in zip(manifest.levels, chunk.objects):
-                if obj.key != self.keys.chunk_key(plan.fingerprint, chunk_hash, spec.tag):
-                    raise FormatError(f"manifest lists chunk object {obj.key} outside its place")
+            for level, spec in enumerate(manifest.levels):
+                for group in groups:
+                    obj = chunk.object_at(level, group.index, len(groups))
+                    if obj is not None and obj.key != self.keys.chunk_key(plan.fingerprint, chunk_hash, spec.tag,
+                                                                          group.name):
+                        raise FormatError(f"manifest lists chunk object {obj.key} outside its place")
         if manifest.pq is not None:
             folder = self.keys.model_prefix(plan.fingerprint) + f"pq/{plan.hashes[-1]}/"
             if not all(obj.key.startswith(folder) for obj in manifest.pq.objects):
@@ -411,8 +507,16 @@ class KVStore:
         *,
         level: int = 0,
         device: str | torch.device = "cpu",
+        sliding_window_only: bool = True,
     ) -> KV:
         """The KV of exactly ``tokens`` at ``level``, on ``device``.
+
+        Full-attention layers hold every token. Sliding-window (and chunked-attention)
+        layers hold, with ``sliding_window_only`` (the default), only the *last* tokens:
+        those of the chunks that overlap the window a continuation attends, so only those
+        chunks are fetched (:func:`kvstore.integrations.hf.kv_to_cache` places them);
+        ``sliding_window_only=False`` returns every token there too (stored with
+        ``sliding_chunks="all"``).
 
         Raises :class:`ContextNotFoundError` if it is not stored (use :meth:`lookup`
         to find a stored prefix), :class:`IncompleteContextError` if the context's
@@ -429,64 +533,96 @@ class KVStore:
         manifest = await self._read_manifest(model_id, plan)
         if manifest is not None:
             self._check_level(level, len(manifest.levels))
-            expected = [chunk.objects[level] for chunk in manifest.chunks]
-            keys = [obj.key for obj in expected]
             spec = manifest.levels[level]
             await self._load_profile(plan.fingerprint, spec.codec, spec.params)
+            layout: CacheLayout | None = manifest.layout
+            tag, codec_name = spec.tag, spec.codec
         else:
             self._check_level(level, len(self.codecs))
-            expected = None
-            keys = [self.keys.chunk_key(plan.fingerprint, h, self.codecs[level].tag) for h in plan.hashes]
-
+            layout = await self._stored_layout(plan.fingerprint)  # None: one uniform group (chunk headers)
+            tag, codec_name = self.codecs[level].tag, self.codecs[level].name
+        n = len(plan.tokens)
+        groups = layout.groups if layout is not None else None
         found = {"hits": 0, "misses": 0}
 
-        async def fetch(i: int) -> bytes:
+        def first_chunk(group: LayerGroup) -> int:
+            return group.spec.first_needed(n) // self.chunk_tokens if sliding_window_only else 0
+
+        # the objects to read: (chunk index, group index) in chunk order within each group
+        jobs = ([(i, g.index) for g in groups for i in range(first_chunk(g), len(plan.bounds))]
+                if groups is not None else [(i, 0) for i in range(len(plan.bounds))])
+
+        def key_of(j: int) -> str:
+            i, g = jobs[j]
+            if manifest is not None:
+                obj = manifest.object_at(i, level, g)
+                if obj is None:
+                    raise MissingObjectError(f"context of {n} tokens: chunk {i} of layer group "
+                                             f"{manifest.layout.groups[g].name!r} was not stored "
+                                             "(sliding_chunks='last_window')")
+                return obj.key
+            return self.keys.chunk_key(plan.fingerprint, plan.hashes[i], tag, groups[g].name if groups else "")
+
+        async def fetch(j: int) -> bytes:
+            i, g = jobs[j]
+            key = key_of(j)
             started = time.perf_counter()
-            blob = await self.store.get(keys[i])
+            blob = await self.store.get(key)
             found["misses" if blob is None else "hits"] += 1
-            if blob is None and expected is not None:
-                raise MissingObjectError(
-                    f"context of {len(plan.tokens)} tokens: chunk {i} ({keys[i]}) is missing from the store"
-                )
+            if blob is None and manifest is not None:
+                raise MissingObjectError(f"context of {n} tokens: chunk {i} ({key}) is missing from the store")
             if blob is None:
                 raise ContextNotFoundError(
-                    f"no stored KV for these {len(plan.tokens)} tokens of model {model_id!r} "
-                    f"(chunk {i} of {len(keys)} is missing; lookup() finds a stored prefix)"
+                    f"no stored KV for these {n} tokens of model {model_id!r} "
+                    f"(chunk {i} of {len(plan.bounds)} is missing; lookup() finds a stored prefix)"
                 )
             metrics.record_get(level, len(blob), time.perf_counter() - started)
-            if expected is not None:
-                check_recorded_object(blob, expected[i], i)
+            if manifest is not None:
+                check_recorded_object(blob, manifest.object_at(i, level, g), i)  # type: ignore[arg-type]
             return blob
 
         try:
-            # chunk 0 first: without a manifest its header says the shape and dtype to allocate
-            first = await self._verified(0, fetch, lambda i, blob: self._shape_and_dtype(manifest, blob))
-            (layers, kv_heads, head_dim), dtype = self._shape_and_dtype(manifest, first)
-            # from the caller's stream's memory pool (this thread's current stream may be another)
-            out_k = on_stream(stream, torch.empty)((layers, kv_heads, len(plan.tokens), head_dim), dtype=dtype, device=device)
-            out_v = on_stream(stream, torch.empty_like)(out_k)
-            codec_name = manifest.levels[level].codec if manifest is not None else self.codecs[level].name
+            # the first object first: without a manifest its header says the dtype (and, on a
+            # store without a layout object, the one group's shape) to allocate
+            shape: dict[str, Any] = {}
 
-            def decode(i: int, blob: bytes) -> None:
+            def read_shape(j: int, blob: bytes) -> None:
+                shape["layout"], shape["dtype"] = self._layout_and_dtype(manifest, layout, blob)
+
+            first = await self._verified(0, fetch, read_shape)
+            layout, dtype = shape["layout"], shape["dtype"]
+            groups = layout.groups
+            base = [plan.bounds[first_chunk(g)][0] for g in groups]
+            alloc = on_stream(stream, torch.empty)  # from the caller's stream's pool (this thread's may be another)
+            outs = [tuple(alloc((len(g.layers), g.spec.kv_heads, n - base[g.index], dim), dtype=dtype, device=device)
+                          for dim in (g.spec.key_dim, g.spec.value_dim))
+                    for g in groups]
+
+            def decode(j: int, blob: bytes) -> None:
+                i, g = jobs[j]
                 start, stop = plan.bounds[i]
-                ident = ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop],
-                                      layers, kv_heads, head_dim, dtype)
+                ident = self._identity(plan, i, groups[g], dtype)
                 started = time.perf_counter()
                 k, v = decode_chunk(blob, ident, device)
                 metrics.record_decode(codec_name, time.perf_counter() - started)
-                out_k[:, :, start:stop] = k
-                out_v[:, :, start:stop] = v
+                out_k, out_v = outs[g]
+                out_k[:, :, start - base[g]:stop - base[g]] = k
+                out_v[:, :, start - base[g]:stop - base[g]] = v
 
             decode = on_stream(stream, decode)  # runs in worker threads
 
-            async def fetched_first(i: int) -> bytes:
+            async def fetched_first(j: int) -> bytes:
                 return first
 
             await self._bounded([lambda: self._verified(0, fetched_first, decode, refetch=fetch)]
-                                + [lambda i=i: self._verified(i, fetch, decode) for i in range(1, len(keys))])
+                                + [lambda j=j: self._verified(j, fetch, decode) for j in range(1, len(jobs))])
         finally:
             metrics.record_lookup(found["hits"], found["misses"], op="get")
-        return unstack_kv(out_k, out_v)
+        kv: KV = [None] * layout.num_layers  # type: ignore[list-item]
+        for group, (out_k, out_v) in zip(groups, outs):
+            for j, layer in enumerate(group.layers):
+                kv[layer] = (out_k[j], out_v[j])
+        return PrefixKV(kv, n)
 
     @staticmethod
     async def _verified(i: int, fetch: Callable[[int], Awaitable[bytes]], decode: Callable[[int, bytes], Any],
@@ -512,14 +648,24 @@ class KVStore:
             raise
 
     @staticmethod
-    def _shape_and_dtype(manifest: Manifest | None, first_blob: bytes) -> tuple[tuple[int, int, int], torch.dtype]:
+    def _layout_and_dtype(manifest: Manifest | None, layout: CacheLayout | None,
+                          first_blob: bytes) -> tuple[CacheLayout, torch.dtype]:
+        """The layout and dtype to decode into: the manifest's, or else the stored layout and
+        the first object's recorded dtype (a store without a layout object: one uniform group
+        of the first object's recorded shape)."""
         if manifest is not None:
-            return manifest.shape, torch_dtype(manifest.dtype)[0]
+            return manifest.layout, torch_dtype(manifest.dtype)[0]
         meta = container.decode_header(memoryview(first_blob)[: container.head_bytes_needed(first_blob)]).meta
+        dtype = torch_dtype(meta.get("dtype"))[0]
+        if layout is not None:
+            return layout, dtype
         dims = tuple(meta.get(name) for name in ("layers", "kv_heads", "head_dim"))
-        if not all(type(d) is int and d > 0 for d in dims):
+        if not all(type(d) is int and d > 0 for d in dims) or "group" in meta:
             raise FormatError("chunk object does not record a valid KV shape")
-        return dims, torch_dtype(meta.get("dtype"))[0]  # type: ignore[return-value]
+        try:
+            return CacheLayout.uniform(*dims, meta.get("value_dim")), dtype  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise FormatError(f"chunk object records an invalid shape: {exc}") from None
 
     async def get_pq(
         self,

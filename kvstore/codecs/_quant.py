@@ -24,13 +24,14 @@ PARAM_DTYPES = (torch.float16, torch.float32)
 
 
 def check_kv(keys: torch.Tensor, values: torch.Tensor) -> tuple[int, int, int, int]:
-    """Validate encoder input: two same-shape, same-device 4-D float tensors; returns the shape."""
+    """Validate encoder input: two 4-D float tensors on one device whose shapes agree except
+    perhaps in the last axis (value width); returns the keys' shape."""
     for name, t in (("keys", keys), ("values", values)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
             raise CodecError(f"{name} must be a 4-D float tensor [layers, kv_heads, tokens, head_dim]")
     if 0 in keys.shape:
         raise CodecError(f"cannot encode an empty chunk of shape {list(keys.shape)}")
-    if keys.shape != values.shape or keys.device != values.device:
+    if keys.shape[:3] != values.shape[:3] or keys.device != values.device:
         raise CodecError(f"keys {list(keys.shape)} on {keys.device} and values {list(values.shape)} "
                          f"on {values.device} must match")
     return tuple(keys.shape)  # type: ignore[return-value]

@@ -59,9 +59,11 @@ class KVCodec(ABC):
 
     @abstractmethod
     def decode(
-        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+        *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rebuild keys and values of ``shape`` and ``dtype`` on ``device`` from a verified container."""
+        """Rebuild keys of ``shape`` and values (of ``shape`` with its last axis ``value_dim``,
+        when the value width differs) as ``dtype`` on ``device`` from a verified container."""
 
     # -- per-model profiles: data a codec shares across all chunks of a model ----------
     @classmethod
@@ -80,6 +82,11 @@ class KVCodec(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
+
+
+def kv_shapes(shape: tuple[int, int, int, int], value_dim: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The key and value shapes of a chunk: ``shape`` and ``shape`` with its last axis ``value_dim``."""
+    return tuple(shape), (*shape[:3], shape[3] if value_dim is None else value_dim)
 
 
 def profile_content_id(data: bytes | memoryview) -> str:

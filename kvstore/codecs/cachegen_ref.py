@@ -46,7 +46,7 @@ import torch
 
 from kvstore.codecs import _quant as q
 from kvstore.codecs import rans
-from kvstore.codecs.base import KVCodec, register_codec
+from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
 from kvstore.codecs.symbol_model import (
     MAX_PRECISION,
     MIN_PRECISION,
@@ -130,10 +130,10 @@ class CacheGenRefCodec(KVCodec):
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
         """Encode a chunk (``start``, its position in the context, is not used)."""
-        layers, heads, tokens, dim = q.check_kv(keys, values)
-        channels = heads * dim
+        layers, heads, tokens, _ = q.check_kv(keys, values)
         out: dict[str, BufferLike] = {}
         for name, x, bins in zip(("k", "v"), (keys, values), self.schedule(layers)):
+            channels = heads * x.shape[3]
             # [layers, heads, tokens, dim] -> [layers, tokens, heads * dim]: heads merged, as CacheGen does
             rows = x.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
             rows = rows.view(layers, tokens, channels)
@@ -154,12 +154,14 @@ class CacheGenRefCodec(KVCodec):
         return out
 
     def decode(
-        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+        *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        layers, heads, tokens, dim = shape
-        channels = heads * dim
+        layers = shape[0]
         out = []
-        for name, bins in zip(("k", "v"), self.schedule(layers)):
+        for name, bins, part_shape in zip(("k", "v"), self.schedule(layers), kv_shapes(shape, value_dim)):
+            _, heads, tokens, dim = part_shape
+            channels = heads * dim
             scale = q.read_params(obj, f"{name}_scale", (layers, tokens), nonneg=True)
             sym = np.empty((layers, tokens, channels), dtype=np.uint8)
             for b, idx in _layer_groups(bins):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kvstore.codecs import _quant as q
-from kvstore.codecs.base import KVCodec, register_codec
+from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
 from kvstore.format.container import BufferLike, Container
 
 QMAX = 127
@@ -65,10 +65,11 @@ class Int8Codec(KVCodec):
         return {"k": k, "k_scale": k_scale, "v": v, "v_scale": v_scale}
 
     def decode(
-        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+        *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
-        for name in ("k", "v"):
+        for name, shape in zip(("k", "v"), kv_shapes(shape, value_dim)):
             codes = q.read(obj, name, (torch.int8,), shape)
             scale = q.read_params(obj, f"{name}_scale", shape[:3], nonneg=True)
             out.append(dequantize(codes.to(device), scale.to(device), dtype))

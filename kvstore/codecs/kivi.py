@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from kvstore.codecs import _quant as q
-from kvstore.codecs.base import KVCodec, register_codec
+from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
 from kvstore.format.container import BufferLike, Container
 
 #: the axis each tensor is grouped along in ``[layers, kv_heads, tokens, head_dim]``
@@ -126,11 +126,12 @@ class KIVICodec(KVCodec):
         return out
 
     def decode(
-        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+        *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        count = math.prod(shape)
         out = []
-        for name in ("k", "v"):
+        for name, shape in zip(("k", "v"), kv_shapes(shape, value_dim)):
+            count = math.prod(shape)
             axis = AXES[name]
             pshape = param_shape(shape, axis, self.group_size)
             packed = q.read(obj, name, (torch.uint8,), (q.packed_bytes(count, self.bits),))

@@ -159,6 +159,17 @@ class KVCodecV1(KVCodec):
         data = self._stored if self._stored is not None else self.profile.to_bytes()
         return self.profile_id, data
 
+    def check_layout(self, layout: Any) -> None:
+        """Refuse (before any write) a model layout this profile cannot code: the profile
+        describes one group of layers with equal key and value widths."""
+        groups = layout.groups
+        spec = groups[0].spec
+        if len(groups) != 1 or spec.key_dim != spec.value_dim:
+            raise CodecError(f"kvcodec profiles cover models whose layers share one shape, not {layout.describe()}")
+        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.profile.shape:
+            raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
+                             f"{self.profile.shape}")
+
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         L, H, _, D = shape
         if (L, H, D) != self.profile.shape:
@@ -201,7 +212,8 @@ class KVCodecV1(KVCodec):
         of :meth:`streams`) on the device of ``keys``, and the raw side buffers (sinks,
         patches). Torch operations only: the CPU and GPU encoders share them."""
         if keys.shape != values.shape or keys.ndim != 4:
-            raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D]")
+            raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D] "
+                             "(kvcodec profiles describe equal key and value widths)")
         self._check_shape(tuple(keys.shape))
         L, H, T, D = keys.shape
         device = keys.device
@@ -273,9 +285,12 @@ class KVCodecV1(KVCodec):
         return torch.from_numpy(symbols).to(torch.int16) - ZERO
 
     def decode(
-        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+        *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_shape(shape)
+        if value_dim is not None and value_dim != shape[3]:
+            raise CodecError(f"kvcodec profiles describe equal key and value widths, not {shape[3]} and {value_dim}")
         if device.type == "cuda" and use_triton(device):
             from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu  # Triton rANS decode + dequantize
 

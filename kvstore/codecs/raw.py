@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.codecs.base import KVCodec, register_codec
+from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
 from kvstore.errors import FormatError
 from kvstore.format.container import BufferLike, Container
 
@@ -19,10 +19,11 @@ class RawCodec(KVCodec):
         return {"k": keys, "v": values}
 
     def decode(
-        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+        *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
-        for name in ("k", "v"):
+        for name, shape in zip(("k", "v"), kv_shapes(shape, value_dim)):
             tensor = obj.tensor(name)
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 raise FormatError(

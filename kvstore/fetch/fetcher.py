@@ -193,6 +193,9 @@ class AdaptiveFetcher:
         manifest = await self.store.manifest(model_id, token_array)
         if manifest is None:
             raise ContextNotFoundError(f"no stored context of these {len(token_array)} tokens for {model_id!r}")
+        if not manifest.layout.is_uniform:
+            raise ConfigError(f"the adaptive fetcher streams contexts whose layers are all full attention of one "
+                              f"shape; this one is {manifest.layout.describe()} (use KVStore.get)")
         await self.store.load_profiles(manifest)
         candidates = list(range(len(manifest.levels))) if levels is None else list(levels)
         if not candidates or any(not 0 <= lv < len(manifest.levels) for lv in candidates):

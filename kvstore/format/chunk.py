@@ -24,7 +24,10 @@ KIND = "kv-chunk"
 
 @dataclass(frozen=True, slots=True)
 class ChunkIdentity:
-    """What a chunk object must be: whose, which tokens, which shape."""
+    """What a chunk object must be: whose, which tokens, which layer group, which shape.
+
+    ``head_dim`` is the key width; ``value_dim`` the value width where it differs (MLA);
+    ``group`` the layer group's name (empty when the model's layout has one group)."""
 
     fingerprint: str
     chunk_hash: str
@@ -34,15 +37,18 @@ class ChunkIdentity:
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    value_dim: int | None = None
+    group: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
+        """The keys' shape ``[layers, kv_heads, tokens, head_dim]``."""
         return self.layers, self.kv_heads, len(self.tokens), self.head_dim
 
 
 def chunk_meta(ident: ChunkIdentity) -> dict[str, object]:
-    """The header meta that names a chunk object's model, tokens and shape."""
-    return {
+    """The header meta that names a chunk object's model, tokens, layer group and shape."""
+    meta: dict[str, object] = {
         "fingerprint": ident.fingerprint,
         "hash": ident.chunk_hash,
         "start": ident.start,
@@ -52,10 +58,15 @@ def chunk_meta(ident: ChunkIdentity) -> dict[str, object]:
         "head_dim": ident.head_dim,
         "dtype": dtype_name(ident.dtype),
     }
+    if ident.value_dim is not None and ident.value_dim != ident.head_dim:
+        meta["value_dim"] = ident.value_dim
+    if ident.group:
+        meta["group"] = ident.group
+    return meta
 
 
 def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, values: torch.Tensor) -> bytes:
-    """Encode ``[layers, kv_heads, tokens, head_dim]`` keys and values as a chunk object."""
+    """Encode ``[layers, kv_heads, tokens, dim]`` keys and values of one layer group as a chunk object."""
     buffers = codec.encode(keys, values, start=ident.start)
     clash = codec.RESERVED & set(buffers)
     if clash:
@@ -74,7 +85,9 @@ def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
     if header.kind != KIND:
         raise FormatError(f"expected a {KIND} object, found {header.kind!r}")
     meta = header.meta
-    for name, want in chunk_meta(ident).items():
+    want_meta = chunk_meta(ident)
+    for name in [*want_meta, *(extra for extra in ("value_dim", "group") if extra in meta and extra not in want_meta)]:
+        want = want_meta.get(name)
         if meta.get(name) != want:
             raise FormatError(f"chunk object has {name}={meta.get(name)!r}, expected {want!r}")
     stored_tokens = obj.tensor("tokens")
@@ -94,4 +107,5 @@ def decode_chunk(
         raise FormatError("chunk codec parameters must be an object")
     codec = get_codec(codec_doc["name"], params)
     torch_dtype(dtype_name(ident.dtype))
-    return codec.decode(obj, ident.shape, ident.dtype, device)
+    value_dim = ident.value_dim if ident.value_dim != ident.head_dim else None
+    return codec.decode(obj, ident.shape, ident.dtype, device, value_dim=value_dim)

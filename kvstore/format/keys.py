@@ -9,7 +9,9 @@ hash): a tenant cannot craft tokens that collide with another's chunk.
 
 Layout under a namespace ``ns``::
 
-    ns/<model fingerprint>/chunks/<chunk hash>/<level tag>   one chunk at one level
+    ns/<model fingerprint>/chunks/<chunk hash>/<level tag>   one chunk at one level (one layer group)
+    ns/<model fingerprint>/chunks/<chunk hash>/<level tag>+<group>   ... of one of several layer groups
+    ns/<model fingerprint>/layout                          the model's cache layout
     ns/<model fingerprint>/contexts/<context hash>           a context's manifest
     ns/<model fingerprint>/profiles/<profile id>             a codec's per-model profile
     ns/<model fingerprint>/pq/<context hash>/<config tag>/   a context's PQ centroids and codes
@@ -94,8 +96,14 @@ class KeyScheme:
     def model_prefix(self, fingerprint: str) -> str:
         return f"{self.namespace}/{fingerprint}/"
 
-    def chunk_key(self, fingerprint: str, chunk_hash: str, level_tag: str) -> str:
-        return validate_key(f"{self.namespace}/{fingerprint}/chunks/{chunk_hash}/{level_tag}")
+    def chunk_key(self, fingerprint: str, chunk_hash: str, level_tag: str, group: str = "") -> str:
+        """One chunk's object at one level, of layer ``group`` (empty for a one-group layout)."""
+        suffix = f"+{group}" if group else ""
+        return validate_key(f"{self.namespace}/{fingerprint}/chunks/{chunk_hash}/{level_tag}{suffix}")
+
+    def layout_key(self, fingerprint: str) -> str:
+        """The model's cache layout (written once, create-only, by the first put)."""
+        return validate_key(f"{self.namespace}/{fingerprint}/layout")
 
     def manifest_key(self, fingerprint: str, context_hash: str) -> str:
         return validate_key(f"{self.namespace}/{fingerprint}/contexts/{context_hash}")

@@ -7,6 +7,12 @@ complete context, and it records each chunk object's size and header checksum
 so a reader detects a chunk that was replaced or damaged since. A context put
 with PQ codes also lists its PQ objects (``pq``: configuration, centroids object,
 one codes object per chunk), written before the manifest like the chunks.
+
+Version 2 adds the model's cache layout (:mod:`kvstore.format.layout`) and stores
+each chunk as one object per (level, layer group); a chunk entry lists its objects
+level by level, group by group, and, where some (level, group) objects were not
+stored (sliding layers kept for the last window only), the ``[level, group]`` of
+each. Version 1 manifests (one group, equal key and value widths) still load.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ import numpy as np
 import torch
 
 from kvstore.backends.base import validate_key
-from kvstore.errors import FormatError, IncompleteContextError
+from kvstore.errors import ConfigError, FormatError, IncompleteContextError
 from kvstore.format import container
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import chunk_bounds, is_hash
+from kvstore.format.layout import CacheLayout
 
 KIND = "kv-manifest"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
 MAX_LEVELS = 64
 MAX_TIMESTAMP = 1e12  # seconds since the epoch: year ~33,700
 
@@ -51,12 +59,27 @@ class ChunkObject:
 
 @dataclass(frozen=True, slots=True)
 class ChunkEntry:
-    """One chunk of the context: its hash, token span and one object per level."""
+    """One chunk of the context: its hash, token span and its stored objects, one per
+    (level, layer group), level by level (with one group, ``objects[level]``).
+
+    ``slots`` names the ``(level, group)`` of each object when they are not the full grid
+    (``None``: every level of every group, in order)."""
 
     hash: str
     start: int
     stop: int
     objects: tuple[ChunkObject, ...]
+    slots: tuple[tuple[int, int], ...] | None = None
+
+    def object_at(self, level: int, group: int = 0, groups: int = 1) -> ChunkObject | None:
+        """The object of ``group`` (of ``groups``) at ``level``, or ``None`` if it was not stored."""
+        if self.slots is None:
+            index = level * groups + group
+            return self.objects[index] if 0 <= group < groups and 0 <= index < len(self.objects) else None
+        for obj, slot in zip(self.objects, self.slots):
+            if slot == (level, group):
+                return obj
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +109,7 @@ class Manifest:
     fingerprint: str
     num_tokens: int
     chunk_tokens: int
-    layers: int
-    kv_heads: int
-    head_dim: int
+    layout: CacheLayout
     dtype: str
     levels: tuple[LevelSpec, ...]
     chunks: tuple[ChunkEntry, ...]
@@ -96,13 +117,35 @@ class Manifest:
     pq: PQEntry | None = None
 
     @property
+    def layers(self) -> int:
+        return self.layout.num_layers
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads of the first layer (of every layer in a uniform layout)."""
+        return self.layout.layers[0].kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Key width of the first layer (of every layer in a uniform layout)."""
+        return self.layout.layers[0].key_dim
+
+    @property
     def shape(self) -> tuple[int, int, int]:
-        """(layers, kv_heads, head_dim)."""
+        """(layers, kv_heads, head_dim) of a uniform layout; :class:`FormatError` otherwise."""
+        if not self.layout.is_uniform:
+            raise FormatError(f"this context's layers differ ({self.layout.describe()}): no single shape")
         return self.layers, self.kv_heads, self.head_dim
+
+    def object_at(self, chunk: int, level: int, group: int = 0) -> ChunkObject | None:
+        """Chunk ``chunk``'s object of layer group ``group`` at ``level`` (``None``: not stored)."""
+        return self.chunks[chunk].object_at(level, group, len(self.layout.groups))
 
     def level_bytes(self, level: int) -> int:
         """Total stored bytes of the context at ``level``."""
-        return sum(chunk.objects[level].size for chunk in self.chunks)
+        groups = len(self.layout.groups)
+        return sum(obj.size for chunk in self.chunks for g in range(groups)
+                   if (obj := chunk.object_at(level, g, groups)) is not None)
 
     def to_bytes(self, tokens: np.ndarray) -> bytes:
         """Serialize with the context's token ids."""
@@ -112,22 +155,53 @@ class Manifest:
             "fingerprint": self.fingerprint,
             "num_tokens": self.num_tokens,
             "chunk_tokens": self.chunk_tokens,
-            "layers": self.layers,
-            "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim,
+            "layout": self.layout.to_dict(),
             "dtype": self.dtype,
             "created_at": self.created_at,
             "levels": [{"codec": lv.codec, "params": lv.params, "tag": lv.tag} for lv in self.levels],
-            "chunks": [
-                {"hash": c.hash, "start": c.start, "stop": c.stop,
-                 "objects": [_object_list(o) for o in c.objects]}
-                for c in self.chunks
-            ],
+            "chunks": [_chunk_doc(c) for c in self.chunks],
         }
         if self.pq is not None:
             meta["pq"] = {"config": self.pq.config, "centroids": _object_list(self.pq.centroids),
                           "codes": [_object_list(o) for o in self.pq.codes]}
         return container.encode({"tokens": tokens}, kind=KIND, meta=meta)
+
+
+def _chunk_doc(chunk: ChunkEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {"hash": chunk.hash, "start": chunk.start, "stop": chunk.stop,
+                           "objects": [_object_list(o) for o in chunk.objects]}
+    if chunk.slots is not None:
+        doc["slots"] = [list(slot) for slot in chunk.slots]
+    return doc
+
+
+def _slots(raw: Any, objects: int, levels: int, groups: int) -> tuple[tuple[int, int], ...] | None:
+    """A chunk entry's optional ``slots``: absent (the full grid), or distinct ``[level, group]`` pairs."""
+    if raw is None:
+        if objects != levels * groups:
+            raise FormatError("manifest chunk does not list one object per level and layer group")
+        return None
+    if not isinstance(raw, list) or len(raw) != objects:
+        raise FormatError("manifest chunk slots do not match its objects")
+    slots = []
+    for slot in raw:
+        if not (isinstance(slot, list) and len(slot) == 2 and all(type(x) is int for x in slot)
+                and 0 <= slot[0] < levels and 0 <= slot[1] < groups):
+            raise FormatError("manifest chunk slot is malformed")
+        slots.append((slot[0], slot[1]))
+    if len(set(slots)) != len(slots):
+        raise FormatError("manifest chunk lists one slot twice")
+    return tuple(slots)
+
+
+def _layout(meta: dict[str, Any], version: int) -> CacheLayout:
+    if version >= 2:
+        return CacheLayout.from_dict(meta.get("layout"))
+    dims = [_positive(meta, name) for name in ("layers", "kv_heads", "head_dim")]
+    try:
+        return CacheLayout.uniform(*dims)
+    except ConfigError as exc:
+        raise FormatError(f"manifest: {exc}") from None
 
 
 def _object_list(obj: ChunkObject) -> list[Any]:
@@ -193,8 +267,11 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
     if obj.header.kind != KIND:
         raise FormatError(f"expected a {KIND} object, found {obj.header.kind!r}")
     meta = obj.header.meta
-    if meta.get("version") != VERSION:
-        raise FormatError(f"unsupported manifest version {meta.get('version')!r}")
+    version = meta.get("version")
+    if type(version) is not int or version not in VERSIONS:
+        raise FormatError(f"unsupported manifest version {version!r}")
+    layout = _layout(meta, version)
+    groups = len(layout.groups)
     num_tokens = _positive(meta, "num_tokens")
     chunk_tokens = _positive(meta, "chunk_tokens")
     fingerprint = _field(meta, "fingerprint", str)
@@ -221,10 +298,11 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
         if not (isinstance(raw, dict) and raw.get("start") == start and raw.get("stop") == stop
                 and is_hash(raw.get("hash")) and isinstance(raw.get("objects"), list)):
             raise FormatError(f"manifest chunk entry for tokens [{start}, {stop}) is malformed")
+        if len(raw["objects"]) > len(levels) * groups:
+            raise FormatError("manifest chunk lists more objects than levels and layer groups")
         objects = tuple(_object(o) for o in raw["objects"])
-        if len(objects) != len(levels):
-            raise FormatError("manifest chunk does not list one object per level")
-        chunks.append(ChunkEntry(raw["hash"], start, stop, objects))
+        slots = _slots(raw.get("slots"), len(objects), len(levels), groups)
+        chunks.append(ChunkEntry(raw["hash"], start, stop, objects, slots))
     pq = _pq_entry(meta.get("pq"), len(bounds))
     tokens = obj.tensor("tokens")
     if tokens.dtype != torch.int32 or tokens.shape != (num_tokens,):
@@ -237,9 +315,7 @@ def from_bytes(data: bytes | memoryview) -> tuple[Manifest, np.ndarray]:
         fingerprint=fingerprint,
         num_tokens=num_tokens,
         chunk_tokens=chunk_tokens,
-        layers=_positive(meta, "layers"),
-        kv_heads=_positive(meta, "kv_heads"),
-        head_dim=_positive(meta, "head_dim"),
+        layout=layout,
         dtype=dtype,
         levels=tuple(levels),
         chunks=tuple(chunks),

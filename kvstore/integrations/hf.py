@@ -22,6 +22,7 @@ import torch
 import xxhash
 
 from kvstore.errors import ConfigError
+from kvstore.format.layout import CacheLayout, LayerSpec
 from kvstore.kv import KV
 
 Tokens: TypeAlias = Sequence[int] | torch.Tensor
@@ -39,6 +40,10 @@ _CONFIG_IGNORED = frozenset(
         "decoder_start_token_id", "chunk_size_feed_forward", "initializer_range", "attention_dropout",
     }
 )
+
+
+#: transformers' cache layer types that hold per-token KV, and the layout kind of each
+_LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
 
 
 class KVMismatchError(ConfigError):
@@ -73,21 +78,68 @@ def kv_layout(model_or_config: Any) -> KVLayout:
     return KVLayout(layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def _param(model: torch.nn.Module) -> torch.Tensor:
+def _param(model: torch.nn.Module) -> torch.nn.Parameter:
     return next(model.parameters())
 
 
-def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Check that ``kv`` fits ``model``'s layout; return the number of tokens it covers.
+def cache_layout(model_or_config: Any) -> CacheLayout:
+    """The per-layer cache layout of a transformers model (or its config).
 
-    Raises :class:`KVMismatchError` (a :class:`~kvstore.errors.ConfigError`) naming the
-    first mismatch: layer count, a tensor's rank, heads, head size, or unequal lengths.
-    """
-    layout = kv_layout(model)
-    if not isinstance(kv, Sequence) or len(kv) != layout.layers:
+    Layer kinds come from transformers' own reading of the config (``layer_types``, else
+    ``sliding_window`` / ``attention_chunk_size``), so a model's layout is what its
+    ``DynamicCache`` holds: full attention, sliding windows, chunked attention, and MLA
+    (a ``kv_lora_rank`` latent in the key slot, the rotary key in the value slot).
+    Layers that cache no per-token KV (linear attention's fixed-size states, layers that
+    reuse another layer's cache) raise :class:`ConfigError` naming the layer."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    cfg = _text_config(model_or_config)
+    try:
+        layer_types, per_layer = get_layer_types_and_kwargs(cfg)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot read the layer types of {type(cfg).__name__}: {exc}") from None
+    mla_rank = getattr(cfg, "kv_lora_rank", None)
+    if mla_rank:
+        heads, key_dim, value_dim, slots = 1, int(mla_rank), int(cfg.qk_rope_head_dim), "mla"
+    else:
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        key_dim = value_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        slots = "kv"
+    specs = []
+    for i, (kind, kwargs) in enumerate(zip(layer_types, per_layer)):
+        if kind not in _LAYER_KINDS:
+            raise ConfigError(
+                f"layer {i} of {getattr(cfg, 'model_type', type(cfg).__name__)} is a {kind!r} layer, which caches "
+                "no per-token KV (e.g. a linear-attention state); such models are not supported yet"
+            )
+        window = kwargs.get("sliding_window") if _LAYER_KINDS[kind] != "full" else None
+        specs.append(LayerSpec(_LAYER_KINDS[kind], int(heads), key_dim, value_dim,
+                               None if window is None else int(window), slots))
+    return CacheLayout(tuple(specs))
+
+
+def kv_length(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The number of context tokens ``kv`` describes: ``kv.num_tokens`` for KV loaded from a
+    store (:class:`~kvstore.kv.PrefixKV`, whose sliding-window layers may hold only the last
+    tokens), else the longest layer."""
+    n = getattr(kv, "num_tokens", None)
+    if n is not None:
+        return int(n)
+    return max((int(k.shape[1]) for k, _ in kv if isinstance(k, torch.Tensor) and k.ndim == 3), default=0)
+
+
+def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   num_tokens: int | None = None) -> int:
+    """Check that ``kv`` fits ``model``'s cache layout; return the number of context tokens
+    it covers (``num_tokens`` if given, else :func:`kv_length`).
+
+    Full-attention layers must hold every token; a sliding-window layer may hold only the
+    last ones (at least ``window - 1``, or all). Raises :class:`KVMismatchError` (a
+    :class:`~kvstore.errors.ConfigError`) naming the first mismatch."""
+    layout = cache_layout(model)
+    if not isinstance(kv, Sequence) or len(kv) != layout.num_layers:
         got = len(kv) if isinstance(kv, Sequence) else type(kv).__name__
-        raise KVMismatchError(f"model has {layout.layers} layers but the KV has {got}")
-    tokens = None
+        raise KVMismatchError(f"model has {layout.num_layers} layers but the KV has {got}")
     for i, pair in enumerate(kv):
         if not (isinstance(pair, Sequence) and len(pair) == 2):
             raise KVMismatchError(f"kv[{i}] must be a (key, value) pair")
@@ -95,38 +147,56 @@ def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) 
             if not isinstance(t, torch.Tensor) or t.ndim != 3:
                 shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise KVMismatchError(f"kv[{i}] {name} must be [kv_heads, tokens, head_dim], got {shape}")
-            if t.shape[0] != layout.kv_heads or t.shape[2] != layout.head_dim:
-                raise KVMismatchError(
-                    f"kv[{i}] {name} is {list(t.shape)}; the model expects "
-                    f"[{layout.kv_heads}, tokens, {layout.head_dim}]"
-                )
-            if tokens is None:
-                tokens = t.shape[1]
-            elif t.shape[1] != tokens:
-                raise KVMismatchError(f"kv[{i}] {name} covers {t.shape[1]} tokens, kv[0] key covers {tokens}")
+    total = kv_length(kv) if num_tokens is None else num_tokens
+    for i, ((k, v), spec) in enumerate(zip(kv, layout.layers)):
+        for name, t, dim in (("key", k, spec.key_dim), ("value", v, spec.value_dim)):
+            if t.shape[0] != spec.kv_heads or t.shape[2] != dim:
+                raise KVMismatchError(f"kv[{i}] {name} is {list(t.shape)}; the model expects "
+                                      f"[{spec.kv_heads}, tokens, {dim}]")
             if not t.is_floating_point():
                 raise KVMismatchError(f"kv[{i}] {name} has non-float dtype {t.dtype}")
-    assert tokens is not None
-    return tokens
+        held = k.shape[1]
+        if v.shape[1] != held:
+            raise KVMismatchError(f"kv[{i}] value covers {v.shape[1]} tokens, its key {held}")
+        least = total if spec.window is None else min(total, spec.window - 1)
+        if not least <= held <= total:
+            raise KVMismatchError(f"kv[{i}] key covers {held} tokens; a {spec.name} layer of a {total}-token "
+                                  f"context needs {least if spec.window is not None else total}"
+                                  + ("" if spec.window is None else f" to {total}"))
+    return total
 
 
-def kv_to_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
-    """A ``DynamicCache`` for ``model`` holding ``kv`` (moved to the model's device and dtype).
+def kv_to_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+                num_tokens: int | None = None) -> Any:
+    """A ``DynamicCache`` for ``model`` holding ``kv`` (moved to the model's device and dtype)
+    as the cache of a ``num_tokens``-token context (default :func:`kv_length`).
 
-    ``kv=None`` gives an empty cache. The caller's tensors are never modified.
-    """
+    A sliding-window layer takes the last ``window - 1`` tokens of its entry and is told the
+    true context length, so positions and masks continue exactly. ``kv=None`` gives an
+    empty cache. The caller's tensors are never modified."""
     from transformers import DynamicCache
 
     if kv is None:
         return DynamicCache(config=model.config)
-    check_model_kv(model, kv)
+    total = check_model_kv(model, kv, num_tokens)
     p = _param(model)
-    data = [(k.to(p.device, p.dtype)[None], v.to(p.device, p.dtype)[None]) for k, v in kv]
-    return DynamicCache(data, config=model.config)
+    cache = DynamicCache(config=model.config)
+    if len(cache.layers) != len(kv):
+        raise KVMismatchError(f"the model's cache has {len(cache.layers)} layers but the KV has {len(kv)}")
+    for i, (layer, (k, v)) in enumerate(zip(cache.layers, kv)):
+        sliding = getattr(layer, "is_sliding", False)
+        if sliding and k.shape[1] > layer.sliding_window - 1:
+            k, v = k[:, k.shape[1] - (layer.sliding_window - 1):], v[:, v.shape[1] - (layer.sliding_window - 1):]
+        layer.update(k.to(p.device, p.dtype)[None], v.to(p.device, p.dtype)[None])
+        if sliding:
+            layer.cumulative_length = total
+    return cache
 
 
 def cache_to_kv(cache: Any) -> KV:
-    """The KV held by a transformers cache of batch size 1, in the project's convention."""
+    """The KV held by a transformers cache of batch size 1, in the project's convention
+    (a sliding-window layer gives what it holds: the last tokens, or all of them while it
+    records its past)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise ConfigError(f"expected a transformers 5.x Cache with .layers, got {type(cache).__name__}")
@@ -152,11 +222,11 @@ def _as_ids(tokens: Tokens, device: torch.device) -> torch.Tensor:
 
 def _forward(model: Any, ids: torch.Tensor, cache: Any, keep: int) -> Any:
     try:
-        return model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        return model(input_ids=ids[None], cache=cache, use_cache=True, logits_to_keep=keep)
     except TypeError as exc:  # a model class without logits_to_keep: compute all, slice below
         if "logits_to_keep" not in str(exc):
             raise
-        return model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+        return model(input_ids=ids[None], cache=cache, use_cache=True)
 
 
 def prefill(
@@ -190,7 +260,6 @@ def prefill(
             end = min(start + step, n)
             keep = end - max(start, first_kept)  # how many of this piece's logits are wanted
             out = _forward(model, ids[start:end], cache, max(keep, 1))
-            cache = out.past_key_values
             if keep > 0:
                 pieces.append(out.logits[0, -keep:])
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0], cache
@@ -206,28 +275,27 @@ def recompute(
     """The KV of ``tokens`` as they follow ``prefix_kv`` (the KV of earlier tokens, or none).
 
     This is prefill continuing from a cache: the returned KV covers ``tokens`` only
-    (not the prefix), on the model's device and dtype, keys rotated for their
-    absolute positions ``len(prefix) ...``. It is the streaming fetcher's fallback
-    when a chunk's KV is slower to fetch than to compute.
+    (not the prefix) in every layer, sliding-window layers included, on the model's
+    device and dtype, keys rotated for their absolute positions ``len(prefix) ...``. It
+    is the streaming fetcher's fallback when a chunk's KV is slower to fetch than to
+    compute.
     """
-    start = 0 if prefix_kv is None else check_model_kv(model, prefix_kv)
+    cache_layout(model)  # models without per-token KV are refused before any work
     cache = kv_to_cache(model, prefix_kv)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        cache.activate_past_recording()  # sliding layers keep every new token until read
     _, cache = prefill(model, tokens, cache, chunk_tokens=chunk_tokens)
-    kv = cache_to_kv(cache)
     n = len(_as_ids(tokens, torch.device("cpu")))
+    kv = cache_to_kv(cache)
     for i, (k, _) in enumerate(kv):
-        if k.shape[1] != start + n:  # a sliding-window layer keeps fewer tokens than it saw
-            raise ConfigError(
-                f"layer {i} cached {k.shape[1]} tokens for {start + n} inputs: models with "
-                "sliding-window or other partial caches are not supported"
-            )
-    if start == 0:
-        return kv
-    return [(k[:, start:].contiguous(), v[:, start:].contiguous()) for k, v in kv]
+        if k.shape[1] < n:
+            raise ConfigError(f"layer {i} cached {k.shape[1]} tokens for {n} new inputs")
+    return [(k[:, k.shape[1] - n:].contiguous(), v[:, v.shape[1] - n:].contiguous()) for k, v in kv]
 
 
 def extract_kv(model: Any, tokens: Tokens, *, chunk_tokens: int | None = None) -> KV:
-    """Prefill ``tokens`` and return their KV (``[kv_heads, tokens, head_dim]`` per layer)."""
+    """Prefill ``tokens`` and return their KV (``[kv_heads, tokens, dim]`` per layer, every
+    token in every layer, sliding-window layers included)."""
     return recompute(model, tokens, None, chunk_tokens=chunk_tokens)
 
 
@@ -248,9 +316,10 @@ def generate_greedy(
 ) -> list[int]:
     """Greedy continuation of ``context_tokens`` by ``model.generate``, starting from ``kv``.
 
-    ``kv`` is the context's KV (all its tokens, as stored); the last token's entry is
-    dropped and recomputed by ``generate``, as serving engines do to get the first
-    logits. With ``kv=None`` the model prefills the context itself.
+    ``kv`` is the context's KV (all its tokens, as stored; sliding-window layers may hold
+    only their last ``window`` tokens, as loaded); the last token's entry is dropped and
+    recomputed by ``generate``, as serving engines do to get the first logits. With
+    ``kv=None`` the model prefills the context itself.
     """
     ids = _as_ids(context_tokens, _param(model).device)
     cache = None
@@ -258,10 +327,11 @@ def generate_greedy(
         covered = check_model_kv(model, kv)
         if covered != len(ids):
             raise KVMismatchError(f"kv covers {covered} tokens but the context has {len(ids)}")
-        cache = kv_to_cache(model, [(k[:, :-1], v[:, :-1]) for k, v in kv]) if len(ids) > 1 else None
+        if len(ids) > 1:
+            cache = kv_to_cache(model, [(k[:, :-1], v[:, :-1]) for k, v in kv], num_tokens=len(ids) - 1)
     with torch.no_grad():
         out = model.generate(
-            ids[None], past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+            ids[None], cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
             attention_mask=torch.ones_like(ids)[None],
         )
     return out[0, len(ids):].tolist()

@@ -19,7 +19,7 @@ import torch
 
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level, build_profile
 from kvstore.errors import ConfigError
-from kvstore.integrations.hf import Tokens, cache_to_kv, kv_layout, prefill
+from kvstore.integrations.hf import Tokens, cache_layout, cache_to_kv, kv_layout, prefill
 
 
 def _attention_modules(model: Any) -> list[Any]:
@@ -62,6 +62,10 @@ def profile_model(
     enough), capturing their KV and query statistics, and build a ``kvcodec`` profile."""
     if not contexts:
         raise ConfigError("profile_model needs at least one calibration context")
+    cache = cache_layout(model)
+    if not cache.is_uniform:
+        raise ConfigError(f"kvcodec profiles cover models whose layers all cache one shape with full attention; "
+                          f"this model's layers are {cache.describe()}")
     layout = kv_layout(model)
     energy = torch.zeros(layout.layers, layout.kv_heads, layout.head_dim)
     positions = 0

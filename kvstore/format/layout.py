@@ -1,0 +1,238 @@
+"""A model's KV cache layout: what each layer caches, and the layer groups stored apart.
+
+Models cache different things per layer: full attention keeps every token, a
+sliding-window layer only needs the last ``window - 1`` tokens to continue, a
+chunked-attention layer only the tokens of the current attention chunk, and
+MLA (DeepSeek-V3) caches a compressed latent in the key slot and the rotary
+key part in the value slot, with different widths. Key and value widths and
+KV heads may differ per layer.
+
+Layers that cache the same kind of thing with the same shape form a *group*.
+Each chunk of a context is stored as one object per (level, group), so that a
+prefix load reads every chunk of the full-attention groups but only the chunks
+of a sliding group that overlap its window. The layout is recorded in every
+manifest (and once per model on the store) and checked on every load, like the
+model fingerprint. It is plain data: :mod:`kvstore.integrations.hf` derives it
+from a transformers config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore.errors import ConfigError, FormatError
+from kvstore.format import container
+
+#: attention kinds whose cache holds per-token KV
+KINDS = ("full", "sliding", "chunked")
+#: what the two slots of a layer hold: post-RoPE keys and values, or an MLA latent and rotary key
+SLOTS = ("kv", "mla")
+MAX_LAYERS = 4096
+MAX_DIM = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """What one layer caches per token: ``kv_heads`` x ``key_dim`` in the key slot and
+    ``kv_heads`` x ``value_dim`` in the value slot.
+
+    ``kind``: ``full`` (every token is attended), ``sliding`` (the last ``window`` tokens,
+    the current one included) or ``chunked`` (tokens of the current ``window``-token chunk;
+    stored like a sliding window of that size). ``slots``: ``kv`` for post-RoPE keys and
+    values, ``mla`` for an MLA latent (key slot) and rotary key (value slot)."""
+
+    kind: str
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    window: int | None = None
+    slots: str = "kv"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"layer kind must be one of {KINDS}, got {self.kind!r}")
+        if self.slots not in SLOTS:
+            raise ConfigError(f"layer slots must be one of {SLOTS}, got {self.slots!r}")
+        for name in ("kv_heads", "key_dim", "value_dim"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 < value <= MAX_DIM:
+                raise ConfigError(f"layer {name} must be an int in [1, {MAX_DIM}], got {value!r}")
+        if self.kind == "full":
+            if self.window is not None:
+                raise ConfigError("a full-attention layer has no window")
+        elif type(self.window) is not int or self.window < 2:
+            raise ConfigError(f"a {self.kind} layer needs a window of at least 2 tokens, got {self.window!r}")
+
+    @property
+    def name(self) -> str:
+        """A short name of what the layer caches: ``full``, ``sw512``, ``ck8192``, ``mla``..."""
+        base = {"full": "full", "sliding": f"sw{self.window}", "chunked": f"ck{self.window}"}[self.kind]
+        return base if self.slots == "kv" else f"{self.slots}-{base}" if self.kind != "full" else self.slots
+
+    def first_needed(self, num_tokens: int) -> int:
+        """The first token a load of ``num_tokens`` tokens must hold: 0 for full attention,
+        else the last ``window`` tokens (a continuation attends the last ``window - 1``; one
+        more lets a caller drop and re-feed the last token, as ``generate`` does)."""
+        if self.window is None:
+            return 0
+        return max(0, num_tokens - self.window)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"kind": self.kind, "kv_heads": self.kv_heads, "key_dim": self.key_dim,
+                               "value_dim": self.value_dim, "slots": self.slots}
+        if self.window is not None:
+            doc["window"] = self.window
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> LayerSpec:
+        """Parse a stored layer entry; :class:`FormatError` if malformed."""
+        if not (isinstance(doc, Mapping) and {"kind", "kv_heads", "key_dim", "value_dim", "slots"} <= set(doc)
+                and set(doc) <= {"kind", "kv_heads", "key_dim", "value_dim", "slots", "window"}):
+            raise FormatError(f"malformed layer entry in a stored layout: {doc!r}"[:200])
+        try:
+            return cls(doc["kind"], doc["kv_heads"], doc["key_dim"], doc["value_dim"], doc.get("window"),
+                       doc["slots"])
+        except ConfigError as exc:
+            raise FormatError(f"stored layout: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerGroup:
+    """Layers with the same :class:`LayerSpec`, stored together as one object per chunk and level.
+    ``name`` is the key segment of its objects (empty when the layout has a single group)."""
+
+    index: int
+    name: str
+    layers: tuple[int, ...]
+    spec: LayerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """The per-layer cache layout of a model (see the module docstring)."""
+
+    layers: tuple[LayerSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple) or not 1 <= len(self.layers) <= MAX_LAYERS:
+            raise ConfigError(f"a layout has 1..{MAX_LAYERS} layers")
+        if not all(isinstance(spec, LayerSpec) for spec in self.layers):
+            raise ConfigError("a layout's layers must be LayerSpec entries")
+
+    @classmethod
+    def uniform(cls, layers: int, kv_heads: int, head_dim: int, value_dim: int | None = None) -> CacheLayout:
+        """Every layer full attention with the same shape (a Llama-style model)."""
+        if type(layers) is not int or not 1 <= layers <= MAX_LAYERS:
+            raise ConfigError(f"layers must be an int in [1, {MAX_LAYERS}], got {layers!r}")
+        spec = LayerSpec("full", kv_heads, head_dim, head_dim if value_dim is None else value_dim)
+        return cls((spec,) * layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def groups(self) -> tuple[LayerGroup, ...]:
+        """The layer groups in order of their first layer."""
+        order: dict[LayerSpec, list[int]] = {}
+        for i, spec in enumerate(self.layers):
+            order.setdefault(spec, []).append(i)
+        if len(order) == 1:
+            spec, members = next(iter(order.items()))
+            return (LayerGroup(0, "", tuple(members), spec),)
+        names: dict[str, int] = {}
+        groups = []
+        for index, (spec, members) in enumerate(order.items()):
+            name = spec.name
+            seen = names.get(name, 0)
+            names[name] = seen + 1
+            if seen:  # same kind, other shape
+                name = f"{name}-{seen + 1}"
+            groups.append(LayerGroup(index, name, tuple(members), spec))
+        return tuple(groups)
+
+    @property
+    def is_uniform(self) -> bool:
+        """Whether every layer is full attention with equal key/value shapes (one group)."""
+        first = self.layers[0]
+        return (len(self.groups) == 1 and first.kind == "full" and first.slots == "kv"
+                and first.key_dim == first.value_dim)
+
+    def first_needed(self, num_tokens: int) -> list[int]:
+        """Per group, the first token a continuation after ``num_tokens`` tokens needs."""
+        return [group.spec.first_needed(num_tokens) for group in self.groups]
+
+    def bytes_per_token(self, element_size: int = 2) -> int:
+        """One token's KV in every layer, at ``element_size`` bytes per element."""
+        return element_size * sum(s.kv_heads * (s.key_dim + s.value_dim) for s in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: the distinct layer specs and each layer's index into them."""
+        specs: list[LayerSpec] = []
+        index = []
+        for spec in self.layers:
+            if spec not in specs:
+                specs.append(spec)
+            index.append(specs.index(spec))
+        return {"specs": [s.to_dict() for s in specs], "layers": index}
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> CacheLayout:
+        """Parse a stored layout; :class:`FormatError` if malformed."""
+        if not (isinstance(doc, Mapping) and set(doc) == {"specs", "layers"} and isinstance(doc["specs"], list)
+                and isinstance(doc["layers"], list)):
+            raise FormatError("malformed stored layout")
+        if not 1 <= len(doc["layers"]) <= MAX_LAYERS or not 1 <= len(doc["specs"]) <= len(doc["layers"]):
+            raise FormatError("stored layout has an implausible number of layers or specs")
+        specs = [LayerSpec.from_dict(s) for s in doc["specs"]]
+        if not all(type(i) is int and 0 <= i < len(specs) for i in doc["layers"]):
+            raise FormatError("stored layout refers to an unknown layer spec")
+        return cls(tuple(specs[i] for i in doc["layers"]))
+
+    def describe(self) -> str:
+        """One line: each group's name (or kind), layer count and shape."""
+        parts = []
+        for g in self.groups:
+            s = g.spec
+            dims = f"{s.key_dim}" if s.key_dim == s.value_dim else f"{s.key_dim}/{s.value_dim}"
+            parts.append(f"{g.name or s.name} x{len(g.layers)} ({s.kv_heads}x{dims})")
+        return ", ".join(parts)
+
+
+def layout_of_kv(kv: Sequence[tuple[Any, Any]]) -> CacheLayout:
+    """The uniform full-attention layout that ``kv`` (per layer ``(key, value)``) has, for
+    callers that give no layout; :class:`ConfigError` if the layers' shapes differ."""
+    if not isinstance(kv, Sequence) or not kv:
+        raise ConfigError("kv must be a non-empty sequence of (key, value) pairs, one per layer")
+    shapes = set()
+    for i, pair in enumerate(kv):
+        if not (isinstance(pair, Sequence) and len(pair) == 2 and all(getattr(t, "ndim", 0) == 3 for t in pair)):
+            raise ConfigError(f"kv[{i}] must be a (key, value) pair of [kv_heads, tokens, dim] tensors")
+        k, v = pair
+        shapes.add((int(k.shape[0]), int(k.shape[2]), int(v.shape[2])))
+    if len(shapes) != 1:
+        raise ConfigError("the layers of this KV differ in shape: pass the model's layout "
+                          "(kvstore.integrations.hf.cache_layout(model))")
+    heads, key_dim, value_dim = shapes.pop()
+    return CacheLayout.uniform(len(kv), heads, key_dim, value_dim)
+
+
+LAYOUT_KIND = "kv-layout"
+
+
+def layout_to_bytes(layout: CacheLayout, fingerprint: str) -> bytes:
+    """The model's layout object (a container of kind ``kv-layout`` naming its model)."""
+    return container.encode({}, kind=LAYOUT_KIND, meta={"fingerprint": fingerprint, "layout": layout.to_dict()})
+
+
+def layout_from_bytes(data: bytes | memoryview, fingerprint: str) -> CacheLayout:
+    """Parse and verify a stored layout object of the model ``fingerprint``."""
+    obj = container.decode(data)
+    if obj.header.kind != LAYOUT_KIND:
+        raise FormatError(f"expected a {LAYOUT_KIND} object, found {obj.header.kind!r}")
+    if obj.header.meta.get("fingerprint") != fingerprint:
+        raise FormatError("layout object belongs to another model")
+    return CacheLayout.from_dict(obj.header.meta.get("layout"))

@@ -1,0 +1,199 @@
+"""The architecture matrix: every cache layout transformers 5.x builds, stored and continued.
+
+Each model is one of transformers' own classes with a tiny random config
+(:mod:`kvstore.eval.architectures`): extract -> put (every level) -> get -> greedy
+generation from the stored raw KV equals generation from fresh KV; a stored prefix
+ending at an inner chunk boundary, continued by ``recompute``, equals the full
+prefill; lossy levels decode to the right shapes and generate.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from kvstore import KVStore
+from kvstore.errors import CodecError, ConfigError, MissingObjectError
+from kvstore.eval.architectures import ARCHS, WINDOW, tiny_model
+from kvstore.format.layout import CacheLayout, LayerSpec
+from kvstore.integrations.hf import (
+    cache_layout,
+    cache_to_kv,
+    extract_kv,
+    generate_greedy,
+    kv_to_cache,
+    prefill,
+    recompute,
+)
+
+CHUNK = 16
+TOKENS = 80  # five chunks; every sliding window (16) is exceeded
+INNER = 48  # an inner chunk boundary
+SUPPORTED = [a for a in ARCHS if a != "qwen3_next"]
+SLIDING = ["mistral", "gemma2", "gemma3", "cohere2", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def ids() -> list[int]:
+    return torch.randint(2, 500, (TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.fixture(scope="module", params=SUPPORTED)
+def arch(request):  # type: ignore[no-untyped-def]
+    return request.param, tiny_model(request.param)
+
+
+def _plain_prefill_kv(model, ids):  # type: ignore[no-untyped-def]
+    """The KV of a prefill through a config-less cache (every layer keeps every token)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]), cache=DynamicCache(), use_cache=True)
+        cache = DynamicCache()
+        model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
+    return cache_to_kv(cache)
+
+
+def test_layouts_follow_the_configs():
+    layouts = {a: cache_layout(tiny_model(a)) for a in SUPPORTED}
+    assert layouts["llama"].is_uniform and layouts["phi3"].is_uniform and layouts["qwen3"].is_uniform
+    assert {s.kind for s in layouts["mistral"].layers} == {"sliding"}
+    assert [s.kind for s in layouts["gemma3"].layers] == ["sliding", "sliding", "full"]
+    assert [g.name for g in layouts["gemma2"].groups] == [f"sw{WINDOW}", "full"]
+    mla = layouts["deepseek_v3"].layers[0]
+    assert (mla.slots, mla.kv_heads, mla.key_dim, mla.value_dim) == ("mla", 1, 32, 8)
+    for layout in layouts.values():
+        assert CacheLayout.from_dict(layout.to_dict()) == layout
+
+
+def test_linear_attention_refused_with_the_layer_named(ids):
+    model = tiny_model("qwen3_next")
+    with pytest.raises(ConfigError, match="layer 0 .*linear_attention"):
+        cache_layout(model)
+    with pytest.raises(ConfigError, match="linear_attention"):
+        extract_kv(model, ids)
+
+
+def test_extract_kv_holds_every_token_of_every_layer(arch, ids):
+    _, model = arch
+    kv = extract_kv(model, ids)
+    plain = _plain_prefill_kv(model, ids)
+    for (k, v), (pk, pv) in zip(kv, plain, strict=True):
+        assert k.shape[1] == v.shape[1] == TOKENS
+        torch.testing.assert_close(k, pk, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, pv, rtol=0, atol=1e-5)
+
+
+async def test_store_roundtrip_generation_and_inner_continuation(arch, ids):
+    name, model = arch
+    layout = cache_layout(model)
+    kv = extract_kv(model, ids)
+    fresh = generate_greedy(model, ids, None, max_new_tokens=8)
+    async with KVStore("memory://", chunk_tokens=CHUNK, levels=["raw", "int8", ("kivi2", {})]) as store:
+        manifest = await store.put(name, ids, kv, layout=layout)
+        assert manifest.layout == layout
+        got = await store.get(name, ids)
+        assert got.num_tokens == TOKENS
+        for i, ((k, v), (gk, gv), spec) in enumerate(zip(kv, got, layout.layers, strict=True)):
+            held = TOKENS if spec.window is None else TOKENS - (TOKENS - spec.window) // CHUNK * CHUNK
+            assert gk.shape[1] == gv.shape[1] == held, i
+            assert torch.equal(gk, k[:, TOKENS - held:]) and torch.equal(gv, v[:, TOKENS - held:]), i
+        assert generate_greedy(model, ids, got, max_new_tokens=8) == fresh
+
+        # a prefix ending at an inner chunk boundary continues exactly
+        assert await store.lookup(name, ids[:INNER] + [7, 8, 9]) == INNER
+        prefix = await store.get(name, ids[:INNER])
+        rest = recompute(model, ids[INNER:], prefix)
+        for (k, v), (rk, rv) in zip(kv, rest, strict=True):
+            torch.testing.assert_close(rk, k[:, INNER:], rtol=0, atol=1e-5)
+            torch.testing.assert_close(rv, v[:, INNER:], rtol=0, atol=1e-5)
+        logits, _ = prefill(model, ids[INNER:], kv_to_cache(model, prefix))
+        full_logits, _ = prefill(model, ids)
+        torch.testing.assert_close(logits, full_logits, rtol=0, atol=1e-4)
+
+        # lossy levels decode to the layout's shapes and generate
+        for level in (1, 2):
+            lossy = await store.get(name, ids, level=level)
+            assert [(k.shape, v.shape) for k, v in lossy] == [(k.shape, v.shape) for k, v in got]
+            assert len(generate_greedy(model, ids, lossy, max_new_tokens=4)) == 4
+
+
+async def test_sliding_layers_fetch_only_their_window(ids):
+    model = tiny_model("gemma3")
+    layout = cache_layout(model)
+    kv = extract_kv(model, ids)
+    async with KVStore("memory://", chunk_tokens=CHUNK) as store:
+        await store.put("gemma3", ids, kv, layout=layout)
+        read: list[str] = []
+        original = store.store.get
+
+        async def counting_get(key, *args, **kwargs):  # type: ignore[no-untyped-def]
+            read.append(key)
+            return await original(key, *args, **kwargs)
+
+        store.store.get = counting_get  # type: ignore[method-assign]
+        await store.get("gemma3", ids)
+        chunks = [k for k in read if "/chunks/" in k]
+        sliding = [k for k in chunks if k.endswith(f"+sw{WINDOW}")]
+        full = [k for k in chunks if k.endswith("+full")]
+        assert len(full) == TOKENS // CHUNK  # every chunk of the full layer
+        assert len(sliding) == 1  # the window (the last 16 tokens, [64, 80)) is the last chunk
+        read.clear()
+        everything = await store.get("gemma3", ids, sliding_window_only=False)
+        assert len([k for k in read if "/chunks/" in k]) == 2 * TOKENS // CHUNK
+        assert all(k.shape[1] == TOKENS for k, _ in everything)
+
+
+async def test_last_window_storage_keeps_only_the_end(ids):
+    model = tiny_model("gemma2")
+    layout = cache_layout(model)
+    kv = extract_kv(model, ids)
+    async with KVStore("memory://", chunk_tokens=CHUNK, sliding_chunks="last_window") as store:
+        manifest = await store.put("gemma2", ids, kv, layout=layout)
+        sliding = [c.object_at(0, 0, 2) for c in manifest.chunks]
+        assert [o is not None for o in sliding] == [False, False, False, False, True]
+        assert await store.lookup("gemma2", ids) == TOKENS
+        # an inner prefix's window was not stored: lookup does not offer it
+        assert await store.lookup("gemma2", ids[:INNER] + [1]) == 0
+        got = await store.get("gemma2", ids)
+        assert generate_greedy(model, ids, got, max_new_tokens=6) == generate_greedy(model, ids, None, max_new_tokens=6)
+        with pytest.raises(MissingObjectError, match="not stored"):
+            await store.get("gemma2", ids, sliding_window_only=False)
+
+
+async def test_a_model_keeps_one_layout(ids):
+    model = tiny_model("gemma2")
+    layout = cache_layout(model)
+    kv = extract_kv(model, ids)
+    other = CacheLayout(tuple(LayerSpec("full", s.kv_heads, s.key_dim, s.value_dim) for s in layout.layers))
+    async with KVStore("memory://", chunk_tokens=CHUNK) as store:
+        await store.put("m", ids, kv, layout=layout)
+        with pytest.raises(ConfigError, match="stored with layout"):
+            await store.put("m", ids[:32], [(k[:, :32], v[:, :32]) for k, v in kv], layout=other)
+        with pytest.raises(ConfigError, match="layout"):  # differing layers without a layout
+            await store.put("n", ids, [kv[0], (kv[1][0][:1], kv[1][1][:1])])
+
+
+async def test_kvcodec_refuses_layouts_it_cannot_code_before_writing(ids):
+    from kvstore.codecs.kvcodec import KVCodecV1
+    from kvstore.codecs.kvcodec_profile import build_profile
+
+    model = tiny_model("gemma2")
+    kv = extract_kv(model, ids)
+    sample = (torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
+    codec = KVCodecV1(build_profile([sample], query_energy=torch.ones(2, 2, 16)), 2)
+    async with KVStore("memory://", chunk_tokens=CHUNK, levels=["raw", codec]) as store:
+        with pytest.raises(CodecError, match="share one shape"):
+            await store.put("gemma2", ids, kv, layout=cache_layout(model))
+        assert [key async for key in store.store.list("")] == []
+
+
+def test_no_future_warning_from_the_bridge(ids):
+    model = tiny_model("gemma2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        kv = extract_kv(model, ids)
+        generate_greedy(model, ids, kv, max_new_tokens=2)
+        recompute(model, ids[INNER:], [(k[:, :INNER], v[:, :INNER]) for k, v in kv])
