@@ -218,10 +218,8 @@ class KVStore:
         if pq is not None and not layout.is_uniform:
             raise ConfigError(f"PQ retrieval needs every layer full attention with one shape; this layout is "
                               f"{layout.describe()}")
-        for level, codec in enumerate(self.codecs):
-            check = getattr(codec, "check_layout", None)
-            if check is not None:
-                check(layout)  # before any write: a codec that cannot take these layers says so now
+        for codec in self.codecs:
+            codec.check_layout(layout)  # before any write: a codec that cannot take these layers says so now
         await self._store_layout(plan.fingerprint, layout, ttl)
         # KV on a GPU: every read of it (and of the PQ index) is queued on the caller's stream
         stream = caller_stream(kv[0][0].device)
@@ -291,13 +289,13 @@ class KVStore:
                 ident = self._identity(plan, i, group, dtype)
                 keys, values = await asyncio.to_thread(stack, kv, *plan.bounds[i], group.layers)  # once for every level
                 for level, codec in enumerate(self.codecs):
-                    stored.append(((level, group.index), await store_level(ident, group, codec, keys, values)))
+                    group_codec = codec.for_layers(group.layers, layout.num_layers)
+                    stored.append(((level, group.index), await store_level(ident, level, group_codec, keys, values)))
             return stored
 
-        async def store_level(ident: ChunkIdentity, group: LayerGroup, codec: KVCodec,
+        async def store_level(ident: ChunkIdentity, level: int, codec: KVCodec,
                               keys: torch.Tensor, values: torch.Tensor) -> ChunkObject:
-            key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, codec.tag, group.name)
-            level = self.codecs.index(codec)
+            key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, self.codecs[level].tag, ident.group)
             data = await asyncio.to_thread(encode, codec, ident, keys, values)
             if await self.store.put(key, data, ttl=ttl, create_only=True):
                 metrics.record_put(level, len(data))

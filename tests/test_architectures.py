@@ -176,17 +176,39 @@ async def test_a_model_keeps_one_layout(ids):
             await store.put("n", ids, [kv[0], (kv[1][0][:1], kv[1][1][:1])])
 
 
-async def test_kvcodec_refuses_layouts_it_cannot_code_before_writing(ids):
+def _kvcodec_for(model, ids):  # type: ignore[no-untyped-def]
     from kvstore.codecs.kvcodec import KVCodecV1
     from kvstore.codecs.kvcodec_profile import build_profile
 
-    model = tiny_model("gemma2")
     kv = extract_kv(model, ids)
     sample = (torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
-    codec = KVCodecV1(build_profile([sample], query_energy=torch.ones(2, 2, 16)), 2)
+    heads, dim = kv[0][0].shape[0], kv[0][0].shape[2]
+    return kv, KVCodecV1(build_profile([sample], query_energy=torch.ones(len(kv), heads, dim)), 1)
+
+
+async def test_kvcodec_codes_each_layer_group_with_its_profile_rows(ids):
+    model = tiny_model("gemma3")
+    kv, codec = _kvcodec_for(model, ids)
+    async with KVStore("memory://", chunk_tokens=CHUNK, levels=["raw", codec]) as store:
+        manifest = await store.put("gemma3", ids, kv, layout=cache_layout(model))
+        got = await store.get("gemma3", ids, level=1, sliding_window_only=False)
+        for (k, v), (gk, gv) in zip(kv, got, strict=True):
+            assert (gk - k).abs().max() < 0.5 * k.abs().max() and (gv - v).abs().max() < 0.5 * v.abs().max()
+            assert not torch.equal(gk, k)  # lossy, through the group's own rows of the profile
+        for chunk in manifest.chunks:
+            sliding, full = chunk.object_at(1, 0, 2), chunk.object_at(1, 1, 2)
+            header = await store.store.get(sliding.key)
+            assert b'"layers":[0,1]' in header[:4096] and b'"layers":[2]' in (await store.store.get(full.key))[:4096]
+        assert len(generate_greedy(model, ids, got, max_new_tokens=4)) == 4
+
+
+async def test_kvcodec_refuses_mla_before_writing(ids):
+    model = tiny_model("deepseek_v3")
+    _, codec = _kvcodec_for(tiny_model("llama"), ids)
+    kv = extract_kv(model, ids)
     async with KVStore("memory://", chunk_tokens=CHUNK, levels=["raw", codec]) as store:
         with pytest.raises(CodecError, match="share one shape"):
-            await store.put("gemma2", ids, kv, layout=cache_layout(model))
+            await store.put("deepseek", ids, kv, layout=cache_layout(model))
         assert [key async for key in store.store.list("")] == []
 
 

@@ -5,6 +5,7 @@ Keys are classified from the right (the namespace may itself contain ``/``)::
     <ns>/<fingerprint>/chunks/<chunk hash>/<level tag>   chunk
     <ns>/<fingerprint>/contexts/<context hash>           manifest
     <ns>/<fingerprint>/profiles/<profile id>             profile
+    <ns>/<fingerprint>/layout                            the model's cache layout
     <ns>/<fingerprint>/pq/<context hash>/<tag>/centroids           PQ object
     <ns>/<fingerprint>/pq/<context hash>/<tag>/codes/<chunk hash>  PQ object
     anything else                                        other (checked as a plain container)
@@ -28,13 +29,14 @@ from kvstore.format import chunk as chunk_format
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
 from kvstore.format.keys import is_hash
+from kvstore.format.layout import layout_from_bytes
 from kvstore.format.manifest import Manifest
 from kvstore.retrieval import store as pq_store
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-CHUNK, MANIFEST, PROFILE, PQ, OTHER = "chunk", "manifest", "profile", "pq", "other"
+CHUNK, MANIFEST, PROFILE, PQ, LAYOUT, OTHER = "chunk", "manifest", "profile", "pq", "layout", "other"
 OK, CORRUPT, MISSING = "ok", "corrupt", "missing"
 CONCURRENCY = 16
 
@@ -44,7 +46,7 @@ class KeyInfo:
     """A key's place in the layout."""
 
     key: str
-    kind: str  # CHUNK, MANIFEST, PROFILE or OTHER
+    kind: str  # CHUNK, MANIFEST, PROFILE, PQ, LAYOUT or OTHER
     namespace: str = ""
     fingerprint: str = ""
     name: str = ""  # chunk hash, context hash, profile id, or a PQ object's context hash
@@ -56,6 +58,8 @@ def classify(key: str) -> KeyInfo:
     parts = key.split("/")
     if len(parts) >= 5 and parts[-3] == "chunks" and is_hash(parts[-4]) and is_hash(parts[-2]):
         return KeyInfo(key, CHUNK, "/".join(parts[:-4]), parts[-4], parts[-2], parts[-1])
+    if len(parts) >= 3 and parts[-1] == "layout" and is_hash(parts[-2]):
+        return KeyInfo(key, LAYOUT, "/".join(parts[:-2]), parts[-2])
     if len(parts) >= 4 and is_hash(parts[-3]) and parts[-2] in ("contexts", "profiles"):
         kind = MANIFEST if parts[-2] == "contexts" else PROFILE
         if kind == PROFILE or is_hash(parts[-1]):
@@ -118,6 +122,8 @@ def check_bytes(key: str, data: bytes) -> tuple[ObjectCheck, Manifest | None]:
             manifest, _ = manifest_format.from_bytes(data)
             _require(manifest.fingerprint == info.fingerprint, "manifest fingerprint does not match its key")
             _require(manifest.chunks[-1].hash == info.name, "manifest does not end with the chunk its key names")
+        elif info.kind == LAYOUT:
+            layout_from_bytes(data, info.fingerprint)
         elif info.kind == PROFILE:
             _require(profile_content_id(data) == info.name, "profile does not match its content hash")
         elif info.kind == PQ:

@@ -145,7 +145,8 @@ class ContextReport:
         m = self.manifest
         if m is not None:
             doc.update(ContextSummary(self.key, m).to_json())
-            doc.update(layers=m.layers, kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=m.dtype)
+            doc.update(layers=m.layers, kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=m.dtype,
+                       layout=m.layout.to_dict())
             doc["chunks"] = [
                 {"index": i, "hash": c.hash, "start": c.start, "stop": c.stop,
                  "objects": [check.to_json() for check in self.objects[i]]}
@@ -167,7 +168,7 @@ class ContextReport:
         lines += [
             f"model     {m.model_id} (fingerprint {m.fingerprint})",
             f"tokens    {m.num_tokens} in {len(m.chunks)} chunks of {m.chunk_tokens}",
-            f"shape     {m.layers} layers x {m.kv_heads} kv heads x {m.head_dim}, {m.dtype}",
+            f"layout    {m.layers} layers: {m.layout.describe()}, {m.dtype}",
             f"created   {_time(m.created_at)}",
             f"manifest  {human_bytes(self.manifest_check.size)} {self.manifest_check.status.upper()}",
             "levels",
@@ -183,13 +184,21 @@ class ContextReport:
                          + ("all OK" if not bad_pq else f"{bad_pq} not OK"))
         lines.append("chunks")
         for i, c in enumerate(m.chunks):
-            cells = "  ".join(f"L{j} {human_bytes(o.size)} {_verdict(o)}" for j, o in enumerate(self.objects[i]))
+            cells = "  ".join(f"{_slot_name(m, c, j)} {human_bytes(o.size)} {_verdict(o)}"
+                              for j, o in enumerate(self.objects[i]))
             lines.append(f"  {i:>4} [{c.start}, {c.stop}) {c.hash[:12]}  {cells}")
         checked = sum(len(row) for row in self.objects) + len(self.profiles) + len(self.pq) + 1
         bad = self.problems
         lines.append(f"checksums: {checked - len(bad)} of {checked} objects OK"
                      + "".join(f"\n  {p.status.upper()} {p.key}: {p.error}" for p in bad))
         return "\n".join(lines)
+
+
+def _slot_name(manifest: Manifest, chunk: Any, j: int) -> str:
+    """``L<level>`` of a chunk's ``j``-th object, with its layer group where there are several."""
+    groups = manifest.layout.groups
+    level, group = chunk.slots[j] if chunk.slots is not None else divmod(j, len(groups))
+    return f"L{level}" if len(groups) == 1 else f"L{level}/{groups[group].name}"
 
 
 def _verdict(check: ObjectCheck) -> str:
@@ -217,8 +226,10 @@ async def inspect_context(store: Store, ref: str, namespace: str = "kvstore") ->
         return result
 
     checks = await bounded(flat, check_object)
-    per = len(manifest.levels)
-    report.objects = [checks[i:i + per] for i in range(0, len(checks), per)]
+    report.objects, at = [], 0
+    for entry in manifest.chunks:
+        report.objects.append(checks[at:at + len(entry.objects)])
+        at += len(entry.objects)
     ns = classify(key).namespace
     try:
         keys = profile_keys(manifest, ns)

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvstore.errors import ConfigError
 
-BENCHMARKS = ("store", "model", "codecs", "kernels", "stream", "retrieval", "faults")
+BENCHMARKS = ("store", "model", "models", "codecs", "kernels", "stream", "retrieval", "faults")
 
 
 def machine_info() -> dict[str, Any]:

@@ -65,6 +65,15 @@ class KVCodec(ABC):
         """Rebuild keys of ``shape`` and values (of ``shape`` with its last axis ``value_dim``,
         when the value width differs) as ``dtype`` on ``device`` from a verified container."""
 
+    def for_layers(self, layers: tuple[int, ...], num_layers: int) -> KVCodec:
+        """This codec configured for a group of the model's ``num_layers`` layers (a layer
+        group's chunks are stored apart); codecs without per-layer state return themselves."""
+        return self
+
+    def check_layout(self, layout: Any) -> None:
+        """Raise :class:`CodecError` if this codec cannot code a model of ``layout`` (a
+        :class:`~kvstore.format.layout.CacheLayout`); called before anything is written."""
+
     # -- per-model profiles: data a codec shares across all chunks of a model ----------
     @classmethod
     def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:

@@ -18,7 +18,7 @@ written. KV on a CUDA device is encoded and decoded by the Triton kernels of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,19 @@ def _patches(residuals: torch.Tensor, originals: torch.Tensor) -> tuple[torch.Te
     return index.to(torch.int32), originals.reshape(-1)[index]
 
 
+MAX_LAYERS = 4096
+_SUBSETS: dict[tuple[str, tuple[int, ...]], KVCodecProfile] = {}
+
+
+def _layer_subset(profile_id: str, profile: KVCodecProfile, layers: tuple[int, ...]) -> KVCodecProfile:
+    """``profile.select_layers(layers)``, built once per profile and layer group."""
+    key = (profile_id, layers)
+    hit = _SUBSETS.get(key)
+    if hit is None:
+        hit = _SUBSETS[key] = profile.select_layers(layers)
+    return hit
+
+
 @register_codec
 class KVCodecV1(KVCodec):
     """The multi-level codec. ``profile``: a :class:`KVCodecProfile` (or the id of a
@@ -94,7 +107,7 @@ class KVCodecV1(KVCodec):
     name = "kvcodec"
 
     def __init__(self, profile: KVCodecProfile | str, level: int = DEFAULT_LEVEL, *,
-                 version: int = FORMAT_VERSION) -> None:  # fmt: skip
+                 version: int = FORMAT_VERSION, layers: Sequence[int] | None = None) -> None:  # fmt: skip
         if isinstance(profile, str):
             profile_id = profile
             profile = registered_profile(profile_id)  # type: ignore[assignment]
@@ -109,7 +122,12 @@ class KVCodecV1(KVCodec):
             raise CodecError(f"level must be an int in [0, {len(profile.levels)}), got {level!r}")
         if type(version) is not int or version not in VERSIONS:
             raise CodecError(f"kvcodec format version must be one of {VERSIONS}, got {version!r}")
-        self.profile: KVCodecProfile = profile
+        self.model_profile: KVCodecProfile = profile
+        self.layers: tuple[int, ...] | None = None
+        if layers is not None and list(layers) != list(range(profile.layers)):
+            self.layers = tuple(layers)
+            profile = _layer_subset(profile_id, profile, self.layers)
+        self.profile: KVCodecProfile = profile  # of this codec's layers
         self.profile_id = profile_id
         self.level = level
         self.version = version
@@ -130,19 +148,34 @@ class KVCodecV1(KVCodec):
         params: dict[str, Any] = {"profile": self.profile_id, "level": self.level}
         if self.version != 1:  # version 1 chunks were written before the field existed
             params["version"] = self.version
+        if self.layers is not None:
+            params["layers"] = list(self.layers)
         return params
+
+    def for_layers(self, layers: tuple[int, ...], num_layers: int) -> KVCodecV1:
+        """The codec of one layer group: the profile's rows of those layers."""
+        if list(layers) == list(range(num_layers)):
+            return self
+        groups = self.__dict__.setdefault("_group_codecs", {})
+        if layers not in groups:  # the profile is registered under its id: no re-serialization
+            groups[layers] = KVCodecV1(self.profile_id, self.level, version=self.version, layers=layers)
+        return groups[layers]
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> KVCodecV1:
-        if not {"profile", "level"} <= set(params) <= {"profile", "level", "version"} or not isinstance(
+        if not {"profile", "level"} <= set(params) <= {"profile", "level", "version", "layers"} or not isinstance(
             params["profile"], str
         ):
             raise FormatError(f"bad kvcodec parameters {dict(params)!r}")
+        layers = params.get("layers")
+        if layers is not None and not (isinstance(layers, list) and layers and len(layers) <= MAX_LAYERS
+                                       and all(type(i) is int for i in layers) and len(set(layers)) == len(layers)):
+            raise FormatError(f"bad kvcodec layer list {layers!r}"[:200])
         version = params.get("version", 1)
         if "version" in params and (type(version) is not int or version not in VERSIONS or version == 1):
             raise FormatError(f"unsupported kvcodec format version {version!r} (this reader knows {VERSIONS})")
         try:
-            return cls(params["profile"], params["level"], version=version)
+            return cls(params["profile"], params["level"], version=version, layers=layers)
         except CodecError as exc:
             raise FormatError(f"bad kvcodec parameters {dict(params)!r}: {exc}") from None
 
@@ -156,17 +189,17 @@ class KVCodecV1(KVCodec):
         return KVCodecProfile.from_bytes(data)
 
     def stored_profile(self) -> tuple[str, bytes] | None:
-        data = self._stored if self._stored is not None else self.profile.to_bytes()
+        data = self._stored if self._stored is not None else self.model_profile.to_bytes()
         return self.profile_id, data
 
     def check_layout(self, layout: Any) -> None:
         """Refuse (before any write) a model layout this profile cannot code: the profile
-        describes one group of layers with equal key and value widths."""
-        groups = layout.groups
-        spec = groups[0].spec
-        if len(groups) != 1 or spec.key_dim != spec.value_dim:
+        describes layers of one shape (any attention kinds) with equal key and value widths."""
+        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in layout.layers}
+        spec = layout.layers[0]
+        if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv":
             raise CodecError(f"kvcodec profiles cover models whose layers share one shape, not {layout.describe()}")
-        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.profile.shape:
+        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.model_profile.shape:
             raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
                              f"{self.profile.shape}")
 

@@ -115,6 +115,23 @@ class KVCodecProfile:
     def key_step(self, level: int) -> torch.Tensor:
         return self.key_unit * self.levels[level].beta
 
+    def select_layers(self, layers: Sequence[int]) -> KVCodecProfile:
+        """The profile of a subset of the model's layers (a layer group stored on its own):
+        their key centers, steps and symbol models, in the order given."""
+        index = list(layers)
+        if not index or any(type(i) is not int or not 0 <= i < self.layers for i in index):
+            raise CodecError(f"layers must be indices into the profile's {self.layers} layers, got {index!r}")
+        per_layer = np.arange(self.layers * self.kv_heads * self.head_dim).reshape(self.layers, -1)[index].reshape(-1)
+        per_head = np.arange(self.layers * self.kv_heads).reshape(self.layers, -1)[index].reshape(-1)
+
+        def rows(table: FrequencyTable, picked: np.ndarray) -> FrequencyTable:
+            return FrequencyTable(table.freqs[picked], table.precision)
+
+        tables = tuple(LevelTables(rows(t.keys, per_layer), rows(t.values, per_layer), rows(t.scales, per_head))
+                       for t in self.tables)
+        return KVCodecProfile(len(index), self.kv_heads, self.head_dim, self.key_center[index].contiguous(),
+                              self.key_unit[index].contiguous(), self.levels, tables, self.sink_tokens)
+
     def to_bytes(self) -> bytes:
         """Serialize as a container (no pickle)."""
         buffers: dict[str, object] = {"key_center": self.key_center, "key_unit": self.key_unit}

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import transformers as tf
 
 _COMMON = dict(
     vocab_size=512,
@@ -31,30 +30,30 @@ _COMMON = dict(
 WINDOW = 16
 _SW, _FA = "sliding_attention", "full_attention"
 
-# arch -> (config class, model class, config overrides)
+# arch -> (transformers config class, model class, config overrides); classes resolved on use
 _SPECS = {
-    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(num_hidden_layers=2)),
-    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(num_hidden_layers=2)),
-    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=WINDOW)),
     "gemma2": (
-        tf.Gemma2Config,
-        tf.Gemma2ForCausalLM,
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
         dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=[_SW, _FA], query_pre_attn_scalar=16),
     ),
     "gemma3": (
-        tf.Gemma3TextConfig,
-        tf.Gemma3ForCausalLM,
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
         dict(num_hidden_layers=3, sliding_window=WINDOW, layer_types=[_SW, _SW, _FA], query_pre_attn_scalar=16),
     ),
-    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(num_hidden_layers=2)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_hidden_layers=2)),
     "cohere2": (
-        tf.Cohere2Config,
-        tf.Cohere2ForCausalLM,
+        "Cohere2Config",
+        "Cohere2ForCausalLM",
         dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=[_SW, _FA]),
     ),
     "gpt_oss": (
-        tf.GptOssConfig,
-        tf.GptOssForCausalLM,
+        "GptOssConfig",
+        "GptOssForCausalLM",
         dict(
             num_hidden_layers=2,
             sliding_window=WINDOW,
@@ -66,8 +65,8 @@ _SPECS = {
         ),
     ),
     "deepseek_v3": (
-        tf.DeepseekV3Config,
-        tf.DeepseekV3ForCausalLM,
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
         dict(
             num_hidden_layers=2,
             num_key_value_heads=4,  # MLA: KV heads == query heads after up-projection
@@ -87,8 +86,8 @@ _SPECS = {
         ),
     ),
     "qwen3_next": (
-        tf.Qwen3NextConfig,
-        tf.Qwen3NextForCausalLM,
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
         dict(
             num_hidden_layers=2,
             layer_types=["linear_attention", "full_attention"],
@@ -108,16 +107,20 @@ _SPECS = {
 ARCHS: list[str] = list(_SPECS)
 
 
-def tiny_config(arch: str, **overrides: Any) -> tf.PreTrainedConfig:
+def tiny_config(arch: str, **overrides: Any) -> Any:
     """The tiny config of ``arch`` (one of :data:`ARCHS`), with ``overrides`` applied."""
+    import transformers
+
     config_cls, _, defaults = _SPECS[arch]
-    return config_cls(**{**_COMMON, **defaults, **overrides, "attn_implementation": "eager"})
+    return getattr(transformers, config_cls)(**{**_COMMON, **defaults, **overrides, "attn_implementation": "eager"})
 
 
 def tiny_model(arch: str, **overrides: Any) -> torch.nn.Module:
     """The tiny fp32 model of ``arch`` with seed-0 random weights, in eval mode (the
     caller's random state is left as it was)."""
-    _, model_cls, _ = _SPECS[arch]
+    import transformers
+
+    model_cls = getattr(transformers, _SPECS[arch][1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return model_cls(tiny_config(arch, **overrides)).to(torch.float32).eval()

