@@ -32,7 +32,7 @@ exit codes:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kvstore.bench import run_benchmark
 
-    result = run_benchmark(args.name, quick=args.quick)
+    result = run_benchmark(args.name, quick=args.quick, model=args.model)
     text = json.dumps(result, indent=2, sort_keys=False)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     bench.add_argument("--json", metavar="PATH", help="write the JSON here instead of stdout")
+    bench.add_argument("--model", metavar="NAME", help="the model of a real-model benchmark (codecs: smollm2, "
+                       "gemma3-270m or a local model directory)")
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="store and reload a real model's KV; print sizes, times, quality")

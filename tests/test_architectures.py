@@ -219,3 +219,37 @@ def test_no_future_warning_from_the_bridge(ids):
         kv = extract_kv(model, ids)
         generate_greedy(model, ids, kv, max_new_tokens=2)
         recompute(model, ids[INNER:], [(k[:, :INNER], v[:, :INNER]) for k, v in kv])
+
+
+def test_levels_are_calibrated_to_their_targets_on_each_model():
+    from kvstore.codecs.kvcodec_profile import KVCodecProfile
+    from kvstore.integrations.hf_profile import profile_model
+
+    model = tiny_model("gemma2")
+    gen = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(2, 500, (320,), generator=gen) for _ in range(2)]
+    targets = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+    profile = profile_model(model, contexts, targets_pct=targets)
+    cal = profile.calibration
+    assert cal is not None and cal["targets_pct"] == list(targets)
+    assert len(cal["key_layer_factors"]) == 2 and all(0.25 <= f <= 4 for f in cal["key_layer_factors"])
+    betas = [lv.beta for lv in profile.levels]
+    assert betas == sorted(betas) and len(set(betas)) == len(betas)  # coarser steps for looser targets
+    for target, measured in zip(targets, cal["measured_pct"]):
+        assert measured <= 1.5 * target  # each level meets its target on the calibration text
+    assert KVCodecProfile.from_bytes(profile.to_bytes()).calibration == cal
+
+
+def test_bench_models_quick_covers_every_architecture():
+    from kvstore.bench.models import run
+
+    result = run(quick=True)
+    rows = {r["arch"]: r for r in result["rows"]}
+    assert set(rows) == set(ARCHS) and result["supported"] == len(SUPPORTED)
+    for arch in SUPPORTED:
+        assert rows[arch]["raw_roundtrip_exact"] and rows[arch]["generate_matches"], arch
+    assert "linear_attention" in rows["qwen3_next"]["error"]
+    for arch in SLIDING:
+        assert rows[arch]["prefix_get_bytes"] < rows[arch]["stored_bytes"], arch
+    long = result["long_context"]
+    assert long["raw_roundtrip_exact"] and long["prefix_get_vs_full"] < 0.35

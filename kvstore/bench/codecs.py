@@ -1,8 +1,8 @@
 """``kvstore bench codecs``: rate against quality of every codec, on the real model.
 
-SmolLM2-135M-Instruct, 2,048-token contexts from the Python documentation (one
-window per document; 8 documents, 512 continuation tokens; ``--quick``: 2 and
-128). The ``kvcodec`` profile is calibrated on the license texts, never on the
+SmolLM2-135M-Instruct (or ``--model``, e.g. ``gemma3-270m``), 2,048-token contexts from
+the Python documentation (one window per document; 8 documents, 512 continuation tokens;
+``--quick``: 2 and 128). The ``kvcodec`` profile is calibrated on the license texts, never on the
 evaluation text. Each context's fp16 KV is cut into 256-token chunks, each
 chunk encoded as a full chunk object (container header, token ids, tables:
 every stored byte counts), decoded, and the continuation's perplexity measured
@@ -117,10 +117,11 @@ def _interpolate_bits(curve: list[tuple[float, float]], ppl_pct: float) -> float
     return None
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Measure every codec configuration; ``quick``: 2 documents, 128 continuation tokens."""
+def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
+    """Measure every codec configuration; ``quick``: 2 documents, 128 continuation tokens.
+    ``model``: a name or path :func:`~kvstore.eval.model.load_model` takes."""
     n_docs, continuation = (2, 128) if quick else (8, 512)
-    lm = load_model("smollm2")
+    lm = load_model(model)
     profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=0)
     picks = samples(docs, context_tokens=CONTEXT_TOKENS, continuation_tokens=continuation, seed=0)
@@ -183,6 +184,8 @@ def run(quick: bool) -> dict[str, Any]:
                                 "size_ratio": None if ref is None else r["bits_per_element"] / ref})
     return {
         "model": lm.model_id,
+        "model_name": lm.name,
+        "profile_calibration": profile.calibration,
         "context_tokens": CONTEXT_TOKENS,
         "continuation_tokens": continuation,
         "chunk_tokens": CHUNK_TOKENS,
@@ -218,7 +221,8 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("stored bits per KV element (all bytes, 256-token chunks)")
     ax.set_ylabel("continuation perplexity increase (%), 95% CI")
-    ax.set_title(f"SmolLM2-135M, {result['context_tokens']}-token contexts, {len(result['documents'])} documents")
+    ax.set_title(f"{result.get('model_name', 'SmolLM2-135M')}, {result['context_tokens']}-token contexts, "
+                 f"{len(result['documents'])} documents")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

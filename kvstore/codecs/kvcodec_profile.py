@@ -23,6 +23,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,6 +108,8 @@ class KVCodecProfile:
     levels: tuple[Level, ...]
     tables: tuple[LevelTables, ...]
     sink_tokens: int = 4
+    #: how the levels were calibrated on the model (targets, measured figures), if they were
+    calibration: dict[str, Any] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -130,7 +133,8 @@ class KVCodecProfile:
         tables = tuple(LevelTables(rows(t.keys, per_layer), rows(t.values, per_layer), rows(t.scales, per_head))
                        for t in self.tables)
         return KVCodecProfile(len(index), self.kv_heads, self.head_dim, self.key_center[index].contiguous(),
-                              self.key_unit[index].contiguous(), self.levels, tables, self.sink_tokens)
+                              self.key_unit[index].contiguous(), self.levels, tables, self.sink_tokens,
+                              self.calibration)
 
     def to_bytes(self) -> bytes:
         """Serialize as a container (no pickle)."""
@@ -145,6 +149,8 @@ class KVCodecProfile:
             "levels": [[lv.beta, lv.gamma] for lv in self.levels],
             "table_compression": "zlib",
         }
+        if self.calibration is not None:
+            meta["calibration"] = self.calibration
         return container.encode(buffers, kind=KIND, meta=meta)  # type: ignore[arg-type]
 
     @property
@@ -194,7 +200,10 @@ class KVCodecProfile:
             if (t.keys.num_models, t.values.num_models, t.scales.num_models) != (models, models, layers * kv_heads):
                 raise FormatError(f"profile table {i} does not match the profile's dimensions")
             tables.append(t)
-        return cls(layers, kv_heads, head_dim, center, unit, tuple(levels), tuple(tables), sink_tokens)
+        calibration = meta.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise FormatError("profile calibration record is malformed")
+        return cls(layers, kv_heads, head_dim, center, unit, tuple(levels), tuple(tables), sink_tokens, calibration)
 
 
 def _inflate(data: memoryview, models: int) -> bytes:
@@ -216,6 +225,7 @@ def build_profile(
     query_energy: torch.Tensor | None = None,
     levels: Sequence[Level] = DEFAULT_LEVELS,
     sink_tokens: int = 4,
+    calibration: Any = None,
 ) -> KVCodecProfile:
     """Profile a model from calibration KV.
 
@@ -224,6 +234,8 @@ def build_profile(
     ``query_energy``: ``E[q^2]`` per (layer, kv head, channel) of the post-RoPE queries,
     averaged over each GQA group (see :func:`kvstore.integrations.hf_queries.query_energy`);
     ``None`` falls back to per-channel key standard deviations.
+    ``calibration``: how the levels were calibrated on the model (its targets and measured
+    figures are recorded in the profile's ``calibration`` field), if they were.
     """
     if not samples:
         raise CodecError("build_profile needs at least one calibration sample")
@@ -255,5 +267,10 @@ def build_profile(
             FrequencyTable.from_counts(count_symbols(v_sym, models, models.size), PRECISION),
             scale_table,
         ))
+    record = None
+    if calibration is not None:
+        record = {"targets_pct": [float(t) for t in calibration.targets_pct],
+                  "measured_pct": [round(float(m), 4) for m in calibration.measured_pct],
+                  "key_layer_factors": [round(float(f), 4) for f in calibration.key_layer_factors]}
     return KVCodecProfile(layers, kv_heads, head_dim, center.contiguous(), unit.contiguous(),
-                          tuple(levels), tuple(tables), sink_tokens)
+                          tuple(levels), tuple(tables), sink_tokens, record)

@@ -18,10 +18,12 @@ import torch
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level
 from kvstore.eval.corpus import documents
 from kvstore.eval.model import LoadedModel, cache_root
+from kvstore.integrations.hf_calibrate import DEFAULT_TARGETS_PCT
 from kvstore.integrations.hf_profile import profile_model
 
 CALIBRATION_SOURCE = "licenses"
 EVALUATION_SOURCE = "pydoc"
+CALIBRATION_VERSION = 1  # bumped when calibration changes what it computes (invalidates cached profiles)
 
 
 def calibration_contexts(tokenizer: object, n: int = 2, context_tokens: int = 2048) -> list[torch.Tensor]:
@@ -34,13 +36,16 @@ def model_profile(
     lm: LoadedModel,
     *,
     levels: Sequence[Level] = DEFAULT_LEVELS,
+    targets_pct: Sequence[float] | None = DEFAULT_TARGETS_PCT,
     contexts: int = 2,
     context_tokens: int = 2048,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> KVCodecProfile:
-    """The model's kvcodec profile: from the disk cache, or calibrated (about a minute on a CPU)."""
+    """The model's kvcodec profile: from the disk cache, or calibrated (a few minutes on a CPU),
+    its levels meeting ``targets_pct`` (see :func:`~kvstore.integrations.hf_profile.profile_model`)."""
     recipe = json.dumps(
         {"model": lm.model_id, "levels": [[lv.beta, lv.gamma] for lv in levels],
+         "targets_pct": None if targets_pct is None else list(targets_pct), "calibration": CALIBRATION_VERSION,
          "contexts": contexts, "context_tokens": context_tokens, "source": CALIBRATION_SOURCE},
         sort_keys=True,
     )
@@ -48,7 +53,8 @@ def model_profile(
     path = cache_root(cache_dir) / "profiles" / f"{name}.kvprofile"
     if path.is_file():
         return KVCodecProfile.from_bytes(path.read_bytes())
-    profile = profile_model(lm.model, calibration_contexts(lm.tokenizer, contexts, context_tokens), levels=levels)
+    profile = profile_model(lm.model, calibration_contexts(lm.tokenizer, contexts, context_tokens), levels=levels,
+                            targets_pct=targets_pct)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(profile.to_bytes())

@@ -20,6 +20,7 @@ import torch
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level, build_profile
 from kvstore.errors import ConfigError
 from kvstore.integrations.hf import Tokens, cache_layout, extract_kv, kv_layout
+from kvstore.integrations.hf_calibrate import DEFAULT_TARGETS_PCT, calibrate
 
 
 def _attention_modules(model: Any) -> list[Any]:
@@ -57,9 +58,14 @@ def profile_model(
     levels: Sequence[Level] = DEFAULT_LEVELS,
     sink_tokens: int = 4,
     chunk_tokens: int | None = None,
+    targets_pct: Sequence[float] | None = DEFAULT_TARGETS_PCT,
 ) -> KVCodecProfile:
     """Prefill calibration ``contexts`` (a few thousand tokens of typical text are
-    enough), capturing their KV and query statistics, and build a ``kvcodec`` profile."""
+    enough), capturing their KV and query statistics, and build a ``kvcodec`` profile.
+
+    ``targets_pct``: each level's perplexity-increase target on this model; the levels'
+    steps (and each layer's key step) are calibrated to meet them on the contexts
+    (:mod:`kvstore.integrations.hf_calibrate`). ``None`` keeps ``levels`` as given."""
     if not contexts:
         raise ConfigError("profile_model needs at least one calibration context")
     cache = cache_layout(model)
@@ -83,4 +89,12 @@ def profile_model(
         energy += per_layer.view(layout.layers, layout.kv_heads, q_heads // layout.kv_heads, -1).mean(dim=2)
         positions += kv[0][0].shape[1]
         samples.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
-    return build_profile(samples, query_energy=energy / positions, levels=levels, sink_tokens=sink_tokens)
+    energy /= positions
+    if targets_pct is None:
+        return build_profile(samples, query_energy=energy, levels=levels, sink_tokens=sink_tokens)
+    first = build_profile(samples, query_energy=energy, levels=levels[:1], sink_tokens=sink_tokens)  # centers, units
+    result = calibrate(model, samples, contexts, first.key_center, first.key_unit, targets_pct=targets_pct,
+                       sink_tokens=sink_tokens)
+    energy = energy / result.key_layer_factors[:, None, None] ** 2  # unit = 1 / sqrt(energy)
+    return build_profile(samples, query_energy=energy, levels=result.levels, sink_tokens=sink_tokens,
+                         calibration=result)
