@@ -43,7 +43,7 @@ from kvstore.errors import (
 )
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
-from kvstore.format.chunk import ChunkIdentity, chunk_meta, decode_chunk, encode_chunk
+from kvstore.format.chunk import ChunkIdentity, chunk_meta, decode_chunk, encode_chunk, group_identity
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
 from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
@@ -340,9 +340,7 @@ class KVStore:
     @staticmethod
     def _identity(plan: _Plan, i: int, group: LayerGroup, dtype: torch.dtype) -> ChunkIdentity:
         start, stop = plan.bounds[i]
-        spec = group.spec
-        return ChunkIdentity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop], len(group.layers),
-                             spec.kv_heads, spec.key_dim, dtype, spec.value_dim, group.name)
+        return group_identity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop], group, dtype)
 
     async def _store_layout(self, fingerprint: str, layout: CacheLayout, ttl: float | None) -> None:
         """Store the model's layout unless present; :class:`ConfigError` if another one is stored.

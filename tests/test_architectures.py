@@ -253,3 +253,60 @@ def test_bench_models_quick_covers_every_architecture():
         assert rows[arch]["prefix_get_bytes"] < rows[arch]["stored_bytes"], arch
     long = result["long_context"]
     assert long["raw_roundtrip_exact"] and long["prefix_get_vs_full"] < 0.35
+
+
+class _RecomputeAt:
+    """Fetch every chunk at level 0 except chunk ``at``, which is recomputed."""
+
+    name = "recompute-at"
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def choose(self, ctx):  # type: ignore[no-untyped-def]
+        from kvstore.fetch.policy import FETCH, RECOMPUTE_CHUNK, Choice
+
+        if ctx.index == self.at:
+            return Choice(RECOMPUTE_CHUNK, None, "test: recompute this chunk")
+        return Choice(FETCH, 0, "test: level 0")
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mistral", "deepseek_v3"])
+async def test_fetcher_streams_every_layout_and_recomputes_inside_it(name, ids):
+    from kvstore.fetch import AdaptiveFetcher
+    from kvstore.integrations.hf import make_recompute
+
+    model = tiny_model(name)
+    kv = extract_kv(model, ids)
+    async with KVStore("memory://", chunk_tokens=CHUNK, levels=["raw", "int8"]) as store:
+        await store.put(name, ids, kv, layout=cache_layout(model))
+        want = await store.get(name, ids)
+        fetcher = AdaptiveFetcher(store, recompute=make_recompute(model))
+        fetched = await fetcher.load(name, ids, deadline_s=30.0, policy=_RecomputeAt(-1))
+        assert fetched.kv.num_tokens == TOKENS
+        assert fetched.bytes_fetched < (await store.manifest(name, ids)).level_bytes(0) or name == "deepseek_v3"
+        for (k, v), (wk, wv) in zip(fetched.kv, want, strict=True):
+            assert torch.equal(k, wk) and torch.equal(v, wv)
+        # chunk 1 recomputed: its sliding window lies before the chunks the load reads
+        mixed = await fetcher.load(name, ids, deadline_s=30.0, policy=_RecomputeAt(1))
+        assert [d.action for d in mixed.decisions] == ["fetch", "recompute", "fetch", "fetch", "fetch"]
+        for (k, v), (wk, wv) in zip(mixed.kv, want, strict=True):
+            torch.testing.assert_close(k, wk, rtol=0, atol=1e-5)
+            torch.testing.assert_close(v, wv, rtol=0, atol=1e-5)
+        assert generate_greedy(model, ids, mixed.kv, max_new_tokens=6) == generate_greedy(model, ids, None, max_new_tokens=6)
+
+
+async def test_fetcher_recomputes_from_the_start_when_a_window_was_not_stored(ids):
+    from kvstore.fetch import AdaptiveFetcher
+    from kvstore.integrations.hf import make_recompute
+
+    model = tiny_model("gemma2")
+    kv = extract_kv(model, ids)
+    async with KVStore("memory://", chunk_tokens=CHUNK, sliding_chunks="last_window") as store:
+        await store.put("gemma2", ids, kv, layout=cache_layout(model))
+        want = await store.get("gemma2", ids)
+        fetcher = AdaptiveFetcher(store, recompute=make_recompute(model))
+        mixed = await fetcher.load("gemma2", ids, deadline_s=30.0, policy=_RecomputeAt(2))
+        for (k, v), (wk, wv) in zip(mixed.kv, want, strict=True):
+            torch.testing.assert_close(k, wk, rtol=0, atol=1e-5)
+            torch.testing.assert_close(v, wv, rtol=0, atol=1e-5)

@@ -351,6 +351,23 @@ def test_kvcodec_chunk_matches_the_cpu_codec(small_profile, tokens, start, plan,
 
 
 @interp
+@pytest.mark.parametrize(("shape", "layers"), [((3, 1, 256), (0, 2)), ((2, 2, 80), (1,)), ((2, 3, 96), None)])
+def test_kvcodec_decodes_every_head_shape_and_layer_group_on_triton(shape, layers):
+    """One KV head x 256 (Gemma 3), 80- and 96-wide heads, and a layer group's rows of a
+    model's profile: the Triton decoder gives the CPU codec's values."""
+    codec = KVCodecV1(fitted_small_profile(shape), 2)
+    if layers is not None:
+        codec = codec.for_layers(layers, shape[0])
+    keys, values = synthetic_kv(5, 9, shape=(len(layers) if layers else shape[0], *shape[1:]))
+    obj = container.decode(container.encode(codec.encode(keys, values), kind="t"))
+    k0, v0 = codec.decode(obj, tuple(keys.shape), torch.float16, CPU)
+    k1, v1 = decode_kvcodec_gpu(obj, codec, tuple(keys.shape), torch.float16, CPU, backend="triton",
+                                config=DecodeConfig(block_g=4))  # fmt: skip
+    assert_same(k1, k0)
+    assert_same(v1, v0)
+
+
+@interp
 def test_both_layouts_decode_alike_on_cpu_and_triton(small_profile):
     """The same chunk in the token-major (version 1) and channel-major (version 2, here with
     8-symbol lanes: several groups per stream) layouts: the CPU decoder and the Triton decoder

@@ -38,14 +38,15 @@ from kvstore.fetch.policy import (
 )
 from kvstore.fetch.prefill import PrefillCost
 from kvstore.fetch.throughput import ThroughputEstimator, in_flight_bound
-from kvstore.format.chunk import ChunkIdentity, decode_chunk
+from kvstore.format.chunk import ChunkIdentity, decode_chunk, group_identity
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
 from kvstore.format.manifest import Manifest, check_recorded_object
-from kvstore.kv import KV
+from kvstore.kv import KV, PrefixKV
 from kvstore.store import KVStore
 
 Recompute = Callable[[torch.Tensor, KV | None], KV]
+UNAVAILABLE = 1 << 62  # the size of a level whose objects are not all stored: never chosen by a deadline
 
 __all__ = ["AdaptiveFetcher", "ChunkDecision", "LoadResult", "StaticPolicy"]
 
@@ -193,9 +194,6 @@ class AdaptiveFetcher:
         manifest = await self.store.manifest(model_id, token_array)
         if manifest is None:
             raise ContextNotFoundError(f"no stored context of these {len(token_array)} tokens for {model_id!r}")
-        if not manifest.layout.is_uniform:
-            raise ConfigError(f"the adaptive fetcher streams contexts whose layers are all full attention of one "
-                              f"shape; this one is {manifest.layout.describe()} (use KVStore.get)")
         await self.store.load_profiles(manifest)
         candidates = list(range(len(manifest.levels))) if levels is None else list(levels)
         if not candidates or any(not 0 <= lv < len(manifest.levels) for lv in candidates):
@@ -224,10 +222,16 @@ class _Load:
         # fetcher's stream, recomputes run on the caller's; the decode stream first waits for
         # the caller's work so far (the memory just allocated may still be in use there)
         self.caller_stream = caller_stream(fetcher.device)
-        self.keys = on_stream(self.caller_stream, torch.empty)(
-            (manifest.layers, manifest.kv_heads, manifest.num_tokens, manifest.head_dim),
-            dtype=self.dtype, device=fetcher.device)
-        self.values = on_stream(self.caller_stream, torch.empty_like)(self.keys)
+        # per layer group: the chunks fetched start where the group's layers need them (a sliding
+        # window's last chunks; every chunk of full attention), and so does its KV
+        self.groups = manifest.layout.groups
+        n, chunk_tokens = manifest.num_tokens, manifest.chunk_tokens
+        self.first_chunk = [g.spec.first_needed(n) // chunk_tokens for g in self.groups]
+        self.base = [manifest.chunks[c].start for c in self.first_chunk]
+        alloc = on_stream(self.caller_stream, torch.empty)
+        self.outs = [tuple(alloc((len(g.layers), g.spec.kv_heads, n - self.base[g.index], dim), dtype=self.dtype,
+                                 device=fetcher.device) for dim in (g.spec.key_dim, g.spec.value_dim))
+                     for g in self.groups]
         if fetcher._stream is not None:
             fetcher._stream.wait_stream(self.caller_stream)
         self.decisions: list[ChunkDecision] = []
@@ -238,13 +242,27 @@ class _Load:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    def _unit(self, i: int) -> list[int]:
+        """The layer groups whose objects of chunk ``i`` the load reads."""
+        return [g.index for g in self.groups if i >= self.first_chunk[g.index]]
+
+    def _size(self, i: int, level: int) -> int:
+        """Bytes of chunk ``i`` at ``level`` (every group the load reads; huge where one is not stored)."""
+        objects = [self.m.object_at(i, level, g) for g in self._unit(i)]
+        return sum(o.size for o in objects) if all(o is not None for o in objects) else UNAVAILABLE  # type: ignore[union-attr]
+
+    def _identity(self, i: int, group: int) -> ChunkIdentity:
+        chunk = self.m.chunks[i]
+        return group_identity(self.m.fingerprint, chunk.hash, chunk.start, self.tokens[chunk.start:chunk.stop],
+                              self.groups[group], self.dtype)
+
     def _context(self, i: int) -> DecisionContext:
         chunks = self.m.chunks[i:]
         decode_tail = float(np.median(self.decode_s)) if self.decode_s else 0.0
         prefill = self.f.prefill_cost if self.f.recompute is not None else None
         return DecisionContext(
             index=i, now=self.now(), deadline=self.deadline,
-            remaining_sizes=[[c.objects[lv].size for lv in self.candidates] for c in chunks],
+            remaining_sizes=[[self._size(j, lv) for lv in self.candidates] for j in range(i, len(self.m.chunks))],
             remaining_tokens=[c.stop - c.start for c in chunks], prefix_tokens=chunks[0].start,
             candidates=self.candidates, throughput_Bps=self._throughput(),
             pending_bytes=sum(self.pending.values()), decode_tail_s=decode_tail,
@@ -262,57 +280,117 @@ class _Load:
         bound = in_flight_bound(on_wire, done, self.now())  # type: ignore[arg-type]
         return estimate if estimate is None or bound is None else min(estimate, bound)
 
-    async def _fetch(self, d: ChunkDecision) -> bytes:
-        key = self.m.chunks[d.index].objects[d.level].key  # type: ignore[index]
+    async def _get_objects(self, i: int, level: int, groups: list[int]) -> list[bytes]:
+        """Chunk ``i``'s objects of ``groups`` at ``level``, read concurrently."""
+
+        async def get(g: int) -> bytes:
+            obj = self.m.object_at(i, level, g)
+            blob = None if obj is None else await self.f.store.store.get(obj.key)
+            if blob is None:
+                where = obj.key if obj is not None else f"layer group {self.groups[g].name!r}, not stored"
+                raise IncompleteContextError(f"chunk {i} ({where}) is missing from the store")
+            return blob
+
+        return list(await asyncio.gather(*(get(g) for g in groups)))
+
+    async def _fetch(self, d: ChunkDecision) -> list[bytes]:
         d.fetch_start = self.now()
         started = time.perf_counter()
         transfer = self.estimator.start(started)
         try:
-            blob = await self.f.store.store.get(key)
+            blobs = await self._get_objects(d.index, d.level, self._unit(d.index))  # type: ignore[arg-type]
             d.fetch_end = self.now()
-            if blob is None:
-                raise IncompleteContextError(f"chunk {d.index} ({key}) is missing from the store")
-            self.estimator.finish(transfer, len(blob), time.perf_counter())
-            metrics.record_get(d.level, len(blob), time.perf_counter() - started)
-            return blob
+            nbytes = sum(map(len, blobs))
+            self.estimator.finish(transfer, nbytes, time.perf_counter())
+            metrics.record_get(d.level, nbytes, time.perf_counter() - started)
+            return blobs
         finally:
             self.estimator.cancel(transfer)  # a no-op once finished
             self.pending.pop(d.index, None)
 
-    def _decode_into(self, i: int, blob: bytes) -> None:
-        chunk = self.m.chunks[i]
-        ident = ChunkIdentity(self.m.fingerprint, chunk.hash, chunk.start, self.tokens[chunk.start:chunk.stop],
-                              self.m.layers, self.m.kv_heads, self.m.head_dim, self.dtype)
-        expected = chunk.objects[self.decisions[i].level]  # type: ignore[index]
+    def _decode_into(self, i: int, blobs: list[bytes]) -> None:
+        level = self.decisions[i].level
         try:
-            check_recorded_object(blob, expected, i)
-            self._decode_chunk(i, blob, ident)
+            for g, blob in zip(self._unit(i), blobs, strict=True):
+                check_recorded_object(blob, self.m.object_at(i, level, g), i)  # type: ignore[arg-type]
+                self._decode_chunk(i, g, blob)
         except FormatError:
             metrics.record_checksum_failure("chunk")
             raise
 
-    def _decode_chunk(self, i: int, blob: bytes, ident: ChunkIdentity) -> None:
-        chunk = self.m.chunks[i]
+    def _decode_chunk(self, i: int, g: int, blob: bytes) -> None:
+        chunk, base = self.m.chunks[i], self.base[g]
+        out_k, out_v = self.outs[g]
+        ident = self._identity(i, g)
         if self.f._stream is not None:
             with torch.cuda.stream(self.f._stream):
                 k, v = decode_chunk(blob, ident, self.f.device)
-                self.keys[:, :, chunk.start:chunk.stop] = k
-                self.values[:, :, chunk.start:chunk.stop] = v
+                out_k[:, :, chunk.start - base:chunk.stop - base] = k
+                out_v[:, :, chunk.start - base:chunk.stop - base] = v
             self.f._stream.synchronize()
         else:
             k, v = decode_chunk(blob, ident, self.f.device)
-            self.keys[:, :, chunk.start:chunk.stop] = k
-            self.values[:, :, chunk.start:chunk.stop] = v
+            out_k[:, :, chunk.start - base:chunk.stop - base] = k
+            out_v[:, :, chunk.start - base:chunk.stop - base] = v
 
-    def _recompute_into(self, start: int, stop: int) -> None:
+    async def _windows_before(self, start: int) -> dict[int, tuple[int, list[bytes], list[int]]] | None:
+        """The sliding-window KV a recompute from ``start`` needs but the load does not read
+        (its window lies before the group's first fetched chunk): per group, the first token
+        and the objects of the chunks that hold it, at the level of the latest fetched chunk
+        (the smallest candidate before any). ``None`` when one cannot be read: the recompute
+        then starts from the context's beginning."""
+        level = next((d.level for d in reversed(self.decisions) if d.action == "fetch" and d.level is not None),
+                     self.candidates[-1])
+        chunk_tokens = self.m.chunk_tokens
+        windows: dict[int, tuple[int, list[bytes], list[int]]] = {}
+        for g in self.groups:
+            need = g.spec.first_needed(start)
+            if start == 0 or need >= self.base[g.index]:
+                continue
+            chunks = list(range(need // chunk_tokens, -(-min(start, self.base[g.index]) // chunk_tokens)))
+            try:
+                blobs = [(await self._get_objects(i, level, [g.index]))[0] for i in chunks]
+                for i, blob in zip(chunks, blobs):
+                    check_recorded_object(blob, self.m.object_at(i, level, g.index), i)  # type: ignore[arg-type]
+            except (BackendError, FormatError):
+                return None
+            windows[g.index] = (need, blobs, chunks)
+        return windows
+
+    def _recompute_into(self, start: int, stop: int,
+                        windows: dict[int, tuple[int, list[bytes], list[int]]] | None = None) -> None:
         assert self.f.recompute is not None
-        prefix = None if start == 0 else [(self.keys[l, :, :start], self.values[l, :, :start])
-                                          for l in range(self.m.layers)]
+        prefix: KV | None = None
+        if start > 0:
+            layers: KV = [None] * self.m.layers  # type: ignore[list-item]
+            for g in self.groups:
+                out_k, out_v = self.outs[g.index]
+                held = max(0, start - self.base[g.index])
+                parts_k, parts_v = [out_k[:, :, :held]], [out_v[:, :, :held]]
+                if windows and g.index in windows:  # decode the window before the fetched chunks
+                    need, blobs, chunks = windows[g.index]
+                    decoded = [decode_chunk(b, self._identity(i, g.index), out_k.device) for b, i in zip(blobs, chunks)]
+                    first = self.m.chunks[chunks[0]].start
+                    until = min(start, self.base[g.index]) - first
+                    parts_k.insert(0, torch.cat([k for k, _ in decoded], dim=2)[:, :, need - first:until])
+                    parts_v.insert(0, torch.cat([v for _, v in decoded], dim=2)[:, :, need - first:until])
+                keys, values = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+                for j, layer in enumerate(g.layers):
+                    layers[layer] = (keys[j], values[j])
+            prefix = PrefixKV(layers, start)
         kv = self.f.recompute(torch.as_tensor(self.tokens[start:stop], dtype=torch.long), prefix)
-        self.keys[:, :, start:stop] = torch.stack([k for k, _ in kv]).to(self.keys.device, self.dtype)
-        self.values[:, :, start:stop] = torch.stack([v for _, v in kv]).to(self.keys.device, self.dtype)
-        if self.keys.is_cuda:  # the work is timed: wait for it, not for its launch
-            torch.cuda.synchronize(self.keys.device)
+        for g in self.groups:
+            out_k, out_v = self.outs[g.index]
+            base = self.base[g.index]
+            if stop <= base:
+                continue
+            skip = max(0, base - start)  # tokens before the group's first fetched chunk
+            out_k[:, :, max(start, base) - base:stop - base] = torch.stack(
+                [kv[layer][0][:, skip:] for layer in g.layers]).to(out_k.device, self.dtype)
+            out_v[:, :, max(start, base) - base:stop - base] = torch.stack(
+                [kv[layer][1][:, skip:] for layer in g.layers]).to(out_v.device, self.dtype)
+        if self.outs[0][0].is_cuda:  # the work is timed: wait for it, not for its launch
+            torch.cuda.synchronize(self.outs[0][0].device)
 
     async def execute(self) -> AsyncIterator[ChunkDecision | LoadResult]:
         self.t0 = time.perf_counter()
@@ -326,10 +404,10 @@ class _Load:
                 d, task = item
                 if task is not None:
                     try:
-                        blob = await task
-                        bytes_fetched += len(blob)
+                        blobs = await task
+                        bytes_fetched += sum(map(len, blobs))
                         started = time.perf_counter()
-                        await asyncio.to_thread(self._decode_into, d.index, blob)
+                        await asyncio.to_thread(self._decode_into, d.index, blobs)
                     except (BackendError, FormatError) as exc:
                         slots.release()
                         if self.f.recompute is None:
@@ -346,7 +424,9 @@ class _Load:
                 rest = d.reason.startswith("[rest]")
                 stop = self.m.chunks[-1].stop if rest else d.stop
                 started = time.perf_counter()
-                await asyncio.to_thread(on_stream(self.caller_stream, self._recompute_into), d.start, stop)
+                windows = await self._windows_before(d.start)
+                begin = d.start if windows is not None else 0  # no window to continue from: from the start
+                await asyncio.to_thread(on_stream(self.caller_stream, self._recompute_into), begin, stop, windows)
                 d.work_s = time.perf_counter() - started
                 metrics.record_recompute(len(self.decisions[d.index:]) if rest else 1)
                 if not self.f._prefill_declared and d.work_s > 0:
@@ -360,8 +440,12 @@ class _Load:
             for task in [scheduler, *self.tasks]:
                 if not task.done():
                     task.cancel()
-        kv = list(zip(self.keys.unbind(0), self.values.unbind(0)))
-        yield LoadResult(kv, self.decisions, self.deadline, self.now(), bytes_fetched, self.m)
+        layers: KV = [None] * self.m.layers  # type: ignore[list-item]
+        for g, (out_k, out_v) in zip(self.groups, self.outs):
+            for j, layer in enumerate(g.layers):
+                layers[layer] = (out_k[j], out_v[j])
+        yield LoadResult(PrefixKV(layers, self.m.num_tokens), self.decisions, self.deadline, self.now(),
+                         bytes_fetched, self.m)
 
     def _fetch_failed(self, d: ChunkDecision, exc: Exception) -> None:
         """Turn a chunk whose fetch or verification failed into a recompute of that chunk."""
@@ -385,7 +469,7 @@ class _Load:
                     level = choice.level if choice.level is not None else self.candidates[-1]
                     spec = self.m.levels[level]
                     d = ChunkDecision(i, chunk.start, chunk.stop, "fetch", level, spec.tag,
-                                      chunk.objects[level].size, ctx.now, ctx.throughput_Bps, choice.reason)
+                                      self._size(i, level), ctx.now, ctx.throughput_Bps, choice.reason)
                     self.decisions.append(d)
                     self.pending[i] = d.nbytes
                     task = asyncio.create_task(self._fetch(d))

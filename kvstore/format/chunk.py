@@ -18,6 +18,7 @@ from kvstore.codecs.base import KVCodec, get_codec
 from kvstore.errors import FormatError
 from kvstore.format import container
 from kvstore.format.dtypes import dtype_name, torch_dtype
+from kvstore.format.layout import LayerGroup
 
 KIND = "kv-chunk"
 
@@ -44,6 +45,14 @@ class ChunkIdentity:
     def shape(self) -> tuple[int, int, int, int]:
         """The keys' shape ``[layers, kv_heads, tokens, head_dim]``."""
         return self.layers, self.kv_heads, len(self.tokens), self.head_dim
+
+
+def group_identity(fingerprint: str, chunk_hash: str, start: int, tokens: np.ndarray, group: LayerGroup,
+                   dtype: torch.dtype) -> ChunkIdentity:
+    """The identity of a layer group's object of the chunk ``[start, start + len(tokens))``."""
+    spec = group.spec
+    return ChunkIdentity(fingerprint, chunk_hash, start, tokens, len(group.layers), spec.kv_heads, spec.key_dim,
+                         dtype, spec.value_dim, group.name)
 
 
 def chunk_meta(ident: ChunkIdentity) -> dict[str, object]:
