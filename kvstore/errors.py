@@ -61,3 +61,7 @@ class MissingObjectError(IncompleteContextError):
 
 class CodecError(KVStoreError, ValueError):
     """A codec was misconfigured or given tensors it cannot encode."""
+
+
+class ClosedStoreError(KVStoreError, RuntimeError):
+    """A store was used after :meth:`close`."""

@@ -34,6 +34,7 @@ from kvstore.codecs.base import KVCodec, codec_class, get_codec, profile_content
 from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
 from kvstore.errors import (
     ChecksumError,
+    ClosedStoreError,
     ConcurrentWriteError,
     ConfigError,
     ContextNotFoundError,
@@ -144,6 +145,7 @@ class KVStore:
         self.sliding_chunks = sliding_chunks
         self._profiles_loaded: set[str] = set()
         self._layouts: dict[str, CacheLayout] = {}  # fingerprint -> its verified stored layout
+        self._closed = False
 
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> KVStore:
@@ -152,6 +154,8 @@ class KVStore:
 
     # -- helpers ------------------------------------------------------------------
     def _plan(self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray) -> _Plan:
+        if self._closed:
+            raise ClosedStoreError("this KVStore is closed")
         fingerprint = model_fingerprint(model_id)
         array = as_token_array(tokens)
         if array.size == 0:
@@ -160,7 +164,7 @@ class KVStore:
         return _Plan(fingerprint, array, bounds, chunk_hashes(fingerprint, array, self.chunk_tokens))
 
     def _check_level(self, level: int, available: int) -> None:
-        if not isinstance(level, int) or not 0 <= level < available:
+        if type(level) is not int or not 0 <= level < available:
             raise ConfigError(f"level must be an int in [0, {available}), got {level!r}")
 
     async def _bounded(self, jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
@@ -703,7 +707,8 @@ class KVStore:
 
     # -- lifetime -----------------------------------------------------------------
     async def close(self) -> None:
-        """Close the underlying byte store."""
+        """Close the underlying byte store; later calls raise :class:`ClosedStoreError`."""
+        self._closed = True
         await self.store.close()
 
     async def __aenter__(self) -> Self:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from kvstore.cuda_streams import current_stream_if_cuda, with_stream_of
+from kvstore.errors import ClosedStoreError
+from kvstore.format.layout import CacheLayout
 from kvstore.format.manifest import Manifest
 from kvstore.kv import KV
 from kvstore.retrieval.pq import PQConfig, PQIndex
@@ -54,6 +56,7 @@ class SyncKVStore:
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._closed = False
         self._loop = LoopThread()
         try:
             # built on the loop's thread so clients bind to that loop
@@ -71,34 +74,43 @@ class SyncKVStore:
         """The wrapped async store."""
         return self._store
 
-    def put(self, model_id: str, tokens: Tokens, kv: KV, *, ttl: float | None = None,
-            pq: PQConfig | PQIndex | None = None, pq_centroid_format: str = "q4") -> Manifest:
+    def _run(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run the coroutine ``make()`` builds on the loop; refused (nothing built) once closed."""
+        if self._closed:
+            raise ClosedStoreError("this SyncKVStore is closed")
+        return self._loop.run(make())
+
+    def put(self, model_id: str, tokens: Tokens, kv: KV, *, layout: CacheLayout | None = None,
+            ttl: float | None = None, pq: PQConfig | PQIndex | None = None, pq_centroid_format: str = "q4") -> Manifest:
         """See :meth:`KVStore.put`."""
-        return self._loop.run(self._store.put(model_id, tokens, kv, ttl=ttl, pq=pq,
-                                              pq_centroid_format=pq_centroid_format))
+        return self._run(lambda: self._store.put(model_id, tokens, kv, layout=layout, ttl=ttl, pq=pq,
+                                                 pq_centroid_format=pq_centroid_format))
 
     def lookup(self, model_id: str, tokens: Tokens, *, level: int = 0) -> int:
         """See :meth:`KVStore.lookup`."""
-        return self._loop.run(self._store.lookup(model_id, tokens, level=level))
+        return self._run(lambda: self._store.lookup(model_id, tokens, level=level))
 
-    def get(self, model_id: str, tokens: Tokens, *, level: int = 0, device: str | torch.device = "cpu") -> KV:
+    def get(self, model_id: str, tokens: Tokens, *, level: int = 0, device: str | torch.device = "cpu",
+            sliding_window_only: bool = True) -> KV:
         """See :meth:`KVStore.get`."""
-        return self._loop.run(self._store.get(model_id, tokens, level=level, device=device))
+        return self._run(lambda: self._store.get(model_id, tokens, level=level, device=device,
+                                                 sliding_window_only=sliding_window_only))
 
     def get_pq(self, model_id: str, tokens: Tokens, *, device: str | torch.device = "cpu") -> PQIndex | None:
         """See :meth:`KVStore.get_pq`."""
-        return self._loop.run(self._store.get_pq(model_id, tokens, device=device))
+        return self._run(lambda: self._store.get_pq(model_id, tokens, device=device))
 
     def manifest(self, model_id: str, tokens: Tokens) -> Manifest | None:
         """See :meth:`KVStore.manifest`."""
-        return self._loop.run(self._store.manifest(model_id, tokens))
+        return self._run(lambda: self._store.manifest(model_id, tokens))
 
     def delete(self, model_id: str, tokens: Tokens) -> bool:
         """See :meth:`KVStore.delete`."""
-        return self._loop.run(self._store.delete(model_id, tokens))
+        return self._run(lambda: self._store.delete(model_id, tokens))
 
     def close(self) -> None:
-        """Close the store and stop its loop thread."""
+        """Close the store and stop its loop thread; later calls raise :class:`ClosedStoreError`."""
+        self._closed = True
         if self._loop.thread.is_alive():
             try:
                 self._loop.run(self._store.close())

@@ -327,6 +327,14 @@ async def test_admin_accounts_for_pq_objects():
         assert sorted(o.key for o in done.orphans) == sorted(stray.keys)
         assert all([await store.exists(o.key) for o in long.pq.objects])
 
+        # a manifest whose PQ codes or centroids were deleted: verify says so, by key
+        await store.delete(long.pq.codes[0].key)
+        await store.delete(long.pq.centroids.key)
+        problems = (await verify_store(store)).problems
+        assert {(p.key, p.problem) for p in problems} >= {(long.pq.codes[0].key, "missing"),
+                                                           (long.pq.centroids.key, "missing")}
+        assert all(p.referenced_by == manifest_key(long) for p in problems if p.problem == "missing")
+
 
 # -- metrics --------------------------------------------------------------------------------------
 

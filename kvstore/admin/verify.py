@@ -22,6 +22,7 @@ from kvstore.admin.checks import (
     bounded,
     classify,
     compare_with_manifest,
+    compare_with_record,
     fetch_and_check,
     human_bytes,
     profile_keys,
@@ -112,7 +113,9 @@ async def verify_store(store: Store, prefix: str = "kvstore/") -> VerifyReport:
 async def _check_manifest(store: Store, key: str, manifest: Manifest,
                           checks: dict[str, ObjectCheck]) -> list[Problem]:
     """Whether every object ``manifest`` lists is in the store as it recorded it."""
+    pq_objects = list(manifest.pq.objects) if manifest.pq is not None else []
     outside = [o.key for c in manifest.chunks for o in c.objects if o.key not in checks]
+    outside += [o.key for o in pq_objects if o.key not in checks]
     try:
         profiles = profile_keys(manifest, classify(key).namespace)
     except KVStoreError as exc:
@@ -132,6 +135,12 @@ async def _check_manifest(store: Store, key: str, manifest: Manifest,
                 found.append(Problem(obj.key, "chunk", "missing", "listed by a manifest, not in the store", key))
             elif check.ok and (why := compare_with_manifest(check, obj, entry, manifest.fingerprint)):
                 found.append(Problem(obj.key, "chunk", "mismatch", why, key))
+    for obj in pq_objects:
+        check = checks[obj.key]
+        if check.status == MISSING:
+            found.append(Problem(obj.key, "pq", "missing", "listed by a manifest, not in the store", key))
+        elif check.ok and (why := compare_with_record(check, obj)):
+            found.append(Problem(obj.key, "pq", "mismatch", why, key))
     for profile in profiles:
         if checks[profile].status == MISSING:
             found.append(Problem(profile, "profile", "missing", "a level's codec profile is not in the store", key))

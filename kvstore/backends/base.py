@@ -105,12 +105,15 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+MAX_TTL = 100 * 365.25 * 86400  # a century: beyond it, no backend's expiry arithmetic is safe
+
+
 def check_ttl(ttl: float | None) -> float | None:
     """Validate a time-to-live in seconds (``None`` means no expiry)."""
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
-        raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
+        raise ConfigError(f"ttl must be a positive, finite number of seconds (at most {MAX_TTL:.0f}), got {ttl!r}")
     return float(ttl)
 
 

@@ -31,6 +31,7 @@ KINDS = ("full", "sliding", "chunked")
 SLOTS = ("kv", "mla")
 MAX_LAYERS = 4096
 MAX_DIM = 1 << 16
+MAX_TOKEN_BYTES = 1 << 24  # one token's KV in every layer, fp32: 30x a 405B-parameter model's
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,9 @@ class CacheLayout:
             raise ConfigError(f"a layout has 1..{MAX_LAYERS} layers")
         if not all(isinstance(spec, LayerSpec) for spec in self.layers):
             raise ConfigError("a layout's layers must be LayerSpec entries")
+        if self.bytes_per_token(4) > MAX_TOKEN_BYTES:  # bounds every allocation a stored layout can ask for
+            raise ConfigError(f"a layout of {self.bytes_per_token(4)} fp32 bytes per token is implausible "
+                              f"(at most {MAX_TOKEN_BYTES})")
 
     @classmethod
     def uniform(cls, layers: int, kv_heads: int, head_dim: int, value_dim: int | None = None) -> CacheLayout:
@@ -190,7 +194,10 @@ class CacheLayout:
         specs = [LayerSpec.from_dict(s) for s in doc["specs"]]
         if not all(type(i) is int and 0 <= i < len(specs) for i in doc["layers"]):
             raise FormatError("stored layout refers to an unknown layer spec")
-        return cls(tuple(specs[i] for i in doc["layers"]))
+        try:
+            return cls(tuple(specs[i] for i in doc["layers"]))
+        except ConfigError as exc:
+            raise FormatError(f"stored layout: {exc}") from None
 
     def describe(self) -> str:
         """One line: each group's name (or kind), layer count and shape."""
