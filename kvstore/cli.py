@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     bench.add_argument("--json", metavar="PATH", help="write the JSON here instead of stdout")
-    bench.add_argument("--model", metavar="NAME", help="the model of a real-model benchmark (codecs: smollm2, "
+    bench.add_argument("--model", metavar="NAME", help="the model of a real-model benchmark (codecs, retrieval: smollm2, "
                        "gemma3-270m or a local model directory)")
     bench.set_defaults(func=_cmd_bench)
 

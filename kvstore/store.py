@@ -219,16 +219,15 @@ class KVStore:
             raise ConfigError(f"pq must be a PQConfig, a PQIndex or None, got {type(pq).__name__}")
         if pq is not None and pq_centroid_format not in pq_store.CENTROID_FORMATS:
             raise ConfigError(f"pq_centroid_format must be one of {pq_store.CENTROID_FORMATS}, got {pq_centroid_format!r}")
-        if pq is not None and not layout.is_uniform:
-            raise ConfigError(f"PQ retrieval needs every layer full attention with one shape; this layout is "
-                              f"{layout.describe()}")
+        pq_layers = self._pq_layers(layout) if pq is not None else None
         for codec in self.codecs:
             codec.check_layout(layout)  # before any write: a codec that cannot take these layers says so now
         await self._store_layout(plan.fingerprint, layout, ttl)
         # KV on a GPU: every read of it (and of the PQ index) is queued on the caller's stream
         stream = caller_stream(kv[0][0].device)
         if isinstance(pq, pq_index.PQConfig):  # once, not per attempt
-            pq = await asyncio.to_thread(on_stream(stream, pq_index.build_index), [k for k, _ in kv], pq)
+            keys = [kv[i][0] for i in pq_layers] if pq_layers is not None else [k for k, _ in kv]
+            pq = await asyncio.to_thread(on_stream(stream, pq_index.build_index), keys, pq, layer_ids=pq_layers)
         if pq is not None and (pq.codes.is_cuda or pq.centroids.is_cuda):  # written from host memory
             on_gpu = pq.codes if pq.codes.is_cuda else pq.centroids
             pq = await asyncio.to_thread(on_stream(caller_stream(on_gpu.device), pq.to), "cpu")
@@ -268,6 +267,17 @@ class KVStore:
 
         flags = await self._bounded([lambda obj=obj: changed(obj) for obj in listed])
         return [obj.key for obj, flag in zip(listed, flags) if flag]
+
+    @staticmethod
+    def _pq_layers(layout: CacheLayout) -> list[int] | None:
+        """The layers PQ retrieval indexes: the full-attention ones (a sliding window is already a
+        small set of tokens to attend); ``None`` when that is every layer."""
+        full = [i for i, s in enumerate(layout.layers) if s.kind == "full"]
+        shapes = {(layout.layers[i].kv_heads, layout.layers[i].key_dim, layout.layers[i].slots) for i in full}
+        if not full or len(shapes) != 1 or next(iter(shapes))[2] != "kv":
+            raise ConfigError(f"PQ retrieval indexes full-attention layers of one shape with post-RoPE keys; "
+                              f"this layout is {layout.describe()}")
+        return None if len(full) == layout.num_layers else full
 
     def _stores_chunk(self, group: LayerGroup, bounds: tuple[int, int], num_tokens: int) -> bool:
         """Whether a put of ``num_tokens`` tokens stores ``group``'s object of the chunk ``bounds``."""

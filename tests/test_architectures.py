@@ -310,3 +310,34 @@ async def test_fetcher_recomputes_from_the_start_when_a_window_was_not_stored(id
         for (k, v), (wk, wv) in zip(mixed.kv, want, strict=True):
             torch.testing.assert_close(k, wk, rtol=0, atol=1e-5)
             torch.testing.assert_close(v, wv, rtol=0, atol=1e-5)
+
+
+async def test_pq_indexes_full_attention_layers_and_retrieval_leaves_sliding_ones_alone():
+    from kvstore.retrieval import PQConfig
+    from kvstore.retrieval.attention import RetrievalConfig
+    from kvstore.retrieval.hf import RetrievalSession, generate_retrieval
+
+    model = tiny_model("gemma3")
+    ids = torch.randint(2, 500, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    kv = extract_kv(model, ids)
+    async with KVStore("memory://", chunk_tokens=64) as store:
+        await store.put("gemma3", ids, kv, layout=cache_layout(model), pq=PQConfig(bits=4, sinks=4, iters=4))
+        index = await store.get_pq("gemma3", ids)
+    assert index.layer_ids == (2,) and index.layers == 1  # the one full-attention layer
+    assert index.config.subspaces == 2  # sized by the 16-wide head
+    # every token in the budget: retrieval attention is full attention, so decoding matches exactly
+    wide = RetrievalConfig(budget=1.0, sinks=4, window=8)
+    out, session = generate_retrieval(model, ids, 6, kv=kv, session=RetrievalSession(index, wide, collect=True))
+    assert out == generate_greedy(model, ids, kv, max_new_tokens=6)
+    assert set(session.stats.recall_sum) == {2}  # only the indexed layer ran retrieval
+    # a real budget attends fewer tokens in that layer and still decodes
+    narrow = RetrievalConfig(budget=0.2, sinks=4, window=8)
+    out, session = generate_retrieval(model, ids, 6, kv=kv, session=RetrievalSession(index, narrow, collect=True))
+    assert len(out) == 6 and session.stats.attended < session.stats.visible
+
+
+def test_pq_subspaces_scale_with_the_head():
+    from kvstore.retrieval import PQConfig
+
+    assert [PQConfig().for_head_dim(d).subspaces for d in (16, 64, 80, 96, 128, 256)] == [2, 2, 2, 3, 4, 8]
+    assert PQConfig(subspaces=2).for_head_dim(256).subspaces == 2  # an explicit choice stands

@@ -20,7 +20,7 @@ from kvstore.retrieval.store import (
 
 MODEL = "test/model@v1"
 LAYERS, HEADS, DIM, TOKENS = 2, 2, 16, 300
-CONFIG = pq.PQConfig(bits=5, sinks=4, iters=4)
+CONFIG = pq.PQConfig(subspaces=2, bits=5, sinks=4, iters=4)  # stored configs name their subspaces
 
 
 def make_kv(tokens=TOKENS, seed=0):
@@ -90,7 +90,10 @@ async def test_absent_for_other_tokens_model_or_config(kvs, context):
     await put_pq(kvs, MODEL, tokens, index)
     assert await get_pq(kvs, MODEL, tokens[:-1], CONFIG) is None
     assert await get_pq(kvs, "other/model", tokens, CONFIG) is None
-    assert await get_pq(kvs, MODEL, tokens, pq.PQConfig()) is None
+    assert await get_pq(kvs, MODEL, tokens, pq.PQConfig(subspaces=4)) is None  # another configuration
+    loaded = await get_pq(kvs, MODEL, tokens, pq.PQConfig(bits=5, sinks=4, iters=4))  # head-sized: found by listing
+    assert loaded is not None and loaded.config == CONFIG and torch.equal(loaded.codes, index.codes)
+    assert await get_pq(kvs, MODEL, tokens, pq.PQConfig()) is None  # no stored configuration matches
 
 
 def _grid_error(centroids, bits):

@@ -1,6 +1,7 @@
 """Benchmarks, each a module ``kvstore.bench.<name>`` run as ``kvstore bench NAME``.
 
-A benchmark module defines ``run(quick: bool) -> dict``: it measures, prints a
+A benchmark module defines ``run(quick: bool) -> dict`` (``run(quick, model=...)`` where it
+runs on a choice of real model): it measures, prints a
 short human summary to stderr if it likes, and returns the figures its issue
 names. The CLI adds the machine, date and commit and writes the JSON.
 """

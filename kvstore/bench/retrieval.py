@@ -1,4 +1,9 @@
-"""``kvstore bench retrieval``: PQCache's retrieval attention on SmolLM2, with the PQ objects in a real store.
+"""``kvstore bench retrieval``: PQCache's retrieval attention on SmolLM2 (or ``--model``), with the PQ
+objects in a real store.
+
+Only full-attention layers take retrieval (a sliding window is already a small set of
+tokens); the PQ index is sized by the head (:meth:`~kvstore.retrieval.pq.PQConfig.for_head_dim`),
+and ``recall_by_layer_kind`` reports the recall per (layer kind, head width).
 
 Contexts of 4,096 tokens from the Python documentation (4 documents, 256
 continuation tokens; ``--quick``: 1 document, 2,048-token context, 64
@@ -53,7 +58,7 @@ from kvstore.eval.model import load_model
 from kvstore.eval.perplexity import continuation_nll, mean_ci
 from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.format import container
-from kvstore.integrations.hf import extract_kv, kv_to_cache
+from kvstore.integrations.hf import cache_layout, extract_kv, kv_to_cache
 from kvstore.retrieval import pq
 from kvstore.retrieval.attention import RetrievalConfig
 from kvstore.retrieval.hf import RetrievalSession, retrieval_attention
@@ -71,9 +76,11 @@ def _log(message: str) -> None:
     print(f"[retrieval] {message}", file=sys.stderr, flush=True)
 
 
-def _build_index(keys: list[torch.Tensor], config: pq.PQConfig) -> tuple[pq.PQIndex, list[float]]:
+def _build_index(keys: list[torch.Tensor], config: pq.PQConfig,
+                 layer_ids: list[int] | None) -> tuple[pq.PQIndex, list[float]]:
     """Train layer by layer (as during a prefill), timing each layer's k-means + encoding on
     one CPU thread (see the module docstring)."""
+    config = config.for_head_dim(keys[0].shape[-1])
     order = config.channel_order(keys[0].shape[-1])
     centroids, codes, seconds = [], [], []
     threads = torch.get_num_threads()
@@ -87,7 +94,8 @@ def _build_index(keys: list[torch.Tensor], config: pq.PQConfig) -> tuple[pq.PQIn
             centroids.append(c)
     finally:
         torch.set_num_threads(threads)
-    return pq.PQIndex(config, torch.stack(centroids), torch.stack(codes)), seconds
+    return pq.PQIndex(config, torch.stack(centroids), torch.stack(codes),
+                      None if layer_ids is None else tuple(layer_ids)), seconds
 
 
 def _decode_check(lm: Any, ctx: torch.Tensor, cont: torch.Tensor, kv: Any, index: pq.PQIndex,
@@ -101,7 +109,7 @@ def _decode_check(lm: Any, ctx: torch.Tensor, cont: torch.Tensor, kv: Any, index
     stepwise = []
     with torch.no_grad(), retrieval_attention(lm.model, RetrievalSession(index, config)):
         for i, token in enumerate(inputs):
-            logits = lm.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = lm.model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[0, -1]
             stepwise.append(F.cross_entropy(logits.float()[None], cont[i:i + 1]).item())
     return float((torch.tensor(stepwise, dtype=torch.float64) - forced).abs().max())
 
@@ -109,7 +117,7 @@ def _decode_check(lm: Any, ctx: torch.Tensor, cont: torch.Tensor, kv: Any, index
 async def _store_figures(lm: Any, profile: Any, ctx: torch.Tensor, kv16: Any,
                          index: pq.PQIndex) -> tuple[dict[str, Any], pq.PQIndex]:
     kvs = KVStore("memory://", levels=[KVCodecV1(profile, KV_LEVEL), "int8"])
-    manifest = await kvs.put(lm.model_id, ctx, kv16, pq=index)
+    manifest = await kvs.put(lm.model_id, ctx, kv16, layout=cache_layout(lm.model), pq=index)
     written = manifest.pq
     assert written is not None
     codes_buffer = 0
@@ -124,6 +132,17 @@ async def _store_figures(lm: Any, profile: Any, ctx: torch.Tensor, kv16: Any,
                "pq_bytes": written.total_bytes, "centroids_bytes": written.centroids.size,
                "codes_buffer_bytes": codes_buffer, "pq_load_s": load_s}
     return figures, loaded
+
+
+def _by_kind(layout: Any, per_doc: list[dict[int, float]]) -> dict[str, float]:
+    """Mean recall per (layer kind, head width), e.g. ``{"full/64": 0.92}``; layers without
+    retrieval (sliding windows) are absent."""
+    groups: dict[str, list[float]] = {}
+    for doc in per_doc:
+        for layer, recall in doc.items():
+            spec = layout.layers[layer]
+            groups.setdefault(f"{spec.kind}/{spec.key_dim}", []).append(recall)
+    return {name: float(np.mean(values)) for name, values in sorted(groups.items())}
 
 
 def summarize(rows: list[dict[str, Any]], load_fraction: float, kmeans_s: float,
@@ -145,25 +164,29 @@ def summarize(rows: list[dict[str, Any]], load_fraction: float, kmeans_s: float,
     return summary, met
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Measure; ``quick`` takes about a minute on two cores."""
+def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
+    """Measure; ``quick`` takes about a minute on two cores. ``model``: a name or path
+    :func:`~kvstore.eval.model.load_model` takes."""
     n_docs, context, continuation = (1, 2048, 64) if quick else (4, 4096, 256)
-    lm = load_model("smollm2")
-    layers = lm.layout.layers
-    pq_config = pq.PQConfig()
+    lm = load_model(model)
+    layout = cache_layout(lm.model)
+    layers = layout.num_layers
+    full = [i for i, spec in enumerate(layout.layers) if spec.kind == "full"]
+    layer_ids = None if len(full) == layers else full
+    pq_config = pq.PQConfig().for_head_dim(layout.layers[full[0]].key_dim)
     profile = model_profile(lm)
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], min_tokens=context + continuation, n=n_docs, seed=0)
     picks = samples(docs, context_tokens=context, continuation_tokens=continuation, seed=0)
     configs = [(b, r) for b in BUDGETS for r in RERANKS]
     rows: dict[tuple[float, float], dict[str, list[float]]] = {
-        c: {"recall": [], "ppl": [], "err": [], "attended": []} for c in configs}
+        c: {"recall": [], "ppl": [], "err": [], "attended": [], "by_layer": []} for c in configs}
     prefill_s, kmeans_s, store, decode_check = [], [], [], None
     for n, sample in enumerate(picks):
         _log(f"sample {n + 1}/{len(picks)}: {sample.document}")
         started = time.perf_counter()
         kv = extract_kv(lm.model, sample.context)
         prefill_s.append((time.perf_counter() - started) / layers)
-        trained, seconds = _build_index([k for k, _ in kv], pq_config)
+        trained, seconds = _build_index([kv[i][0] for i in full], pq_config, layer_ids)
         kmeans_s.extend(seconds)
         kv16 = [(k.half(), v.half()) for k, v in kv]
         figures, index = asyncio.run(_store_figures(lm, profile, sample.context, kv16, trained))
@@ -178,6 +201,8 @@ def run(quick: bool) -> dict[str, Any]:
             row["recall"].append(session.stats.recall())
             row["err"].append(session.stats.attention_rel_error())
             row["attended"].append(session.stats.attended / session.stats.visible)
+            stats = session.stats
+            row["by_layer"].append({i: stats.recall_sum[i] / stats.recall_n[i] for i in stats.recall_sum if stats.recall_n[i]})
             _log(f"  budget {budget} rerank {rerank}: ppl {row['ppl'][-1]:+.2f}% recall {row['recall'][-1]:.3f}")
         if n == 0:
             decode_check = _decode_check(lm, sample.context, sample.continuation, kv, index, RetrievalConfig(0.2),
@@ -191,6 +216,7 @@ def run(quick: bool) -> dict[str, Any]:
             "ppl_increase_pct": ci.mean, "ppl_increase_ci95": [ci.low, ci.high],
             "attention_rel_error": float(np.mean(row["err"])),
             "attended_fraction": float(np.mean(row["attended"])),
+            "recall_by_layer_kind": _by_kind(layout, row["by_layer"]),
         })
     kv_bytes = sum(s["kv_bytes"] for s in store)
     pq_bytes = sum(s["pq_bytes"] for s in store)
@@ -200,6 +226,9 @@ def run(quick: bool) -> dict[str, Any]:
     summary, met = summarize(out_rows, pq_bytes / kv_bytes, kmeans_median, float(np.mean(prefill_s)))
     return {
         "model": lm.model_id,
+        "model_name": lm.name,
+        "layout": layout.describe(),
+        "indexed_layers": full,
         "context_tokens": context,
         "continuation_tokens": continuation,
         "documents": [p.document for p in picks],

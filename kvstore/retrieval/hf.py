@@ -4,6 +4,8 @@
 transformers' ``AttentionInterface`` (name ``kvstore_retrieval``) and switches a
 model to it for the ``with`` block. Inside, every attention layer:
 
+- layers the index does not cover (sliding-window layers: their window is already a
+  small set of tokens) run the model's own attention implementation unchanged;
 - keeps PQ codes for all its cached tokens: the context's from the
   :class:`~kvstore.retrieval.pq.PQIndex` (trained once at prefill, or loaded
   from the store), later tokens encoded with the same centroids as they come;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +54,7 @@ from kvstore.retrieval.attention import (
 
 ATTENTION_NAME = "kvstore_retrieval"
 _ACTIVE: contextvars.ContextVar[RetrievalSession | None] = contextvars.ContextVar("kvstore_retrieval", default=None)
+_FALLBACK: contextvars.ContextVar[str | None] = contextvars.ContextVar("kvstore_retrieval_fallback", default=None)
 
 
 @dataclass
@@ -102,8 +106,18 @@ class RetrievalSession:
     def centroids(self, layer: int, device: torch.device) -> torch.Tensor:
         c = self._centroids.get(layer)
         if c is None or c.device != device:
-            c = self._centroids[layer] = self.index.centroids[layer].to(device, torch.float32)
+            c = self._centroids[layer] = self.index.centroids[self._row(layer)].to(device, torch.float32)
         return c
+
+    def _row(self, layer: int) -> int:
+        row = self.index.row(layer)
+        if row is None:
+            raise ConfigError(f"layer {layer} is not in the PQ index")
+        return row
+
+    def covers(self, layer: int) -> bool:
+        """Whether retrieval attention runs in ``layer`` (the index covers it)."""
+        return self.index.row(layer) is not None
 
     def codes_for(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """Codes ``[kv_heads, T, m]`` of the ``T`` cached keys: the index's for its tokens, then
@@ -111,7 +125,7 @@ class RetrievalSession:
         calls only while those keys are unchanged (a new continuation is re-encoded, never
         scored with a previous one's codes)."""
         total, stored = keys.shape[1], self.index.num_tokens
-        base = self.index.codes[layer][:, : min(total, stored)].to(keys.device)
+        base = self.index.codes[self._row(layer)][:, : min(total, stored)].to(keys.device)
         if total <= stored:
             return base
         cached = self._codes.get(layer)
@@ -193,11 +207,31 @@ def _attention_forward(
     session = _ACTIVE.get()
     if session is None:
         raise ConfigError(f"attention {ATTENTION_NAME!r} used outside a retrieval_attention() block")
+    if kwargs.get("sliding_window") is not None or not session.covers(module.layer_idx):
+        fallback = _FALLBACK.get()
+        assert fallback is not None
+        return _own_attention(module, fallback)(module, query, key, value, attention_mask, scaling=scaling,
+                                                dropout=dropout, **kwargs)
+    if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
+        raise ConfigError(f"layer {module.layer_idx} softcaps its logits or has attention sinks, which "
+                          "retrieval attention does not model")
     if query.shape[0] != 1:
         raise ConfigError("retrieval attention supports batch size 1 only")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = session.attention(module.layer_idx, query[0], key[0], value[0], scale)
     return out.transpose(0, 1)[None].to(query.dtype), None
+
+
+def _own_attention(module: Any, name: str) -> Any:
+    """The model's own attention function ``name`` (``eager``: its modeling module's)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ConfigError(f"{type(module).__name__}: no attention function {name!r} to run uncovered layers with")
+    return eager
 
 
 def register() -> str:
@@ -213,20 +247,24 @@ def retrieval_attention(model: Any, session: RetrievalSession) -> Iterator[Retri
     """Run ``model``'s attention layers as retrieval attention over ``session`` inside the block."""
     register()
     previous = model.config._attn_implementation
-    token = _ACTIVE.set(session)
+    token, fallback = _ACTIVE.set(session), _FALLBACK.set(previous)
     model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield session
     finally:
         model.set_attn_implementation(previous)
         _ACTIVE.reset(token)
+        _FALLBACK.reset(fallback)
 
 
 def build_session(
     kv: KV, pq_config: pq.PQConfig = pq.DEFAULT_CONFIG, config: RetrievalConfig = DEFAULT_RETRIEVAL, **kwargs: Any
 ) -> RetrievalSession:
-    """Train a PQ index on a context's keys (where they are) and wrap it in a session."""
-    return RetrievalSession(pq.build_index([k for k, _ in kv], pq_config), config, **kwargs)
+    """Train a PQ index on a context's keys (where they are) and wrap it in a session.
+    ``layers``: the model layers to index (default: every layer)."""
+    layers = kwargs.pop("layers", None)
+    keys = [kv[i][0] for i in layers] if layers is not None else [k for k, _ in kv]
+    return RetrievalSession(pq.build_index(keys, pq_config, layer_ids=layers), config, **kwargs)
 
 
 def generate_retrieval(
@@ -257,7 +295,7 @@ def generate_retrieval(
     step = ids[-1:]
     with torch.no_grad(), retrieval_attention(model, session):
         for _ in range(max_new_tokens):
-            logits = model(input_ids=step[None], past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=step[None], cache=cache, use_cache=True).logits
             token = int(logits[0, -1].argmax())
             out.append(token)
             step = torch.tensor([token], device=ids.device)

@@ -20,7 +20,8 @@ keys it is given: never the stale tail of a preallocated buffer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,15 +30,20 @@ import torch
 from kvstore.errors import ConfigError, FormatError
 
 MAX_BITS = 8
+SUBSPACE_DIM = 32  # channels per subspace when a config sizes its subspaces by the head
 LAYOUTS = ("rope", "contiguous")
 _CHUNK_ELEMENTS = 1 << 24  # bound on B * chunk * k for the distance / one-hot temporaries
 
 
 @dataclass(frozen=True, slots=True)
 class PQConfig:
-    """Product quantization settings (PQCache's defaults: m=2, b=6, 32 sinks)."""
+    """Product quantization settings (PQCache's: m=2, b=6, 32 sinks).
 
-    subspaces: int = 2
+    ``subspaces=None`` (the default) sizes the index by the head: one subspace per
+    :data:`SUBSPACE_DIM` channels (m=2 on a 64-wide head, as PQCache; 8 on a 256-wide
+    one), resolved by :meth:`for_head_dim` when an index is built."""
+
+    subspaces: int | None = None
     bits: int = 6
     sinks: int = 32
     iters: int = 16
@@ -49,6 +55,8 @@ class PQConfig:
             raise ConfigError(f"PQConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
         for name in ("subspaces", "bits", "iters"):
             value = getattr(self, name)
+            if name == "subspaces" and value is None:
+                continue
             if type(value) is not int or value <= 0:
                 raise ConfigError(f"PQConfig.{name} must be a positive int, got {value!r}")
         if self.bits > MAX_BITS:
@@ -63,16 +71,33 @@ class PQConfig:
         """Centroids per subspace, ``2**bits``."""
         return 1 << self.bits
 
+    def for_head_dim(self, head_dim: int) -> PQConfig:
+        """This configuration with its subspaces set for ``head_dim``-wide heads (unchanged
+        when already set): ``head_dim / SUBSPACE_DIM``, at least 2 (PQCache's), the largest
+        such count that splits the head into even widths (whole RoPE pairs)."""
+        if self.subspaces is not None:
+            return self
+        m = max(2, head_dim // SUBSPACE_DIM)
+        while m > 1 and (head_dim % m or (head_dim // m) % 2):
+            m -= 1
+        return replace(self, subspaces=m)
+
+    def _resolved(self) -> int:
+        if self.subspaces is None:
+            raise ConfigError("this PQConfig sizes its subspaces by the head: call for_head_dim(head_dim) first")
+        return self.subspaces
+
     @property
     def tag(self) -> str:
-        """A key segment naming this configuration."""
-        return f"m{self.subspaces}b{self.bits}s{self.sinks}i{self.iters}r{self.seed}{self.layout[0]}"
+        """A key segment naming this (resolved) configuration."""
+        return f"m{self._resolved()}b{self.bits}s{self.sinks}i{self.iters}r{self.seed}{self.layout[0]}"
 
     def sub_dim(self, head_dim: int) -> int:
         """Channels per subspace; ``head_dim`` must divide evenly."""
-        if head_dim % self.subspaces:
-            raise ConfigError(f"head_dim {head_dim} is not divisible by {self.subspaces} subspaces")
-        return head_dim // self.subspaces
+        m = self.for_head_dim(head_dim)._resolved()
+        if head_dim % m:
+            raise ConfigError(f"head_dim {head_dim} is not divisible by {m} subspaces")
+        return head_dim // m
 
     def channel_order(self, head_dim: int) -> torch.Tensor | None:
         """The channel permutation whose consecutive ``head_dim / m`` entries form each subspace
@@ -84,16 +109,17 @@ class PQConfig:
         channels ``[j*h, (j+1)*h)`` and their partners ``head_dim/2 + [j*h, (j+1)*h)``
         (``h = head_dim / 2m``): whole pairs, from fast to slow rotation."""
         sub = self.sub_dim(head_dim)
+        m = head_dim // sub
         if self.layout == "contiguous":
             return None
         if sub % 2:
             raise ConfigError(f"the rope layout needs an even subspace width, got {sub}")
         half, h = head_dim // 2, sub // 2
-        order = [c for j in range(self.subspaces) for c in (*range(j * h, (j + 1) * h), *range(half + j * h, half + (j + 1) * h))]
+        order = [c for j in range(m) for c in (*range(j * h, (j + 1) * h), *range(half + j * h, half + (j + 1) * h))]
         return torch.tensor(order, dtype=torch.long)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"subspaces": self.subspaces, "bits": self.bits, "sinks": self.sinks,
+        return {"subspaces": self._resolved(), "bits": self.bits, "sinks": self.sinks,
                 "iters": self.iters, "seed": self.seed, "layout": self.layout}
 
     @classmethod
@@ -225,6 +251,7 @@ def train(keys: torch.Tensor, config: PQConfig = DEFAULT_CONFIG, *, num_tokens: 
     if keys.ndim < 3 or not 0 < n <= keys.shape[-2]:
         raise ConfigError(f"train needs keys [..., heads, tokens, head_dim] with 0 < num_tokens <= tokens, "
                           f"got {list(keys.shape)} and num_tokens={num_tokens}")
+    config = config.for_head_dim(keys.shape[-1])
     order = config.channel_order(keys.shape[-1])
     start = config.sinks if n > config.sinks else 0
     parts = _split(keys[..., start:n, :], config.subspaces, order)  # [..., H, m, n, d]
@@ -278,11 +305,23 @@ def unpack_codes(data: np.ndarray | bytes | memoryview, bits: int, count: int) -
 @dataclass(frozen=True)
 class PQIndex:
     """A context's PQ index: ``centroids [layers, kv_heads, m, K, d]`` fp32 and ``codes
-    [layers, kv_heads, tokens, m]`` uint8."""
+    [layers, kv_heads, tokens, m]`` uint8. ``layer_ids``: the model layers its rows index
+    (``None``: every layer, in order); models with sliding-window layers index only their
+    full-attention layers, as a window is already a small set of tokens to attend."""
 
     config: PQConfig
     centroids: torch.Tensor
     codes: torch.Tensor
+    layer_ids: tuple[int, ...] | None = None
+
+    def row(self, layer: int) -> int | None:
+        """The index row of model layer ``layer`` (``None``: the layer is not indexed)."""
+        if self.layer_ids is None:
+            return layer if 0 <= layer < self.layers else None
+        try:
+            return self.layer_ids.index(layer)
+        except ValueError:
+            return None
 
     @property
     def num_tokens(self) -> int:
@@ -301,7 +340,7 @@ class PQIndex:
         return self.config.channel_order(self.head_dim)
 
     def to(self, device: str | torch.device) -> PQIndex:
-        return PQIndex(self.config, self.centroids.to(device), self.codes.to(device))
+        return PQIndex(self.config, self.centroids.to(device), self.codes.to(device), self.layer_ids)
 
 
 def build_index(
@@ -310,17 +349,22 @@ def build_index(
     *,
     device: str | torch.device | None = None,
     layers_per_batch: int | None = None,
+    layer_ids: Sequence[int] | None = None,
 ) -> PQIndex:
     """Train and encode a whole context: ``kv_keys`` is per layer ``[kv_heads, tokens, head_dim]``
     (or stacked ``[layers, ...]``). ``layers_per_batch`` layers share one batched k-means
-    (default: all). ``device`` defaults to the keys' device."""
+    (default: all). ``device`` defaults to the keys' device. ``layer_ids``: the model layers
+    the keys are of, when not every layer (see :class:`PQIndex`)."""
     keys = torch.stack(list(kv_keys)) if not isinstance(kv_keys, torch.Tensor) else kv_keys
     if keys.ndim != 4:
         raise ConfigError(f"keys must be [layers, kv_heads, tokens, head_dim], got {list(keys.shape)}")
+    if layer_ids is not None and len(layer_ids) != keys.shape[0]:
+        raise ConfigError(f"{len(layer_ids)} layer ids for {keys.shape[0]} layers of keys")
+    config = config.for_head_dim(keys.shape[-1])
     if device is not None:
         keys = keys.to(device)
     step = layers_per_batch or keys.shape[0]
     centroids = torch.cat([train(keys[i:i + step], config) for i in range(0, keys.shape[0], step)])
     order = config.channel_order(keys.shape[-1])
     codes = torch.cat([encode(keys[i:i + step], centroids[i:i + step], order) for i in range(0, keys.shape[0], step)])
-    return PQIndex(config, centroids, codes)
+    return PQIndex(config, centroids, codes, None if layer_ids is None else tuple(layer_ids))

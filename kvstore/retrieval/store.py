@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,9 @@ class _Context:
 
 
 def _context(kvstore: Any, model_id: str, tokens: Any, config: pq.PQConfig) -> _Context:
+    if config.subspaces is None:
+        raise ConfigError("the PQ configuration of stored objects names its subspaces: pass the index's "
+                          "(index.config) or config.for_head_dim(head_dim)")
     fingerprint = model_fingerprint(model_id)
     array = as_token_array(tokens)
     if array.size == 0:
@@ -93,6 +96,28 @@ def _context(kvstore: Any, model_id: str, tokens: Any, config: pq.PQConfig) -> _
     hashes = chunk_hashes(fingerprint, array, kvstore.chunk_tokens)
     prefix = kvstore.keys.pq_prefix(fingerprint, hashes[-1], config.tag)
     return _Context(model_id, fingerprint, array, bounds, hashes, prefix)
+
+
+async def stored_config(kvstore: Any, model_id: str, tokens: Any, config: pq.PQConfig) -> pq.PQConfig | None:
+    """``config`` with its subspaces as stored for this context (a head-sized config names
+    none: the context's PQ folder is listed for the one configuration that matches it), or
+    ``None`` when no such objects are stored."""
+    if config.subspaces is not None:
+        return config
+    fingerprint = model_fingerprint(model_id)
+    array = as_token_array(tokens)
+    if array.size == 0:
+        raise ConfigError("tokens must not be empty")
+    folder = kvstore.keys.model_prefix(fingerprint) + f"pq/{chunk_hashes(fingerprint, array, kvstore.chunk_tokens)[-1]}/"
+    tags = {key[len(folder):].split("/", 1)[0] async for key in kvstore.store.list(folder)}
+    matches = []
+    for tag in tags:
+        m = tag[1:].split("b", 1)[0]
+        if tag.startswith("m") and m.isdigit() and 0 < int(m) <= 1024 and replace(config, subspaces=int(m)).tag == tag:
+            matches.append(replace(config, subspaces=int(m)))
+    if len(matches) > 1:
+        raise ConfigError(f"several stored PQ configurations match {config}: name its subspaces")
+    return matches[0] if matches else None
 
 
 def centroids_key(kvstore: Any, model_id: str, tokens: Any, config: pq.PQConfig = pq.DEFAULT_CONFIG) -> str:
@@ -174,6 +199,8 @@ async def put_pq(
         "centroid_format": centroid_format,
         "codes": [[o.key, o.size, o.header_bytes, o.checksum] for o in listing],
     }
+    if index.layer_ids is not None:
+        meta["layer_ids"] = list(index.layer_ids)
     data = container.encode(buffers, kind=KIND_CENTROIDS, meta=meta)
     key = ctx.prefix + "/centroids"
     await kvstore.store.put(key, data, ttl=ttl)
@@ -195,7 +222,8 @@ def _require(cond: bool, message: str) -> None:
         raise FormatError(message)
 
 
-def _check_centroids(obj: container.Container, ctx: _Context, config: pq.PQConfig) -> tuple[torch.Tensor, list[ChunkObject]]:
+def _check_centroids(obj: container.Container, ctx: _Context,
+                     config: pq.PQConfig) -> tuple[torch.Tensor, list[ChunkObject], tuple[int, ...] | None]:
     meta = obj.header.meta
     _require(obj.header.kind == KIND_CENTROIDS, f"expected a {KIND_CENTROIDS} object, found {obj.header.kind!r}")
     _require(meta.get("version") == VERSION, f"unsupported PQ object version {meta.get('version')!r}")
@@ -214,6 +242,10 @@ def _check_centroids(obj: container.Container, ctx: _Context, config: pq.PQConfi
     layers, kv_heads = meta.get("layers"), meta.get("kv_heads")
     _require(type(layers) is int and layers > 0 and type(kv_heads) is int and kv_heads > 0,
              "PQ centroids object has a bad layer or head count")
+    layer_ids = meta.get("layer_ids")
+    _require(layer_ids is None or (isinstance(layer_ids, list) and len(layer_ids) == layers
+                                   and all(type(i) is int and i >= 0 for i in layer_ids)
+                                   and len(set(layer_ids)) == layers), "PQ centroids object has bad layer ids")
     dims = (layers, kv_heads, config.subspaces, config.centroids, head_dim // config.subspaces)
     centroids = centroid_storage.decode(fmt, obj.tensor, obj.raw, dims)
     raw = meta.get("codes")
@@ -223,7 +255,7 @@ def _check_centroids(obj: container.Container, ctx: _Context, config: pq.PQConfi
         _require(isinstance(entry, list) and len(entry) == 4 and entry[0] == _codes_key(ctx, i)
                  and all(type(v) is int and v >= 0 for v in entry[1:]), f"PQ codes listing entry {i} is malformed")
         listing.append(ChunkObject(*entry))
-    return centroids, listing
+    return centroids, listing, None if layer_ids is None else tuple(layer_ids)
 
 
 def _check_codes(blob: bytes, expected: ChunkObject, ctx: _Context, i: int, centroids_sum: int,
@@ -260,7 +292,12 @@ async def get_pq(
 
     ``expected``: the manifest's record of the objects; the centroids object and its
     codes listing must then be exactly the recorded ones (else
-    :class:`~kvstore.errors.IncompleteContextError`)."""
+    :class:`~kvstore.errors.IncompleteContextError`). A head-sized ``config`` (no
+    subspaces) loads the one stored configuration that matches it."""
+    resolved = await stored_config(kvstore, model_id, tokens, config)
+    if resolved is None:
+        return None
+    config = resolved
     ctx = _context(kvstore, model_id, tokens, config)
     key = ctx.prefix + "/centroids"
     data = await kvstore.store.get(key)
@@ -273,7 +310,7 @@ async def get_pq(
             raise FormatError(f"the manifest lists PQ centroids at {expected.centroids.key}, expected {key}")
         check_recorded_object(data, expected.centroids, "PQ centroids")
     obj = container.decode(data)
-    centroids, listing = _check_centroids(obj, ctx, config)
+    centroids, listing, layer_ids = _check_centroids(obj, ctx, config)
     if expected is not None and tuple(listing) != expected.codes:
         raise IncompleteContextError(f"PQ centroids object {key} lists other codes objects than the manifest")
     names = centroid_storage.buffer_names(obj.header.meta["centroid_format"])
@@ -289,7 +326,7 @@ async def get_pq(
         return await asyncio.to_thread(_check_codes, blob, listing[i], ctx, i, centroids_sum, layers, kv_heads, config)
 
     parts = await asyncio.gather(*(fetch(i) for i in range(len(listing))))
-    index = pq.PQIndex(config, centroids.to(torch.float32), torch.cat(parts, dim=2))
+    index = pq.PQIndex(config, centroids.to(torch.float32), torch.cat(parts, dim=2), layer_ids)
     device = resolve_device(device)
     return on_stream(caller_stream(device), index.to)(device)  # copies queued on the caller's stream
 
@@ -298,12 +335,16 @@ async def pq_objects(
     kvstore: Any, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray, config: pq.PQConfig = pq.DEFAULT_CONFIG
 ) -> PQObjects | None:
     """The stored PQ objects of a context (from its verified centroids object), or ``None``."""
+    resolved = await stored_config(kvstore, model_id, tokens, config)
+    if resolved is None:
+        return None
+    config = resolved
     ctx = _context(kvstore, model_id, tokens, config)
     key = ctx.prefix + "/centroids"
     data = await kvstore.store.get(key)
     if data is None:
         return None
-    _, listing = _check_centroids(container.decode(data), ctx, config)
+    _, listing, _ = _check_centroids(container.decode(data), ctx, config)
     return PQObjects(_describe(key, data), tuple(listing))
 
 
@@ -311,6 +352,10 @@ async def delete_pq(
     kvstore: Any, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray, config: pq.PQConfig = pq.DEFAULT_CONFIG
 ) -> bool:
     """Remove a context's PQ objects (centroids first, so no reader sees a partial set); whether any existed."""
+    resolved = await stored_config(kvstore, model_id, tokens, config)
+    if resolved is None:
+        return False
+    config = resolved
     ctx = _context(kvstore, model_id, tokens, config)
     key = ctx.prefix + "/centroids"
     if not await kvstore.store.exists(key):
