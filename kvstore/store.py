@@ -44,7 +44,7 @@ from kvstore.errors import (
 )
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
-from kvstore.format.chunk import ChunkIdentity, chunk_meta, decode_chunk, encode_chunk, group_identity
+from kvstore.format.chunk import ChunkIdentity, content_hash, decode_chunk, encode_chunk, group_identity
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
 from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
@@ -294,13 +294,16 @@ class KVStore:
         groups = layout.groups
         stack, encode = on_stream(stream, stack_span), on_stream(stream, encode_chunk)
         n = len(plan.tokens)
+        # the chain: each chunk's objects record its content hash and the previous chunk's
+        contents = await asyncio.to_thread(
+            on_stream(stream, lambda: [content_hash(kv, start, stop) for start, stop in plan.bounds]))
 
         async def store_chunk(i: int) -> list[tuple[tuple[int, int], ChunkObject]]:
             stored = []
             for group in groups:
                 if not self._stores_chunk(group, plan.bounds[i], n):
                     continue
-                ident = self._identity(plan, i, group, dtype)
+                ident = self._identity(plan, i, group, dtype, contents[i], contents[i - 1] if i else "")
                 keys, values = await asyncio.to_thread(stack, kv, *plan.bounds[i], group.layers)  # once for every level
                 for level, codec in enumerate(self.codecs):
                     group_codec = codec.for_layers(group.layers, layout.num_layers)
@@ -309,18 +312,18 @@ class KVStore:
 
         async def store_level(ident: ChunkIdentity, level: int, codec: KVCodec,
                               keys: torch.Tensor, values: torch.Tensor) -> ChunkObject:
-            key = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, self.codecs[level].tag, ident.group)
+            base = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, self.codecs[level].tag, ident.group)
             data = await asyncio.to_thread(encode, codec, ident, keys, values)
-            if await self.store.put(key, data, ttl=ttl, create_only=True):
-                metrics.record_put(level, len(data))
-                return _describe(key, data)
-            existing = await self._existing_chunk(key, ident, codec)
-            if existing is not None:
-                return existing
-            log.warning("replacing chunk object %s: unreadable, or stored for another dtype or shape", key)
-            await self.store.put(key, data, ttl=ttl)
-            metrics.record_put(level, len(data))
-            return _describe(key, data)
+            ours = _describe(base, data)
+            # objects are never replaced: the first writer's bytes stay at the base key, a writer of
+            # other bytes (other values, dtype...) writes its own version beside them
+            for key in (base, self.keys.chunk_version(base, ours.checksum)):
+                if await self.store.put(key, data, ttl=ttl, create_only=True):
+                    metrics.record_put(level, len(data))
+                    return ChunkObject(key, ours.size, ours.header_bytes, ours.checksum)
+                if await self._same_object(key, ours) and await self.store.keep(key, ttl):
+                    return ChunkObject(key, ours.size, ours.header_bytes, ours.checksum)  # shared, lives long enough
+            raise ConcurrentWriteError(f"chunk object {base}: its version for these bytes holds other bytes")
 
         for stored in {p[0]: p for c in self.codecs if (p := c.stored_profile()) is not None}.values():
             await self._store_profile(plan.fingerprint, *stored, ttl)
@@ -352,9 +355,11 @@ class KVStore:
         return manifest
 
     @staticmethod
-    def _identity(plan: _Plan, i: int, group: LayerGroup, dtype: torch.dtype) -> ChunkIdentity:
+    def _identity(plan: _Plan, i: int, group: LayerGroup, dtype: torch.dtype, content: str = "",
+                  prev: str = "") -> ChunkIdentity:
         start, stop = plan.bounds[i]
-        return group_identity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop], group, dtype)
+        return group_identity(plan.fingerprint, plan.hashes[i], start, plan.tokens[start:stop], group, dtype,
+                              content, prev)
 
     async def _store_layout(self, fingerprint: str, layout: CacheLayout, ttl: float | None) -> None:
         """Store the model's layout unless present; :class:`ConfigError` if another one is stored.
@@ -371,12 +376,10 @@ class KVStore:
         key = self.keys.layout_key(fingerprint)
         if not await self.store.put(key, data, ttl=ttl, create_only=True):
             stored = await self._stored_layout(fingerprint, cached=False)
-            if stored is None:  # removed (gc, expiry) since: write it again
-                await self.store.put(key, data, ttl=ttl)
-            elif stored != layout:
+            if stored is not None and stored != layout:
                 raise ConfigError(f"this model id is stored with layout {stored.describe()}, not {layout.describe()}")
-            elif ttl is not None:
-                await self.store.put(key, data, ttl=ttl)  # extend: the layout must outlive every chunk
+            if not await self.store.keep(key, ttl):  # it must outlive every chunk; gone since: write it again
+                await self.store.put(key, data, ttl=ttl)
         self._layouts[fingerprint] = layout
 
     async def _stored_layout(self, fingerprint: str, *, cached: bool = True) -> CacheLayout | None:
@@ -391,16 +394,15 @@ class KVStore:
         return layout
 
     async def _store_profile(self, fingerprint: str, profile_id: str, data: bytes, ttl: float | None) -> None:
-        """Store a codec's per-model profile unless present (content-addressed, create-only).
+        """Store a codec's per-model profile unless present (content-addressed, create-only),
+        and make it live at least as long as this put's objects.
 
         Checked on every put rather than remembered, so a profile removed by ``gc``
         comes back with the next context that needs it.
         """
         key = self.keys.profile_key(fingerprint, profile_id)
-        if ttl is None and await self.store.exists(key):
-            return
-        if not await self.store.put(key, data, ttl=ttl, create_only=True) and ttl is not None:
-            await self.store.put(key, data, ttl=ttl)  # extend: the profile must outlive every chunk
+        if not await self.store.keep(key, ttl):
+            await self.store.put(key, data, ttl=ttl)  # absent (or gone since): content-addressed, same bytes
 
     async def load_profiles(self, manifest: Manifest) -> None:
         """Fetch and register every codec profile the manifest's levels need (once per store)."""
@@ -425,22 +427,15 @@ class KVStore:
         register_profile(profile_id, cls.parse_profile(data))
         self._profiles_loaded.add(key)
 
-    async def _existing_chunk(self, key: str, ident: ChunkIdentity, codec: KVCodec) -> ChunkObject | None:
-        """Describe an already stored chunk object from its header, or ``None`` if it is
-        unreadable or is not this chunk at this codec configuration (e.g. another dtype)."""
-        head = await self.store.get(key, RangeRequest(0, container.DEFAULT_HEAD_BYTES))
+    async def _same_object(self, key: str, ours: ChunkObject) -> bool:
+        """Whether the object at ``key`` is byte for byte ``ours`` (its size and header checksum,
+        which covers every buffer's checksum); ``False`` if absent or unreadable."""
+        head = await self.store.get(key, RangeRequest(0, ours.header_bytes))
         try:
-            if head is None:
-                return None
-            needed = container.head_bytes_needed(head)
-            if needed > len(head):
-                head = await self.store.get(key, RangeRequest(0, needed)) or b""
-            header = container.decode_header(head)
+            return head is not None and container.decode_header(memoryview(head)).checksum == ours.checksum \
+                and container.decode_header(memoryview(head)).total_bytes == ours.size
         except FormatError:
-            return None
-        if header.meta != chunk_meta(ident) or header.codec != {"name": codec.name, "params": codec.params}:
-            return None
-        return _object_entry(key, header)
+            return False
 
     # -- read ---------------------------------------------------------------------
     async def lookup(
@@ -502,8 +497,8 @@ class KVStore:
             for level, spec in enumerate(manifest.levels):
                 for group in groups:
                     obj = chunk.object_at(level, group.index, len(groups))
-                    if obj is not None and obj.key != self.keys.chunk_key(plan.fingerprint, chunk_hash, spec.tag,
-                                                                          group.name):
+                    base = self.keys.chunk_key(plan.fingerprint, chunk_hash, spec.tag, group.name)
+                    if obj is not None and not self.keys.is_chunk_version(obj.key, base):
                         raise FormatError(f"manifest lists chunk object {obj.key} outside its place")
         if manifest.pq is not None:
             folder = self.keys.model_prefix(plan.fingerprint) + f"pq/{plan.hashes[-1]}/"
@@ -547,10 +542,12 @@ class KVStore:
             await self._load_profile(plan.fingerprint, spec.codec, spec.params)
             layout: CacheLayout | None = manifest.layout
             tag, codec_name = spec.tag, spec.codec
+            level_codec = get_codec(spec.codec, spec.params)
         else:
             self._check_level(level, len(self.codecs))
             layout = await self._stored_layout(plan.fingerprint)  # None: one uniform group (chunk headers)
             tag, codec_name = self.codecs[level].tag, self.codecs[level].name
+            level_codec = self.codecs[level]
         n = len(plan.tokens)
         groups = layout.groups if layout is not None else None
         found = {"hits": 0, "misses": 0}
@@ -608,12 +605,18 @@ class KVStore:
                           for dim in (g.spec.key_dim, g.spec.value_dim))
                     for g in groups]
 
+            group_codecs = [level_codec.for_layers(g.layers, layout.num_layers) for g in groups]
+            chain: dict[int, tuple[str, str]] = {}  # job -> the object's (content, prev)
+
             def decode(j: int, blob: bytes) -> None:
                 i, g = jobs[j]
                 start, stop = plan.bounds[i]
                 ident = self._identity(plan, i, groups[g], dtype)
                 started = time.perf_counter()
-                k, v = decode_chunk(blob, ident, device)
+                k, v = decode_chunk(blob, ident, device, {"name": group_codecs[g].name, "params": group_codecs[g].params})
+                if manifest is None:
+                    meta = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)]).meta
+                    chain[j] = (str(meta.get("content", "")), str(meta.get("prev", "")))
                 metrics.record_decode(codec_name, time.perf_counter() - started)
                 out_k, out_v = outs[g]
                 out_k[:, :, start - base[g]:stop - base[g]] = k
@@ -626,6 +629,8 @@ class KVStore:
 
             await self._bounded([lambda: self._verified(0, fetched_first, decode, refetch=fetch)]
                                 + [lambda j=j: self._verified(j, fetch, decode) for j in range(1, len(jobs))])
+            if manifest is None and not self._chain_holds(jobs, chain):
+                await self._follow_chain(jobs, chain, key_of, decode, n)
         finally:
             metrics.record_lookup(found["hits"], found["misses"], op="get")
         kv: KV = [None] * layout.num_layers  # type: ignore[list-item]
@@ -633,6 +638,48 @@ class KVStore:
             for j, layer in enumerate(group.layers):
                 kv[layer] = (out_k[j], out_v[j])
         return PrefixKV(kv, n)
+
+    @staticmethod
+    def _chain_holds(jobs: list[tuple[int, int]], chain: dict[int, tuple[str, str]]) -> bool:
+        """Without a manifest, the objects read must be one writer's chain: every object of a
+        chunk records the same content hash, and each chunk the previous one's. Objects stored
+        before the chain was recorded carry none and are not checked."""
+        content: dict[int, str] = {}
+        prev: dict[int, str] = {}
+        for j, (i, _) in enumerate(jobs):
+            c, p = chain[j]
+            if c and (content.setdefault(i, c) != c or prev.setdefault(i, p) != p):
+                return False
+        return all(prev[i] == content[i - 1] for i in content if i - 1 in content)
+
+    async def _follow_chain(self, jobs: list[tuple[int, int]], chain: dict[int, tuple[str, str]],
+                            key_of: Callable[[int], str], decode: Callable[[int, bytes], None], n: int) -> None:
+        """Writers of other KV for these tokens raced: the base objects read are of several
+        writers. Follow the first chunk's writer instead, chunk by chunk, through the versions
+        stored beside each base object (:meth:`KeyScheme.chunk_version`); raise if its chain
+        breaks off before the end."""
+        want: str | None = None  # the content the next chunk's objects must name as previous
+        for i in sorted({i for i, _ in jobs}):
+            content = None
+            for j in [j for j, (ji, _) in enumerate(jobs) if ji == i]:
+                c, p = chain[j]
+                if (want is None or p == want) and (content is None or c == content):
+                    content = c
+                    continue
+                for key in sorted([k async for k in self.store.list(key_of(j) + "=")]):
+                    blob = await self.store.get(key)
+                    if blob is None:
+                        continue
+                    meta = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)]).meta
+                    if (want is None or meta.get("prev") == want) and (content is None or meta.get("content") == content):
+                        await asyncio.to_thread(decode, j, blob)
+                        content = chain[j][0]
+                        break
+                else:
+                    raise IncompleteContextError(
+                        f"the {n} tokens' chunk {i} is stored only by writers of other KV for the chunks before it "
+                        "(concurrent puts of different KV); their contexts' own gets read consistently")
+            want = content
 
     @staticmethod
     async def _verified(i: int, fetch: Callable[[int], Awaitable[bytes]], decode: Callable[[int, bytes], Any],

@@ -70,14 +70,35 @@ async def test_prefix_reuse_is_chunk_granular(kvs):
 
 async def test_shared_prefix_chunks_are_stored_once(kvs):
     ids = list(range(64))
-    await kvs.put(MODEL, ids, make_kv(64))
+    kv = make_kv(64)
+    await kvs.put(MODEL, ids, kv)
     before = {k async for k in kvs.store.list()}
     other = ids[:32] + list(range(1000, 1032))
-    await kvs.put(MODEL, other, make_kv(64, seed=1))
+    tail = make_kv(64, seed=1)
+    other_kv = [(torch.cat([k[:, :32], k2[:, 32:]], 1), torch.cat([v[:, :32], v2[:, 32:]], 1))
+                for (k, v), (k2, v2) in zip(kv, tail)]
+    await kvs.put(MODEL, other, other_kv)
     added = {k async for k in kvs.store.list()} - before
     assert len(added) == 3  # two new chunks + one manifest; the first two chunks are shared
-    # the shared chunks keep the first writer's KV: a prefix has one KV per model
-    assert_kv_equal(await kvs.get(MODEL, ids), make_kv(64))
+    assert_kv_equal(await kvs.get(MODEL, ids), kv)
+    assert_kv_equal(await kvs.get(MODEL, other), other_kv)
+
+
+async def test_other_values_for_the_same_tokens_are_stored_beside_never_over(kvs):
+    """Two writers of one context with different KV (other numerics, other dtype): each
+    manifest lists its own objects, and the first writer's objects are never replaced."""
+    ids = list(range(48))
+    first, second = make_kv(48), make_kv(48, seed=7)
+    await kvs.put(MODEL, ids, first)
+    base = {k: await kvs.store.get(k) async for k in kvs.store.list() if "/chunks/" in k}
+    manifest = await kvs.put(MODEL, ids, second)
+    assert all(o.key.split("/")[-1].count("=") == 1 for c in manifest.chunks for o in c.objects)  # versions
+    assert {k: await kvs.store.get(k) for k in base} == base  # untouched
+    assert_kv_equal(await kvs.get(MODEL, ids), second)  # the manifest (the last put) lists its own
+    assert_kv_equal(await kvs.get(MODEL, ids[:32]), [(k[:, :32], v[:, :32]) for k, v in first])  # base chain
+    await kvs.put(MODEL, ids, [(k.float(), v.float()) for k, v in first])  # another dtype: a third version
+    got = await kvs.get(MODEL, ids)
+    assert got[0][0].dtype == torch.float32 and torch.equal(got[0][0], first[0][0].float())
 
 
 async def test_models_do_not_share_kv(kvs):
@@ -300,3 +321,22 @@ async def test_manifest_cannot_point_at_objects_elsewhere():
         await store.store.put(key, forged.to_bytes(np.asarray(tokens, dtype="<i4")))
         with pytest.raises(FormatError, match="outside its place"):
             await store.get(MODEL, tokens)
+
+
+async def test_a_read_without_manifest_follows_one_writers_chain_through_versions(kvs):
+    """Two writers of other KV raced: chunk 0's base object is A's, chunk 1's is B's. A prefix
+    read without a manifest follows A's chain through the version stored beside B's object."""
+    ids = list(range(48))
+    a, b = make_kv(48), make_kv(48, seed=5)
+    first = await kvs.put(MODEL, ids, a)
+    second = await kvs.put(MODEL, ids, b)  # B's objects: versions beside A's
+    base_1, b_1 = first.chunks[1].objects[0].key, second.chunks[1].objects[0].key
+    a_bytes, b_bytes = await kvs.store.get(base_1), await kvs.store.get(b_1)
+    a_version = kvs.keys.chunk_version(base_1, first.chunks[1].objects[0].checksum)
+    await kvs.store.put(a_version, a_bytes)  # A's chunk 1 beside, B's at the base: as if B won that race
+    await kvs.store.put(base_1, b_bytes)
+    await kvs.store.delete(b_1)
+    assert_kv_equal(await kvs.get(MODEL, ids[:32]), [(k[:, :32], v[:, :32]) for k, v in a])
+    await kvs.store.delete(a_version)  # A's chain now ends at chunk 0: refused, never mixed
+    with pytest.raises(IncompleteContextError, match="writers of other KV"):
+        await kvs.get(MODEL, ids[:32])

@@ -164,6 +164,15 @@ class Store(ABC):
     def list(self, prefix: str = "") -> AsyncIterator[str]:
         """Yield every live key starting with ``prefix``, in no particular order."""
 
+    @abstractmethod
+    async def keep(self, key: str, ttl: float | None) -> bool:
+        """Make the value at ``key`` live at least ``ttl`` more seconds (``None``: no expiry),
+        never shortening its life; returns whether the key holds a value.
+
+        For values shared by several writers (content-addressed objects): each writer's
+        lifetime must hold, whoever wrote first. Every backend implements it: its expiry
+        is its own."""
+
     async def close(self) -> None:
         """Release connections and other resources; the store is unusable after."""
 

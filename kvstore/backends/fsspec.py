@@ -283,6 +283,24 @@ class FsspecStore(Store):
                 return False
             raise
 
+    async def keep(self, key: str, ttl: float | None) -> bool:
+        ttl = check_ttl(ttl)
+        head = await self._call("keep", key, lambda: self._live_head(key))
+        if head is None:
+            return False
+        raw = (head.get("Metadata") or {}).get(EXPIRES_META)
+        try:
+            expires_at = None if raw is None else float(raw)
+        except ValueError:
+            expires_at = 0.0
+        if expires_at is None or (ttl is not None and time.time() + ttl <= expires_at):
+            return True  # already lives long enough
+        value = await self.get(key)  # S3 changes metadata only by rewriting: the same bytes, a later expiry
+        if value is None:
+            return False
+        await self.put(key, value, ttl=ttl)
+        return True
+
     async def delete(self, key: str) -> None:
         path = self._path(key)
 

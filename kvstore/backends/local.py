@@ -136,6 +136,23 @@ class LocalStore(Store):
             os.replace(ttl_tmp, ttl_path)
         return True
 
+    def _keep(self, key: str, ttl: float | None) -> bool:
+        if not self._path(key).is_file() or self._expired(key):
+            return False
+        ttl_path = self._ttl_path(key)
+        try:
+            expires_at = float(ttl_path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return True  # no expiry: nothing to extend
+        except (OSError, ValueError):
+            expires_at = 0.0
+        if ttl is None:
+            ttl_path.unlink(missing_ok=True)
+        elif time.time() + ttl > expires_at:
+            ttl_tmp = self._write_temp(ttl_path, repr(time.time() + ttl).encode())
+            os.replace(ttl_tmp, ttl_path)
+        return True
+
     def _list(self, prefix: str) -> list[str]:
         keys = []
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -171,6 +188,10 @@ class LocalStore(Store):
     ) -> bool:
         self._path(key)  # validates
         return await self._io(self._write, key, value, check_ttl(ttl), create_only)
+
+    async def keep(self, key: str, ttl: float | None) -> bool:
+        validate_key(key)
+        return await self._io(self._keep, key, check_ttl(ttl))
 
     async def delete(self, key: str) -> None:
         self._path(key)  # validates

@@ -51,6 +51,16 @@ class MemoryStore(Store):
         self._values[key] = (bytes(value), expires_at)
         return True
 
+    async def keep(self, key: str, ttl: float | None) -> bool:
+        ttl = check_ttl(ttl)
+        value = self._live(validate_key(key))
+        if value is None:
+            return False
+        expires_at = self._values[key][1]
+        if expires_at is not None:
+            self._values[key] = (value, None if ttl is None else max(expires_at, time.monotonic() + ttl))
+        return True
+
     async def delete(self, key: str) -> None:
         self._values.pop(validate_key(key), None)
 

@@ -147,6 +147,17 @@ class _RedisStoreBase(Store):
         )
         return bool(written)
 
+    async def keep(self, key: str, ttl: float | None) -> bool:
+        name = self._name(key)
+        ttl = check_ttl(ttl)
+        if ttl is None:  # PERSIST answers 0 both for "no such key" and "had no expiry"
+            await self._call("keep", key, lambda: self.client.persist(name))
+            return bool(await self._call("keep", key, lambda: self.client.exists(name)))
+        px = max(1, math.ceil(ttl * 1000))
+        # GT: only a later expiry is set (a key without one keeps none); answers 0 then too
+        await self._call("keep", key, lambda: self.client.pexpire(name, px, gt=True))
+        return bool(await self._call("keep", key, lambda: self.client.exists(name)))
+
     async def delete(self, key: str) -> None:
         name = self._name(key)
         await self._call("delete", key, lambda: self.client.execute_command("UNLINK", name))

@@ -9,10 +9,13 @@ single value reaches the model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from kvstore.codecs.base import KVCodec, get_codec
 from kvstore.errors import FormatError
@@ -28,7 +31,11 @@ class ChunkIdentity:
     """What a chunk object must be: whose, which tokens, which layer group, which shape.
 
     ``head_dim`` is the key width; ``value_dim`` the value width where it differs (MLA);
-    ``group`` the layer group's name (empty when the model's layout has one group)."""
+    ``group`` the layer group's name (empty when the model's layout has one group).
+    ``content``: a hash of the whole chunk's KV (every layer) as its writer stored it, and
+    ``prev`` the previous chunk's (empty for the first): every object of a chunk records
+    both, so a reader without a manifest checks that the chunks it assembles are one
+    writer's chain. Empty where unknown (objects written before these fields existed)."""
 
     fingerprint: str
     chunk_hash: str
@@ -40,6 +47,8 @@ class ChunkIdentity:
     dtype: torch.dtype
     value_dim: int | None = None
     group: str = ""
+    content: str = ""
+    prev: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -48,11 +57,22 @@ class ChunkIdentity:
 
 
 def group_identity(fingerprint: str, chunk_hash: str, start: int, tokens: np.ndarray, group: LayerGroup,
-                   dtype: torch.dtype) -> ChunkIdentity:
+                   dtype: torch.dtype, content: str = "", prev: str = "") -> ChunkIdentity:
     """The identity of a layer group's object of the chunk ``[start, start + len(tokens))``."""
     spec = group.spec
     return ChunkIdentity(fingerprint, chunk_hash, start, tokens, len(group.layers), spec.kv_heads, spec.key_dim,
-                         dtype, spec.value_dim, group.name)
+                         dtype, spec.value_dim, group.name, content, prev)
+
+
+def content_hash(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop: int) -> str:
+    """The hash of tokens ``[start, stop)`` of every layer's keys and values (xxh3-128, hex):
+    what a chunk's writer stored, recorded in each of the chunk's objects."""
+    h = xxhash.xxh3_128()
+    for k, v in kv:
+        for t in (k, v):
+            part = t[:, start:stop].detach().to("cpu").contiguous()
+            h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+    return h.hexdigest()
 
 
 def chunk_meta(ident: ChunkIdentity) -> dict[str, object]:
@@ -71,6 +91,8 @@ def chunk_meta(ident: ChunkIdentity) -> dict[str, object]:
         meta["value_dim"] = ident.value_dim
     if ident.group:
         meta["group"] = ident.group
+    if ident.content:
+        meta["content"], meta["prev"] = ident.content, ident.prev
     return meta
 
 
@@ -94,8 +116,9 @@ def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
     if header.kind != KIND:
         raise FormatError(f"expected a {KIND} object, found {header.kind!r}")
     meta = header.meta
-    want_meta = chunk_meta(ident)
-    for name in [*want_meta, *(extra for extra in ("value_dim", "group") if extra in meta and extra not in want_meta)]:
+    want_meta = chunk_meta(ident)  # without content and prev when the reader does not know them (yet)
+    optional = ("value_dim", "group")
+    for name in [*want_meta, *(extra for extra in optional if extra in meta and extra not in want_meta)]:
         want = want_meta.get(name)
         if meta.get(name) != want:
             raise FormatError(f"chunk object has {name}={meta.get(name)!r}, expected {want!r}")
@@ -105,12 +128,18 @@ def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
 
 
 def decode_chunk(
-    data: bytes | memoryview, ident: ChunkIdentity, device: torch.device
+    data: bytes | memoryview, ident: ChunkIdentity, device: torch.device,
+    codec: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify a chunk object against ``ident`` and decode its keys and values."""
+    """Verify a chunk object against ``ident`` (and, given ``codec`` ``{"name", "params"}``, that
+    it was stored at that codec configuration: an object of another level is refused) and
+    decode its keys and values."""
     obj = container.decode(data)
     check_identity(obj, ident)
     codec_doc = obj.header.codec
+    if codec is not None and codec_doc != dict(codec):
+        raise FormatError(f"chunk object is coded by {codec_doc.get('name')!r} {codec_doc.get('params')}, "
+                          f"not the level asked for ({codec.get('name')!r} {codec.get('params')})")
     params = codec_doc.get("params", {})
     if not isinstance(params, dict):
         raise FormatError("chunk codec parameters must be an object")

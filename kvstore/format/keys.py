@@ -11,6 +11,7 @@ Layout under a namespace ``ns``::
 
     ns/<model fingerprint>/chunks/<chunk hash>/<level tag>   one chunk at one level (one layer group)
     ns/<model fingerprint>/chunks/<chunk hash>/<level tag>+<group>   ... of one of several layer groups
+    ns/<model fingerprint>/chunks/<chunk hash>/<level tag>[+<group>]=<checksum>   another writer's bytes
     ns/<model fingerprint>/layout                          the model's cache layout
     ns/<model fingerprint>/contexts/<context hash>           a context's manifest
     ns/<model fingerprint>/profiles/<profile id>             a codec's per-model profile
@@ -33,6 +34,7 @@ from kvstore.errors import ConfigError
 HASH_BYTES = 16
 MAX_TOKEN_ID = 2**31 - 1
 _HEX = re.compile(r"[0-9a-f]{32}")
+_VERSION = re.compile(r"[0-9a-f]{16}")
 
 
 def model_fingerprint(model_id: str) -> str:
@@ -100,6 +102,18 @@ class KeyScheme:
         """One chunk's object at one level, of layer ``group`` (empty for a one-group layout)."""
         suffix = f"+{group}" if group else ""
         return validate_key(f"{self.namespace}/{fingerprint}/chunks/{chunk_hash}/{level_tag}{suffix}")
+
+    @staticmethod
+    def chunk_version(base_key: str, checksum: int) -> str:
+        """Where a writer stores its own bytes of a chunk whose ``base_key`` holds another
+        writer's (objects are never replaced): the base key and the object's header checksum."""
+        return validate_key(f"{base_key}={checksum:016x}")
+
+    @staticmethod
+    def is_chunk_version(key: str, base_key: str) -> bool:
+        """Whether ``key`` is ``base_key`` or a version of it (:meth:`chunk_version`)."""
+        return key == base_key or (key.startswith(base_key + "=") and _VERSION.fullmatch(key[len(base_key) + 1:])
+                                   is not None)
 
     def layout_key(self, fingerprint: str) -> str:
         """The model's cache layout (written once, create-only, by the first put)."""

@@ -197,6 +197,9 @@ class ShapedStore(Store):
     async def delete(self, key: str) -> None:
         await self.inner.delete(key)
 
+    async def keep(self, key: str, ttl: float | None) -> bool:
+        return await self.inner.keep(key, ttl)
+
     async def exists(self, key: str) -> bool:
         return await self.inner.exists(key)
 

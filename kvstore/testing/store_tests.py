@@ -116,6 +116,24 @@ class StoreTests:
         await asyncio.sleep(self.ttl_seconds + 0.6)
         assert await store.get("k") == b"v2"
 
+    async def test_keep_only_ever_lengthens_a_life(self, store: Store) -> None:
+        t = self.ttl_seconds
+        await store.put("short", b"a", ttl=t)
+        await store.put("made-durable", b"b", ttl=t)
+        await store.put("durable", b"c")
+        await store.put("lengthened", b"d", ttl=t)
+        assert await store.keep("short", 60 * t) is True and await store.keep("short", t / 10) is True
+        assert await store.keep("made-durable", None) is True
+        assert await store.keep("durable", t) is True  # no expiry stays no expiry
+        assert await store.keep("lengthened", 3 * t) is True
+        assert await store.keep("absent", t) is False and await store.keep("absent", None) is False
+        await asyncio.sleep(t + 0.6)
+        assert [await store.get(k) for k in ("short", "made-durable", "durable", "lengthened")] == [b"a", b"b", b"c", b"d"]
+        await store.put("shortened-not", b"e", ttl=60 * t)
+        await store.keep("shortened-not", t / 10)  # never shortens
+        await asyncio.sleep(0.3)
+        assert await store.get("shortened-not") == b"e"
+
     async def test_invalid_ttl_rejected(self, store: Store) -> None:
         for ttl in (0, -1, float("nan"), "10"):
             with pytest.raises(ConfigError):
