@@ -747,20 +747,47 @@ class KVStore:
         return await pq_store.get_pq(self, model_id, plan.tokens, config, device=device, expected=manifest.pq)
 
     async def delete(self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray) -> bool:
-        """Remove a stored context: its manifest, then the chunk (and PQ) objects it lists.
+        """Remove a stored context: its manifest, its PQ objects, and the chunk objects it lists
+        that no other stored context of the model lists (those stay: never lost). Returns
+        whether a manifest was found.
 
-        Chunks shared with other stored contexts go too (those then report
-        :class:`IncompleteContextError`). Returns whether a manifest was found.
-        """
+        Reads the model's other manifests to find what they share; a ``put`` that reuses a
+        removed object meanwhile writes it again before it returns (see :meth:`put`)."""
         plan = self._plan(model_id, tokens)
         manifest = await self._read_manifest(model_id, plan)
         if manifest is None:
             return False
-        await self.store.delete(self.keys.manifest_key(plan.fingerprint, plan.hashes[-1]))
-        keys = [obj.key for chunk in manifest.chunks for obj in chunk.objects]
+        key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
+        await self.store.delete(key)
+        listed = {obj.key for chunk in manifest.chunks for obj in chunk.objects}
+        shared = await self._listed_by_other_contexts(plan.fingerprint, key)
+        keys = sorted(listed - shared)
         keys += [obj.key for obj in manifest.pq.objects] if manifest.pq is not None else []
         await self._bounded([lambda key=key: self.store.delete(key) for key in keys])
         return True
+
+    async def _listed_by_other_contexts(self, fingerprint: str, except_key: str) -> set[str]:
+        """Every chunk object key the model's other manifests list (an unreadable manifest
+        protects every chunk of the model: nothing is removed on a guess)."""
+        prefix = self.keys.model_prefix(fingerprint) + "contexts/"
+        keys = [k async for k in self.store.list(prefix) if k != except_key]
+        listed: set[str] = set()
+
+        async def read(key: str) -> None:
+            data = await self.store.get(key)
+            if data is None:
+                return
+            try:
+                other, _ = manifest_format.from_bytes(data)
+            except FormatError:
+                listed.add("*")
+                return
+            listed.update(obj.key for chunk in other.chunks for obj in chunk.objects)
+
+        await self._bounded([lambda key=key: read(key) for key in keys])
+        if "*" in listed:
+            return {k async for k in self.store.list(self.keys.model_prefix(fingerprint) + "chunks/")}
+        return listed
 
     # -- lifetime -----------------------------------------------------------------
     async def close(self) -> None:

@@ -340,3 +340,15 @@ async def test_a_read_without_manifest_follows_one_writers_chain_through_version
     await kvs.store.delete(a_version)  # A's chain now ends at chunk 0: refused, never mixed
     with pytest.raises(IncompleteContextError, match="writers of other KV"):
         await kvs.get(MODEL, ids[:32])
+
+
+async def test_delete_keeps_what_other_contexts_share(kvs):
+    ids = list(range(64))
+    kv = make_kv(64)
+    await kvs.put(MODEL, ids, kv)
+    await kvs.put(MODEL, ids[:32], [(k[:, :32], v[:, :32]) for k, v in kv])  # shares chunks 0-1
+    assert await kvs.delete(MODEL, ids) is True
+    assert_kv_equal(await kvs.get(MODEL, ids[:32]), [(k[:, :32], v[:, :32]) for k, v in kv])
+    assert await kvs.lookup(MODEL, ids) == 32
+    assert await kvs.delete(MODEL, ids[:32]) is True
+    assert [k async for k in kvs.store.list()] == []

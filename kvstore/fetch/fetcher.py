@@ -19,12 +19,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 import numpy as np
 import torch
 
 from kvstore import metrics
+from kvstore.codecs.base import get_codec
 from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
 from kvstore.errors import BackendError, ConfigError, ContextNotFoundError, FormatError, IncompleteContextError
 from kvstore.fetch.policy import (
@@ -251,6 +253,12 @@ class _Load:
         objects = [self.m.object_at(i, level, g) for g in self._unit(i)]
         return sum(o.size for o in objects) if all(o is not None for o in objects) else UNAVAILABLE  # type: ignore[union-attr]
 
+    def _codec(self, level: int, group: int) -> dict[str, Any]:
+        """The codec (name, params) that ``group``'s objects at ``level`` must have been coded with."""
+        spec = self.m.levels[level]
+        codec = get_codec(spec.codec, spec.params).for_layers(self.groups[group].layers, self.m.layers)
+        return {"name": codec.name, "params": codec.params}
+
     def _identity(self, i: int, group: int) -> ChunkIdentity:
         chunk = self.m.chunks[i]
         return group_identity(self.m.fingerprint, chunk.hash, chunk.start, self.tokens[chunk.start:chunk.stop],
@@ -313,27 +321,27 @@ class _Load:
         try:
             for g, blob in zip(self._unit(i), blobs, strict=True):
                 check_recorded_object(blob, self.m.object_at(i, level, g), i)  # type: ignore[arg-type]
-                self._decode_chunk(i, g, blob)
+                self._decode_chunk(i, g, blob, self._codec(level, g))  # type: ignore[arg-type]
         except FormatError:
             metrics.record_checksum_failure("chunk")
             raise
 
-    def _decode_chunk(self, i: int, g: int, blob: bytes) -> None:
+    def _decode_chunk(self, i: int, g: int, blob: bytes, codec: dict[str, Any]) -> None:
         chunk, base = self.m.chunks[i], self.base[g]
         out_k, out_v = self.outs[g]
         ident = self._identity(i, g)
         if self.f._stream is not None:
             with torch.cuda.stream(self.f._stream):
-                k, v = decode_chunk(blob, ident, self.f.device)
+                k, v = decode_chunk(blob, ident, self.f.device, codec)
                 out_k[:, :, chunk.start - base:chunk.stop - base] = k
                 out_v[:, :, chunk.start - base:chunk.stop - base] = v
             self.f._stream.synchronize()
         else:
-            k, v = decode_chunk(blob, ident, self.f.device)
+            k, v = decode_chunk(blob, ident, self.f.device, codec)
             out_k[:, :, chunk.start - base:chunk.stop - base] = k
             out_v[:, :, chunk.start - base:chunk.stop - base] = v
 
-    async def _windows_before(self, start: int) -> dict[int, tuple[int, list[bytes], list[int]]] | None:
+    async def _windows_before(self, start: int) -> dict[int, tuple[int, list[bytes], list[int], int]] | None:
         """The sliding-window KV a recompute from ``start`` needs but the load does not read
         (its window lies before the group's first fetched chunk): per group, the first token
         and the objects of the chunks that hold it, at the level of the latest fetched chunk
@@ -342,7 +350,7 @@ class _Load:
         level = next((d.level for d in reversed(self.decisions) if d.action == "fetch" and d.level is not None),
                      self.candidates[-1])
         chunk_tokens = self.m.chunk_tokens
-        windows: dict[int, tuple[int, list[bytes], list[int]]] = {}
+        windows: dict[int, tuple[int, list[bytes], list[int], int]] = {}
         for g in self.groups:
             need = g.spec.first_needed(start)
             if start == 0 or need >= self.base[g.index]:
@@ -354,11 +362,11 @@ class _Load:
                     check_recorded_object(blob, self.m.object_at(i, level, g.index), i)  # type: ignore[arg-type]
             except (BackendError, FormatError):
                 return None
-            windows[g.index] = (need, blobs, chunks)
+            windows[g.index] = (need, blobs, chunks, level)
         return windows
 
     def _recompute_into(self, start: int, stop: int,
-                        windows: dict[int, tuple[int, list[bytes], list[int]]] | None = None) -> None:
+                        windows: dict[int, tuple[int, list[bytes], list[int], int]] | None = None) -> None:
         assert self.f.recompute is not None
         prefix: KV | None = None
         if start > 0:
@@ -368,8 +376,10 @@ class _Load:
                 held = max(0, start - self.base[g.index])
                 parts_k, parts_v = [out_k[:, :, :held]], [out_v[:, :, :held]]
                 if windows and g.index in windows:  # decode the window before the fetched chunks
-                    need, blobs, chunks = windows[g.index]
-                    decoded = [decode_chunk(b, self._identity(i, g.index), out_k.device) for b, i in zip(blobs, chunks)]
+                    need, blobs, chunks, level = windows[g.index]
+                    codec = self._codec(level, g.index)
+                    decoded = [decode_chunk(b, self._identity(i, g.index), out_k.device, codec)
+                               for b, i in zip(blobs, chunks)]
                     first = self.m.chunks[chunks[0]].start
                     until = min(start, self.base[g.index]) - first
                     parts_k.insert(0, torch.cat([k for k, _ in decoded], dim=2)[:, :, need - first:until])
