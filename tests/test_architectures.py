@@ -330,10 +330,28 @@ async def test_pq_indexes_full_attention_layers_and_retrieval_leaves_sliding_one
     out, session = generate_retrieval(model, ids, 6, kv=kv, session=RetrievalSession(index, wide, collect=True))
     assert out == generate_greedy(model, ids, kv, max_new_tokens=6)
     assert set(session.stats.recall_sum) == {2}  # only the indexed layer ran retrieval
+    # many queries at once (teacher forcing): sliding layers get their own masks, unchanged
+    from kvstore.eval.perplexity import continuation_nll
+    from kvstore.retrieval.hf import retrieval_attention
+
+    ctx, cont = ids[:150], ids[150:]
+    ctx_kv = [(k[:, :150], v[:, :150]) for k, v in kv]
+    ctx_index = (await _pq_of(model, ctx, ctx_kv))
+    plain = continuation_nll(model, ctx, cont, ctx_kv)
+    with retrieval_attention(model, RetrievalSession(ctx_index, wide)):
+        torch.testing.assert_close(continuation_nll(model, ctx, cont, ctx_kv), plain, rtol=0, atol=1e-4)
     # a real budget attends fewer tokens in that layer and still decodes
     narrow = RetrievalConfig(budget=0.2, sinks=4, window=8)
     out, session = generate_retrieval(model, ids, 6, kv=kv, session=RetrievalSession(index, narrow, collect=True))
     assert len(out) == 6 and session.stats.attended < session.stats.visible
+
+
+async def _pq_of(model, ids, kv):  # type: ignore[no-untyped-def]
+    from kvstore.retrieval import PQConfig
+
+    async with KVStore("memory://", chunk_tokens=64) as store:
+        await store.put("m", ids, kv, layout=cache_layout(model), pq=PQConfig(bits=4, sinks=4, iters=4))
+        return await store.get_pq("m", ids)
 
 
 def test_pq_subspaces_scale_with_the_head():

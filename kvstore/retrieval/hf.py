@@ -234,6 +234,15 @@ def _own_attention(module: Any, name: str) -> Any:
     return eager
 
 
+def _masks_like(implementation: str) -> None:
+    """Have transformers build the masks ``implementation`` expects while retrieval attention
+    is on: the layers it leaves to that implementation (sliding windows) need them."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+
+
 def register() -> str:
     """Register the attention function with transformers (idempotent); returns its name."""
     from transformers import AttentionInterface
@@ -247,6 +256,7 @@ def retrieval_attention(model: Any, session: RetrievalSession) -> Iterator[Retri
     """Run ``model``'s attention layers as retrieval attention over ``session`` inside the block."""
     register()
     previous = model.config._attn_implementation
+    _masks_like(previous)
     token, fallback = _ACTIVE.set(session), _FALLBACK.set(previous)
     model.set_attn_implementation(ATTENTION_NAME)
     try:
