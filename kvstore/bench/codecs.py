@@ -14,7 +14,8 @@ with the decoded KV. Rows, one per codec and level:
   (``kvcodec``: its rANS streams; others: null);
 - ``encode_MBps`` / ``decode_MBps``: fp16 bytes per second, CPU, one process.
 
-Also ``chunk_sizes``: bits per element of ``kvcodec`` and ``cachegen_ref`` at
+``kvcodec_fixed``: the default level with SmolLM2-tuned fixed steps (no per-model
+calibration), for the calibration's effect within one run. Also ``chunk_sizes``: bits per element of ``kvcodec`` and ``cachegen_ref`` at
 chunk sizes from 256 tokens up, and ``vs_cachegen``: each kvcodec level's size
 over ``cachegen_ref``'s interpolated at the same perplexity increase.
 """
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from kvstore.codecs.base import KVCodec, get_codec
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
 from kvstore.eval.corpus import documents, samples
 from kvstore.eval.model import load_model
 from kvstore.eval.perplexity import mean_ci, ppl
@@ -46,7 +47,7 @@ CONTEXT_TOKENS = 2048
 CHUNK_TOKENS = 256
 
 
-def _configs(profile: Any, quick: bool) -> list[tuple[str, str, Callable[[], KVCodec]]]:
+def _configs(profile: Any, fixed: Any, quick: bool) -> list[tuple[str, str, Callable[[], KVCodec]]]:
     cachegen = [("default", {}), ("bins=16", {"bins": 16}), ("bins=32", {"bins": 32}), ("bins=64", {"bins": 64})]
     rows: list[tuple[str, str, Callable[[], KVCodec]]] = [
         ("int8", "-", lambda: get_codec("int8")),
@@ -54,6 +55,7 @@ def _configs(profile: Any, quick: bool) -> list[tuple[str, str, Callable[[], KVC
     ]
     rows += [("cachegen_ref", label, lambda p=params: get_codec("cachegen_ref", p)) for label, params in cachegen]
     rows += [("kvcodec", str(i), lambda i=i: KVCodecV1(profile, i)) for i in range(len(profile.levels))]
+    rows += [("kvcodec_fixed", str(DEFAULT_LEVEL), lambda: KVCodecV1(fixed, DEFAULT_LEVEL))]
     return rows
 
 
@@ -125,7 +127,8 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
     profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=0)
     picks = samples(docs, context_tokens=CONTEXT_TOKENS, continuation_tokens=continuation, seed=0)
-    configs = _configs(profile, quick)
+    fixed = model_profile(lm, targets_pct=None, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
+    configs = _configs(profile, fixed, quick)
     stats: dict[str, dict[str, Any]] = {
         f"{c}:{lv}": {"bytes": 0, "elements": 0, "enc_s": 0.0, "dec_s": 0.0, "fp16_bytes": 0, "rel": [], "eff": []}
         for c, lv, _ in configs

@@ -39,7 +39,6 @@ from kvstore.codecs.kvcodec_profile import (
 )
 from kvstore.errors import ConfigError
 from kvstore.integrations.hf import kv_to_cache, prefill
-from kvstore.kv import KV
 
 #: target perplexity increase (percent) of each level, best first; level 2 is the default
 DEFAULT_TARGETS_PCT = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -113,11 +112,12 @@ def calibrate(
     ctxs = []
     for (keys, values), tokens in zip(samples, contexts, strict=True):
         ids = torch.as_tensor(tokens, dtype=torch.long)
-        if len(ids) < continuation + 2 * sink_tokens + 1:
-            raise ConfigError(f"calibration contexts need more than {continuation} tokens, got {len(ids)}")
-        cut = len(ids) - continuation
+        scored = min(continuation, len(ids) // 2)  # short contexts: half of them is scored
+        if scored < 2 * sink_tokens:
+            raise ConfigError(f"calibration contexts need at least {4 * sink_tokens} tokens, got {len(ids)}")
+        cut = len(ids) - scored
         k, v = keys[:, :, :cut].float(), values[:, :, :cut].float()
-        ctx = _Context(k, v, keys.dtype, ids[cut:], torch.empty(0))
+        ctx = _Context(k, v, keys.dtype, ids[cut:], torch.empty(0))  # the exact log-probs come next
         exact = _logprobs(model, ctx, k, v)
         ctxs.append(_Context(k, v, keys.dtype, ids[cut:], exact))
 

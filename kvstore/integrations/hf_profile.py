@@ -2,16 +2,14 @@
 
 ``kvcodec`` sizes each key channel's quantization step by how strongly the
 model's queries read that channel (``E[q_c^2]`` after RoPE, averaged over the
-query heads that share a KV head). The queries are captured by wrapping the
-``apply_rotary_pos_emb`` function of the model's modeling module during a
-prefill: the same function the model uses, so the captured queries are exactly
-those that meet the keys. Llama, Mistral, Qwen, Gemma and most HF decoders use it.
+query heads that share a KV head). The queries are observed where they meet the
+keys: as the model's attention function receives them during a prefill
+(:mod:`kvstore.integrations.hf_attention`), whatever the architecture does before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,35 +18,31 @@ import torch
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level, build_profile
 from kvstore.errors import ConfigError
 from kvstore.integrations.hf import Tokens, cache_layout, extract_kv, kv_layout
+from kvstore.integrations.hf_attention import own_attention, use_attention
 from kvstore.integrations.hf_calibrate import DEFAULT_TARGETS_PCT, calibrate
 
 
-def _attention_modules(model: Any) -> list[Any]:
-    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
+CAPTURE_NAME = "kvstore_capture_queries"
 
 
 @contextlib.contextmanager
-def _capture_queries(model: Any) -> Iterator[list[torch.Tensor]]:
-    """Record the post-RoPE query energy of each attention call, in call order."""
-    attention = _attention_modules(model)
-    if not attention:
-        raise ConfigError(f"{type(model).__name__}: no attention modules with q_proj found")
-    module = sys.modules[type(attention[0]).__module__]
-    original = getattr(module, "apply_rotary_pos_emb", None)
-    if original is None:
-        raise ConfigError(f"{module.__name__} has no apply_rotary_pos_emb to observe queries through")
-    captured: list[torch.Tensor] = []
+def _capture_queries(model: Any) -> Iterator[dict[int, torch.Tensor]]:
+    """Record, per layer, the energy of the queries each attention call receives (after
+    RoPE and any QK-norm: what meets the keys), summed over tokens: ``{layer: [q_heads, D]}``.
+    Observed through the attention interface, so every architecture (fused projections,
+    layers without RoPE) is seen alike; the model's own attention computes the outputs."""
+    captured: dict[int, torch.Tensor] = {}
+    own: list[str] = []
 
-    def observed(q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        q_rot, k_rot = original(q, k, *args, **kwargs)
-        captured.append(q_rot.detach().float().pow(2).sum(dim=(0, 2)).cpu())  # [q_heads, D] summed over batch, T
-        return q_rot, k_rot
+    def observe(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        energy = query.detach().float().pow(2).sum(dim=(0, 2)).cpu()  # [q_heads, D] over batch and tokens
+        layer = module.layer_idx
+        captured[layer] = captured[layer] + energy if layer in captured else energy
+        return own_attention(module, own[0])(module, query, *args, **kwargs)
 
-    module.apply_rotary_pos_emb = observed
-    try:
+    with use_attention(model, CAPTURE_NAME, observe) as previous:
+        own.append(previous)
         yield captured
-    finally:
-        module.apply_rotary_pos_emb = original
 
 
 def profile_model(
@@ -79,10 +73,9 @@ def profile_model(
     for tokens in contexts:
         with _capture_queries(model) as captured:
             kv = extract_kv(model, tokens, chunk_tokens=chunk_tokens)  # every token, sliding layers included
-        calls = len(captured)
-        if calls == 0 or calls % layout.layers:
-            raise ConfigError(f"captured {calls} attention calls for {layout.layers} layers: unsupported architecture")
-        per_layer = torch.stack([sum(captured[i::layout.layers]) for i in range(layout.layers)])
+        if sorted(captured) != list(range(layout.layers)):
+            raise ConfigError(f"observed queries of layers {sorted(captured)} of {layout.layers}: unsupported architecture")
+        per_layer = torch.stack([captured[i] for i in range(layout.layers)])
         q_heads = per_layer.shape[1]
         if q_heads % layout.kv_heads:
             raise ConfigError(f"{q_heads} query heads do not group onto {layout.kv_heads} KV heads")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 
 from kvstore.errors import ConfigError
 from kvstore.integrations.hf import cache_to_kv, kv_to_cache, prefill
+from kvstore.integrations.hf_attention import own_attention, use_attention
 from kvstore.kernels.pq_topk import gather_kv
 from kvstore.kv import KV
 from kvstore.retrieval import pq
@@ -210,8 +210,8 @@ def _attention_forward(
     if kwargs.get("sliding_window") is not None or not session.covers(module.layer_idx):
         fallback = _FALLBACK.get()
         assert fallback is not None
-        return _own_attention(module, fallback)(module, query, key, value, attention_mask, scaling=scaling,
-                                                dropout=dropout, **kwargs)
+        return own_attention(module, fallback)(module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         raise ConfigError(f"layer {module.layer_idx} softcaps its logits or has attention sinks, which "
                           "retrieval attention does not model")
@@ -222,49 +222,17 @@ def _attention_forward(
     return out.transpose(0, 1)[None].to(query.dtype), None
 
 
-def _own_attention(module: Any, name: str) -> Any:
-    """The model's own attention function ``name`` (``eager``: its modeling module's)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if name in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[name]
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if eager is None:
-        raise ConfigError(f"{type(module).__name__}: no attention function {name!r} to run uncovered layers with")
-    return eager
-
-
-def _masks_like(implementation: str) -> None:
-    """Have transformers build the masks ``implementation`` expects while retrieval attention
-    is on: the layers it leaves to that implementation (sliding windows) need them."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
-
-
-def register() -> str:
-    """Register the attention function with transformers (idempotent); returns its name."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _attention_forward)
-    return ATTENTION_NAME
-
-
 @contextlib.contextmanager
 def retrieval_attention(model: Any, session: RetrievalSession) -> Iterator[RetrievalSession]:
-    """Run ``model``'s attention layers as retrieval attention over ``session`` inside the block."""
-    register()
-    previous = model.config._attn_implementation
-    _masks_like(previous)
-    token, fallback = _ACTIVE.set(session), _FALLBACK.set(previous)
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        yield session
-    finally:
-        model.set_attn_implementation(previous)
-        _ACTIVE.reset(token)
-        _FALLBACK.reset(fallback)
+    """Run ``model``'s attention layers as retrieval attention over ``session`` inside the block
+    (layers the index does not cover run the model's own attention)."""
+    with use_attention(model, ATTENTION_NAME, _attention_forward) as previous:
+        token, fallback = _ACTIVE.set(session), _FALLBACK.set(previous)
+        try:
+            yield session
+        finally:
+            _ACTIVE.reset(token)
+            _FALLBACK.reset(fallback)
 
 
 def build_session(
