@@ -643,9 +643,13 @@ class KVStore:
     def _chain_holds(jobs: list[tuple[int, int]], chain: dict[int, tuple[str, str]]) -> bool:
         """Without a manifest, the objects read must be one writer's chain: every object of a
         chunk records the same content hash, and each chunk the previous one's. Objects stored
-        before the chain was recorded carry none and are not checked."""
+        before the chain was recorded carry none: a read of only such objects is not checked,
+        one that mixes them with recorded ones fails."""
         content: dict[int, str] = {}
         prev: dict[int, str] = {}
+        recorded = [bool(chain[j][0]) for j in range(len(jobs))]
+        if any(recorded) and not all(recorded):  # an object without the chain among ones with it: not theirs
+            return False
         for j, (i, _) in enumerate(jobs):
             c, p = chain[j]
             if c and (content.setdefault(i, c) != c or prev.setdefault(i, p) != p):
@@ -663,7 +667,7 @@ class KVStore:
             content = None
             for j in [j for j, (ji, _) in enumerate(jobs) if ji == i]:
                 c, p = chain[j]
-                if (want is None or p == want) and (content is None or c == content):
+                if c and (want is None or p == want) and (content is None or c == content):
                     content = c
                     continue
                 for key in sorted([k async for k in self.store.list(key_of(j) + "=")]):

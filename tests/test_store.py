@@ -352,3 +352,26 @@ async def test_delete_keeps_what_other_contexts_share(kvs):
     assert await kvs.lookup(MODEL, ids) == 32
     assert await kvs.delete(MODEL, ids[:32]) is True
     assert [k async for k in kvs.store.list()] == []
+
+
+async def test_a_chunk_re_encoded_from_other_values_is_refused_without_a_manifest(kvs):
+    """Chunk 1 replaced at its key by a valid object of the same tokens but other KV (written
+    as an old writer would, without the chain fields), or of another level: refused."""
+    from kvstore.codecs import get_codec
+    from kvstore.format.chunk import ChunkIdentity, encode_chunk
+
+    ids = list(range(48))
+    kv = make_kv(48)
+    manifest = await kvs.put(MODEL, ids, kv)
+    entry = manifest.chunks[1]
+    other = make_kv(48, seed=3)
+    keys = torch.stack([k[:, 16:32] for k, _ in other])
+    values = torch.stack([v[:, 16:32] for _, v in other])
+    ident = ChunkIdentity(manifest.fingerprint, entry.hash, 16, np.asarray(ids[16:32], dtype="<i4"),
+                          LAYERS, HEADS, DIM, torch.float16)
+    await kvs.store.put(entry.objects[0].key, encode_chunk(get_codec("raw"), ident, keys, values))
+    with pytest.raises(IncompleteContextError):
+        await kvs.get(MODEL, ids[:32])
+    await kvs.store.put(entry.objects[0].key, encode_chunk(get_codec("int8"), ident, keys, values))
+    with pytest.raises(FormatError, match="level asked for"):
+        await kvs.get(MODEL, ids[:32])
