@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -76,9 +76,14 @@ def _object_entry(key: str, header: container.Header) -> ChunkObject:
     return ChunkObject(key, header.total_bytes, container.PREFIX_BYTES + header.header_bytes, header.checksum)
 
 
+def _header(data: bytes | memoryview) -> container.Header:
+    """The container header of a whole stored object (read from its first bytes)."""
+    return container.decode_header(memoryview(data)[: container.head_bytes_needed(data)])
+
+
 def _describe(key: str, data: bytes) -> ChunkObject:
     """The manifest entry of an object we just encoded."""
-    return _object_entry(key, container.decode_header(memoryview(data)[: container.head_bytes_needed(data)]))
+    return _object_entry(key, _header(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,9 +236,12 @@ class KVStore:
         if pq is not None and (pq.codes.is_cuda or pq.centroids.is_cuda):  # written from host memory
             on_gpu = pq.codes if pq.codes.is_cuda else pq.centroids
             pq = await asyncio.to_thread(on_stream(caller_stream(on_gpu.device), pq.to), "cpu")
+        # the chain: each chunk's objects record its content hash and the previous chunk's
+        contents = await asyncio.to_thread(
+            on_stream(stream, lambda: [content_hash(kv, start, stop) for start, stop in plan.bounds]))
         stale: list[str] = []
         for attempt in range(PUT_ATTEMPTS):
-            manifest = await self._put_once(model_id, plan, kv, layout, ttl, pq, pq_centroid_format, stream)
+            manifest = await self._put_once(model_id, plan, kv, layout, contents, ttl, pq, pq_centroid_format, stream)
             stale = await self._changed_objects(manifest)
             if not stale:
                 return manifest
@@ -285,18 +293,15 @@ class KVStore:
             return True
         return bounds[1] > group.spec.first_needed(num_tokens)
 
-    async def _put_once(self, model_id: str, plan: _Plan, kv: KV, layout: CacheLayout, ttl: float | None,
-                        pq: pq_index.PQIndex | None, pq_centroid_format: str,
+    async def _put_once(self, model_id: str, plan: _Plan, kv: KV, layout: CacheLayout, contents: list[str],
+                        ttl: float | None, pq: pq_index.PQIndex | None, pq_centroid_format: str,
                         stream: torch.cuda.Stream | None) -> Manifest:
         """Write every chunk object (create-only), the PQ objects, then the manifest; the KV is
-        read on ``stream`` (the caller's, for KV on a GPU)."""
+        read on ``stream`` (the caller's, for KV on a GPU). ``contents``: each chunk's content hash."""
         dtype = kv[0][0].dtype
         groups = layout.groups
         stack, encode = on_stream(stream, stack_span), on_stream(stream, encode_chunk)
         n = len(plan.tokens)
-        # the chain: each chunk's objects record its content hash and the previous chunk's
-        contents = await asyncio.to_thread(
-            on_stream(stream, lambda: [content_hash(kv, start, stop) for start, stop in plan.bounds]))
 
         async def store_chunk(i: int) -> list[tuple[tuple[int, int], ChunkObject]]:
             stored = []
@@ -320,9 +325,9 @@ class KVStore:
             for key in (base, self.keys.chunk_version(base, ours.checksum)):
                 if await self.store.put(key, data, ttl=ttl, create_only=True):
                     metrics.record_put(level, len(data))
-                    return ChunkObject(key, ours.size, ours.header_bytes, ours.checksum)
+                    return replace(ours, key=key)
                 if await self._same_object(key, ours) and await self.store.keep(key, ttl):
-                    return ChunkObject(key, ours.size, ours.header_bytes, ours.checksum)  # shared, lives long enough
+                    return replace(ours, key=key)  # shared, and lives long enough now
             raise ConcurrentWriteError(f"chunk object {base}: its version for these bytes holds other bytes")
 
         for stored in {p[0]: p for c in self.codecs if (p := c.stored_profile()) is not None}.values():
@@ -431,11 +436,13 @@ class KVStore:
         """Whether the object at ``key`` is byte for byte ``ours`` (its size and header checksum,
         which covers every buffer's checksum); ``False`` if absent or unreadable."""
         head = await self.store.get(key, RangeRequest(0, ours.header_bytes))
+        if head is None:
+            return False
         try:
-            return head is not None and container.decode_header(memoryview(head)).checksum == ours.checksum \
-                and container.decode_header(memoryview(head)).total_bytes == ours.size
+            header = container.decode_header(memoryview(head))
         except FormatError:
             return False
+        return header.checksum == ours.checksum and header.total_bytes == ours.size
 
     # -- read ---------------------------------------------------------------------
     async def lookup(
@@ -615,7 +622,7 @@ class KVStore:
                 started = time.perf_counter()
                 k, v = decode_chunk(blob, ident, device, {"name": group_codecs[g].name, "params": group_codecs[g].params})
                 if manifest is None:
-                    meta = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)]).meta
+                    meta = _header(blob).meta
                     chain[j] = (str(meta.get("content", "")), str(meta.get("prev", "")))
                 metrics.record_decode(codec_name, time.perf_counter() - started)
                 out_k, out_v = outs[g]
@@ -674,7 +681,7 @@ class KVStore:
                     blob = await self.store.get(key)
                     if blob is None:
                         continue
-                    meta = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)]).meta
+                    meta = _header(blob).meta
                     if (want is None or meta.get("prev") == want) and (content is None or meta.get("content") == content):
                         await asyncio.to_thread(decode, j, blob)
                         content = chain[j][0]
@@ -716,7 +723,7 @@ class KVStore:
         of the first object's recorded shape)."""
         if manifest is not None:
             return manifest.layout, torch_dtype(manifest.dtype)[0]
-        meta = container.decode_header(memoryview(first_blob)[: container.head_bytes_needed(first_blob)]).meta
+        meta = _header(first_blob).meta
         dtype = torch_dtype(meta.get("dtype"))[0]
         if layout is not None:
             return layout, dtype
@@ -775,23 +782,21 @@ class KVStore:
         protects every chunk of the model: nothing is removed on a guess)."""
         prefix = self.keys.model_prefix(fingerprint) + "contexts/"
         keys = [k async for k in self.store.list(prefix) if k != except_key]
-        listed: set[str] = set()
 
-        async def read(key: str) -> None:
+        async def read(key: str) -> set[str] | None:  # None: unreadable
             data = await self.store.get(key)
             if data is None:
-                return
+                return set()
             try:
                 other, _ = manifest_format.from_bytes(data)
             except FormatError:
-                listed.add("*")
-                return
-            listed.update(obj.key for chunk in other.chunks for obj in chunk.objects)
+                return None
+            return {obj.key for chunk in other.chunks for obj in chunk.objects}
 
-        await self._bounded([lambda key=key: read(key) for key in keys])
-        if "*" in listed:
+        found = await self._bounded([lambda key=key: read(key) for key in keys])
+        if any(listed is None for listed in found):
             return {k async for k in self.store.list(self.keys.model_prefix(fingerprint) + "chunks/")}
-        return listed
+        return set().union(*found)
 
     # -- lifetime -----------------------------------------------------------------
     async def close(self) -> None:

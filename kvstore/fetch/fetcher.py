@@ -244,6 +244,10 @@ class _Load:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    def _latest_fetched_level(self) -> int | None:
+        """The level of the latest chunk fetched so far (``None`` before any)."""
+        return next((d.level for d in reversed(self.decisions) if d.action == "fetch"), None)
+
     def _unit(self, i: int) -> list[int]:
         """The layer groups whose objects of chunk ``i`` the load reads."""
         return [g.index for g in self.groups if i >= self.first_chunk[g.index]]
@@ -275,7 +279,7 @@ class _Load:
             candidates=self.candidates, throughput_Bps=self._throughput(),
             pending_bytes=sum(self.pending.values()), decode_tail_s=decode_tail,
             prefill=prefill,
-            previous_level=next((d.level for d in reversed(self.decisions) if d.action == "fetch"), None),
+            previous_level=self._latest_fetched_level(),
         )
 
     def _throughput(self) -> float | None:
@@ -347,8 +351,8 @@ class _Load:
         and the objects of the chunks that hold it, at the level of the latest fetched chunk
         (the smallest candidate before any). ``None`` when one cannot be read: the recompute
         then starts from the context's beginning."""
-        level = next((d.level for d in reversed(self.decisions) if d.action == "fetch" and d.level is not None),
-                     self.candidates[-1])
+        level = self._latest_fetched_level()
+        level = self.candidates[-1] if level is None else level
         chunk_tokens = self.m.chunk_tokens
         windows: dict[int, tuple[int, list[bytes], list[int], int]] = {}
         for g in self.groups:
