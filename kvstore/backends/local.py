@@ -137,7 +137,12 @@ class LocalStore(Store):
         return True
 
     def _keep(self, key: str, ttl: float | None) -> bool:
-        if not self._path(key).is_file() or self._expired(key):
+        path = self._path(key)
+        if not path.is_file() or self._expired(key):
+            return False
+        try:
+            os.utime(path)  # in use again: its age (gc's grace period) counts from now
+        except FileNotFoundError:
             return False
         ttl_path = self._ttl_path(key)
         try:
