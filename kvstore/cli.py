@@ -69,17 +69,35 @@ def _run_on_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[An
     from urllib.parse import urlsplit
 
     from kvstore.backends import local_path_from_url, open_store
+    from kvstore.backends.signed import SignedStore
 
     if "://" not in args.url or urlsplit(args.url).scheme == "file":
         path = Path(local_path_from_url(args.url))
         if not path.is_dir():  # opening a local store would create it: not for commands that only look
             raise KVStoreError(f"no local store at {path} (not a directory)")
 
+    keys = _signing_keys(args.key_file)
+
     async def run() -> Any:
         async with open_store(args.url, **_storage_options(args.option)) as store:
-            return await action(store)
+            return await action(store if keys is None else SignedStore(store, keys))
 
     return asyncio.run(run())
+
+
+def _signing_keys(paths: Sequence[str]) -> Any:
+    """The keys of a signed store, each read from a file (the first is the current one)."""
+    from kvstore.format.signed import SigningKeys
+
+    if not paths:
+        return None
+    keys = []
+    for path in paths:
+        try:
+            keys.append(Path(path).read_bytes().strip())
+        except OSError as exc:
+            raise KVStoreError(f"cannot read the key file {path}: {exc}") from None
+    return SigningKeys.of(keys[0], keys[1:])
 
 
 def _emit(args: argparse.Namespace, report: Any) -> None:
@@ -129,6 +147,8 @@ def _store_parser() -> argparse.ArgumentParser:
                         help="a storage option (repeatable; VALUE may be JSON)")
     common.add_argument("--namespace", default="kvstore", help="the key namespace (default: kvstore)")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    common.add_argument("--key-file", action="append", default=[], metavar="PATH",
+                        help="a signed store's key, read from PATH (repeatable: every key is accepted)")
     return common
 
 

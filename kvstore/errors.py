@@ -65,3 +65,8 @@ class CodecError(KVStoreError, ValueError):
 
 class ClosedStoreError(KVStoreError, RuntimeError):
     """A store was used after :meth:`close`."""
+
+
+class SignatureError(ChecksumError):
+    """An object of a signed store has no valid MAC under any accepted key: it was forged,
+    altered, moved from another key, or written by a writer without the key."""

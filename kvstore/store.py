@@ -30,6 +30,7 @@ import torch
 from kvstore import metrics
 from kvstore.backends import open_store
 from kvstore.backends.base import RangeRequest, Store, check_ttl
+from kvstore.backends.signed import SignedStore
 from kvstore.codecs.base import KVCodec, codec_class, get_codec, profile_content_id, register_profile
 from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
 from kvstore.errors import (
@@ -49,6 +50,7 @@ from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
 from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
+from kvstore.format.signed import KeyLike, SigningKeys
 from kvstore.kv import KV, PrefixKV, check_kv, stack_span
 from kvstore.retrieval import pq as pq_index
 from kvstore.retrieval import store as pq_store
@@ -117,6 +119,11 @@ class KVStore:
             context's end attends: smaller, but then only prefixes whose own window was
             stored (the whole context, and prefixes of other contexts sharing the chunks)
             can be loaded; ``lookup`` reports accordingly.
+        signing_key: sign every object written and accept only objects signed with an
+            accepted key (a ``bytes`` or ``str`` secret of at least 16 bytes, shared by the
+            fleet's readers and writers): see "Trust model" in the README.
+        accepted_keys: further keys whose objects are accepted (not written with): the
+            previous keys during a key rotation.
     """
 
     def __init__(
@@ -130,6 +137,8 @@ class KVStore:
         max_concurrency: int = 16,
         storage_options: dict[str, Any] | None = None,
         sliding_chunks: str = "all",
+        signing_key: KeyLike | None = None,
+        accepted_keys: Sequence[KeyLike] = (),
     ) -> None:
         if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens <= 0:
             raise ConfigError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
@@ -140,7 +149,12 @@ class KVStore:
         self.codecs = [make_codec(level) for level in levels]
         if len({c.tag for c in self.codecs}) != len(self.codecs):
             raise ConfigError("levels must be distinct codec configurations")
+        if signing_key is None and accepted_keys:
+            raise ConfigError("accepted_keys needs a signing_key")
+        keys = SigningKeys.of(signing_key, accepted_keys) if signing_key is not None else None  # before opening
         self.store = store if isinstance(store, Store) else open_store(store, **(storage_options or {}))
+        if keys is not None:
+            self.store = SignedStore(self.store, keys)
         self.chunk_tokens = chunk_tokens
         self.keys = KeyScheme(namespace)
         self.ttl = check_ttl(ttl)
@@ -263,12 +277,12 @@ class KVStore:
 
         async def changed(obj: ChunkObject) -> bool:
             for _ in range(2):  # an unreadable header is read once more: damaged in transit?
-                head = await self.store.get(obj.key, RangeRequest(0, obj.header_bytes))
-                if head is None:
-                    return True
                 try:
+                    head = await self.store.get(obj.key, RangeRequest(0, obj.header_bytes))
+                    if head is None:
+                        return True
                     header = container.decode_header(memoryview(head))
-                except FormatError:
+                except FormatError:  # a signed store's MAC failure included
                     continue
                 return header.total_bytes != obj.size or header.checksum != obj.checksum
             return True
@@ -435,12 +449,12 @@ class KVStore:
     async def _same_object(self, key: str, ours: ChunkObject) -> bool:
         """Whether the object at ``key`` is byte for byte ``ours`` (its size and header checksum,
         which covers every buffer's checksum); ``False`` if absent or unreadable."""
-        head = await self.store.get(key, RangeRequest(0, ours.header_bytes))
-        if head is None:
-            return False
         try:
+            head = await self.store.get(key, RangeRequest(0, ours.header_bytes))
+            if head is None:
+                return False
             header = container.decode_header(memoryview(head))
-        except FormatError:
+        except FormatError:  # unreadable, or (signed stores) not signed with an accepted key
             return False
         return header.checksum == ours.checksum and header.total_bytes == ours.size
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from kvstore.backends.base import Store
 from kvstore.codecs.base import profile_content_id
-from kvstore.errors import KVStoreError
+from kvstore.errors import KVStoreError, SignatureError
 from kvstore.format import chunk as chunk_format
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
@@ -139,8 +139,12 @@ def check_bytes(key: str, data: bytes) -> tuple[ObjectCheck, Manifest | None]:
 
 
 async def fetch_and_check(store: Store, key: str) -> tuple[ObjectCheck, Manifest | None]:
-    """Read ``key`` whole and verify it; a missing key is reported ``MISSING``."""
-    data = await store.get(key)
+    """Read ``key`` whole and verify it; a missing key is reported ``MISSING``, and one a
+    signed store refuses (no valid MAC under its keys) ``CORRUPT``."""
+    try:
+        data = await store.get(key)
+    except SignatureError as exc:
+        return ObjectCheck(key, classify(key).kind, CORRUPT, error=str(exc)), None
     if data is None:
         return ObjectCheck(key, classify(key).kind, MISSING, error="not in the store"), None
     return await asyncio.to_thread(check_bytes, key, bytes(data))

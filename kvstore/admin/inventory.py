@@ -33,6 +33,7 @@ from kvstore.backends.fsspec import FsspecStore
 from kvstore.backends.fsspec import _expired as _s3_head_expired
 from kvstore.backends.local import _TMP_MARK, TTL_DIR, LocalStore
 from kvstore.backends.memory import MemoryStore
+from kvstore.backends.signed import unsigned
 from kvstore.backends.redis import _RedisStoreBase
 from kvstore.errors import KVStoreError
 
@@ -51,6 +52,7 @@ class Entry:
 
 async def entries(store: Store, prefix: str = "") -> list[Entry]:
     """Every live key starting with ``prefix``, with its age where known."""
+    store = unsigned(store)
     if isinstance(store, LocalStore):
         return await _io(_local_entries, store, prefix)
     if isinstance(store, FsspecStore):
@@ -63,6 +65,7 @@ async def entries(store: Store, prefix: str = "") -> list[Entry]:
 
 def age_note(store: Store) -> str:
     """Why ages are unknown on ``store`` (``""`` when the backend reports them)."""
+    store = unsigned(store)
     if isinstance(store, LocalStore | FsspecStore):
         return ""
     if isinstance(store, _RedisStoreBase):
@@ -130,6 +133,7 @@ def _local_remove_expired(store: LocalStore, keys: list[str]) -> int:
 
 def temp_files(store: Store, grace: float) -> list[Path]:
     """The local backend's temporary files (``.<name>.tmp-*``) older than ``grace`` seconds."""
+    store = unsigned(store)
     if not isinstance(store, LocalStore):
         return []
     now = time.time()
@@ -205,6 +209,7 @@ async def _redis_entries(store: _RedisStoreBase, keys: list[str]) -> list[Entry]
 
 async def expired_keys(store: Store) -> tuple[list[str], str]:
     """Expired objects that still take space, and a note on how this backend expires them."""
+    store = unsigned(store)
     if isinstance(store, LocalStore):
         return await _io(_local_expired, store), ""
     if isinstance(store, FsspecStore):
@@ -219,6 +224,7 @@ async def expired_keys(store: Store) -> tuple[list[str], str]:
 
 async def remove_expired(store: Store, keys: list[str]) -> int:
     """Remove expired objects (re-checking each); returns how many went."""
+    store = unsigned(store)
     if isinstance(store, LocalStore):
         return await _io(_local_remove_expired, store, keys)
     if isinstance(store, FsspecStore):

@@ -41,6 +41,7 @@ import xxhash
 
 from kvstore.errors import ChecksumError, FormatError
 from kvstore.format.dtypes import dtype_name, torch_dtype
+from kvstore.format.signed import is_signed
 
 MAGIC = b"KVS\x00"
 VERSION = 1
@@ -165,6 +166,8 @@ def header_length(prefix: bytes | memoryview) -> int:
     """The JSON header length from the first 24 bytes, validated against the cap."""
     if len(prefix) < PREFIX_BYTES:
         raise FormatError(f"object truncated: {len(prefix)} bytes, a container needs at least {PREFIX_BYTES}")
+    if is_signed(prefix):
+        raise FormatError("a signed object: open the store with its signing key (KVStore(..., signing_key=...))")
     _, _, _, length, _, _ = PREFIX.unpack_from(prefix)
     if length > MAX_HEADER_BYTES:
         raise FormatError(f"header claims {length} bytes, over the {MAX_HEADER_BYTES}-byte cap")

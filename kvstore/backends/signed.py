@@ -1,0 +1,72 @@
+"""A signed store: every value written carries a keyed MAC, and reads return only values
+whose MAC checks under an accepted key (:mod:`kvstore.format.signed`).
+
+It wraps any other backend. A reader with the key so rejects anything a writer without
+it forged or altered, and any value moved from another key. A MAC covers a whole value,
+so a byte-range read fetches the whole value, checks it and returns the range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from kvstore.backends.base import ByteRequest, BytesLike, Store, slice_bounds, validate_key
+from kvstore.format.signed import ENVELOPE_BYTES, SigningKeys
+
+#: values at least this large are MACed in a worker thread (hashlib releases the GIL)
+THREAD_BYTES = 1 << 20
+
+
+class SignedStore(Store):
+    """Signs what it writes to ``inner`` with ``keys.current``; checks what it reads."""
+
+    def __init__(self, inner: Store, keys: SigningKeys) -> None:
+        self.inner = inner
+        self.keys = keys
+        self.url = inner.url
+
+    async def _in_thread_if_large(self, size: int, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(fn, *args) if size >= THREAD_BYTES else fn(*args)
+
+    async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
+        data = await self.inner.get(validate_key(key))
+        if data is None:
+            return None
+        payload = await self._in_thread_if_large(len(data), self.keys.open, key, data)
+        start, stop = slice_bounds(byte_range, payload.nbytes)
+        return bytes(payload[start:stop])
+
+    async def put(self, key: str, value: BytesLike, *, ttl: float | None = None, create_only: bool = False) -> bool:
+        validate_key(key)
+        view = memoryview(value).cast("B")
+        envelope = await self._in_thread_if_large(view.nbytes, self.keys.envelope, key, view)
+        return await self.inner.put(key, b"".join((envelope, view)), ttl=ttl, create_only=create_only)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+    async def exists(self, key: str) -> bool:
+        return await self.inner.exists(key)
+
+    def list(self, prefix: str = "") -> AsyncIterator[str]:
+        return self.inner.list(prefix)
+
+    async def keep(self, key: str, ttl: float | None) -> bool:
+        return await self.inner.keep(key, ttl)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __repr__(self) -> str:
+        return f"SignedStore({self.inner!r})"
+
+
+def unsigned(store: Store) -> Store:
+    """The backend under any signing wrapper (for tools that read timestamps, not values)."""
+    while isinstance(store, SignedStore):
+        store = store.inner
+    return store
+
+
+__all__ = ["ENVELOPE_BYTES", "SignedStore", "unsigned"]
