@@ -52,6 +52,7 @@ from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, la
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
 from kvstore.format.signed import KeyLike, SigningKeys
 from kvstore.kv import KV, PrefixKV, check_kv, stack_span
+from kvstore.leases import collector_lease, wait_for_collectors
 from kvstore.retrieval import pq as pq_index
 from kvstore.retrieval import store as pq_store
 
@@ -224,9 +225,10 @@ class KVStore:
         hold them). ``pq_centroid_format``: how the centroids are stored, see
         :mod:`kvstore.retrieval.centroid_storage` (``q4`` by default).
 
-        After writing the manifest, ``put`` re-reads the header of every object it lists:
-        a concurrent writer of the same chunks (in another dtype, say), a ``delete`` or
-        ``gc`` may have replaced or removed one in between, and the put is then redone
+        After writing the manifest, ``put`` waits until no ``gc`` or ``delete`` of its model
+        is running (:mod:`kvstore.leases`), then re-reads the header of every object it
+        lists: a concurrent writer of the same chunks (in another dtype, say), a ``delete``
+        or ``gc`` may have replaced or removed one in between, and the put is then redone
         (:class:`~kvstore.errors.ConcurrentWriteError` after ``PUT_ATTEMPTS``)."""
         plan = self._plan(model_id, tokens)
         if layout is not None and not isinstance(layout, CacheLayout):
@@ -256,6 +258,9 @@ class KVStore:
         stale: list[str] = []
         for attempt in range(PUT_ATTEMPTS):
             manifest = await self._put_once(model_id, plan, kv, layout, contents, ttl, pq, pq_centroid_format, stream)
+            # a collector (gc, delete) still deciding from manifests read before ours was written
+            # may remove what we re-used: wait it out, then check (kvstore.leases)
+            await wait_for_collectors(self.store, [self.keys.lease_key(), self.keys.lease_key(plan.fingerprint)])
             stale = await self._changed_objects(manifest)
             if not stale:
                 return manifest
@@ -776,19 +781,21 @@ class KVStore:
         that no other stored context of the model lists (those stay: never lost). Returns
         whether a manifest was found.
 
-        Reads the model's other manifests to find what they share; a ``put`` that reuses a
-        removed object meanwhile writes it again before it returns (see :meth:`put`)."""
+        Reads the model's other manifests to find what they share, holding the model's
+        collector lease (:mod:`kvstore.leases`): a ``put`` that re-uses a removed object
+        meanwhile writes it again before it returns (see :meth:`put`)."""
         plan = self._plan(model_id, tokens)
-        manifest = await self._read_manifest(model_id, plan)
-        if manifest is None:
-            return False
-        key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
-        await self.store.delete(key)
-        listed = {obj.key for chunk in manifest.chunks for obj in chunk.objects}
-        shared = await self._listed_by_other_contexts(plan.fingerprint, key)
-        keys = sorted(listed - shared)
-        keys += [obj.key for obj in manifest.pq.objects] if manifest.pq is not None else []
-        await self._bounded([lambda key=key: self.store.delete(key) for key in keys])
+        async with collector_lease(self.store, self.keys.lease_key(plan.fingerprint)):
+            manifest = await self._read_manifest(model_id, plan)
+            if manifest is None:
+                return False
+            key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
+            await self.store.delete(key)
+            listed = {obj.key for chunk in manifest.chunks for obj in chunk.objects}
+            shared = await self._listed_by_other_contexts(plan.fingerprint, key)
+            keys = sorted(listed - shared)
+            keys += [obj.key for obj in manifest.pq.objects] if manifest.pq is not None else []
+            await self._bounded([lambda key=key: self.store.delete(key) for key in keys])
         return True
 
     async def _listed_by_other_contexts(self, fingerprint: str, except_key: str) -> set[str]:

@@ -19,6 +19,7 @@ orphan goes, whatever the backend. Two more guards:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from kvstore.admin.checks import (
 )
 from kvstore.backends.base import Store
 from kvstore.errors import KVStoreError
+from kvstore.format.keys import KeyScheme
+from kvstore.leases import collector_lease
 
 log = logging.getLogger("kvstore.admin")
 
@@ -93,13 +96,20 @@ class GcReport:
 
 async def collect_garbage(store: Store, namespace: str = "kvstore", *, grace: float = DEFAULT_GRACE,
                           dry_run: bool = False) -> GcReport:
-    """Remove (``dry_run``: list) expired objects, temp files and orphans older than ``grace`` s."""
+    """Remove (``dry_run``: list) expired objects, temp files and orphans older than ``grace`` s.
+
+    Holds the namespace's collector lease while it works (:mod:`kvstore.leases`): a ``put``
+    that ends meanwhile waits for it, then writes again any object it re-used that was
+    removed, so no context a put reported stored is lost. ``grace`` still protects the
+    objects of puts in flight from being removed (and so written twice)."""
     if grace < 0:
         raise KVStoreError(f"grace must be >= 0 seconds, got {grace}")
     report = GcReport(dry_run, grace)
-    await _expired(store, report)
-    await _temp_files(store, report)
-    await _orphans(store, namespace, report)
+    lease = contextlib.nullcontext() if dry_run else collector_lease(store, KeyScheme(namespace).lease_key())
+    async with lease:
+        await _expired(store, report)
+        await _temp_files(store, report)
+        await _orphans(store, namespace, report)
     return report
 
 

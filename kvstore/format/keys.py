@@ -115,6 +115,12 @@ class KeyScheme:
         return key == base_key or (key.startswith(base_key + "=") and _VERSION.fullmatch(key[len(base_key) + 1:])
                                    is not None)
 
+    def lease_key(self, fingerprint: str | None = None) -> str:
+        """The collector lease of the namespace (held by ``gc``) or of one model (``delete``):
+        see :mod:`kvstore.leases`."""
+        return validate_key(f"{self.namespace}/collecting" if fingerprint is None
+                            else f"{self.namespace}/{fingerprint}/collecting")
+
     def layout_key(self, fingerprint: str) -> str:
         """The model's cache layout (written once, create-only, by the first put)."""
         return validate_key(f"{self.namespace}/{fingerprint}/layout")

@@ -344,7 +344,7 @@ def _round(x: float | None) -> float | None:
 
 
 @contextlib.contextmanager
-def _target(kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def backend_target(kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Start the server behind ``kind`` and yield ``(url, storage options)``."""
     import tempfile
 
@@ -385,7 +385,7 @@ def run_load_tests(
     backends: dict[str, Any] = {}
     for kind in kinds:
         try:
-            with _target(kind) as (url, options):
+            with backend_target(kind) as (url, options):
                 backends[kind] = asyncio.run(run_load_test(url, concurrency, duration_s, seed, **options))
         except ServerUnavailable as exc:
             backends[kind] = {"error": str(exc)}
