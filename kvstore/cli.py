@@ -179,8 +179,8 @@ def _add_store_commands(sub: Any) -> None:
     gc = sub.add_parser("gc", help="remove expired objects, stale temp files and orphaned chunks/profiles", **kw)
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     gc.add_argument("--grace", type=_non_negative, default=3600.0, metavar="SECONDS",
-                    help="only remove orphans and temp files at least this old (default 3600; 0: no writer "
-                         "is active, remove every orphan)")
+                    help="only remove orphans and temp files at least this old (default 3600; 0: every "
+                         "orphan, and temp files of writes in flight, which then fail)")
     gc.set_defaults(func=_cmd_gc)
 
 

@@ -19,6 +19,7 @@ from kvstore import KVStore
 from kvstore.backends.memory import MemoryStore
 from kvstore.errors import KVStoreError
 
+from kvstore.leases import collector_lease
 from kvstore.testing.consistency import TTL, kv_prefix, random_kv, run_interleavings, same_kv
 
 CHUNK = 8
@@ -84,3 +85,29 @@ async def test_interleaved_puts_deletes_gc_and_gets_keep_the_invariant(store_fac
     assert stats["mixed_or_wrong"] == 0 and stats["lost_durable_contexts"] == 0, stats
     assert stats["expired_too_early"] == 0, stats
     assert stats["gets"] > 0 and stats["puts_diverging"] > 0
+
+
+async def test_a_put_waits_for_a_collector_and_writes_again_what_it_removed(store_factory):
+    """The lease protocol, step by step: a collector that read the manifests before a put
+    re-used the chunks removes them after the put wrote its manifest; the put must not
+    return before the collector is done, and must then write the chunks again."""
+    kvs, ids, kv = store_factory(), list(range(16)), _kv(16, 2)
+    await kvs.put("m", ids, kv)
+    chunks = [k async for k in kvs.store.list(f"{kvs.keys.namespace}/") if "/chunks/" in k]
+    async with collector_lease(kvs.store, kvs.keys.lease_key()):
+        put = asyncio.create_task(kvs.put("m", ids, kv))  # re-uses every chunk object
+        await asyncio.sleep(0.5)
+        assert not put.done()  # its manifest is written; it waits for the collector
+        for key in chunks:
+            await kvs.store.delete(key)
+    await asyncio.wait_for(put, 30)
+    assert _same(await kvs.get("m", ids), kv)
+
+
+async def test_a_dead_collectors_lease_expires(store_factory):
+    kvs, ids, kv = store_factory(), list(range(8)), _kv(8, 3)
+    await kvs.store.put(kvs.keys.lease_key(), b"left by a collector that died", ttl=1.0)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(kvs.put("m", ids, kv), 30)
+    assert asyncio.get_running_loop().time() - started >= 0.5
+    assert _same(await kvs.get("m", ids), kv)

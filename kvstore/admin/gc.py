@@ -5,15 +5,18 @@ manifest's levels need, under one namespace. Writers store chunks (and
 profiles) before the manifest that lists them, so an unlisted object may belong
 to a ``put`` still in progress; gc therefore only removes orphans older than
 ``grace`` seconds, and only on backends that can tell an object's age (see
-:mod:`kvstore.admin.inventory`). ``grace=0`` says no writer is active: every
-orphan goes, whatever the backend. Two more guards:
+:mod:`kvstore.admin.inventory`). ``grace=0`` removes every orphan, whatever the
+backend. Guards:
 
+- gc holds the namespace's collector lease (:mod:`kvstore.leases`) from its first
+  read to its last deletion; a ``put`` that ends meanwhile waits for it, then
+  re-reads every object its manifest lists and writes again what gc removed. So a
+  put in flight loses nothing even with ``grace=0``; the grace period spares it
+  the rewrite (and, on local files, its temporary files);
 - a fingerprint (model) with an unreadable manifest keeps all its objects: the
   manifest may list any of them;
 - just before deleting, gc reads the candidates' manifests again, so a context
-  written while gc was scanning keeps its chunks. A writer that re-uses an old
-  orphan chunk and writes its manifest only after gc deleted it notices: ``put``
-  re-reads every object its manifest lists and rewrites what is gone.
+  written while gc was scanning keeps its chunks.
 """
 
 from __future__ import annotations
@@ -169,7 +172,7 @@ async def _orphans(store: Store, namespace: str, report: GcReport) -> None:
     report.referenced = sum(infos[e.key].kind in COLLECTABLE for e in ours) - len(unlisted)
     if report.grace > 0 and any(e.age is None for e in unlisted):
         report.notes.append(f"{inventory.age_note(store)}: orphans of unknown age are kept "
-                            "(--grace 0 removes them when no writer is active)")
+                            "(--grace 0 removes them)")
     old = [e for e in unlisted if report.grace == 0 or (e.age is not None and e.age >= report.grace)]
     report.unknown_age = 0 if report.grace == 0 else sum(e.age is None for e in unlisted)
     report.young = len(unlisted) - len(old) - report.unknown_age
