@@ -260,7 +260,10 @@ class KVStore:
             manifest = await self._put_once(model_id, plan, kv, layout, contents, ttl, pq, pq_centroid_format, stream)
             # a collector (gc, delete) still deciding from manifests read before ours was written
             # may remove what we re-used: wait it out, then check (kvstore.leases)
-            await wait_for_collectors(self.store, [self.keys.lease_key(), self.keys.lease_key(plan.fingerprint)])
+            listed = {obj.key for chunk in manifest.chunks for obj in chunk.objects}
+            listed |= {obj.key for obj in manifest.pq.objects} if manifest.pq is not None else set()
+            leases = self.keys.lease_keys() + self.keys.lease_keys(plan.fingerprint, plan.hashes[0])
+            await wait_for_collectors(self.store, leases, listed)
             stale = await self._changed_objects(manifest)
             if not stale:
                 return manifest
@@ -781,20 +784,22 @@ class KVStore:
         that no other stored context of the model lists (those stay: never lost). Returns
         whether a manifest was found.
 
-        Reads the model's other manifests to find what they share, holding the model's
-        collector lease (:mod:`kvstore.leases`): a ``put`` that re-uses a removed object
-        meanwhile writes it again before it returns (see :meth:`put`)."""
+        Reads the model's other manifests to find what they share, holding one of the model's
+        collector lease slots (:mod:`kvstore.leases`) that names the objects it may remove: a
+        ``put`` that re-uses one of them meanwhile writes it again before it returns (see
+        :meth:`put`)."""
         plan = self._plan(model_id, tokens)
-        async with collector_lease(self.store, self.keys.lease_key(plan.fingerprint)):
-            manifest = await self._read_manifest(model_id, plan)
-            if manifest is None:
-                return False
+        manifest = await self._read_manifest(model_id, plan)
+        if manifest is None:
+            return False
+        chunk_objects = {obj.key for chunk in manifest.chunks for obj in chunk.objects}
+        pq_objects = [obj.key for obj in manifest.pq.objects] if manifest.pq is not None else []
+        async with collector_lease(self.store, self.keys.lease_keys(plan.fingerprint, plan.hashes[0]),
+                                   candidates=[*chunk_objects, *pq_objects]):
             key = self.keys.manifest_key(plan.fingerprint, plan.hashes[-1])
             await self.store.delete(key)
-            listed = {obj.key for chunk in manifest.chunks for obj in chunk.objects}
             shared = await self._listed_by_other_contexts(plan.fingerprint, key)
-            keys = sorted(listed - shared)
-            keys += [obj.key for obj in manifest.pq.objects] if manifest.pq is not None else []
+            keys = sorted(chunk_objects - shared) + pq_objects
             await self._bounded([lambda key=key: self.store.delete(key) for key in keys])
         return True
 

@@ -94,7 +94,7 @@ async def test_a_put_waits_for_a_collector_and_writes_again_what_it_removed(stor
     kvs, ids, kv = store_factory(), list(range(16)), _kv(16, 2)
     await kvs.put("m", ids, kv)
     chunks = [k async for k in kvs.store.list(f"{kvs.keys.namespace}/") if "/chunks/" in k]
-    async with collector_lease(kvs.store, kvs.keys.lease_key()):
+    async with collector_lease(kvs.store, kvs.keys.lease_keys()):
         put = asyncio.create_task(kvs.put("m", ids, kv))  # re-uses every chunk object
         await asyncio.sleep(0.5)
         assert not put.done()  # its manifest is written; it waits for the collector
@@ -106,7 +106,9 @@ async def test_a_put_waits_for_a_collector_and_writes_again_what_it_removed(stor
 
 async def test_a_dead_collectors_lease_expires(store_factory):
     kvs, ids, kv = store_factory(), list(range(8)), _kv(8, 3)
-    await kvs.store.put(kvs.keys.lease_key(), b"left by a collector that died", ttl=1.0)
+    plan = kvs._plan("m", ids)
+    dead_delete = kvs.keys.lease_keys(plan.fingerprint, plan.hashes[0])[2]  # a slot of this context's deletes
+    await kvs.store.put(dead_delete, b"left by a delete that died", ttl=1.0)
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(kvs.put("m", ids, kv), 30)
     assert asyncio.get_running_loop().time() - started >= 0.5

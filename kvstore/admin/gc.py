@@ -108,7 +108,7 @@ async def collect_garbage(store: Store, namespace: str = "kvstore", *, grace: fl
     if grace < 0:
         raise KVStoreError(f"grace must be >= 0 seconds, got {grace}")
     report = GcReport(dry_run, grace)
-    lease = contextlib.nullcontext() if dry_run else collector_lease(store, KeyScheme(namespace).lease_key())
+    lease = contextlib.nullcontext() if dry_run else collector_lease(store, KeyScheme(namespace).lease_keys())
     async with lease:
         await _expired(store, report)
         await _temp_files(store, report)

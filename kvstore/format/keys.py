@@ -86,6 +86,10 @@ def is_hash(text: object) -> bool:
     return isinstance(text, str) and _HEX.fullmatch(text) is not None
 
 
+#: how many deletes of contexts with the same first chunk may run at once (one lease slot each)
+LEASE_SLOTS = 4
+
+
 @dataclass(frozen=True, slots=True)
 class KeyScheme:
     """Where a namespace's objects live on a byte store."""
@@ -115,11 +119,16 @@ class KeyScheme:
         return key == base_key or (key.startswith(base_key + "=") and _VERSION.fullmatch(key[len(base_key) + 1:])
                                    is not None)
 
-    def lease_key(self, fingerprint: str | None = None) -> str:
-        """The collector lease of the namespace (held by ``gc``) or of one model (``delete``):
-        see :mod:`kvstore.leases`."""
-        return validate_key(f"{self.namespace}/collecting" if fingerprint is None
-                            else f"{self.namespace}/{fingerprint}/collecting")
+    def lease_keys(self, fingerprint: str | None = None, first_chunk: str | None = None) -> list[str]:
+        """The collector lease of the namespace (one key, held by ``gc``), or the lease slots
+        of the contexts of one model that start with the chunk ``first_chunk`` (held by their
+        ``delete``s, one slot each): see :mod:`kvstore.leases`. Contexts that share any
+        chunk share their first one (chunk hashes are chained), so a delete and a put that
+        could touch the same object always meet at the same slots."""
+        if fingerprint is None:
+            return [validate_key(f"{self.namespace}/collecting")]
+        return [validate_key(f"{self.namespace}/{fingerprint}/collecting/{first_chunk}/{slot}")
+                for slot in range(LEASE_SLOTS)]
 
     def layout_key(self, fingerprint: str) -> str:
         """The model's cache layout (written once, create-only, by the first put)."""
