@@ -8,6 +8,7 @@ daemon thread, as fsspec does for its sync API.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
@@ -79,6 +80,13 @@ class SyncKVStore:
         if self._closed:
             raise ClosedStoreError("this SyncKVStore is closed")
         return self._loop.run(make())
+
+    def submit(self, make: Callable[[KVStore], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
+        """Start the coroutine ``make(store)`` on the store's loop and return at once: a future
+        of its result (for callers that must not block, such as an engine's scheduler)."""
+        if self._closed:
+            raise ClosedStoreError("this SyncKVStore is closed")
+        return asyncio.run_coroutine_threadsafe(make(self._store), self._loop.loop)
 
     def put(self, model_id: str, tokens: Tokens, kv: KV, *, layout: CacheLayout | None = None,
             ttl: float | None = None, pq: PQConfig | PQIndex | None = None, pq_centroid_format: str = "q4") -> Manifest:

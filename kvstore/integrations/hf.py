@@ -12,6 +12,7 @@ strings. Written against transformers 5.x (``Cache.layers``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -220,13 +221,20 @@ def _as_ids(tokens: Tokens, device: torch.device) -> torch.Tensor:
     return ids.to(device)
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name a model's ``forward`` takes its cache by: ``cache`` (transformers >= 5.20)
+    or ``past_key_values`` (earlier releases, such as the one vLLM pins)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _forward(model: Any, ids: torch.Tensor, cache: Any, keep: int) -> Any:
+    given = {cache_kwarg(model): cache}
     try:
-        return model(input_ids=ids[None], cache=cache, use_cache=True, logits_to_keep=keep)
+        return model(input_ids=ids[None], **given, use_cache=True, logits_to_keep=keep)
     except TypeError as exc:  # a model class without logits_to_keep: compute all, slice below
         if "logits_to_keep" not in str(exc):
             raise
-        return model(input_ids=ids[None], cache=cache, use_cache=True)
+        return model(input_ids=ids[None], **given, use_cache=True)
 
 
 def prefill(
@@ -331,7 +339,7 @@ def generate_greedy(
             cache = kv_to_cache(model, [(k[:, :-1], v[:, :-1]) for k, v in kv], num_tokens=len(ids) - 1)
     with torch.no_grad():
         out = model.generate(
-            ids[None], cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
+            ids[None], **{cache_kwarg(model): cache}, max_new_tokens=max_new_tokens, do_sample=False,
             attention_mask=torch.ones_like(ids)[None],
         )
     return out[0, len(ids):].tolist()

@@ -1,0 +1,378 @@
+"""kvstore as a vLLM KV connector: prompts' KV stored on their first request, loaded on the next.
+
+Enable it with::
+
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    llm = LLM(model=path, kv_transfer_config=KVTransferConfig(
+        kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.integrations.vllm",
+        kv_role="kv_both", kv_load_failure_policy="recompute",
+        kv_connector_extra_config={"url": "file:///var/cache/kv", "levels": ["raw"]}))
+
+Extra config: ``url`` (any :func:`~kvstore.backends.open_store` URL; required),
+``levels`` (codec names, best first; ``["raw"]`` by default), ``load_level`` (0),
+``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
+``storage_options``, ``model_id`` (by default the one :func:`kvstore.integrations.hf.hf_model_id`
+gives the model's folder, so contexts stored from vLLM and from Hugging Face are shared).
+
+Scheduler side: a request's stored prefix is looked up in the background (the first call
+answers "later"), rounded down to whole blocks and to one token short of the prompt
+(vLLM computes at least the last token). Worker side: the stored prefix is read and
+written into the request's blocks before the first layer runs, and the prompt's KV is
+copied out of its blocks, layer by layer, in the step its prefill completes, then
+encoded and stored off the engine's critical path. A load that fails (a missing or
+corrupt chunk) reports the request's blocks, so vLLM recomputes them
+(``kv_load_failure_policy="recompute"``).
+
+Tested with vLLM's CPU backend (paged layout ``[blocks, kv_heads, block_size, 2 *
+head_size]``: per block and head, the K elements, then the V elements, in orders the
+connector probes from vLLM's own cache op) and full-attention models.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvstore.errors import ConfigError, KVStoreError
+from kvstore.sync import SyncKVStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvstore")
+
+LOOKUP_WAIT_S = 0.005  # how long the scheduler waits for a lookup before answering "later"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """Write the stored KV of ``tokens[start:stop]`` into the request's ``block_ids``."""
+
+    req_id: str
+    tokens: np.ndarray  # the prompt's first ``stop`` tokens
+    block_ids: list[int]
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSpec:
+    """Copy the KV of ``tokens`` out of ``block_ids`` and store it."""
+
+    req_id: str
+    tokens: np.ndarray
+    block_ids: list[int]
+
+
+@dataclass
+class KVStoreConnectorMetadata(KVConnectorMetadata):
+    """What the workers do in one step."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request the scheduler tracks until its prompt's KV is saved."""
+
+    tokens: np.ndarray
+    block_ids: list[int]
+    save: bool
+
+
+def layer_index(name: str) -> int:
+    """The layer number in a vLLM attention layer name (``model.layers.3.self_attn.attn``)."""
+    found = _LAYER_INDEX.findall(f"{name}.")
+    if not found:
+        raise ConfigError(f"cannot tell the layer number of attention layer {name!r}")
+    return int(found[-1])
+
+
+def model_id_of(folder: str) -> str:
+    """The id :func:`kvstore.integrations.hf.hf_model_id` gives the model in ``folder``."""
+    from transformers import AutoConfig
+
+    from kvstore.integrations.hf import hf_model_id, weight_files, weights_digest
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"model_id: {folder!r} is not a local model folder; set kv_connector_extra_config['model_id']")
+    return hf_model_id(AutoConfig.from_pretrained(path), weights_digest(weight_files(path)))
+
+
+def _cpu_block_orders(dtype: torch.dtype, block_size: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM's CPU cache op puts each (token, dim) element in a block's K half and V
+    half: for each position, ``token * head_size + dim``. Found by running the op on probe
+    values, because its K order depends on the instruction set it picked (the ``vec``
+    kernels store K transposed, dim-major)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    if max(block_size, head_size) > 256:  # probe values must be exact in bf16
+        raise ConfigError(f"block size {block_size} / head size {head_size} over 256 is not supported yet")
+    isa = _get_attn_isa(dtype, block_size, head_size, "auto")
+    cache = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = cache.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+    slots = torch.arange(block_size, dtype=torch.long)
+    found = []
+    for probe in (torch.arange(block_size).view(-1, 1, 1).expand(-1, 1, head_size),
+                  torch.arange(head_size).view(1, 1, -1).expand(block_size, 1, -1)):
+        cache.zero_()
+        values = probe.to(dtype).contiguous()
+        ops.cpu_attn_reshape_and_cache(values, values, key_cache, value_cache, slots, isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        found.append(cache.view(2, block_size * head_size).long())
+    orders = found[0] * head_size + found[1]  # [2, block_size * head_size]
+    for order in orders:
+        if not torch.equal(order.sort().values, torch.arange(block_size * head_size)):
+            raise ConfigError(f"vLLM's CPU cache op ({isa}) does not store a block as a permutation of its tokens")
+    return orders[0], orders[1]
+
+
+class PagedCPULayout:
+    """vLLM's CPU paged KV of one layer: ``[blocks, kv_heads, block_size, 2 * head_size]``,
+    where each block holds, per head, ``block_size * head_size`` K elements and then as
+    many V elements, each half in the order the attention kernels want (probed once)."""
+
+    def __init__(self, cache: torch.Tensor, block_size: int) -> None:
+        if cache.dim() != 4 or cache.shape[2] != block_size or cache.shape[3] % 2:
+            raise ConfigError(f"unsupported paged KV layout {tuple(cache.shape)} (block size {block_size}); "
+                              "kvstore's connector reads vLLM's CPU layout [blocks, kv_heads, block_size, 2*head_size]")
+        blocks, heads, _, width = cache.shape
+        self.block_size, self.heads, self.head_size = block_size, heads, width // 2
+        self.view = cache.view(blocks, heads, 2, block_size * self.head_size)
+        self.orders = _cpu_block_orders(cache.dtype, block_size, self.head_size)
+        self.inverse = tuple(torch.argsort(order) for order in self.orders)
+
+    def read(self, block_ids: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[kv_heads, tokens, head_size]`` of the first ``tokens`` of ``block_ids``."""
+        picked = self.view[torch.as_tensor(block_ids, dtype=torch.long)]  # a copy: [n, H, 2, bs * D]
+        n = len(block_ids)
+        out = []
+        for half in (0, 1):
+            rows = picked[:, :, half][..., self.inverse[half]].view(n, self.heads, self.block_size, self.head_size)
+            out.append(rows.permute(1, 0, 2, 3).reshape(self.heads, n * self.block_size, self.head_size)[:, :tokens])
+        return out[0].contiguous(), out[1].contiguous()
+
+    def write(self, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``[kv_heads, len(block_ids) * block_size, head_size]`` keys and values into ``block_ids``."""
+        n = len(block_ids)
+        if keys.shape != (self.heads, n * self.block_size, self.head_size) or values.shape != keys.shape:
+            raise ConfigError(f"KV of shape {tuple(keys.shape)} does not fill {n} blocks of "
+                              f"{self.heads} x {self.block_size} x {self.head_size}")
+        halves = []
+        for half, rows in enumerate((keys, values)):
+            flat = rows.view(self.heads, n, self.block_size * self.head_size).permute(1, 0, 2)
+            halves.append(flat[..., self.orders[half]])
+        self.view[torch.as_tensor(block_ids, dtype=torch.long)] = torch.stack(halves, dim=2).to(self.view.dtype)
+
+
+class KVStoreConnector(KVConnectorBase_V1):
+    """A vLLM V1 KV connector backed by a :class:`~kvstore.store.KVStore`."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        if "url" not in extra:
+            raise ConfigError("kv_connector_extra_config needs 'url': the kvstore to use")
+        self.block_size = vllm_config.cache_config.block_size
+        chunk_tokens = int(extra.get("chunk_tokens", 256))
+        if chunk_tokens <= 0 or chunk_tokens % self.block_size:
+            raise ConfigError(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of vLLM's block size "
+                              f"({self.block_size})")
+        self.load_level = int(extra.get("load_level", 0))
+        self.model_id = str(extra.get("model_id") or model_id_of(vllm_config.model_config.model))
+        self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, levels=extra.get("levels", ["raw"]),
+                               namespace=extra.get("namespace", "kvstore"),
+                               storage_options=extra.get("storage_options"))
+        # scheduler side
+        self._lookups: dict[str, concurrent.futures.Future[tuple[int, int]]] = {}
+        self._hits: dict[str, tuple[int, int]] = {}  # req_id -> (loadable tokens, stored tokens)
+        self._pending: dict[str, _Pending] = {}
+        self._loads: dict[str, LoadSpec] = {}
+        # worker side
+        self._layers: dict[str, PagedCPULayout] = {}
+        self._order: list[str] = []
+        self._staged: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._load_errors: set[int] = set()
+        self._saves: list[concurrent.futures.Future[Any]] = []
+
+    # -- scheduler side ---------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Stored tokens beyond ``num_computed_tokens`` (whole blocks, one short of the prompt);
+        ``None`` while the lookup runs."""
+        req_id = request.request_id
+        if req_id not in self._hits:
+            future = self._lookups.get(req_id)
+            if future is None:
+                tokens = np.asarray(request.prompt_token_ids or [], dtype=np.int64)
+                future = self._lookups[req_id] = self.kvs.submit(lambda store: self._lookup(store, tokens))
+            try:
+                self._hits[req_id] = future.result(timeout=LOOKUP_WAIT_S)
+            except concurrent.futures.TimeoutError:
+                return None, False
+            except KVStoreError as exc:
+                log.warning("lookup for request %s failed (%s): computing it", req_id, exc)
+                self._hits[req_id] = (0, 0)
+            finally:
+                if future.done():
+                    self._lookups.pop(req_id, None)
+        loadable, _ = self._hits[req_id]
+        return max(0, loadable - num_computed_tokens), False
+
+    async def _lookup(self, store: Any, tokens: np.ndarray) -> tuple[int, int]:
+        if len(tokens) < 2:
+            return 0, 0
+        stored = await store.lookup(self.model_id, tokens, level=self.load_level)
+        loadable = min(stored, len(tokens) - 1) // self.block_size * self.block_size
+        return loadable, stored
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """Plan the load of the stored prefix into the blocks just allocated."""
+        req_id = request.request_id
+        tokens = np.asarray(request.prompt_token_ids or [], dtype=np.int64)
+        loadable, stored = self._hits.get(req_id, (0, 0))
+        if num_external_tokens > 0:
+            block_ids = list(blocks.get_block_ids()[0])
+            start = loadable - num_external_tokens
+            self._loads[req_id] = LoadSpec(req_id, tokens[:loadable], block_ids, start, loadable)
+        self._pending.setdefault(req_id, _Pending(tokens, [], save=stored < len(tokens)))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """This step's loads, and the saves of prompts whose prefill completes in it."""
+        meta = KVStoreConnectorMetadata()
+        progress: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            pending = self._pending.get(new.req_id)
+            if pending is None:
+                continue
+            pending.block_ids = list(new.block_ids[0])
+            progress[new.req_id] = new.num_computed_tokens
+            if new.req_id in self._loads:
+                meta.loads.append(self._loads.pop(new.req_id))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            pending = self._pending.get(req_id)
+            if pending is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                if req_id in cached.resumed_req_ids:
+                    pending.block_ids = list(new_blocks[0])
+                else:
+                    pending.block_ids += list(new_blocks[0])
+            progress[req_id] = cached.num_computed_tokens[i]
+        for req_id, computed in progress.items():
+            pending = self._pending[req_id]
+            done = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            if done >= len(pending.tokens):  # the prompt's KV is complete after this step
+                if pending.save:
+                    meta.saves.append(SaveSpec(req_id, pending.tokens, pending.block_ids))
+                del self._pending[req_id]
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request (its saved KV was copied out of its blocks already)."""
+        for table in (self._hits, self._pending, self._loads, self._lookups):
+            table.pop(request.request_id, None)
+        return False, None
+
+    # -- worker side ------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Take the engine's per-layer paged caches, in layer order."""
+        self._order = sorted(kv_caches, key=layer_index)
+        self._layers = {name: PagedCPULayout(kv_caches[name], self.block_size) for name in self._order}
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Read each planned load's stored KV and write it into its blocks (before any layer runs)."""
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreConnectorMetadata)
+        for load in meta.loads:
+            first, last = load.start // self.block_size, load.stop // self.block_size
+            try:
+                kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level)
+                if len(kv) != len(self._order):
+                    raise ConfigError(f"stored KV has {len(kv)} layers, the engine {len(self._order)}")
+                for name, (keys, values) in zip(self._order, kv):
+                    self._layers[name].write(load.block_ids[first:last], keys[:, load.start:load.stop],
+                                             values[:, load.start:load.stop])
+            except KVStoreError as exc:
+                log.warning("loading %d stored tokens of request %s failed (%s): vLLM recomputes them",
+                            load.stop - load.start, load.req_id, exc)
+                self._load_errors.update(load.block_ids[first:last])
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads complete in :meth:`start_load_kv`: nothing to wait for."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Copy this layer's KV of every prompt whose prefill completes in this step."""
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreConnectorMetadata)
+        if not meta.saves or layer_name not in self._layers:
+            return
+        index = self._order.index(layer_name)
+        for save in meta.saves:
+            blocks = save.block_ids[: -(-len(save.tokens) // self.block_size)]
+            self._staged.setdefault(save.req_id, {})[index] = self._layers[layer_name].read(blocks, len(save.tokens))
+
+    def wait_for_save(self) -> None:
+        """Hand each complete prompt's KV to the store in the background."""
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreConnectorMetadata)
+        for save in meta.saves:
+            staged = self._staged.pop(save.req_id, {})
+            if len(staged) != len(self._order):
+                log.warning("request %s: %d of %d layers captured, not stored", save.req_id, len(staged), len(self._order))
+                continue
+            kv = [staged[i] for i in range(len(self._order))]
+            tokens = save.tokens
+            self._saves.append(self.kvs.submit(lambda store, kv=kv, tokens=tokens: store.put(self.model_id, tokens, kv)))
+        self._saves = [f for f in self._saves if not self._finished_save(f)]
+
+    @staticmethod
+    def _finished_save(future: concurrent.futures.Future[Any]) -> bool:
+        if not future.done():
+            return False
+        if future.exception() is not None:
+            log.warning("storing a prompt's KV failed: %s", future.exception())
+        return True
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks whose stored KV could not be loaded since the last call (vLLM recomputes them)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every background save has finished."""
+        for future in self._saves:
+            try:
+                future.result(timeout=timeout)
+            except KVStoreError as exc:
+                log.warning("storing a prompt's KV failed: %s", exc)
+        self._saves.clear()
+
+    def shutdown(self) -> None:
+        """Finish the background saves and close the store."""
+        self.flush()
+        self.kvs.close()

