@@ -232,7 +232,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self._hits[req_id] = future.result(timeout=LOOKUP_WAIT_S)
             except concurrent.futures.TimeoutError:
                 return None, False
-            except KVStoreError as exc:
+            except Exception as exc:  # a store that cannot answer must not stop the engine: compute
                 log.warning("lookup for request %s failed (%s): computing it", req_id, exc)
                 self._hits[req_id] = (0, 0)
             finally:
