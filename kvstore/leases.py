@@ -51,18 +51,18 @@ async def collector_lease(store: Store, keys: Sequence[str], *, candidates: Sequ
     if candidates is not None:
         meta["candidates"] = sorted(candidates)
     data = container.encode({}, kind=KIND, meta=meta)
-    deadline = time.monotonic() + WAIT_LIMIT
-    key, pause = None, POLL
-    while key is None:
+
+    async def take_a_free_slot() -> str | None:
         for slot in random.sample(list(keys), len(keys)):
             if await store.put(slot, data, ttl=ttl, create_only=True):
-                key = slot
+                return slot
+        return None
+
+    key = await take_a_free_slot()
+    if key is None:
+        async for _ in _after_pauses(f"other collectors have held {list(keys)}"):
+            if (key := await take_a_free_slot()) is not None:
                 break
-        else:
-            if time.monotonic() > deadline:
-                raise ConcurrentWriteError(f"other collectors have held {list(keys)} for over {WAIT_LIMIT:.0f} s")
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, POLL_MAX)
 
     async def renew() -> None:
         while True:
@@ -102,12 +102,23 @@ async def wait_for_collectors(store: Store, keys: Sequence[str], objects: set[st
     contexts never delays it."""
     held = await asyncio.gather(*(store.get(key) for key in keys))
     waiting = [(key, lease) for key, lease in zip(keys, held) if lease is not None and _may_delete(lease, objects)]
-    deadline, pause = time.monotonic() + WAIT_LIMIT, POLL
-    while waiting:
-        if time.monotonic() > deadline:
-            raise ConcurrentWriteError(f"a collector held {waiting[0][0]} for over {WAIT_LIMIT:.0f} s")
-        log.debug("put waits for %d collectors before its final check", len(waiting))
-        await asyncio.sleep(pause)
-        pause = min(2 * pause, POLL_MAX)
+    if not waiting:
+        return
+    log.debug("put waits for %d collectors before its final check", len(waiting))
+    async for _ in _after_pauses(f"a collector held one of {[key for key, _ in waiting]}"):
         now = await asyncio.gather(*(store.get(key) for key, _ in waiting))
         waiting = [(key, lease) for (key, lease), current in zip(waiting, now) if current == lease]
+        if not waiting:
+            return
+
+
+async def _after_pauses(what: str) -> AsyncIterator[None]:
+    """Yield after each of a series of pauses doubling from ``POLL`` to ``POLL_MAX``;
+    :class:`ConcurrentWriteError` (``what`` for over ``WAIT_LIMIT`` s) once that has passed."""
+    deadline, pause = time.monotonic() + WAIT_LIMIT, POLL
+    while True:
+        if time.monotonic() > deadline:
+            raise ConcurrentWriteError(f"{what} for over {WAIT_LIMIT:.0f} s")
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, POLL_MAX)
+        yield

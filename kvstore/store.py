@@ -285,14 +285,9 @@ class KVStore:
 
         async def changed(obj: ChunkObject) -> bool:
             for _ in range(2):  # an unreadable header is read once more: damaged in transit?
-                try:
-                    head = await self.store.get(obj.key, RangeRequest(0, obj.header_bytes))
-                    if head is None:
-                        return True
-                    header = container.decode_header(memoryview(head))
-                except FormatError:  # a signed store's MAC failure included
-                    continue
-                return header.total_bytes != obj.size or header.checksum != obj.checksum
+                same = await self._same_object(obj.key, obj)
+                if same is not None:
+                    return not same
             return True
 
         flags = await self._bounded([lambda obj=obj: changed(obj) for obj in listed])
@@ -454,16 +449,17 @@ class KVStore:
         register_profile(profile_id, cls.parse_profile(data))
         self._profiles_loaded.add(key)
 
-    async def _same_object(self, key: str, ours: ChunkObject) -> bool:
+    async def _same_object(self, key: str, ours: ChunkObject) -> bool | None:
         """Whether the object at ``key`` is byte for byte ``ours`` (its size and header checksum,
-        which covers every buffer's checksum); ``False`` if absent or unreadable."""
+        which covers every buffer's checksum); ``False`` if absent, ``None`` if unreadable
+        (a signed store's MAC failure included). Reads only the header."""
         try:
             head = await self.store.get(key, RangeRequest(0, ours.header_bytes))
             if head is None:
                 return False
             header = container.decode_header(memoryview(head))
-        except FormatError:  # unreadable, or (signed stores) not signed with an accepted key
-            return False
+        except FormatError:
+            return None
         return header.checksum == ours.checksum and header.total_bytes == ours.size
 
     # -- read ---------------------------------------------------------------------

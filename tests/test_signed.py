@@ -71,6 +71,15 @@ async def _keys(store, namespace, part: str) -> list[str]:
     return sorted([k async for k in store.list(f"{namespace}/") if part in k])
 
 
+async def _forge(store, namespace: str, ids, part: str) -> None:
+    """The attacker: encodes other KV for ``ids`` without the key and writes each of its
+    objects whose key contains ``part`` over the store's."""
+    forger_store = MemoryStore()
+    await _unsigned(forger_store, namespace).put(MODEL, ids, _kv(len(ids), 99))
+    for key in await _keys(forger_store, namespace, part):
+        await store.put(key, await forger_store.get(key))
+
+
 async def test_signed_round_trip_and_prefix(backend):
     store, ns = backend
     kvs = _signed(store, ns)
@@ -91,12 +100,7 @@ async def test_a_forged_chunk_is_refused_with_and_without_a_manifest(backend):
     kvs = _signed(store, ns)
     ids, kv = list(range(24)), _kv(24, 1)
     await kvs.put(MODEL, ids, kv)
-    # the attacker encodes other KV for the same tokens and writes it over every raw chunk object
-    forger_store = MemoryStore()
-    forger = _unsigned(forger_store, ns)
-    await forger.put(MODEL, ids, _kv(24, 99))
-    for key in await _keys(forger_store, ns, "/chunks/"):
-        await store.put(key, await forger_store.get(key))
+    await _forge(store, ns, ids, "/chunks/")  # over every chunk object
     with pytest.raises(SignatureError, match="not a signed object"):
         await kvs.get(MODEL, ids)
     with pytest.raises(SignatureError):
@@ -121,10 +125,7 @@ async def test_a_forged_manifest_is_refused(backend):
     kvs = _signed(store, ns)
     ids, kv = list(range(16)), _kv(16, 3)
     await kvs.put(MODEL, ids, kv)
-    forger_store = MemoryStore()
-    await _unsigned(forger_store, ns).put(MODEL, ids, _kv(16, 98))
-    manifest_key = (await _keys(store, ns, "/contexts/"))[0]
-    await store.put(manifest_key, await forger_store.get(manifest_key))
+    await _forge(store, ns, ids, "/contexts/")  # over the manifest
     with pytest.raises(SignatureError):
         await kvs.get(MODEL, ids)
 
