@@ -11,6 +11,7 @@ include ``gc`` without a grace period while puts are in flight.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -108,8 +109,8 @@ async def test_a_dead_collectors_lease_expires(store_factory):
     kvs, ids, kv = store_factory(), list(range(8)), _kv(8, 3)
     plan = kvs._plan("m", ids)
     dead_delete = kvs.keys.lease_keys(plan.fingerprint, plan.hashes[0])[2]  # a slot of this context's deletes
+    started = time.time()  # the clock lifetimes are kept in (a VM's monotonic clock can lag it)
     await kvs.store.put(dead_delete, b"left by a delete that died", ttl=1.0)
-    started = asyncio.get_running_loop().time()
     await asyncio.wait_for(kvs.put("m", ids, kv), 30)
-    assert asyncio.get_running_loop().time() - started >= 0.5
+    assert time.time() - started >= 0.9
     assert _same(await kvs.get("m", ids), kv)
