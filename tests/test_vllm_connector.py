@@ -57,8 +57,11 @@ def engine(tmp_path_factory):
     tokenizer = llm.get_tokenizer()
     text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
     ids = tokenizer(text)["input_ids"]
-    prompts = [ids[i * PROMPT_TOKENS:(i + 1) * PROMPT_TOKENS] for i in range(4)]
-    assert all(len(p) == PROMPT_TOKENS for p in prompts)
+    # the second prompt's loadable prefix (640 tokens, 5 blocks) ends inside a chunk
+    lengths = [PROMPT_TOKENS, PROMPT_TOKENS + 100, PROMPT_TOKENS, PROMPT_TOKENS]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    prompts = [ids[start:start + n] for start, n in zip(starts, lengths)]
+    assert [len(p) for p in prompts] == lengths
     yield {"llm": llm, "folder": folder, "url": url, "prompts": prompts, "model_id": model_id_of(folder)}
 
 
@@ -93,14 +96,16 @@ def test_second_request_loads_the_first_ones_kv(engine):
 
 def test_the_engine_reads_the_loaded_kv(engine):
     """KV stored for a prompt (here zeros, put through the library) is what the engine
-    attends to: the output changes; once deleted, the prompt is computed again."""
+    attends to: the output changes; once deleted, the prompt is computed again. The
+    prompt's loadable prefix (whole blocks) ends inside a chunk: the connector reads the
+    stored context and keeps the blocks it needs."""
     llm, ids = engine["llm"], engine["prompts"][1]
     with SyncKVStore(engine["url"]) as kvs:
         zeros = [(torch.zeros(3, len(ids), 64, dtype=torch.bfloat16), torch.zeros(3, len(ids), 64, dtype=torch.bfloat16))
                  for _ in range(30)]
         kvs.put(engine["model_id"], ids, zeros)
         from_zeros, cached = _generate(llm, ids)
-        assert cached == 512
+        assert cached == 640
         assert kvs.delete(engine["model_id"], ids)
     computed, cached = _generate(llm, ids)
     assert cached == 0

@@ -11,7 +11,10 @@ Enable it with::
         kv_connector_extra_config={"url": "file:///var/cache/kv", "levels": ["raw"]}))
 
 Extra config: ``url`` (any :func:`~kvstore.backends.open_store` URL; required),
-``levels`` (codec names, best first; ``["raw"]`` by default), ``load_level`` (0),
+``levels`` (best first, each a codec name or a ``[name, params]`` pair; ``["raw"]`` by
+default), ``profile`` (the path of a ``kvcodec`` profile file, for ``["kvcodec", {"level":
+2}]`` levels: :func:`kvstore.eval.profiles.model_profile` makes and caches one),
+``load_level`` (the index in ``levels`` that loads read; 0),
 ``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
 ``storage_options``, ``model_id`` (by default the one :func:`kvstore.integrations.hf.hf_model_id`
 gives the model's folder, so contexts stored from vLLM and from Hugging Face are shared).
@@ -69,7 +72,7 @@ class LoadSpec:
     """Write the stored KV of ``tokens[start:stop]`` into the request's ``block_ids``."""
 
     req_id: str
-    tokens: np.ndarray  # the prompt's first ``stop`` tokens
+    tokens: np.ndarray  # the prompt's first tokens: a stored prefix that covers ``stop``
     block_ids: list[int]
     start: int
     stop: int
@@ -119,6 +122,34 @@ def model_id_of(folder: str) -> str:
     if not path.is_dir():
         raise ConfigError(f"model_id: {folder!r} is not a local model folder; set kv_connector_extra_config['model_id']")
     return hf_model_id(AutoConfig.from_pretrained(path), weights_digest(weight_files(path)))
+
+
+def connector_levels(extra: dict[str, Any]) -> list[Any]:
+    """The store's levels from the extra config: names and ``[name, params]`` pairs, with
+    ``kvcodec`` levels built on the profile file at ``extra["profile"]``."""
+    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+    from kvstore.codecs.kvcodec_profile import KVCodecProfile
+
+    specs = extra.get("levels", ["raw"])
+    if isinstance(specs, str) or not isinstance(specs, list | tuple):
+        raise ConfigError(f"levels must be a list of codec names or [name, params] pairs, got {specs!r}")
+    profile = None
+    levels: list[Any] = []
+    for spec in specs:
+        if isinstance(spec, list | tuple) and len(spec) == 2 and spec[0] == "kvcodec" and isinstance(spec[1], dict):
+            if profile is None:
+                if not extra.get("profile"):
+                    raise ConfigError("kvcodec levels need 'profile': the path of the model's kvcodec profile file")
+                try:
+                    profile = KVCodecProfile.from_bytes(Path(extra["profile"]).read_bytes())
+                except OSError as exc:
+                    raise ConfigError(f"cannot read the kvcodec profile {extra['profile']!r}: {exc}") from exc
+            if set(spec[1]) - {"level"}:
+                raise ConfigError(f"a kvcodec level takes only 'level', got {spec[1]!r}")
+            levels.append(KVCodecV1(profile, spec[1].get("level", DEFAULT_LEVEL)))
+        else:
+            levels.append(tuple(spec) if isinstance(spec, list) else spec)
+    return levels
 
 
 def _cpu_block_orders(dtype: torch.dtype, block_size: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,9 +232,10 @@ class KVStoreConnector(KVConnectorBase_V1):
         if chunk_tokens <= 0 or chunk_tokens % self.block_size:
             raise ConfigError(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of vLLM's block size "
                               f"({self.block_size})")
+        self.chunk_tokens = chunk_tokens
         self.load_level = int(extra.get("load_level", 0))
         self.model_id = str(extra.get("model_id") or model_id_of(vllm_config.model_config.model))
-        self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, levels=extra.get("levels", ["raw"]),
+        self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, levels=connector_levels(extra),
                                namespace=extra.get("namespace", "kvstore"),
                                storage_options=extra.get("storage_options"))
         # scheduler side
@@ -256,7 +288,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         if num_external_tokens > 0:
             block_ids = list(blocks.get_block_ids()[0])
             start = loadable - num_external_tokens
-            self._loads[req_id] = LoadSpec(req_id, tokens[:loadable], block_ids, start, loadable)
+            # what get() can read: whole chunks (their hashes cover whole chunks) or a stored context
+            fetch = min(stored, -(-loadable // self.chunk_tokens) * self.chunk_tokens)
+            self._loads[req_id] = LoadSpec(req_id, tokens[:fetch], block_ids, start, loadable)
         self._pending.setdefault(req_id, _Pending(tokens, [], save=stored < len(tokens)))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
