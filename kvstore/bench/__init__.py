@@ -19,7 +19,7 @@ from typing import Any
 
 from kvstore.errors import ConfigError
 
-BENCHMARKS = ("store", "model", "models", "codecs", "kernels", "stream", "retrieval", "faults")
+BENCHMARKS = ("store", "model", "models", "codecs", "kernels", "stream", "retrieval", "faults", "vllm")
 
 
 def machine_info() -> dict[str, Any]:
