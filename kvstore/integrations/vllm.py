@@ -51,6 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvstore.errors import ConfigError, KVStoreError
+from kvstore.format.layout import CacheLayout
 from kvstore.sync import SyncKVStore
 
 if TYPE_CHECKING:
@@ -219,6 +220,75 @@ class PagedCPULayout:
         self.view[torch.as_tensor(block_ids, dtype=torch.long)] = torch.stack(halves, dim=2).to(self.view.dtype)
 
 
+class PagedKVLayout:
+    """The paged KV of one layer as vLLM's GPU backends (FlashAttention, FlashInfer, Triton)
+    hand it over: a logical ``[blocks, kv_heads, block_size, 2 * width]`` view, in whatever
+    physical stride order the backend chose, holding per token and head its K row in the
+    first half of the last axis and its V row in the second (``width`` may pad the head
+    size)."""
+
+    def __init__(self, cache: torch.Tensor, block_size: int, head_size: int) -> None:
+        if cache.dim() != 4 or cache.shape[2] != block_size or cache.shape[3] % 2 or cache.shape[3] < 2 * head_size:
+            raise ConfigError(f"unsupported paged KV layout {tuple(cache.shape)} (block size {block_size}, head size "
+                              f"{head_size}); kvstore's connector reads [blocks, kv_heads, block_size, 2*head_size]")
+        self.cache, self.block_size, self.heads, self.head_size = cache, block_size, cache.shape[1], head_size
+        self.halves = (slice(0, head_size), slice(cache.shape[3] // 2, cache.shape[3] // 2 + head_size))
+
+    def read(self, block_ids: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[kv_heads, tokens, head_size]`` of the first ``tokens`` of ``block_ids``."""
+        picked = self.cache[torch.as_tensor(block_ids, dtype=torch.long, device=self.cache.device)]
+        n = len(block_ids)
+        return tuple(picked[..., half].permute(1, 0, 2, 3).reshape(self.heads, n * self.block_size, self.head_size)
+                     [:, :tokens].contiguous() for half in self.halves)  # type: ignore[return-value]
+
+    def write(self, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``[kv_heads, len(block_ids) * block_size, head_size]`` keys and values into ``block_ids``."""
+        n = len(block_ids)
+        if keys.shape != (self.heads, n * self.block_size, self.head_size) or values.shape != keys.shape:
+            raise ConfigError(f"KV of shape {tuple(keys.shape)} does not fill {n} blocks of "
+                              f"{self.heads} x {self.block_size} x {self.head_size}")
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.cache.device)
+        for half, rows in zip(self.halves, (keys, values)):
+            blocks = rows.view(self.heads, n, self.block_size, self.head_size).permute(1, 0, 2, 3)
+            self.cache[index, :, :, half] = blocks.to(device=self.cache.device, dtype=self.cache.dtype)
+
+
+def _model_layout(vllm_config: VllmConfig) -> CacheLayout:
+    """What each layer of the served model caches, read from its Hugging Face config (so that
+    contexts stored from vLLM and from Hugging Face carry the same layout)."""
+    from kvstore.integrations.hf import cache_layout
+
+    return cache_layout(vllm_config.model_config.hf_config)
+
+
+def _attention_backends(vllm_config: VllmConfig, names: list[str]) -> dict[str, str]:
+    """The attention backend's name of each of the layers ``names`` (where vLLM says)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, names)  # type: ignore[type-abstract]
+    return {name: layer.get_attn_backend().get_name() for name, layer in layers.items()}
+
+
+def _backend_of_device(cache: torch.Tensor) -> str:
+    return "CPU_ATTN" if cache.device.type == "cpu" else "FLASH_ATTN"
+
+
+# vLLM attention backends by how their paged cache holds a layer's KV
+CPU_BACKENDS = ("CPU_ATTN",)
+KV_HALVES_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
+
+
+def paged_layout(backend: str, cache: torch.Tensor, block_size: int, head_size: int) -> PagedCPULayout | PagedKVLayout:
+    """The reader/writer of one layer's paged cache under attention backend ``backend``."""
+    if backend in CPU_BACKENDS:
+        return PagedCPULayout(cache, block_size)
+    if backend in KV_HALVES_BACKENDS:
+        return PagedKVLayout(cache, block_size, head_size)
+    raise ConfigError(f"vLLM attention backend {backend!r} is not supported by kvstore's connector yet "
+                      f"(supported: {', '.join(CPU_BACKENDS + KV_HALVES_BACKENDS)})")
+
+
 class KVStoreConnector(KVConnectorBase_V1):
     """A vLLM V1 KV connector backed by a :class:`~kvstore.store.KVStore`."""
 
@@ -227,6 +297,10 @@ class KVStoreConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         if "url" not in extra:
             raise ConfigError("kv_connector_extra_config needs 'url': the kvstore to use")
+        if vllm_config.model_config.use_mla:
+            raise ConfigError("kvstore's vLLM connector does not support MLA models yet (vLLM caches one latent per "
+                              "token, [blocks, block_size, kv_lora_rank + rope dim], which it cannot read or write); "
+                              "serve this model without the connector")
         self.block_size = vllm_config.cache_config.block_size
         chunk_tokens = int(extra.get("chunk_tokens", 256))
         if chunk_tokens <= 0 or chunk_tokens % self.block_size:
@@ -235,6 +309,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.chunk_tokens = chunk_tokens
         self.load_level = int(extra.get("load_level", 0))
         self.model_id = str(extra.get("model_id") or model_id_of(vllm_config.model_config.model))
+        self.layout = _model_layout(vllm_config)
         self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, levels=connector_levels(extra),
                                namespace=extra.get("namespace", "kvstore"),
                                storage_options=extra.get("storage_options"))
@@ -244,7 +319,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._pending: dict[str, _Pending] = {}
         self._loads: dict[str, LoadSpec] = {}
         # worker side
-        self._layers: dict[str, PagedCPULayout] = {}
+        self._layers: dict[str, PagedCPULayout | PagedKVLayout] = {}
         self._order: list[str] = []
         self._staged: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._load_errors: set[int] = set()
@@ -336,7 +411,10 @@ class KVStoreConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take the engine's per-layer paged caches, in layer order."""
         self._order = sorted(kv_caches, key=layer_index)
-        self._layers = {name: PagedCPULayout(kv_caches[name], self.block_size) for name in self._order}
+        backends = _attention_backends(self._vllm_config, self._order)
+        head_size = self._vllm_config.model_config.get_head_size()
+        self._layers = {name: paged_layout(backends.get(name) or _backend_of_device(kv_caches[name]), kv_caches[name],
+                                           self.block_size, head_size) for name in self._order}
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Read each planned load's stored KV and write it into its blocks (before any layer runs)."""
@@ -345,7 +423,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         for load in meta.loads:
             first, last = load.start // self.block_size, load.stop // self.block_size
             try:
-                kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level)
+                # every token of every layer: without vLLM's hybrid allocator (SupportsHMA) its
+                # sliding-window layers keep all their blocks too
+                kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level, sliding_window_only=False)
                 if len(kv) != len(self._order):
                     raise ConfigError(f"stored KV has {len(kv)} layers, the engine {len(self._order)}")
                 for name, (keys, values) in zip(self._order, kv):
@@ -381,7 +461,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 continue
             kv = [staged[i] for i in range(len(self._order))]
             tokens = save.tokens
-            self._saves.append(self.kvs.submit(lambda store, kv=kv, tokens=tokens: store.put(self.model_id, tokens, kv)))
+            self._saves.append(self.kvs.submit(lambda store, kv=kv, tokens=tokens: store.put(self.model_id, tokens, kv, layout=self.layout)))
         self._saves = [f for f in self._saves if not self._finished_save(f)]
 
     @staticmethod
