@@ -67,6 +67,14 @@ class ClosedStoreError(KVStoreError, RuntimeError):
     """A store was used after :meth:`close`."""
 
 
+class KVMismatchError(ConfigError):
+    """KV whose layer count, heads, head size or length does not fit the model it is given to."""
+
+
+class ModelNotAvailableError(KVStoreError):
+    """The requested model (or what is needed to convert it) is not installed on this machine."""
+
+
 class SignatureError(ChecksumError):
     """An object of a signed store has no valid MAC under any accepted key: it was forged,
     altered, moved from another key, or written by a writer without the key."""

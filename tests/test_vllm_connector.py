@@ -38,11 +38,11 @@ def _engine_args(url: str) -> dict:
             "kv_connector_extra_config": {"url": url, "levels": ["raw"]}}
 
 
-def _make_llm(folder: str, url: str):
+def _make_llm(folder: str, url: str, **overrides):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    args = _engine_args(url)
+    args = {**_engine_args(url), **overrides}
     extra = args.pop("kv_connector_extra_config")
     return LLM(model=folder, **args, kv_transfer_config=KVTransferConfig(
         kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.integrations.vllm",
@@ -58,7 +58,7 @@ def engine(tmp_path_factory):
     text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
     ids = tokenizer(text)["input_ids"]
     # the second prompt's loadable prefix (640 tokens, 5 blocks) ends inside a chunk
-    lengths = [PROMPT_TOKENS, PROMPT_TOKENS + 100, PROMPT_TOKENS, PROMPT_TOKENS]
+    lengths = [PROMPT_TOKENS, PROMPT_TOKENS + 100, PROMPT_TOKENS, PROMPT_TOKENS, PROMPT_TOKENS]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     prompts = [ids[start:start + n] for start, n in zip(starts, lengths)]
     assert [len(p) for p in prompts] == lengths
@@ -169,7 +169,13 @@ def test_hugging_face_and_vllm_share_stored_contexts(engine):
 
 
 def test_a_fresh_engine_loads_what_another_stored(engine):
-    ids = engine["prompts"][0]
+    """A second engine, in its own process, loads what the first stored; it prefills in
+    steps of one block (chunked prefill), and what it stores is still every token's KV."""
+    from transformers import AutoModelForCausalLM
+
+    from kvstore.integrations.hf import extract_kv
+
+    ids, chunked = engine["prompts"][0], engine["prompts"][4]
     _wait_stored(engine["url"], engine["model_id"], ids)
     first, _ = _generate(engine["llm"], ids)
     script = textwrap.dedent(f"""
@@ -177,8 +183,8 @@ def test_a_fresh_engine_loads_what_another_stored(engine):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_vllm_connector import _generate, _make_llm
         if __name__ == "__main__":
-            llm = _make_llm({engine['folder']!r}, {engine['url']!r})
-            print("RESULT", json.dumps(_generate(llm, {ids!r})))
+            llm = _make_llm({engine['folder']!r}, {engine['url']!r}, max_num_batched_tokens=128)
+            print("RESULT", json.dumps([_generate(llm, {ids!r}), _generate(llm, {chunked!r})]))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ})
@@ -186,5 +192,13 @@ def test_a_fresh_engine_loads_what_another_stored(engine):
     assert line, done.stdout[-2000:] + done.stderr[-4000:]
     import json
 
-    tokens, cached = json.loads(line[0][7:])
+    (tokens, cached), (computed, cached_chunked) = json.loads(line[0][7:])
     assert cached == 512 and tokens == first
+    assert cached_chunked == 0
+    _wait_stored(engine["url"], engine["model_id"], chunked)
+    model = AutoModelForCausalLM.from_pretrained(engine["folder"], dtype=torch.bfloat16).eval()
+    with SyncKVStore(engine["url"]) as kvs:
+        for (k, v), (hk, hv) in zip(kvs.get(engine["model_id"], chunked), extract_kv(model, chunked)):
+            for a, b in ((k, hk), (v, hv)):
+                cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+                assert cos > 0.999, cos

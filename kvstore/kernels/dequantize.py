@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvstore.errors import ConfigError
 from kvstore.kernels import cdiv, next_power_of_2
 from kvstore.kernels.rans_decode import ZERO, kernel_for
 
@@ -62,10 +63,10 @@ def _affine_kernel(sym_ptr, scale_ptr, bias_ptr, out_ptr, n, block_len, ROW: tl.
 
 def _check(sym: torch.Tensor, out: torch.Tensor) -> int:
     if sym.dtype != torch.uint8 or not sym.is_contiguous() or not out.is_contiguous():
-        raise ValueError("sym must be contiguous uint8 and out contiguous")
+        raise ConfigError("sym must be contiguous uint8 and out contiguous")
     n = sym.numel()
     if out.numel() < n or out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"out must hold {n} fp16/bf16/fp32 elements")
+        raise ConfigError(f"out must hold {n} fp16/bf16/fp32 elements")
     return n
 
 
@@ -137,9 +138,9 @@ def dequantize_kv_channel_major(
     + bias[lh*D + d]``, ``out[1, l, h, t, d] = (sym[1, lh, d, t] - zero) * vtab[codes[lh, t]]``."""
     two, LH, D, T = sym.shape
     if two != 2 or sym.dtype != torch.uint8 or not sym.is_contiguous() or not out.is_contiguous():
-        raise ValueError("sym must be contiguous uint8 [2, L*H, D, T] and out contiguous")
+        raise ConfigError("sym must be contiguous uint8 [2, L*H, D, T] and out contiguous")
     if out.numel() != sym.numel() or out.shape[-2:] != (T, D):
-        raise ValueError(f"out must be [2, L, H, {T}, {D}]")
+        raise ConfigError(f"out must be [2, L, H, {T}, {D}]")
     if sym.numel():
         block_d = next_power_of_2(D)
         block_t = max(16, min(128, 8192 // block_d))

@@ -26,9 +26,8 @@ segment is a run of ``seg_len`` consecutive tokens of ``[start, stop)``.
 The result is exact: every token above the k-th score, ties at it broken by position
 (lowest first), positions ascending: :func:`kvstore.kernels.pq_reference.pq_select_reference`
 has the same semantics on the reference's scores. It replaces ``torch.topk`` over
-``[kv_heads, n]`` fp32 scores (87 us of the 100 us that scores + top-k took at 131,072
-tokens on an H100): the scores are never written. Two launches, no memset (session 7's
-version took three launches and a memset: ``benchmarks/kernels_notes.md``).
+``[kv_heads, n]`` fp32 scores, which dominated scoring + top-k: the scores are never
+written. Two launches, no memset (figures in ``benchmarks/kernels_notes.md``).
 
 :func:`pq_select` dispatches: these kernels on CUDA tensors when ``K`` is a power of two and
 ``K**m <= MAX_COMBOS``; on CUDA otherwise, the Triton scores kernel (``K`` a power of two) or

@@ -226,14 +226,12 @@ class DecodeConfig:
     words ~100 words ahead; CUDA only), ``bucket_bits`` (<= 8: buckets per model, log2),
     ``rows`` (launches whose streams all have one model per row, identity maps and the
     uint8 epilogue, as a channel-major kvcodec chunk's, take a loop without the model-map,
-    channel-counter and epilogue branches: 105 instead of 166 SASS instructions on sm_90),
-    ``aligned`` (rows launches with ``block_g == 1`` whose rows are all multiples of 32
-    long, as a kvcodec chunk's are at 32-token multiples: a loop walking one row at a time,
-    with the table rows found once per row and no lane masks: 60 instead of 80 instructions
-    per warp-step on the fast path, +13% on an H100).
-    ``ballot`` applies only with ``block_g == 1`` (with two groups per thread the vote gave
-    wrong word indices on an H100, Triton 3.6: see ``benchmarks/kernels_notes.md``); the
-    default is the fastest bit-exact variant measured there."""
+    channel-counter and epilogue branches), ``aligned`` (rows launches with ``block_g == 1``
+    whose rows are all multiples of 32 long, as a kvcodec chunk's are at 32-token multiples:
+    a loop walking one row at a time, with the table rows found once per row and no lane
+    masks). ``ballot`` applies only with ``block_g == 1`` (with two groups per thread the
+    vote gives wrong word indices). The default is the fastest bit-exact variant; figures
+    in ``benchmarks/kernels_notes.md``."""
 
     lookup: int = 1
     ballot: bool = True
