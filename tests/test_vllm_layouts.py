@@ -87,3 +87,36 @@ def test_shapes_that_are_not_a_paged_kv_cache_are_refused():
     layout = PagedKVLayout(torch.zeros(BLOCKS, HEADS, BLOCK, 2 * HEAD), BLOCK, HEAD)
     with pytest.raises(ConfigError, match="does not fill"):
         layout.write([1, 2], torch.zeros(HEADS, BLOCK, HEAD), torch.zeros(HEADS, BLOCK, HEAD))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("kinds", ["probed", "permuted"])
+def test_the_cpu_layout_is_what_vllms_cache_op_writes(dtype, head_size, kinds):
+    """vLLM's CPU layout, against vLLM's own cache op: what the op writes reads back, and
+    what the connector writes is the op's bytes. ``permuted`` forces the general gather
+    in place of the views the probed orders allow."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kvstore.integrations.vllm import PagedCPULayout
+
+    block, blocks, heads = 128, 6, 2
+    block_ids, tokens = [4, 1, 3], 3 * block
+    torch.manual_seed(2)
+    keys, values = torch.randn(heads, tokens, head_size).to(dtype), torch.randn(heads, tokens, head_size).to(dtype)
+    by_op = torch.zeros(blocks, heads, block, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = by_op.view(blocks, heads, 2 * block, head_size).chunk(2, dim=2)
+    slots = torch.tensor([block_ids[t // block] * block + t % block for t in range(tokens)], dtype=torch.long)
+    ops.cpu_attn_reshape_and_cache(keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous(), key_cache,
+                                   value_cache, slots, _get_attn_isa(dtype, block, head_size, "auto"),
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    by_connector = torch.zeros_like(by_op)
+    readers = [PagedCPULayout(by_op, block), PagedCPULayout(by_connector, block)]
+    if kinds == "permuted":
+        for layout in readers:
+            layout.kinds = ("permuted", "permuted")
+    got_keys, got_values = readers[0].read(block_ids, tokens)
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    readers[1].write(block_ids, keys, values)
+    assert torch.equal(by_connector, by_op)

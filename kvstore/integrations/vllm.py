@@ -200,28 +200,44 @@ class PagedCPULayout:
         self.view = cache.view(blocks, heads, 2, block_size * self.head_size)
         self.orders = _cpu_block_orders(cache.dtype, block_size, self.head_size)
         self.inverse = tuple(torch.argsort(order) for order in self.orders)
+        positions = torch.arange(block_size * self.head_size)
+        dim_major = positions.view(block_size, self.head_size).t().reshape(-1)
+        # each half's order as a cheap view where it is one (a gather costs ~5x the copy)
+        self.kinds = tuple("token_major" if torch.equal(order, positions) else
+                           "dim_major" if torch.equal(order, dim_major) else "permuted" for order in self.orders)
 
     def read(self, block_ids: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[kv_heads, tokens, head_size]`` of the first ``tokens`` of ``block_ids``."""
-        picked = self.view[torch.as_tensor(block_ids, dtype=torch.long)]  # a copy: [n, H, 2, bs * D]
-        n = len(block_ids)
+        index = torch.as_tensor(block_ids, dtype=torch.long)
+        n, bs, d = len(block_ids), self.block_size, self.head_size
         out = []
         for half in (0, 1):
-            rows = picked[:, :, half][..., self.inverse[half]].view(n, self.heads, self.block_size, self.head_size)
-            out.append(rows.permute(1, 0, 2, 3).reshape(self.heads, n * self.block_size, self.head_size)[:, :tokens])
-        return out[0].contiguous(), out[1].contiguous()
+            flat = self.view[index, :, half]  # a copy: [n, H, bs * D]
+            if self.kinds[half] == "token_major":
+                rows = flat.view(n, self.heads, bs, d)
+            elif self.kinds[half] == "dim_major":
+                rows = flat.view(n, self.heads, d, bs).transpose(-1, -2)
+            else:
+                rows = flat[..., self.inverse[half]].view(n, self.heads, bs, d)
+            out.append(rows.permute(1, 0, 2, 3).reshape(self.heads, n * bs, d)[:, :tokens].contiguous())
+        return out[0], out[1]
 
     def write(self, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``[kv_heads, len(block_ids) * block_size, head_size]`` keys and values into ``block_ids``."""
-        n = len(block_ids)
-        if keys.shape != (self.heads, n * self.block_size, self.head_size) or values.shape != keys.shape:
+        n, bs, d = len(block_ids), self.block_size, self.head_size
+        if keys.shape != (self.heads, n * bs, d) or values.shape != keys.shape:
             raise ConfigError(f"KV of shape {tuple(keys.shape)} does not fill {n} blocks of "
-                              f"{self.heads} x {self.block_size} x {self.head_size}")
-        halves = []
+                              f"{self.heads} x {bs} x {d}")
+        index = torch.as_tensor(block_ids, dtype=torch.long)
         for half, rows in enumerate((keys, values)):
-            flat = rows.view(self.heads, n, self.block_size * self.head_size).permute(1, 0, 2)
-            halves.append(flat[..., self.orders[half]])
-        self.view[torch.as_tensor(block_ids, dtype=torch.long)] = torch.stack(halves, dim=2).to(self.view.dtype)
+            blocks = rows.to(self.view.dtype).view(self.heads, n, bs, d).permute(1, 0, 2, 3)  # [n, H, bs, D]
+            if self.kinds[half] == "token_major":
+                flat = blocks.reshape(n, self.heads, bs * d)
+            elif self.kinds[half] == "dim_major":
+                flat = blocks.transpose(-1, -2).reshape(n, self.heads, bs * d)
+            else:
+                flat = blocks.reshape(n, self.heads, bs * d)[..., self.orders[half]]
+            self.view[index, :, half] = flat
 
 
 class PagedKVLayout:
