@@ -66,10 +66,8 @@ def _run(quick: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from kvstore.eval.corpus import documents
-    from kvstore.eval.model import ensure_converted, load_model, smollm2_gguf_path
-    from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
-    from kvstore.integrations.vllm import model_id_of
-    from kvstore.testing.netshape import netshape_available, shaped_redis
+    from kvstore.eval.model import ensure_converted, smollm2_gguf_path
+    from kvstore.eval.profiles import EVALUATION_SOURCE
 
     contexts = [2048] if quick else [2048, LONG_CONTEXT]
     repeats = 2 if quick else 3
@@ -78,7 +76,18 @@ def _run(quick: bool) -> dict[str, Any]:
     docs = documents(tokenizer, sources=[EVALUATION_SOURCE], min_tokens=max(contexts) + 1, n=len(contexts) + 1, seed=22)
     prompts = {n: doc.tokens[:n].tolist() for n, doc in zip(contexts, docs)}
     warmup = docs[-1].tokens[:300].tolist()
-    work = Path(tempfile.mkdtemp(prefix="kvstore-bench-vllm-"))
+    with tempfile.TemporaryDirectory(prefix="kvstore-bench-vllm-") as tmp:  # the stores: ~0.5 GB at 8K
+        return _measure(Path(tmp), folder, contexts, repeats, prompts, warmup)
+
+
+def _measure(work: Path, folder: str, contexts: list[int], repeats: int, prompts: dict[int, list[int]],
+             warmup: list[int]) -> dict[str, Any]:
+    """Run every configuration's engine with its stores under ``work``; return the figures."""
+    from kvstore.eval.model import load_model
+    from kvstore.eval.profiles import model_profile
+    from kvstore.integrations.vllm import model_id_of
+    from kvstore.testing.netshape import netshape_available, shaped_redis
+
     profile_path = work / "smollm2.kvprofile"
     profile_path.write_bytes(model_profile(load_model("smollm2")).to_bytes())
     base = {"folder": folder, "model_id": model_id_of(folder), "prompts": prompts, "warmup": warmup,
