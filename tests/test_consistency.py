@@ -21,10 +21,15 @@ from kvstore.backends.memory import MemoryStore
 from kvstore.errors import KVStoreError
 
 from kvstore.leases import collector_lease
-from kvstore.testing.consistency import TTL, kv_prefix, random_kv, run_interleavings, same_kv
+from kvstore.testing.consistency import TTL, random_kv, run_interleavings
+from kvstore.testing.faults import kv_identical
 
 CHUNK = 8
-_kv, _same, _prefix = random_kv, same_kv, kv_prefix
+_kv, _same = random_kv, kv_identical
+
+
+def _prefix(kv, n):
+    return [(k[:, :n], v[:, :n]) for k, v in kv]
 
 
 @pytest.fixture(params=["memory", "local", "redis", "s3"])

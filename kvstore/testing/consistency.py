@@ -21,6 +21,7 @@ from kvstore.admin.gc import collect_garbage
 from kvstore.errors import KVStoreError
 from kvstore.kv import KV
 from kvstore.store import KVStore
+from kvstore.testing.faults import kv_identical
 
 TTL = 1.0
 GC_GRACE = 0.3
@@ -33,17 +34,6 @@ def random_kv(tokens: int, seed: int, dtype: torch.dtype = torch.float16) -> KV:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(2, tokens, 4, generator=g).to(dtype), torch.randn(2, tokens, 4, generator=g).to(dtype))
             for _ in range(2)]
-
-
-def same_kv(a: KV, b: KV) -> bool:
-    """Whether two KVs are equal in dtype and every value."""
-    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) and torch.equal(p, q)
-                                    for (x, p), (y, q) in zip(a, b))
-
-
-def kv_prefix(kv: KV, n: int) -> KV:
-    """The first ``n`` tokens of every layer."""
-    return [(k[:, :n], v[:, :n]) for k, v in kv]
 
 
 async def run_interleavings(kvs: KVStore, rounds: int, seed: int, *, with_ttl: bool) -> dict[str, int]:
@@ -90,8 +80,8 @@ async def run_interleavings(kvs: KVStore, rounds: int, seed: int, *, with_ttl: b
         except KVStoreError:
             stats["raised"] += 1
             return
-        candidates = puts[n] + [kv_prefix(kv, n) for m in contexts if m > n for kv in puts[m]]
-        if not any(same_kv(got, kv) for kv in candidates):
+        candidates = puts[n] + [kv for m in contexts if m > n for kv in puts[m]]  # theirs: their first n tokens
+        if not any(kv_identical(got, kv, 0, n) for kv in candidates):
             stats["mixed_or_wrong"] += 1
 
     async def read_back(n: int, problem: str) -> None:
@@ -100,7 +90,7 @@ async def run_interleavings(kvs: KVStore, rounds: int, seed: int, *, with_ttl: b
         except KVStoreError:
             stats[problem] += 1
             return
-        if not any(same_kv(got, kv) for kv in puts[n]):
+        if not any(kv_identical(got, kv) for kv in puts[n]):
             stats["mixed_or_wrong"] += 1
 
     for _ in range(rounds):
