@@ -29,20 +29,19 @@ class PrefixKV(list):  # type: ignore[type-arg]
         self.num_tokens = num_tokens
 
 
-def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
-             layout: CacheLayout | None = None) -> torch.Tensor:
-    """Validate ``kv`` (every layer covering ``num_tokens`` tokens) against ``layout`` (if
-    given: layer count, heads and widths per layer); return its first tensor, whose dtype
-    and device every other tensor shares."""
+def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, layout: CacheLayout) -> torch.Tensor:
+    """Validate ``kv`` (every layer covering ``num_tokens`` tokens) against ``layout`` (layer
+    count, heads and widths per layer); return its first tensor, whose dtype and device every
+    other tensor shares."""
     if not isinstance(kv, Sequence) or len(kv) == 0:
         raise ConfigError("kv must be a non-empty sequence of (key, value) pairs, one per layer")
-    if layout is not None and len(kv) != layout.num_layers:
+    if len(kv) != layout.num_layers:
         raise ConfigError(f"the layout has {layout.num_layers} layers but the KV has {len(kv)}")
     first = None
     for i, pair in enumerate(kv):
         if not (isinstance(pair, Sequence) and len(pair) == 2):
             raise ConfigError(f"kv[{i}] must be a (key, value) pair")
-        spec = layout.layers[i] if layout is not None else None
+        spec = layout.layers[i]
         for name, t in zip(("key", "value"), pair):
             if not isinstance(t, torch.Tensor) or t.ndim != 3:
                 raise ConfigError(f"kv[{i}] {name} must be a 3-D tensor [kv_heads, tokens, dim]")
@@ -55,14 +54,10 @@ def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
                                   f"kv[0] key, {first.dtype} on {first.device}")
             if t.shape[1] != num_tokens:
                 raise ConfigError(f"kv[{i}] {name} covers {t.shape[1]} tokens but {num_tokens} token ids were given")
-            if spec is not None:
-                want = (spec.kv_heads, spec.key_dim if name == "key" else spec.value_dim)
-                if (t.shape[0], t.shape[2]) != want:
-                    raise ConfigError(f"kv[{i}] {name} is {list(t.shape)}; the layout expects "
-                                      f"[{want[0]}, tokens, {want[1]}]")
-            elif t.shape[0] != first.shape[0] or t.shape[2] != first.shape[2]:
-                raise ConfigError(f"kv[{i}] {name} is {list(t.shape)} but kv[0] key is {list(first.shape)}: "
-                                  "layers of different shapes need the model's layout")
+            want = (spec.kv_heads, spec.key_dim if name == "key" else spec.value_dim)
+            if (t.shape[0], t.shape[2]) != want:
+                raise ConfigError(f"kv[{i}] {name} is {list(t.shape)}; the layout expects "
+                                  f"[{want[0]}, tokens, {want[1]}]")
     assert first is not None
     return first
 
@@ -76,7 +71,3 @@ def stack_span(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop
     values = torch.stack([v[:, start:stop] for _, v in picked])
     return keys, values
 
-
-def unstack_kv(keys: torch.Tensor, values: torch.Tensor) -> KV:
-    """Split ``[layers, ...]`` keys and values into the per-layer list."""
-    return list(zip(keys.unbind(0), values.unbind(0)))

@@ -58,7 +58,7 @@ from kvstore.eval.model import load_model
 from kvstore.eval.perplexity import continuation_nll, mean_ci
 from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.format import container
-from kvstore.integrations.hf import cache_layout, extract_kv, kv_to_cache
+from kvstore.integrations.hf import cache_kwarg, cache_layout, extract_kv, kv_to_cache
 from kvstore.retrieval import pq
 from kvstore.retrieval.attention import RetrievalConfig
 from kvstore.retrieval.hf import RetrievalSession, retrieval_attention
@@ -80,7 +80,6 @@ def _build_index(keys: list[torch.Tensor], config: pq.PQConfig,
                  layer_ids: list[int] | None) -> tuple[pq.PQIndex, list[float]]:
     """Train layer by layer (as during a prefill), timing each layer's k-means + encoding on
     one CPU thread (see the module docstring)."""
-    config = config.for_head_dim(keys[0].shape[-1])
     order = config.channel_order(keys[0].shape[-1])
     centroids, codes, seconds = [], [], []
     threads = torch.get_num_threads()
@@ -109,15 +108,15 @@ def _decode_check(lm: Any, ctx: torch.Tensor, cont: torch.Tensor, kv: Any, index
     stepwise = []
     with torch.no_grad(), retrieval_attention(lm.model, RetrievalSession(index, config)):
         for i, token in enumerate(inputs):
-            logits = lm.model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[0, -1]
+            logits = lm.model(input_ids=token.view(1, 1), **{cache_kwarg(lm.model): cache}, use_cache=True).logits[0, -1]
             stepwise.append(F.cross_entropy(logits.float()[None], cont[i:i + 1]).item())
     return float((torch.tensor(stepwise, dtype=torch.float64) - forced).abs().max())
 
 
-async def _store_figures(lm: Any, profile: Any, ctx: torch.Tensor, kv16: Any,
+async def _store_figures(lm: Any, profile: Any, layout: Any, ctx: torch.Tensor, kv16: Any,
                          index: pq.PQIndex) -> tuple[dict[str, Any], pq.PQIndex]:
     kvs = KVStore("memory://", levels=[KVCodecV1(profile, KV_LEVEL), "int8"])
-    manifest = await kvs.put(lm.model_id, ctx, kv16, layout=cache_layout(lm.model), pq=index)
+    manifest = await kvs.put(lm.model_id, ctx, kv16, layout=layout, pq=index)
     written = manifest.pq
     assert written is not None
     codes_buffer = 0
@@ -189,7 +188,7 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
         trained, seconds = _build_index([kv[i][0] for i in full], pq_config, layer_ids)
         kmeans_s.extend(seconds)
         kv16 = [(k.half(), v.half()) for k, v in kv]
-        figures, index = asyncio.run(_store_figures(lm, profile, sample.context, kv16, trained))
+        figures, index = asyncio.run(_store_figures(lm, profile, layout, sample.context, kv16, trained))
         store.append(figures)  # the attention below runs on the index as read back from the store
         base = math.exp(continuation_nll(lm.model, sample.context, sample.continuation, kv).mean().item())
         for budget, rerank in configs:
@@ -201,8 +200,7 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
             row["recall"].append(session.stats.recall())
             row["err"].append(session.stats.attention_rel_error())
             row["attended"].append(session.stats.attended / session.stats.visible)
-            stats = session.stats
-            row["by_layer"].append({i: stats.recall_sum[i] / stats.recall_n[i] for i in stats.recall_sum if stats.recall_n[i]})
+            row["by_layer"].append(session.stats.recall_by_layer())
             _log(f"  budget {budget} rerank {rerank}: ppl {row['ppl'][-1]:+.2f}% recall {row['recall'][-1]:.3f}")
         if n == 0:
             decode_check = _decode_check(lm, sample.context, sample.continuation, kv, index, RetrievalConfig(0.2),

@@ -53,13 +53,8 @@ def _in_vllm_env(quick: bool) -> dict[str, Any]:
     if not python.exists():
         raise ConfigError(f"vLLM is not installed here and {VLLM_ENV} does not exist: create it with the "
                           "README's test command, or run the benchmark where vLLM is installed")
-    args = [str(python), "-m", "kvstore.bench.vllm", "--quick"] if quick else [str(python), "-m", "kvstore.bench.vllm"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=2 * CHILD_TIMEOUT_S)
-    sys.stderr.write(done.stderr[-4000:])
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise ConfigError(f"the vLLM benchmark failed in {VLLM_ENV} (exit {done.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    args = [str(python), "-m", "kvstore.bench.vllm"] + (["--quick"] if quick else [])
+    return _result_of(args, timeout=2 * CHILD_TIMEOUT_S, what=f"the vLLM benchmark in {VLLM_ENV}")
 
 
 def _run(quick: bool) -> dict[str, Any]:
@@ -112,12 +107,18 @@ def _measure(work: Path, folder: str, contexts: list[int], repeats: int, prompts
 
 def _child(config: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    done = subprocess.run([sys.executable, "-m", "kvstore.bench.vllm", "--engine", json.dumps(config)],
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
+    return _result_of([sys.executable, "-m", "kvstore.bench.vllm", "--engine", json.dumps(config)],
+                      timeout=CHILD_TIMEOUT_S, env=env, what=f"a vLLM engine of the benchmark ({config.get('connector')})")
+
+
+def _result_of(args: list[str], *, timeout: float, what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``args`` and return the JSON of its last ``RESULT`` line; :class:`ConfigError` naming
+    ``what`` (with the end of its output on stderr) if it fails or prints none."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
-        raise ConfigError(f"a vLLM engine of the benchmark failed (exit {done.returncode}): {config.get('connector')}")
+        raise ConfigError(f"{what} failed (exit {done.returncode})")
     return json.loads(lines[-1][len("RESULT "):])
 
 

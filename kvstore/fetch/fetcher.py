@@ -236,6 +236,9 @@ class _Load:
                      for g in self.groups]
         if fetcher._stream is not None:
             fetcher._stream.wait_stream(self.caller_stream)
+        # per chunk, bytes at each candidate level (in the policy's order)
+        self.sizes = [[self._size(i, level) for level in candidates] for i in range(len(manifest.chunks))]
+        self.codecs: dict[tuple[int, int], dict[str, Any]] = {}  # (level, group) -> codec, built on first use
         self.decisions: list[ChunkDecision] = []
         self.pending: dict[int, int] = {}  # chunk index -> bytes in flight
         self.decode_s: list[float] = []
@@ -259,9 +262,11 @@ class _Load:
 
     def _codec(self, level: int, group: int) -> dict[str, Any]:
         """The codec (name, params) that ``group``'s objects at ``level`` must have been coded with."""
-        spec = self.m.levels[level]
-        codec = get_codec(spec.codec, spec.params).for_layers(self.groups[group].layers, self.m.layers)
-        return {"name": codec.name, "params": codec.params}
+        if (level, group) not in self.codecs:
+            spec = self.m.levels[level]
+            codec = get_codec(spec.codec, spec.params).for_layers(self.groups[group].layers, self.m.layers)
+            self.codecs[level, group] = {"name": codec.name, "params": codec.params}
+        return self.codecs[level, group]
 
     def _identity(self, i: int, group: int) -> ChunkIdentity:
         chunk = self.m.chunks[i]
@@ -274,7 +279,7 @@ class _Load:
         prefill = self.f.prefill_cost if self.f.recompute is not None else None
         return DecisionContext(
             index=i, now=self.now(), deadline=self.deadline,
-            remaining_sizes=[[self._size(j, lv) for lv in self.candidates] for j in range(i, len(self.m.chunks))],
+            remaining_sizes=self.sizes[i:],
             remaining_tokens=[c.stop - c.start for c in chunks], prefix_tokens=chunks[0].start,
             candidates=self.candidates, throughput_Bps=self._throughput(),
             pending_bytes=sum(self.pending.values()), decode_tail_s=decode_tail,

@@ -71,7 +71,8 @@ def content_hash(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, st
     for k, v in kv:
         for t in (k, v):
             part = t[:, start:stop].detach().to("cpu").contiguous()
-            h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+            if part.numel():
+                h.update(part.view(torch.uint8).numpy())  # xxhash reads the buffer: no bytes copy
     return h.hexdigest()
 
 

@@ -19,7 +19,7 @@ from a transformers config.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.errors import ConfigError, FormatError
@@ -111,11 +111,34 @@ class LayerGroup:
     spec: LayerSpec
 
 
+def _groups_of(layers: tuple[LayerSpec, ...]) -> tuple[LayerGroup, ...]:
+    """Layers with equal specs grouped, in order of their first layer; each group named by its
+    kind (``-2``, ``-3``, ... for more groups of one kind), or unnamed when there is one."""
+    order: dict[LayerSpec, list[int]] = {}
+    for i, spec in enumerate(layers):
+        order.setdefault(spec, []).append(i)
+    if len(order) == 1:
+        spec, members = next(iter(order.items()))
+        return (LayerGroup(0, "", tuple(members), spec),)
+    names: dict[str, int] = {}
+    groups = []
+    for index, (spec, members) in enumerate(order.items()):
+        name = spec.name
+        seen = names.get(name, 0)
+        names[name] = seen + 1
+        if seen:  # same kind, other shape
+            name = f"{name}-{seen + 1}"
+        groups.append(LayerGroup(index, name, tuple(members), spec))
+    return tuple(groups)
+
+
 @dataclass(frozen=True, slots=True)
 class CacheLayout:
     """The per-layer cache layout of a model (see the module docstring)."""
 
     layers: tuple[LayerSpec, ...]
+    #: the layer groups in order of their first layer (derived from ``layers`` once)
+    groups: tuple[LayerGroup, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not 1 <= len(self.layers) <= MAX_LAYERS:
@@ -125,6 +148,7 @@ class CacheLayout:
         if self.bytes_per_token(4) > MAX_TOKEN_BYTES:  # bounds every allocation a stored layout can ask for
             raise ConfigError(f"a layout of {self.bytes_per_token(4)} fp32 bytes per token is implausible "
                               f"(at most {MAX_TOKEN_BYTES})")
+        object.__setattr__(self, "groups", _groups_of(self.layers))
 
     @classmethod
     def uniform(cls, layers: int, kv_heads: int, head_dim: int, value_dim: int | None = None) -> CacheLayout:
@@ -139,35 +163,11 @@ class CacheLayout:
         return len(self.layers)
 
     @property
-    def groups(self) -> tuple[LayerGroup, ...]:
-        """The layer groups in order of their first layer."""
-        order: dict[LayerSpec, list[int]] = {}
-        for i, spec in enumerate(self.layers):
-            order.setdefault(spec, []).append(i)
-        if len(order) == 1:
-            spec, members = next(iter(order.items()))
-            return (LayerGroup(0, "", tuple(members), spec),)
-        names: dict[str, int] = {}
-        groups = []
-        for index, (spec, members) in enumerate(order.items()):
-            name = spec.name
-            seen = names.get(name, 0)
-            names[name] = seen + 1
-            if seen:  # same kind, other shape
-                name = f"{name}-{seen + 1}"
-            groups.append(LayerGroup(index, name, tuple(members), spec))
-        return tuple(groups)
-
-    @property
     def is_uniform(self) -> bool:
         """Whether every layer is full attention with equal key/value shapes (one group)."""
         first = self.layers[0]
         return (len(self.groups) == 1 and first.kind == "full" and first.slots == "kv"
                 and first.key_dim == first.value_dim)
-
-    def first_needed(self, num_tokens: int) -> list[int]:
-        """Per group, the first token a continuation after ``num_tokens`` tokens needs."""
-        return [group.spec.first_needed(num_tokens) for group in self.groups]
 
     def bytes_per_token(self, element_size: int = 2) -> int:
         """One token's KV in every layer, at ``element_size`` bytes per element."""

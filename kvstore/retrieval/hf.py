@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.integrations.hf import cache_to_kv, kv_to_cache, prefill
+from kvstore.integrations.hf import cache_kwarg, cache_to_kv, kv_to_cache, prefill
 from kvstore.integrations.hf_attention import own_attention, use_attention
 from kvstore.kernels.pq_topk import gather_kv
 from kvstore.kv import KV
@@ -68,9 +68,13 @@ class RetrievalStats:
     attended: int = 0
     visible: int = 0
 
+    def recall_by_layer(self) -> dict[int, float]:
+        """Per layer, the mean recall over heads and steps."""
+        return {i: self.recall_sum[i] / self.recall_n[i] for i in self.recall_sum if self.recall_n[i]}
+
     def recall(self) -> float:
         """Mean over layers of the mean recall over heads and steps."""
-        per_layer = [self.recall_sum[i] / self.recall_n[i] for i in self.recall_sum if self.recall_n[i]]
+        per_layer = list(self.recall_by_layer().values())
         return sum(per_layer) / len(per_layer) if per_layer else float("nan")
 
     def attention_rel_error(self) -> float:
@@ -273,7 +277,7 @@ def generate_retrieval(
     step = ids[-1:]
     with torch.no_grad(), retrieval_attention(model, session):
         for _ in range(max_new_tokens):
-            logits = model(input_ids=step[None], cache=cache, use_cache=True).logits
+            logits = model(input_ids=step[None], **{cache_kwarg(model): cache}, use_cache=True).logits
             token = int(logits[0, -1].argmax())
             out.append(token)
             step = torch.tensor([token], device=ids.device)
