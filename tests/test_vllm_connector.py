@@ -23,7 +23,7 @@ import torch  # noqa: E402
 pytest.importorskip("vllm", reason="vLLM runs in its own environment (.venv-vllm): see the README's test command")
 
 from kvstore import SyncKVStore  # noqa: E402
-from kvstore.eval.model import ensure_converted, smollm2_available, smollm2_gguf_path  # noqa: E402
+from kvstore.eval.model import ensure_converted, load_model, smollm2_available, smollm2_gguf_path  # noqa: E402
 from kvstore.integrations.vllm import model_id_of  # noqa: E402
 from vllm_helpers import generate, make_llm, wait_stored  # noqa: E402
 
@@ -121,6 +121,7 @@ def test_hugging_face_and_vllm_share_stored_contexts(engine):
     from kvstore.integrations.hf import extract_kv
 
     llm, folder, url, model_id = engine["llm"], engine["folder"], engine["url"], engine["model_id"]
+    assert model_id == load_model(folder).model_id == load_model("smollm2").model_id  # the id HF users store under
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids = engine["prompts"][0]  # stored by vLLM in the first test
     _wait_stored(url, model_id, ids)

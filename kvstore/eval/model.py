@@ -228,6 +228,14 @@ def ensure_converted(gguf_path: Path, cache_dir: str | os.PathLike[str] | None =
     return folder, meta["source_digest"]
 
 
+def folder_weights_digest(folder: Path) -> str:
+    """The weights digest in the model id of a transformers folder: for a folder this module
+    converted, its source's (so that loading the folder or its source gives one id), else
+    its weight files'."""
+    meta = _read_meta(folder)
+    return meta["source_digest"] if meta else weights_digest(folder)
+
+
 def _locate(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> tuple[str, Path, str]:
     """(display name, transformers directory, weights digest) for a name or path."""
     text = str(name_or_path)
@@ -244,8 +252,7 @@ def _locate(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[s
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotAvailableError(f"{path} is not a transformers model directory (no config.json)")
-        meta = _read_meta(path)  # a directory this module converted: same id as loading its source
-        return path.name, path, meta["source_digest"] if meta else weights_digest(path)
+        return path.name, path, folder_weights_digest(path)
     try:  # a hub name, only if already downloaded: this never goes online
         from huggingface_hub import snapshot_download
 

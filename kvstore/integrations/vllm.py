@@ -16,7 +16,7 @@ default), ``profile`` (the path of a ``kvcodec`` profile file, for ``["kvcodec",
 2}]`` levels: :func:`kvstore.eval.profiles.model_profile` makes and caches one),
 ``load_level`` (the index in ``levels`` that loads read; 0),
 ``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
-``storage_options``, ``model_id`` (by default the one :func:`kvstore.integrations.hf.hf_model_id`
+``storage_options``, ``model_id`` (by default the one :func:`kvstore.eval.model.load_model`
 gives the model's folder, so contexts stored from vLLM and from Hugging Face are shared).
 
 Scheduler side: a request's stored prefix is looked up in the background (the first call
@@ -40,6 +40,7 @@ MLA models are refused.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -117,16 +118,19 @@ def layer_index(name: str) -> int:
     return int(found[-1])
 
 
+@functools.lru_cache(maxsize=8)  # the scheduler's and the worker's connector: hash the weights once
 def model_id_of(folder: str) -> str:
-    """The id :func:`kvstore.integrations.hf.hf_model_id` gives the model in ``folder``."""
+    """The id :func:`kvstore.eval.model.load_model` gives the model in ``folder``, so that
+    contexts stored from vLLM and from Hugging Face are shared."""
     from transformers import AutoConfig
 
-    from kvstore.integrations.hf import hf_model_id, weight_files, weights_digest
+    from kvstore.eval.model import folder_weights_digest
+    from kvstore.integrations.hf import hf_model_id
 
     path = Path(folder)
     if not path.is_dir():
         raise ConfigError(f"model_id: {folder!r} is not a local model folder; set kv_connector_extra_config['model_id']")
-    return hf_model_id(AutoConfig.from_pretrained(path), weights_digest(weight_files(path)))
+    return hf_model_id(AutoConfig.from_pretrained(path), folder_weights_digest(path))
 
 
 def connector_levels(extra: dict[str, Any]) -> list[Any]:
@@ -157,6 +161,7 @@ def connector_levels(extra: dict[str, Any]) -> list[Any]:
     return levels
 
 
+@functools.lru_cache(maxsize=8)  # one probe per (dtype, block size, head size), not per layer
 def _cpu_block_orders(dtype: torch.dtype, block_size: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where vLLM's CPU cache op puts each (token, dim) element in a block's K half and V
     half: for each position, ``token * head_size + dim``. Found by running the op on probe
@@ -341,6 +346,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         # worker side
         self._layers: dict[str, PagedCPULayout | PagedKVLayout] = {}
         self._order: list[str] = []
+        self._index: dict[str, int] = {}  # layer name -> position in _order
         self._staged: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._load_errors: set[int] = set()
         self._saves: list[concurrent.futures.Future[Any]] = []
@@ -431,6 +437,7 @@ class KVStoreConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take the engine's per-layer paged caches, in layer order."""
         self._order = sorted(kv_caches, key=layer_index)
+        self._index = {name: i for i, name in enumerate(self._order)}
         backends = _attention_backends(self._vllm_config, self._order)
         head_size = self._vllm_config.model_config.get_head_size()
         self._layers = {name: paged_layout(backends.get(name) or _backend_of_device(kv_caches[name]), kv_caches[name],
@@ -465,7 +472,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVStoreConnectorMetadata)
         if not meta.saves or layer_name not in self._layers:
             return
-        index = self._order.index(layer_name)
+        index = self._index[layer_name]
         for save in meta.saves:
             blocks = save.block_ids[: -(-len(save.tokens) // self.block_size)]
             self._staged.setdefault(save.req_id, {})[index] = self._layers[layer_name].read(blocks, len(save.tokens))
