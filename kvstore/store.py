@@ -12,6 +12,10 @@ anything else raises, so wrong KV never reaches the model. With ``pq=...``,
 ``put`` also stores the context's PQ centroids and codes (retrieval attention,
 :mod:`kvstore.retrieval`), listed in the manifest; ``get_pq`` loads them
 without fetching any KV.
+
+Bound to a model (``KVStore(url, model=model)``), a store prefills contexts itself
+(``put(tokens)``), stores the model's ``kvcodec`` levels with a profile calibrated once
+per model and shared through the store, and ``load(tokens)`` returns a ready cache.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from kvstore.errors import (
 )
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
+from kvstore.format.default_profile import default_profile_from_bytes, default_profile_to_bytes
 from kvstore.format.chunk import ChunkIdentity, content_hash, decode_chunk, encode_chunk, group_identity
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
@@ -53,6 +58,7 @@ from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest
 from kvstore.format.signed import KeyLike, SigningKeys
 from kvstore.kv import KV, PrefixKV, check_kv, stack_span
 from kvstore.leases import collector_lease, wait_for_collectors
+from kvstore.model_adapter import ModelAdapter, Tokens, as_model_adapter
 from kvstore.retrieval import pq as pq_index
 from kvstore.retrieval import store as pq_store
 
@@ -62,6 +68,8 @@ T = TypeVar("T")
 LevelLike = str | tuple[str, dict[str, Any]] | KVCodec
 PUT_ATTEMPTS = 3  # a put whose manifest lists objects replaced since is redone this often
 SLIDING_CHUNKS = ("all", "last_window")
+CALIBRATION_TOKENS = 2048  # a bound store without calibration texts calibrates on this much of its first put
+MIN_CALIBRATION_TOKENS = 16
 
 
 def make_codec(level: LevelLike) -> KVCodec:
@@ -106,10 +114,25 @@ class KVStore:
         store: a :class:`~kvstore.backends.base.Store` or a URL for
             :func:`~kvstore.backends.open_store` (``memory://``, ``file:///path``,
             ``s3://bucket/prefix``, ``redis://host:port/db``...).
+        model: bind the store to a model: a Hugging Face causal LM, a
+            :class:`~kvstore.eval.model.LoadedModel` or any
+            :class:`~kvstore.model_adapter.ModelAdapter`. Calls may then leave out the
+            model id (``put(tokens)``, ``lookup(tokens)``, ``get(tokens)``), ``put`` prefills
+            when given no KV, and :meth:`load` returns a ready cache.
         chunk_tokens: tokens per chunk (256 by default): the unit of storage,
-            prefix sharing and (later) streaming.
+            prefix sharing and streaming.
         levels: the quality levels each chunk is stored at, best first: codec
-            names, ``(name, params)`` pairs or codec instances.
+            names, ``(name, params)`` pairs or codec instances; or ``"auto"`` (the
+            default with a model, ``("raw",)`` without): the six ``kvcodec`` levels of the
+            model's profile, so that level *i* is kvcodec level *i*. The profile is read
+            from the store (``<namespace>/<model>/profile``) or, on the model's first put
+            anywhere, calibrated (on ``calibrate``, else on that put's first
+            ``CALIBRATION_TOKENS`` tokens) and stored there create-only, so that every
+            writer of the model shares it.
+        default_level: the level ``get``, ``lookup`` and ``load`` use when not told: kvcodec's
+            default (2) with ``levels="auto"``, else 0 (the best).
+        calibrate: with ``levels="auto"``, the texts (strings, which need the model's
+            tokenizer) or token id sequences a missing profile is calibrated on.
         namespace: the key prefix under which everything is stored.
         ttl: default time-to-live in seconds of stored objects (``None``: none).
         max_concurrency: how many object reads or writes one call keeps in flight.
@@ -131,8 +154,11 @@ class KVStore:
         self,
         store: Store | str = "memory://",
         *,
+        model: Any = None,
         chunk_tokens: int = 256,
-        levels: Sequence[LevelLike] = ("raw",),
+        levels: Sequence[LevelLike] | str | None = None,
+        default_level: int | None = None,
+        calibrate: Sequence[str | Tokens] | None = None,
         namespace: str = "kvstore",
         ttl: float | None = None,
         max_concurrency: int = 16,
@@ -145,11 +171,34 @@ class KVStore:
             raise ConfigError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
         if not isinstance(max_concurrency, int) or max_concurrency <= 0:
             raise ConfigError(f"max_concurrency must be a positive int, got {max_concurrency!r}")
-        if isinstance(levels, str | KVCodec) or len(levels) == 0:
-            raise ConfigError("levels must be a non-empty sequence of codecs, best first")
-        self.codecs = [make_codec(level) for level in levels]
-        if len({c.tag for c in self.codecs}) != len(self.codecs):
-            raise ConfigError("levels must be distinct codec configurations")
+        self.model: ModelAdapter | None = as_model_adapter(model) if model is not None else None
+        self.auto_levels = (self.model is not None) if levels is None else (levels == "auto")
+        if self.auto_levels:
+            if self.model is None:
+                raise ConfigError("levels='auto' calibrates the model's levels: it needs KVStore(url, model=...)")
+            from kvstore.codecs.kvcodec import DEFAULT_LEVEL
+            from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS
+
+            self.codecs: list[KVCodec] = []  # the model's kvcodec levels, from its profile on first use
+            self.num_levels = len(DEFAULT_LEVELS)
+            default = DEFAULT_LEVEL
+        else:
+            levels = ("raw",) if levels is None else levels
+            if isinstance(levels, str | KVCodec) or len(levels) == 0:
+                raise ConfigError("levels must be 'auto' or a non-empty sequence of codecs, best first")
+            self.codecs = [make_codec(level) for level in levels]
+            if len({c.tag for c in self.codecs}) != len(self.codecs):
+                raise ConfigError("levels must be distinct codec configurations")
+            self.num_levels = len(self.codecs)
+            default = 0
+        if default_level is not None:
+            self._check_level(default_level, self.num_levels)
+        self.default_level = default if default_level is None else default_level
+        if calibrate is not None and (not self.auto_levels or isinstance(calibrate, str | bytes) or not calibrate):
+            raise ConfigError("calibrate takes a non-empty sequence of texts or token id sequences, "
+                              "and applies to levels='auto'")
+        self._calibrate = list(calibrate) if calibrate is not None else None
+        self._binding = asyncio.Lock()
         if signing_key is None and accepted_keys:
             raise ConfigError("accepted_keys needs a signing_key")
         keys = SigningKeys.of(signing_key, accepted_keys) if signing_key is not None else None  # before opening
@@ -183,6 +232,78 @@ class KVStore:
         bounds = chunk_bounds(len(array), self.chunk_tokens)
         return _Plan(fingerprint, array, bounds, chunk_hashes(fingerprint, array, self.chunk_tokens))
 
+    def _context(self, model_id: str | Tokens, tokens: Tokens | None) -> tuple[str, Tokens]:
+        """A call's (model id, tokens): with a bound model the id may be left out, and is
+        then the model's; levels calibrated for the bound model serve no other model."""
+        if isinstance(model_id, str):
+            if tokens is None:
+                raise ConfigError("tokens are missing")
+            if self.auto_levels and self.model is not None and model_id != self.model.model_id:
+                raise ConfigError(f"this store's levels are calibrated for model {self.model.model_id!r}, "
+                                  f"not {model_id!r}: open another KVStore for it")
+            return model_id, tokens
+        if self.model is None:
+            raise ConfigError("a call without a model id needs a store bound to a model: KVStore(url, model=...)")
+        if tokens is not None:
+            raise ConfigError("give either (model_id, tokens) or, on a store bound to a model, (tokens)")
+        return self.model.model_id, model_id
+
+    def _level(self, level: int | None) -> int:
+        level = self.default_level if level is None else level
+        self._check_level(level, self.num_levels)
+        return level
+
+    async def _bind_levels(self, fingerprint: str, first_context: np.ndarray | None) -> bool:
+        """Build the model's kvcodec levels (``levels="auto"``) from the profile stored for it,
+        or from one calibrated now and stored create-only (another writer's, if it stored one
+        first). ``False``: no profile is stored and ``first_context`` is ``None`` (a read:
+        nothing of the model can be stored at these levels yet)."""
+        if self.codecs:
+            return True
+        assert self.model is not None
+        async with self._binding:
+            if self.codecs:
+                return True
+            key = self.keys.default_profile_key(fingerprint)
+            data = await self.store.get(key)
+            if data is None:
+                contexts = await self._calibration_contexts(first_context)
+                if contexts is None:
+                    return False
+                log.info("calibrating the kvcodec profile of model %s on %d contexts", self.model.model_id, len(contexts))
+                profile_bytes = (await asyncio.to_thread(self.model.calibrate, contexts)).to_bytes()
+                if not await self.store.put(key, default_profile_to_bytes(profile_bytes, fingerprint), create_only=True):
+                    data = await self.store.get(key)  # another writer stored one first: every writer uses it
+            if data is not None:
+                try:
+                    _, profile_bytes = default_profile_from_bytes(data, fingerprint)
+                except FormatError as exc:
+                    raise type(exc)(f"the model's stored codec profile {key} is damaged ({exc}); "
+                                    "delete it to calibrate a new one") from exc
+            from kvstore.codecs.kvcodec import KVCodecV1
+            from kvstore.codecs.kvcodec_profile import KVCodecProfile
+
+            profile = KVCodecProfile.from_bytes(profile_bytes)
+            if len(profile.levels) != self.num_levels:
+                raise FormatError(f"the model's stored codec profile {key} has {len(profile.levels)} levels, "
+                                  f"not {self.num_levels}")
+            self.codecs = [KVCodecV1(profile, i) for i in range(self.num_levels)]
+        return True
+
+    async def _calibration_contexts(self, first_context: np.ndarray | None) -> list[Tokens] | None:
+        """What a missing profile is calibrated on: ``calibrate``, else the first put's tokens."""
+        assert self.model is not None
+        if self._calibrate is not None:
+            model = self.model
+            return await asyncio.to_thread(
+                lambda: [model.tokenize(c) if isinstance(c, str) else as_token_array(c) for c in self._calibrate])
+        if first_context is None:
+            return None
+        if len(first_context) < MIN_CALIBRATION_TOKENS:
+            raise ConfigError(f"the model's first put ({len(first_context)} tokens) is too short to calibrate its "
+                              f"codec profile on (at least {MIN_CALIBRATION_TOKENS}): pass calibrate= texts")
+        return [first_context[:CALIBRATION_TOKENS]]
+
     def _check_level(self, level: int, available: int) -> None:
         if type(level) is not int or not 0 <= level < available:
             raise ConfigError(f"level must be an int in [0, {available}), got {level!r}")
@@ -199,9 +320,9 @@ class KVStore:
     # -- write --------------------------------------------------------------------
     async def put(
         self,
-        model_id: str,
-        tokens: Sequence[int] | torch.Tensor | np.ndarray,
-        kv: KV,
+        model_id: str | Tokens,
+        tokens: Tokens | None = None,
+        kv: KV | None = None,
         *,
         layout: CacheLayout | None = None,
         ttl: float | None = None,
@@ -211,6 +332,9 @@ class KVStore:
         """Store the KV of ``tokens`` (per layer ``(key, value)``, each ``[kv_heads, tokens, dim]``,
         every layer covering every token) at every level; returns the manifest written.
         Chunks already stored are shared.
+
+        On a store bound to a model, ``put(tokens)`` prefills the KV with the model
+        (``put(tokens, kv)`` stores the given one), and the layout is the model's.
 
         ``layout``: the model's :class:`~kvstore.format.layout.CacheLayout` (from
         :func:`kvstore.integrations.hf.cache_layout`); needed when layers differ in kind or
@@ -230,9 +354,19 @@ class KVStore:
         lists: a concurrent writer of the same chunks (in another dtype, say), a ``delete``
         or ``gc`` may have replaced or removed one in between, and the put is then redone
         (:class:`~kvstore.errors.ConcurrentWriteError` after ``PUT_ATTEMPTS``)."""
+        if not isinstance(model_id, str) and kv is None:
+            tokens, kv = None, tokens  # put(tokens, kv) on a bound store
+        model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
         if layout is not None and not isinstance(layout, CacheLayout):
             raise ConfigError(f"layout must be a CacheLayout or None, got {type(layout).__name__}")
+        if kv is None:
+            if self.model is None or model_id != self.model.model_id:
+                raise ConfigError("put without kv prefills with the store's model: bind one with "
+                                  "KVStore(url, model=...) and leave out the model id")
+            kv = await asyncio.to_thread(self.model.prefill, plan.tokens)
+        if layout is None and self.model is not None and model_id == self.model.model_id:
+            layout = self.model.cache_layout()
         layout = layout if layout is not None else layout_of_kv(kv)
         check_kv(kv, len(plan.tokens), layout)
         ttl = self.ttl if ttl is None else check_ttl(ttl)
@@ -241,6 +375,8 @@ class KVStore:
         if pq is not None and pq_centroid_format not in pq_store.CENTROID_FORMATS:
             raise ConfigError(f"pq_centroid_format must be one of {pq_store.CENTROID_FORMATS}, got {pq_centroid_format!r}")
         pq_layers = self._pq_layers(layout) if pq is not None else None
+        if self.auto_levels:
+            await self._bind_levels(plan.fingerprint, plan.tokens)
         for codec in self.codecs:
             codec.check_layout(layout)  # before any write: a codec that cannot take these layers says so now
         await self._store_layout(plan.fingerprint, layout, ttl)
@@ -464,14 +600,18 @@ class KVStore:
 
     # -- read ---------------------------------------------------------------------
     async def lookup(
-        self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray, *, level: int = 0
+        self, model_id: str | Tokens, tokens: Tokens | None = None, *, level: int | None = None
     ) -> int:
-        """How many leading tokens of ``tokens`` have stored KV at ``level`` (a multiple of
-        ``chunk_tokens``, or ``len(tokens)`` when the whole context is stored): every chunk of
-        the full-attention layers up to there, and the chunks of each sliding-window layer
-        group that a continuation from there attends."""
+        """How many leading tokens of ``tokens`` have stored KV at ``level`` (the store's
+        ``default_level`` unless given; a multiple of ``chunk_tokens``, or ``len(tokens)``
+        when the whole context is stored): every chunk of the full-attention layers up to
+        there, and the chunks of each sliding-window layer group that a continuation from
+        there attends."""
+        model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
-        self._check_level(level, len(self.codecs))
+        level = self._level(level)
+        if self.auto_levels and not await self._bind_levels(plan.fingerprint, None):
+            return 0  # no profile stored for the model: nothing of it is stored at its levels
         tag = self.codecs[level].tag
         layout = await self._stored_layout(plan.fingerprint)
         specs = [(g.name, g.spec) for g in layout.groups] if layout is not None else [("", None)]
@@ -489,10 +629,9 @@ class KVStore:
         metrics.record_lookup(hits, len(keys) - hits)
         return covered
 
-    async def manifest(
-        self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray
-    ) -> Manifest | None:
+    async def manifest(self, model_id: str | Tokens, tokens: Tokens | None = None) -> Manifest | None:
         """The manifest of exactly this context, or ``None`` if it was not stored as one."""
+        model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
         return await self._read_manifest(model_id, plan)
 
@@ -532,14 +671,15 @@ class KVStore:
 
     async def get(
         self,
-        model_id: str,
-        tokens: Sequence[int] | torch.Tensor | np.ndarray,
+        model_id: str | Tokens,
+        tokens: Tokens | None = None,
         *,
-        level: int = 0,
+        level: int | None = None,
         device: str | torch.device = "cpu",
         sliding_window_only: bool = True,
     ) -> KV:
-        """The KV of exactly ``tokens`` at ``level``, on ``device``.
+        """The KV of exactly ``tokens`` at ``level`` (the store's ``default_level`` unless
+        given), on ``device``.
 
         Full-attention layers hold every token. Sliding-window (and chunked-attention)
         layers hold, with ``sliding_window_only`` (the default), only the *last* tokens:
@@ -559,7 +699,9 @@ class KVStore:
         """
         device = resolve_device(device)
         stream = caller_stream(device)
+        model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
+        level = self._level(level)
         manifest = await self._read_manifest(model_id, plan)
         if manifest is not None:
             self._check_level(level, len(manifest.levels))
@@ -569,7 +711,8 @@ class KVStore:
             tag, codec_name = spec.tag, spec.codec
             level_codec = get_codec(spec.codec, spec.params)
         else:
-            self._check_level(level, len(self.codecs))
+            if self.auto_levels and not await self._bind_levels(plan.fingerprint, None):
+                raise ContextNotFoundError(f"nothing of model {model_id!r} is stored (it has no codec profile here)")
             layout = await self._stored_layout(plan.fingerprint)  # None: one uniform group (chunk headers)
             tag, codec_name = self.codecs[level].tag, self.codecs[level].name
             level_codec = self.codecs[level]
@@ -755,8 +898,8 @@ class KVStore:
 
     async def get_pq(
         self,
-        model_id: str,
-        tokens: Sequence[int] | torch.Tensor | np.ndarray,
+        model_id: str | Tokens,
+        tokens: Tokens | None = None,
         *,
         device: str | torch.device = "cpu",
     ) -> pq_index.PQIndex | None:
@@ -766,6 +909,7 @@ class KVStore:
         Raises :class:`ContextNotFoundError` when the context is not stored, and
         :class:`IncompleteContextError` / :class:`~kvstore.errors.ChecksumError` when a PQ
         object the manifest lists is missing, replaced or damaged."""
+        model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
         manifest = await self._read_manifest(model_id, plan)
         if manifest is None:
@@ -775,7 +919,7 @@ class KVStore:
         config = pq_index.PQConfig.from_dict(manifest.pq.config)  # FormatError if invalid
         return await pq_store.get_pq(self, model_id, plan.tokens, config, device=device, expected=manifest.pq)
 
-    async def delete(self, model_id: str, tokens: Sequence[int] | torch.Tensor | np.ndarray) -> bool:
+    async def delete(self, model_id: str | Tokens, tokens: Tokens | None = None) -> bool:
         """Remove a stored context: its manifest, its PQ objects, and the chunk objects it lists
         that no other stored context of the model lists (those stay: never lost). Returns
         whether a manifest was found.
@@ -784,6 +928,7 @@ class KVStore:
         collector lease slots (:mod:`kvstore.leases`) that names the objects it may remove: a
         ``put`` that re-uses one of them meanwhile writes it again before it returns (see
         :meth:`put`)."""
+        model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
         manifest = await self._read_manifest(model_id, plan)
         if manifest is None:
@@ -819,6 +964,28 @@ class KVStore:
         if any(listed is None for listed in found):
             return {k async for k in self.store.list(self.keys.model_prefix(fingerprint) + "chunks/")}
         return set().union(*found)
+
+    async def load(self, tokens: Tokens, *, level: int | None = None,
+                   device: str | torch.device = "cpu") -> tuple[int, Any]:
+        """On a store bound to a model: ``(n, cache)``, the number of leading tokens of
+        ``tokens`` whose KV was loaded and the model's cache holding it (``None`` when
+        ``n == 0``), ready for the model to go on from token ``n``: feed it ``tokens[n:]``.
+
+        ``n`` is the stored prefix (:meth:`lookup`) and always less than ``len(tokens)``,
+        so that at least one token is left to compute the next logits from (a whole stored
+        context loads without its last token, as engines do). ``device``: where the KV is
+        decoded (the CPU by default; the cache moves it to the model's device)."""
+        if self.model is None:
+            raise ConfigError("load needs a store bound to a model: KVStore(url, model=...)")
+        array = as_token_array(tokens)
+        stored = await self.lookup(array, level=level)
+        n = min(stored, len(array) - 1)
+        if n <= 0:
+            return 0, None
+        kv = await self.get(array[:stored], level=level, device=device)
+        if stored > n:  # the whole context is stored: its last token is dropped
+            kv = [(k[:, :-1], v[:, :-1]) for k, v in kv]
+        return n, await asyncio.to_thread(self.model.to_cache, kv, n)
 
     # -- lifetime -----------------------------------------------------------------
     async def close(self) -> None:

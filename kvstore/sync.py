@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-import numpy as np
 import torch
 
 from kvstore.cuda_streams import current_stream_if_cuda, with_stream_of
@@ -22,11 +21,11 @@ from kvstore.errors import ClosedStoreError
 from kvstore.format.layout import CacheLayout
 from kvstore.format.manifest import Manifest
 from kvstore.kv import KV
+from kvstore.model_adapter import Tokens
 from kvstore.retrieval.pq import PQConfig, PQIndex
 from kvstore.store import KVStore
 
 T = TypeVar("T")
-Tokens = Sequence[int] | torch.Tensor | np.ndarray
 
 
 class LoopThread:
@@ -88,31 +87,37 @@ class SyncKVStore:
             raise ClosedStoreError("this SyncKVStore is closed")
         return asyncio.run_coroutine_threadsafe(make(self._store), self._loop.loop)
 
-    def put(self, model_id: str, tokens: Tokens, kv: KV, *, layout: CacheLayout | None = None,
-            ttl: float | None = None, pq: PQConfig | PQIndex | None = None, pq_centroid_format: str = "q4") -> Manifest:
+    def put(self, model_id: str | Tokens, tokens: Tokens | None = None, kv: KV | None = None, *,
+            layout: CacheLayout | None = None, ttl: float | None = None, pq: PQConfig | PQIndex | None = None,
+            pq_centroid_format: str = "q4") -> Manifest:
         """See :meth:`KVStore.put`."""
         return self._run(lambda: self._store.put(model_id, tokens, kv, layout=layout, ttl=ttl, pq=pq,
                                                  pq_centroid_format=pq_centroid_format))
 
-    def lookup(self, model_id: str, tokens: Tokens, *, level: int = 0) -> int:
+    def lookup(self, model_id: str | Tokens, tokens: Tokens | None = None, *, level: int | None = None) -> int:
         """See :meth:`KVStore.lookup`."""
         return self._run(lambda: self._store.lookup(model_id, tokens, level=level))
 
-    def get(self, model_id: str, tokens: Tokens, *, level: int = 0, device: str | torch.device = "cpu",
-            sliding_window_only: bool = True) -> KV:
+    def get(self, model_id: str | Tokens, tokens: Tokens | None = None, *, level: int | None = None,
+            device: str | torch.device = "cpu", sliding_window_only: bool = True) -> KV:
         """See :meth:`KVStore.get`."""
         return self._run(lambda: self._store.get(model_id, tokens, level=level, device=device,
                                                  sliding_window_only=sliding_window_only))
 
-    def get_pq(self, model_id: str, tokens: Tokens, *, device: str | torch.device = "cpu") -> PQIndex | None:
+    def load(self, tokens: Tokens, *, level: int | None = None, device: str | torch.device = "cpu") -> tuple[int, Any]:
+        """See :meth:`KVStore.load`."""
+        return self._run(lambda: self._store.load(tokens, level=level, device=device))
+
+    def get_pq(self, model_id: str | Tokens, tokens: Tokens | None = None, *,
+               device: str | torch.device = "cpu") -> PQIndex | None:
         """See :meth:`KVStore.get_pq`."""
         return self._run(lambda: self._store.get_pq(model_id, tokens, device=device))
 
-    def manifest(self, model_id: str, tokens: Tokens) -> Manifest | None:
+    def manifest(self, model_id: str | Tokens, tokens: Tokens | None = None) -> Manifest | None:
         """See :meth:`KVStore.manifest`."""
         return self._run(lambda: self._store.manifest(model_id, tokens))
 
-    def delete(self, model_id: str, tokens: Tokens) -> bool:
+    def delete(self, model_id: str | Tokens, tokens: Tokens | None = None) -> bool:
         """See :meth:`KVStore.delete`."""
         return self._run(lambda: self._store.delete(model_id, tokens))
 

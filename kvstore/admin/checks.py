@@ -6,6 +6,7 @@ Keys are classified from the right (the namespace may itself contain ``/``)::
     <ns>/<fingerprint>/contexts/<context hash>           manifest
     <ns>/<fingerprint>/profiles/<profile id>             profile
     <ns>/<fingerprint>/layout                            the model's cache layout
+    <ns>/<fingerprint>/profile                           the model's default codec profile
     <ns>/<fingerprint>/pq/<context hash>/<tag>/centroids           PQ object
     <ns>/<fingerprint>/pq/<context hash>/<tag>/codes/<chunk hash>  PQ object
     anything else                                        other (checked as a plain container)
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 from kvstore.backends.base import Store
 from kvstore.codecs.base import profile_content_id
+from kvstore.format.default_profile import default_profile_from_bytes
 from kvstore.errors import KVStoreError, SignatureError
 from kvstore.format import chunk as chunk_format
 from kvstore.format import container
@@ -37,6 +39,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 CHUNK, MANIFEST, PROFILE, PQ, LAYOUT, OTHER = "chunk", "manifest", "profile", "pq", "layout", "other"
+DEFAULT_PROFILE = "default-profile"  # the profile stores bound to the model encode with
 OK, CORRUPT, MISSING = "ok", "corrupt", "missing"
 CONCURRENCY = 16
 
@@ -46,7 +49,7 @@ class KeyInfo:
     """A key's place in the layout."""
 
     key: str
-    kind: str  # CHUNK, MANIFEST, PROFILE, PQ, LAYOUT or OTHER
+    kind: str  # CHUNK, MANIFEST, PROFILE, PQ, LAYOUT, DEFAULT_PROFILE or OTHER
     namespace: str = ""
     fingerprint: str = ""
     name: str = ""  # chunk hash, context hash, profile id, or a PQ object's context hash
@@ -60,6 +63,8 @@ def classify(key: str) -> KeyInfo:
         return KeyInfo(key, CHUNK, "/".join(parts[:-4]), parts[-4], parts[-2], parts[-1])
     if len(parts) >= 3 and parts[-1] == "layout" and is_hash(parts[-2]):
         return KeyInfo(key, LAYOUT, "/".join(parts[:-2]), parts[-2])
+    if len(parts) >= 3 and parts[-1] == "profile" and is_hash(parts[-2]):
+        return KeyInfo(key, DEFAULT_PROFILE, "/".join(parts[:-2]), parts[-2])
     if len(parts) >= 4 and is_hash(parts[-3]) and parts[-2] in ("contexts", "profiles"):
         kind = MANIFEST if parts[-2] == "contexts" else PROFILE
         if kind == PROFILE or is_hash(parts[-1]):
@@ -124,6 +129,8 @@ def check_bytes(key: str, data: bytes) -> tuple[ObjectCheck, Manifest | None]:
             _require(manifest.chunks[-1].hash == info.name, "manifest does not end with the chunk its key names")
         elif info.kind == LAYOUT:
             layout_from_bytes(data, info.fingerprint)
+        elif info.kind == DEFAULT_PROFILE:
+            default_profile_from_bytes(data, info.fingerprint)
         elif info.kind == PROFILE:
             _require(profile_content_id(data) == info.name, "profile does not match its content hash")
         elif info.kind == PQ:

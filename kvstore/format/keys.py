@@ -13,6 +13,7 @@ Layout under a namespace ``ns``::
     ns/<model fingerprint>/chunks/<chunk hash>/<level tag>+<group>   ... of one of several layer groups
     ns/<model fingerprint>/chunks/<chunk hash>/<level tag>[+<group>]=<checksum>   another writer's bytes
     ns/<model fingerprint>/layout                          the model's cache layout
+    ns/<model fingerprint>/profile                         the codec profile a bound store uses
     ns/<model fingerprint>/contexts/<context hash>           a context's manifest
     ns/<model fingerprint>/profiles/<profile id>             a codec's per-model profile
     ns/<model fingerprint>/pq/<context hash>/<config tag>/   a context's PQ centroids and codes
@@ -133,6 +134,10 @@ class KeyScheme:
     def layout_key(self, fingerprint: str) -> str:
         """The model's cache layout (written once, create-only, by the first put)."""
         return validate_key(f"{self.namespace}/{fingerprint}/layout")
+
+    def default_profile_key(self, fingerprint: str) -> str:
+        """The codec profile stores bound to the model encode with (create-only, first calibration)."""
+        return validate_key(f"{self.namespace}/{fingerprint}/profile")
 
     def manifest_key(self, fingerprint: str, context_hash: str) -> str:
         return validate_key(f"{self.namespace}/{fingerprint}/contexts/{context_hash}")

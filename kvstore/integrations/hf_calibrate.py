@@ -45,6 +45,8 @@ DEFAULT_TARGETS_PCT = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 REFERENCE = Level(1.5, 1.2)  # the step factors at which per-layer sensitivities are measured
 FACTOR_CLIP = 4.0
 SCALE_ITERATIONS = 3
+MAX_SCALE = 16.0  # a level's steps at most this times their default: a model whose outputs hardly
+# depend on its KV (random weights) would otherwise drive them past what a profile can store
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def calibrate(
         for _ in range(SCALE_ITERATIONS):  # divergence grows about as the step squared
             kl = divergence(Level(base.beta * scale, base.gamma * scale))
             scale *= min(4.0, max(0.25, math.sqrt(target / max(kl, 1e-12))))
+            scale = min(max(scale, 1 / MAX_SCALE), MAX_SCALE)
         level = Level(base.beta * scale, base.gamma * scale)
         kl = divergence(level)
         levels.append(level)
