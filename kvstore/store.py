@@ -49,8 +49,8 @@ from kvstore.errors import (
 )
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
-from kvstore.format.default_profile import default_profile_from_bytes, default_profile_to_bytes
 from kvstore.format.chunk import ChunkIdentity, content_hash, decode_chunk, encode_chunk, group_identity
+from kvstore.format.default_profile import default_profile_from_bytes, default_profile_to_bytes
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
 from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
@@ -701,7 +701,7 @@ class KVStore:
         stream = caller_stream(device)
         model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
-        level = self._level(level)
+        level = self.default_level if level is None else level  # checked against the stored levels
         manifest = await self._read_manifest(model_id, plan)
         if manifest is not None:
             self._check_level(level, len(manifest.levels))
@@ -711,8 +711,10 @@ class KVStore:
             tag, codec_name = spec.tag, spec.codec
             level_codec = get_codec(spec.codec, spec.params)
         else:
+            self._check_level(level, self.num_levels)
             if self.auto_levels and not await self._bind_levels(plan.fingerprint, None):
                 raise ContextNotFoundError(f"nothing of model {model_id!r} is stored (it has no codec profile here)")
+            self._check_level(level, len(self.codecs))
             layout = await self._stored_layout(plan.fingerprint)  # None: one uniform group (chunk headers)
             tag, codec_name = self.codecs[level].tag, self.codecs[level].name
             level_codec = self.codecs[level]

@@ -41,7 +41,8 @@ from kvstore.kernels.dequantize import (
     dequantize_rowscale,
 )
 from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
-from kvstore.kernels.rans_decode import (
+from kvstore.kernels.rans_decode import interpreter_active, plan_rans_launch, rans_decode_gpu, rans_decode_launch
+from kvstore.kernels.rans_streams import (
     ERR_OVERRUN,
     ERR_WORDS_LEFT,
     MODE_AFFINE,
@@ -51,10 +52,6 @@ from kvstore.kernels.rans_decode import (
     LaunchStream,
     check_stream,
     decode_tables,
-    interpreter_active,
-    plan_rans_launch,
-    rans_decode_gpu,
-    rans_decode_launch,
     upload_streams,
 )
 from kvstore.kernels.reference import (

@@ -30,11 +30,11 @@ from typing import Any
 
 from kvstore.backends.base import Store, is_valid_key
 from kvstore.backends.fsspec import FsspecStore
-from kvstore.backends.fsspec import _expired as _s3_head_expired
-from kvstore.backends.local import _TMP_MARK, TTL_DIR, LocalStore
+from kvstore.backends.fsspec import head_expired
+from kvstore.backends.local import TMP_MARK, TTL_DIR, LocalStore
 from kvstore.backends.memory import MemoryStore
 from kvstore.backends.signed import unsigned
-from kvstore.backends.redis import _RedisStoreBase
+from kvstore.backends.redis import RedisStoreBase
 from kvstore.errors import KVStoreError
 
 log = logging.getLogger("kvstore.admin")
@@ -58,7 +58,7 @@ async def entries(store: Store, prefix: str = "") -> list[Entry]:
     if isinstance(store, FsspecStore):
         return await _s3_entries(store, prefix)
     keys = [key async for key in store.list(prefix)]
-    if isinstance(store, _RedisStoreBase):
+    if isinstance(store, RedisStoreBase):
         return await _redis_entries(store, keys)
     return [Entry(key, None) for key in keys]
 
@@ -68,7 +68,7 @@ def age_note(store: Store) -> str:
     store = unsigned(store)
     if isinstance(store, LocalStore | FsspecStore):
         return ""
-    if isinstance(store, _RedisStoreBase):
+    if isinstance(store, RedisStoreBase):
         return "Redis reports no idle time for some keys (an LFU maxmemory-policy?)"
     return f"{type(store).__name__} does not record when objects were written"
 
@@ -93,7 +93,7 @@ def _local_entries(store: LocalStore, prefix: str) -> list[Entry]:
             rel_dir = ""
         for name in filenames:
             key = f"{rel_dir}/{name}" if rel_dir else name
-            if not key.startswith(prefix) or not is_valid_key(key) or (name.startswith(".") and _TMP_MARK in name):
+            if not key.startswith(prefix) or not is_valid_key(key) or (name.startswith(".") and TMP_MARK in name):
                 continue
             try:
                 mtime = os.stat(os.path.join(dirpath, name)).st_mtime
@@ -112,7 +112,7 @@ def _local_expired(store: LocalStore) -> list[str]:
     keys = []
     for dirpath, _, filenames in os.walk(ttl_root):
         for name in filenames:
-            if name.startswith(".") and _TMP_MARK in name:
+            if name.startswith(".") and TMP_MARK in name:
                 continue
             key = os.path.relpath(os.path.join(dirpath, name), ttl_root).replace(os.sep, "/")
             expires_at = _local_expiry(store, key)
@@ -140,7 +140,7 @@ def temp_files(store: Store, grace: float) -> list[Path]:
     found = []
     for dirpath, _, filenames in os.walk(store.root):
         for name in filenames:
-            if name.startswith(".") and _TMP_MARK in name:
+            if name.startswith(".") and TMP_MARK in name:
                 path = Path(dirpath) / name
                 try:
                     if now - path.stat().st_mtime >= grace:
@@ -180,7 +180,7 @@ async def _s3_expired(store: FsspecStore, prefix: str = "") -> list[str]:
 
     async def expired(key: str) -> bool:
         head = await store._call("head", key, lambda: store._head(key))
-        return head is not None and _s3_head_expired(head)
+        return head is not None and head_expired(head)
 
     return [key for key, gone in zip(suspects, await bounded(suspects, expired)) if gone]
 
@@ -188,7 +188,7 @@ async def _s3_expired(store: FsspecStore, prefix: str = "") -> list[str]:
 # -- Redis ----------------------------------------------------------------------------
 
 
-async def _redis_entries(store: _RedisStoreBase, keys: list[str]) -> list[Entry]:
+async def _redis_entries(store: RedisStoreBase, keys: list[str]) -> list[Entry]:
     ages: list[float | None] = []
     for start in range(0, len(keys), _REDIS_BATCH):
         batch = keys[start:start + _REDIS_BATCH]
@@ -217,7 +217,7 @@ async def expired_keys(store: Store) -> tuple[list[str], str]:
     if isinstance(store, MemoryStore):
         now = time.monotonic()
         return [k for k, (_, exp) in list(store._values.items()) if exp is not None and now >= exp], ""
-    if isinstance(store, _RedisStoreBase):
+    if isinstance(store, RedisStoreBase):
         return [], "Redis removes expired keys itself"
     return [], f"{type(store).__name__}: no expiry collection"
 

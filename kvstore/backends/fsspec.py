@@ -197,7 +197,7 @@ class FsspecStore(Store):
 
     async def _live_head(self, key: str) -> dict[str, Any] | None:
         head = await self._head(key)
-        return None if head is None or _expired(head) else head
+        return None if head is None or head_expired(head) else head
 
     # -- the async interface -----------------------------------------------------
     async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
@@ -221,7 +221,7 @@ class FsspecStore(Store):
                 raise
             body = response["Body"]
             try:
-                if _expired(response):
+                if head_expired(response):
                     return None
                 return await body.read()
             finally:
@@ -258,7 +258,7 @@ class FsspecStore(Store):
         if not written and create_only:
             # the object that won may have expired: S3 still holds it, so remove it and retry once
             head = await self._call("put", key, lambda: self._head(key))
-            if head is not None and _expired(head):
+            if head is not None and head_expired(head):
                 await self._call("put", key, lambda: self._delete_if_unchanged(key, head))
                 written = await self._call("put", key, once)
         return written
@@ -381,7 +381,7 @@ class FsspecStore(Store):
             key = hint_path[start:].rpartition(_HINT_MARK)[0]
             async with semaphore:
                 head = await self._call("gc", key, lambda: self._head(key))
-                if head is not None and _expired(head):
+                if head is not None and head_expired(head):
                     removed += await self._call(
                         "gc", key, lambda: self._delete_if_unchanged(key, head)
                     )
@@ -416,7 +416,8 @@ def _range_header(request: ByteRequest | None) -> str | None:
     return f"bytes={request.start}-{request.end - 1}"
 
 
-def _expired(response: dict[str, Any]) -> bool:
+def head_expired(response: dict[str, Any]) -> bool:
+    """Whether an object's HEAD response carries a lifetime that has passed."""
     value = (response.get("Metadata") or {}).get(EXPIRES_META)
     if value is None:
         return False

@@ -30,9 +30,9 @@ from kvstore.errors import BackendError, ConfigError, InvalidKeyError
 
 TTL_DIR = ".ttl"
 INLINE_READ_BYTES = 4 << 20  # values up to this size are read on the event loop's thread
-_TMP_MARK = ".tmp-"
+TMP_MARK = ".tmp-"  # in the names of files being written (``.<name>.tmp-<hex>``), never keys
 #: longest key segment: a file name, and its temporary ``.<name>.tmp-<32 hex>`` twin, must fit 255 bytes
-MAX_NAME_LENGTH = 255 - 1 - len(_TMP_MARK) - 32
+MAX_NAME_LENGTH = 255 - 1 - len(TMP_MARK) - 32
 
 
 class LocalStore(Store):
@@ -101,7 +101,7 @@ class LocalStore(Store):
 
     def _write_temp(self, path: Path, value: BytesLike) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(value)
             if self.fsync:

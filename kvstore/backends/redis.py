@@ -78,7 +78,7 @@ return redis.call('GETRANGE', KEYS[1], start, stop - 1)
 """
 
 
-class _RedisStoreBase(Store):
+class RedisStoreBase(Store):
     """The commands shared by the single-server and the cluster store."""
 
     #: bounds the commands in flight, where the client's pool would fail rather than wait
@@ -180,7 +180,7 @@ class _RedisStoreBase(Store):
                 yield key
 
 
-class RedisStore(_RedisStoreBase):
+class RedisStore(RedisStoreBase):
     """Values are string keys on one Redis server, shared through a blocking connection pool."""
 
     def __init__(
@@ -231,7 +231,7 @@ class RedisStore(_RedisStoreBase):
         await self.pool.aclose()
 
 
-class RedisClusterStore(_RedisStoreBase):
+class RedisClusterStore(RedisStoreBase):
     """Values are spread over the primaries of a Redis Cluster (no multi-key commands are used).
 
     redis-py's cluster client raises when a node's pool is exhausted, so at most

@@ -117,8 +117,8 @@ def registered_profile(profile_id: str) -> object:
 
 
 def codec_class(name: str) -> type[KVCodec]:
-    """The registered codec class ``name``."""
-    _load_builtin()
+    """The registered codec class ``name`` (the built-in ones register when
+    :mod:`kvstore.codecs` is imported)."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -133,18 +133,9 @@ def register_codec(cls: type[KVCodec]) -> type[KVCodec]:
 
 def codec_names() -> list[str]:
     """Names of every registered codec."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def get_codec(name: str, params: Mapping[str, Any] | None = None) -> KVCodec:
     """Build the codec ``name`` with ``params``; unknown names raise :class:`CodecError`."""
     return codec_class(name).from_params(params or {})
-
-
-def _load_builtin() -> None:
-    import kvstore.codecs.cachegen_ref  # noqa: F401  (each registers itself)
-    import kvstore.codecs.int8  # noqa: F401
-    import kvstore.codecs.kivi  # noqa: F401
-    import kvstore.codecs.kvcodec  # noqa: F401
-    import kvstore.codecs.raw  # noqa: F401

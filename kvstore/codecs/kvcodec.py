@@ -13,7 +13,8 @@ keys and values channel-major (``[L*H*D, T, 1]``, one model per row, lanes of ~1
 symbols) so that a GPU warp's 32 lanes share one model; version 1, token-major
 (``[L*H, T, D]``), is what chunks stored without a version hold, and is still read and
 written. KV on a CUDA device is encoded and decoded by the Triton kernels of
-:mod:`kvstore.kernels` (for the same symbols, the same rANS bytes).
+:mod:`kvstore.kernels` where they are registered (:mod:`kvstore.codecs.devices`; for the
+same symbols, the same rANS bytes).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kvstore.codecs.kvcodec_profile import (
 from kvstore.codecs.symbol_model import FrequencyTable, ideal_code_bits
 from kvstore.errors import CodecError, FormatError
 from kvstore.format.container import BufferLike, Container
-from kvstore.kernels import use_triton
+from kvstore.codecs.devices import find_impl
 
 DEFAULT_LEVEL = 2
 #: the chunk bitstream layout, recorded as the codec parameter ``version`` (absent = 1):
@@ -203,7 +204,8 @@ class KVCodecV1(KVCodec):
             raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
                              f"{self.profile.shape}")
 
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """:class:`CodecError` unless ``[layers, heads, tokens, dim]`` fits this codec's profile."""
         L, H, _, D = shape
         if (L, H, D) != self.profile.shape:
             raise CodecError(
@@ -247,7 +249,7 @@ class KVCodecV1(KVCodec):
         if keys.shape != values.shape or keys.ndim != 4:
             raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D] "
                              "(kvcodec profiles describe equal key and value widths)")
-        self._check_shape(tuple(keys.shape))
+        self.check_shape(tuple(keys.shape))
         L, H, T, D = keys.shape
         device = keys.device
         prof, level = self.profile, self.profile.levels[self.level]
@@ -298,10 +300,9 @@ class KVCodecV1(KVCodec):
         return buffers
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
-        if keys.device.type == "cuda" and use_triton(keys.device):
-            from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu  # quantize + Triton rANS encode on the GPU
-
-            return encode_kvcodec_gpu(self, keys, values, start=start)
+        impl = find_impl(self.name, keys.device.type, "encode")  # the Triton kernels on CUDA
+        if impl is not None:
+            return impl(self, keys, values, start=start)
         return self.entropy_code(self.quantize(keys, values, start=start))
 
     def ideal_bits(self, q: Quantized) -> float:
@@ -321,13 +322,12 @@ class KVCodecV1(KVCodec):
         self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
         *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_shape(shape)
+        self.check_shape(shape)
         if value_dim is not None and value_dim != shape[3]:
             raise CodecError(f"kvcodec profiles describe equal key and value widths, not {shape[3]} and {value_dim}")
-        if device.type == "cuda" and use_triton(device):
-            from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu  # Triton rANS decode + dequantize
-
-            return decode_kvcodec_gpu(obj, self, shape, dtype, device)
+        impl = find_impl(self.name, device.type, "decode")  # the Triton kernels on CUDA
+        if impl is not None:
+            return impl(self, obj, shape, dtype, device)
         L, H, T, D = shape
         prof, level = self.profile, self.profile.levels[self.level]
         spec_k, spec_v, spec_s = self.streams(T)

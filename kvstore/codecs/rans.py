@@ -285,7 +285,7 @@ def read_header(data: bytes | bytearray | memoryview | np.ndarray, *, max_symbol
     model/alphabet bounds, group size and count, word count (at most one per
     symbol) and that the byte length is exactly what those imply.
     """
-    buf = _as_bytes(data)
+    buf = as_bytes(data)
     if len(buf) < HEADER_BYTES:
         raise FormatError(f"rANS stream: {len(buf)} bytes, shorter than the {HEADER_BYTES}-byte header")
     (magic, version, precision, lanes, ndim, B, T, C, models, alphabet, reserved, tcrc, mcrc, S, G, W) = (
@@ -339,7 +339,7 @@ def check_stream(
     its canonical ``(B, T, C)`` and the model map as int32 ``[B*C]``."""
     if not isinstance(table, FrequencyTable):
         raise CodecError(f"table must be a FrequencyTable, got {type(table).__name__}")
-    raw = _as_bytes(data)
+    raw = as_bytes(data)
     info = read_header(raw, max_symbols=max_symbols)
     if shape is not None and tuple(int(d) for d in shape) != info.shape:
         raise FormatError(f"rANS stream holds symbols of shape {info.shape}, expected {tuple(shape)}")
@@ -413,7 +413,7 @@ def decode(
     return out.reshape(info.shape)
 
 
-def _as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+def as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     """A read-only flat uint8 view of any contiguous bytes-like object (no copy)."""
     try:
         return np.frombuffer(data, dtype=np.uint8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from kvstore.codecs.rans import LANES, STATE_LOW, _as_bytes, read_header
+from kvstore.codecs.rans import LANES, STATE_LOW, as_bytes, read_header
 from kvstore.codecs.symbol_model import FrequencyTable, canonical_layout
 from kvstore.errors import FormatError
 
@@ -22,7 +22,7 @@ def lockstep_decode(
     data: bytes | bytearray | memoryview | np.ndarray, table: FrequencyTable, model_map: ArrayLike | int | None = None
 ) -> np.ndarray:
     """Decode ``data`` with all lanes in lockstep; same result and errors as ``rans.decode``."""
-    raw = _as_bytes(data)
+    raw = as_bytes(data)
     info = read_header(raw)
     (_, T, C), mm = canonical_layout(info.shape, model_map)
     n, S, G, W, prec = info.num_symbols, info.group_size, info.num_groups, info.num_words, info.precision

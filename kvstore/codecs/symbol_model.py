@@ -113,7 +113,7 @@ class FrequencyTable:
     recorded in every rANS stream so decoding with the wrong table fails loudly.
     """
 
-    __slots__ = ("__dict__", "freqs", "precision")
+    __slots__ = ("__dict__", "__weakref__", "freqs", "precision")  # __dict__: cached properties
 
     def __init__(self, freqs: ArrayLike, precision: int = DEFAULT_PRECISION) -> None:
         precision = _check_precision(precision)

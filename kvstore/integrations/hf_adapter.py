@@ -11,9 +11,8 @@ from typing import Any
 
 from kvstore.errors import ConfigError
 from kvstore.format.layout import CacheLayout
-from kvstore.integrations.hf import cache_layout, extract_kv, hf_model_id, kv_to_cache
+from kvstore.integrations.hf import Tokens, cache_layout, extract_kv, hf_model_id, kv_to_cache
 from kvstore.kv import KV
-from kvstore.model_adapter import Tokens
 
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kvstore.errors import ConfigError
-from kvstore.kernels import cdiv, next_power_of_2
+from kvstore.kernels.support import cdiv, next_power_of_2
 from kvstore.kernels.rans_decode import ZERO, kernel_for
 
 __all__ = ["dequantize_affine", "dequantize_kv_channel_major", "dequantize_rowscale"]

@@ -31,8 +31,9 @@ import torch
 
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
+from kvstore.kernels.derived import derived
 from kvstore.kernels.quantize import quantize_kvcodec_gpu
-from kvstore.kernels import interpreter_supported
+from kvstore.kernels.support import interpreter_supported
 from kvstore.kernels.rans_decode import interpreter_active
 from kvstore.kernels.rans_encode import DEFAULT_CONFIG, EncodeConfig, StreamPlan, encode_streams, plan_stream
 
@@ -40,8 +41,8 @@ __all__ = ["encode_kvcodec_gpu", "stream_plans"]
 
 
 def stream_plans(codec: Any, tokens: int, lane_symbols: int | None = None) -> list[StreamPlan]:
-    """The codec's three stream plans for a chunk of ``tokens`` tokens (cached on the codec)."""
-    cache = codec.__dict__.setdefault("_kvstore_encode_plans", {})
+    """The codec's three stream plans for a chunk of ``tokens`` tokens (cached per codec)."""
+    cache = derived(codec, "encode_plans")
     key = (int(tokens), lane_symbols)
     hit = cache.get(key)
     if hit is None:

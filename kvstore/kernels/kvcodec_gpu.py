@@ -43,10 +43,11 @@ import numpy as np
 import torch
 
 from kvstore.codecs.kvcodec_profile import ZERO, value_steps
-from kvstore.codecs.rans import HEADER_BYTES, StreamInfo, _as_bytes
+from kvstore.codecs.rans import HEADER_BYTES, StreamInfo, as_bytes
 from kvstore.errors import CodecError, FormatError
 from kvstore.format.container import Container
 from kvstore.kernels.dequantize import dequantize_kv_channel_major, dequantize_rowscale
+from kvstore.kernels.derived import derived
 from kvstore.kernels.rans_decode import (
     DEFAULT_CONFIG,
     MODE_AFFINE,
@@ -125,9 +126,10 @@ def _device_stream_info(t: torch.Tensor, table, model_map, shape) -> tuple[Strea
     return info, info.words_offset + 2 * info.num_words
 
 
-def _profile_cache(codec, device: torch.device) -> dict[str, torch.Tensor]:
+def profile_tensors(codec, device: torch.device) -> dict[str, torch.Tensor]:
+    """The codec level's key steps and centers and value step table on ``device`` (cached per profile)."""
     prof = codec.profile
-    cache = prof.__dict__.setdefault("_kvstore_gpu_cache", {})
+    cache = derived(prof, "gpu_steps")
     key = (codec.level, device)
     hit = cache.get(key)
     if hit is None:
@@ -153,7 +155,7 @@ def prepare_kvcodec(
 ) -> PreparedChunk:
     """Host-side checks and the upload of a chunk's streams (see the module doc)."""
     device = _norm_device(device)
-    codec._check_shape(tuple(shape))
+    codec.check_shape(tuple(shape))
     L, H, T, D = (int(v) for v in shape)
     names, get, tensor = _getter(obj_or_buffers)
     values = [get(name) for name in STREAMS]
@@ -174,7 +176,7 @@ def prepare_kvcodec(
     else:
         raws, infos = [], []
         for v, (_, table, mm, shp) in zip(values, specs, strict=True):
-            raw = _as_bytes(v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
+            raw = as_bytes(v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
             info, _ = check_stream(raw, table, mm, shape=shp)
             raws.append(raw)
             infos.append(info)
@@ -203,12 +205,12 @@ def _rans(chunk: PreparedChunk, key: tuple, backend: str, config: DecodeConfig, 
     if backend == "torch":
         from kvstore.kernels.reference import rans_decode_launch_ref
 
-        cache = _profile_cache(chunk.codec, chunk.device)
+        cache = profile_tensors(chunk.codec, chunk.device)
         return rans_decode_launch_ref(chunk.data, streams(), tables(), aff_scale=cache["scale"],
                                       aff_bias=cache["bias"], vtab=cache["vtab"], config=config, **outputs)  # fmt: skip
     launch = chunk.launches.get((key, config))
     if launch is None:
-        cache = _profile_cache(chunk.codec, chunk.device)
+        cache = profile_tensors(chunk.codec, chunk.device)
         launch = chunk.launches[(key, config)] = plan_rans_launch(
             chunk.data, streams(), tables(), aff_scale=cache["scale"], aff_bias=cache["bias"], vtab=cache["vtab"],
             config=config,
@@ -273,7 +275,7 @@ def decode_prepared(
             LaunchStream(ik, ok, 0, MODE_SYMBOL, 0, identity=True), LaunchStream(iv, ov, 1, MODE_SYMBOL, n, identity=True),
             LaunchStream(isc, osc, 2, MODE_SYMBOL, 2 * n, identity=True)], tables(0, 1, 2), out_u8=u8, err=err)  # fmt: skip
         out = torch.empty((2, L, H, T, D), dtype=dtype, device=device)
-        cache = _profile_cache(codec, device)
+        cache = profile_tensors(codec, device)
         channel(u8[: 2 * n].view(2, L * H, D, T), u8[2 * n :], cache["scale"], cache["bias"], cache["vtab"], out)
     else:
         out = torch.empty((2, L, H, T, D), dtype=dtype, device=device)
@@ -292,7 +294,7 @@ def decode_prepared(
                 k_st(), LaunchStream(iv, ov, 1, MODE_SYMBOL, 0, identity=True),
                 LaunchStream(isc, osc, 2, MODE_SYMBOL, n, identity=True)], tables(0, 1, 2),
                 out_f=out.view(-1), out_u8=u8, err=err)  # fmt: skip
-            rowscale(u8[:n], u8[n:], _profile_cache(codec, device)["vtab"], D, out[1].view(-1))
+            rowscale(u8[:n], u8[n:], profile_tensors(codec, device)["vtab"], D, out[1].view(-1))
     keys, values = out[0], out[1]
     for name, target in (("k", keys), ("v", values)):
         if name in chunk.patches:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.kernels import cdiv, interpreter_supported, next_power_of_2
+from kvstore.kernels.support import cdiv, interpreter_supported, next_power_of_2
 from kvstore.kernels.pq_reference import (
     check_k,
     check_pq_shapes,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.kernels import cdiv, next_power_of_2
+from kvstore.kernels.support import cdiv, next_power_of_2
 from kvstore.kernels.pq_reference import (
     check_k,
     check_pq_shapes,

@@ -37,8 +37,8 @@ from kvstore.codecs.kvcodec_profile import SCALE_STEPS_PER_OCTAVE, ZERO
 from kvstore.codecs.rans import MAX_SYMBOLS
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
-from kvstore.kernels import cdiv, next_power_of_2
-from kvstore.kernels.kvcodec_gpu import _profile_cache
+from kvstore.kernels.support import cdiv, next_power_of_2
+from kvstore.kernels.kvcodec_gpu import profile_tensors
 from kvstore.kernels.rans_decode import kernel_for
 
 __all__ = ["quantize_kvcodec_gpu"]
@@ -148,7 +148,7 @@ def quantize_kvcodec_gpu(
         raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D] on one device")
     if not keys.is_floating_point() or not values.is_floating_point():
         raise CodecError("keys and values must be float tensors")
-    codec._check_shape(tuple(keys.shape))
+    codec.check_shape(tuple(keys.shape))
     L, H, T, D = keys.shape
     if L * H * T * D > MAX_SYMBOLS:
         raise CodecError(f"a chunk of {L * H * T * D} elements per tensor is more than one rANS stream holds")
@@ -158,7 +158,7 @@ def quantize_kvcodec_gpu(
         raise CodecError(f"block_t must be a power of two, got {block_t!r}")
     device = keys.device
     keys, values = keys.contiguous(), values.contiguous()
-    cache = _profile_cache(codec, device)  # the decoder's tables: the same steps
+    cache = profile_tensors(codec, device)  # the decoder's tables: the same steps
     sinks = max(0, min(T, codec.profile.sink_tokens - start))
     n = L * H * T * D
     k_sym = torch.empty(n, dtype=torch.uint8, device=device)

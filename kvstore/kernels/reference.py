@@ -13,10 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvstore.codecs.rans import LANES, STATE_LOW, _as_bytes
+from kvstore.codecs.rans import LANES, STATE_LOW, as_bytes
 from kvstore.codecs.symbol_model import FrequencyTable
 from kvstore.errors import CodecError
-from kvstore.kernels.rans_decode import (
+from kvstore.kernels.rans_encode_plan import ERR_BAD_SYMBOL, assemble, check_symbols, make_outputs, plan_stream
+from kvstore.kernels.rans_encode_plan import build_descriptors as encode_descriptors
+from kvstore.kernels.rans_streams import (
     ERR_FINAL_STATE,
     ERR_INIT_STATE,
     ERR_OFFSETS,
@@ -212,7 +214,7 @@ def rans_decode_ref(
 ) -> torch.Tensor:
     """:func:`kvstore.kernels.rans_decode.rans_decode_gpu` in torch."""
     device = torch.device(device)
-    raw = _as_bytes(data)
+    raw = as_bytes(data)
     info, mm32 = check_stream(raw, table, model_map, shape=shape)
     out = torch.empty(info.num_symbols, dtype=torch.uint8, device=device)
     if info.num_symbols == 0:
@@ -269,11 +271,9 @@ def rans_encode_launch_ref(symbols, plans, *, config=None):
     """:func:`kvstore.kernels.rans_encode.rans_encode_launch` in torch (``config`` ignored): the
     same :class:`~kvstore.kernels.rans_encode.EncodeOutputs` (scratch slots that hold no word
     may differ)."""
-    from kvstore.kernels.rans_encode import ERR_BAD_SYMBOL, _check_symbols, _outputs, build_descriptors
-
-    device = _check_symbols(symbols, plans)
-    _, _, scr_base, grp_base, _ = build_descriptors(plans, 1)
-    out = _outputs(plans, device, scr_base, grp_base)
+    device = check_symbols(symbols, plans)
+    _, _, scr_base, grp_base, _ = encode_descriptors(plans, 1)
+    out = make_outputs(plans, device, scr_base, grp_base)
     if sum(p.num_groups for p in plans) == 0:
         return out
     prec = plans[0].table.precision
@@ -339,9 +339,8 @@ def rans_encode_launch_ref(symbols, plans, *, config=None):
 def rans_encode_ref(symbols: torch.Tensor, table: FrequencyTable, model_map=None, *, group_size: int | None = None,
                     config=None) -> bytes:  # fmt: skip
     """:func:`kvstore.kernels.rans_encode.rans_encode_gpu` in torch."""
-    from kvstore.kernels.rans_encode import encode_streams, plan_stream
-
     if not isinstance(symbols, torch.Tensor) or symbols.dtype != torch.uint8:
         raise CodecError("symbols must be a uint8 tensor")
     plan = plan_stream(tuple(symbols.shape), table, model_map, group_size)
-    return encode_streams([symbols.contiguous()], [plan], backend="torch").to_host()[0].tobytes()
+    symbols = symbols.contiguous()
+    return assemble([symbols], [plan], rans_encode_launch_ref([symbols], [plan])).to_host()[0].tobytes()
