@@ -140,3 +140,13 @@ assert not triton_available() and "triton" not in sys.modules
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_importing_kvstore_loads_no_jit_compiler():
+    """vLLM scans every loaded module's globals at engine start and trips over llvmlite's
+    (numba's) ffi object: importing the library, as the connector does, must not load them."""
+    script = "import sys, kvstore, kvstore.store, kvstore.sync; " \
+             "print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

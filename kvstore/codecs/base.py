@@ -9,6 +9,7 @@ decodes without outside configuration. Codecs register by name, one per module.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -117,8 +118,8 @@ def registered_profile(profile_id: str) -> object:
 
 
 def codec_class(name: str) -> type[KVCodec]:
-    """The registered codec class ``name`` (the built-in ones register when
-    :mod:`kvstore.codecs` is imported)."""
+    """The registered codec class ``name``."""
+    _load_builtin()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -133,9 +134,21 @@ def register_codec(cls: type[KVCodec]) -> type[KVCodec]:
 
 def codec_names() -> list[str]:
     """Names of every registered codec."""
+    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def get_codec(name: str, params: Mapping[str, Any] | None = None) -> KVCodec:
     """Build the codec ``name`` with ``params``; unknown names raise :class:`CodecError`."""
     return codec_class(name).from_params(params or {})
+
+
+#: modules whose codecs register themselves when imported: loaded on the first lookup, by
+#: name (the codecs import this module), and not before, since ``kvcodec`` brings numba
+BUILTIN_CODECS = ("kvstore.codecs.cachegen_ref", "kvstore.codecs.int8", "kvstore.codecs.kivi",
+                  "kvstore.codecs.kvcodec", "kvstore.codecs.raw")
+
+
+def _load_builtin() -> None:
+    for module in BUILTIN_CODECS:
+        importlib.import_module(module)
