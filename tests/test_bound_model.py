@@ -200,3 +200,16 @@ def test_sync_store(llama, tmp_path):
         assert n == 299 and cache.get_seq_length() == 299
         assert store.delete(tokens)
         assert store.lookup(tokens) == 0
+
+
+async def test_a_bound_store_reads_contexts_stored_without_one(llama, tmp_path):
+    model = HFModel(llama)
+    tokens = tokens_of(llama, 300)
+    kv = extract_kv(llama, tokens)
+    async with KVStore(tmp_path.as_uri(), levels=["raw"]) as before:  # as stores were written until now
+        await before.put(model.model_id, tokens, kv, layout=model.cache_layout())
+    async with KVStore(tmp_path.as_uri(), model=model) as store:
+        loaded = await store.get(tokens, level=0)  # the manifest's levels, not the bound ones
+        assert not store.codecs  # and no calibration for a read
+    for (k, v), (k2, v2) in zip(loaded, kv, strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2)

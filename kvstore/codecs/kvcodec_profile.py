@@ -23,6 +23,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -137,7 +138,12 @@ class KVCodecProfile:
                               self.calibration)
 
     def to_bytes(self) -> bytes:
-        """Serialize as a container (no pickle)."""
+        """Serialize as a container (no pickle); once per profile, which is immutable (every
+        codec built from it names it by the content hash of these bytes)."""
+        return self._serialized
+
+    @cached_property
+    def _serialized(self) -> bytes:
         buffers: dict[str, object] = {"key_center": self.key_center, "key_unit": self.key_unit}
         for i, t in enumerate(self.tables):
             buffers[f"t{i}_keys"] = zlib.compress(t.keys.to_bytes(), 6)
