@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvstore.errors import ContextNotFoundError, KVStoreError
+from kvstore.errors import ConfigError, ContextNotFoundError, KVStoreError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGED, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 
@@ -29,8 +29,31 @@ exit codes:
 """
 
 
+#: The folders beside the package that ``kvstore bench`` and ``kvstore demo`` run from: they
+#: are part of a source checkout, not of the installed library.
+CHECKOUT_PACKAGES = ("benchmarks", "eval")
+
+
+def from_checkout(module: str) -> Any:
+    """Import ``module`` from the source checkout this package was installed from (an
+    editable install) or from the current directory; :class:`ConfigError` where neither
+    holds it."""
+    import importlib
+
+    top = module.partition(".")[0]
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / top / "__init__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
+    else:
+        raise ConfigError(f"{top}/ is not installed with the library: run this command from a source "
+                          "checkout of kvstore (git clone ...; pip install -e '.[all]')")
+    return importlib.import_module(module)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kvstore.bench import run_benchmark
+    run_benchmark = from_checkout("benchmarks").run_benchmark
 
     result = run_benchmark(args.name, quick=args.quick, model=args.model)
     text = json.dumps(result, indent=2, sort_keys=False)
@@ -57,8 +80,7 @@ def _storage_options(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from kvstore.demo import run
-
+    run = from_checkout("eval.demo").run
     run(store_url=args.store, quick=args.quick, json_path=args.json, png_path=args.png,
         storage_options=_storage_options(args.option))
     return EXIT_OK
@@ -185,15 +207,17 @@ def _add_store_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvstore.bench import BENCHMARKS
-
+    try:
+        benchmarks: Sequence[str] | None = from_checkout("benchmarks").BENCHMARKS
+    except ConfigError:
+        benchmarks = None  # an installed library without its checkout: ``bench`` explains
     parser = argparse.ArgumentParser(prog="kvstore", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="run a benchmark and write its figures as JSON")
-    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("name", choices=benchmarks)
     bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     bench.add_argument("--json", metavar="PATH", help="write the JSON here instead of stdout")
     bench.add_argument("--model", metavar="NAME", help="the model of a real-model benchmark (codecs, retrieval: smollm2, "

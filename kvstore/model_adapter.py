@@ -3,7 +3,8 @@
 A bound store prefills contexts itself (``put(tokens)``), knows the model's id and
 cache layout, calibrates the model's codec profile once, and returns ready caches
 (``load(tokens)``). Any object with these members works; Hugging Face models (and
-:class:`~kvstore.eval.model.LoadedModel`) are adapted by
+objects holding one as ``model`` with its ``tokenizer`` and ``model_id``, as the
+evaluation harness's ``LoadedModel`` does) are adapted by
 :class:`kvstore.integrations.hf_adapter.HFModel`.
 """
 
@@ -61,7 +62,7 @@ def as_model_adapter(model: Any) -> ModelAdapter:
     from kvstore.integrations.hf_adapter import HFModel
 
     if hasattr(model, "model") and hasattr(model, "tokenizer") and isinstance(getattr(model, "model_id", None), str):
-        return HFModel(model.model, model.tokenizer, model_id=model.model_id)  # LoadedModel
+        return HFModel(model.model, model.tokenizer, model_id=model.model_id)  # a model with its tokenizer and id
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
         return HFModel(model)
     raise ConfigError(f"model must be a Hugging Face causal LM or a ModelAdapter, got {type(model).__name__}")

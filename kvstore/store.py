@@ -115,8 +115,8 @@ class KVStore:
             :func:`~kvstore.backends.open_store` (``memory://``, ``file:///path``,
             ``s3://bucket/prefix``, ``redis://host:port/db``...).
         model: bind the store to a model: a Hugging Face causal LM, a
-            :class:`~kvstore.eval.model.LoadedModel` or any
-            :class:`~kvstore.model_adapter.ModelAdapter`. Calls may then leave out the
+            model with its tokenizer and id (``.model``, ``.tokenizer``, ``.model_id``) or
+            any :class:`~kvstore.model_adapter.ModelAdapter`. Calls may then leave out the
             model id (``put(tokens)``, ``lookup(tokens)``, ``get(tokens)``), ``put`` prefills
             when given no KV, and :meth:`load` returns a ready cache.
         chunk_tokens: tokens per chunk (256 by default): the unit of storage,

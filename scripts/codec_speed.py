@@ -5,12 +5,16 @@ encode + container, container + decode) without the perplexity evaluation, so
 it can be re-run quickly on a quiet machine: ``python scripts/codec_speed.py``.
 """
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # the checkout: benchmarks/, eval/
 import statistics
 
-from kvstore.bench.codecs import CHUNK_TOKENS, CONTEXT_TOKENS, _configs, _decode_context, _encode_context
-from kvstore.eval.corpus import documents
-from kvstore.eval.model import load_model
-from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
+from benchmarks.codecs import CHUNK_TOKENS, CONTEXT_TOKENS, _configs, _decode_context, _encode_context
+from eval.corpus import documents
+from eval.model import load_model
+from eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.integrations.hf import extract_kv
 
 lm = load_model("smollm2")

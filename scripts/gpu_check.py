@@ -13,14 +13,18 @@
 Run: ``python scripts/gpu_check.py`` (exits non-zero on any mismatch).
 """
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # the checkout: benchmarks/, eval/
 import asyncio
 import time
 
 import torch
 
 from kvstore import KVStore
-from kvstore.bench.kernels import SHAPE
-from kvstore.bench.kernels import synthetic_kv as llama_kv
+from benchmarks.kernels import SHAPE
+from benchmarks.kernels import synthetic_kv as llama_kv
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
 from kvstore.codecs.kvcodec_profile import build_profile

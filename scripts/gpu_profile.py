@@ -12,6 +12,10 @@ above its GPU time is bound by the host (Python, launches, allocations), not the
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # the checkout: benchmarks/, eval/
 import cProfile
 import io
 import math
@@ -21,7 +25,7 @@ import torch
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-from kvstore.kernels.pq_topk_bench import host_us
+from benchmarks.pq_topk import host_us
 
 
 def gpu_kernels(fn, reps: int = 20) -> None:
@@ -87,7 +91,7 @@ def pq_case():
 
 
 def decode_case():
-    from kvstore.bench.kernels import SHAPE, synthetic_kv
+    from benchmarks.kernels import SHAPE, synthetic_kv
     from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
     from kvstore.codecs.kvcodec_profile import build_profile
     from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu

@@ -42,8 +42,8 @@ step bench_kernels 300 $py -m kvstore.cli bench kernels --json "$json"
 step pytest_gpu 150 $py -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_rans.py tests/test_kernels_encode.py \
   tests/test_retrieval_kernel.py tests/test_cuda_streams.py
 step gpu_check 120 $py scripts/gpu_check.py
-step pq_topk 60 $py -m kvstore.kernels.pq_topk_bench
+step pq_topk 60 $py -m benchmarks.pq_topk
 step fuzz 90 $py -c "import json
-from kvstore.testing.fuzz import run_fuzz
+from tests.tools.fuzz import run_fuzz
 r = run_fuzz(3000, device='cuda', time_budget_s=60, case_timeout_s=30)  # a case may compile kernels (~1 s each)
 print(json.dumps({k: r[k] for k in ('fuzz_cases', 'fuzz_unexpected_exceptions', 'examples', 'seconds')}, indent=1))"

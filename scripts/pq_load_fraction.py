@@ -5,14 +5,18 @@ Stores each context at kvcodec's default level with PQ objects (PQCache's m=2, b
 document and overall, as JSON on the last line. Usage: ``python scripts/pq_load_fraction.py``.
 """
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # the checkout: benchmarks/, eval/
 import asyncio
 import json
 
 from kvstore import KVStore
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
-from kvstore.eval.corpus import documents, samples
-from kvstore.eval.model import load_model
-from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.corpus import documents, samples
+from eval.model import load_model
+from eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.integrations.hf import extract_kv
 from kvstore.retrieval import PQConfig
 

@@ -5,7 +5,7 @@ reason, except when the ``CI`` environment variable is set: there the tests
 fail, so that CI cannot pass without really testing Redis and S3.
 
 The real-model fixtures (``smollm2``...) come from the plugin
-:mod:`kvstore.testing.model_fixtures`.
+:mod:`tests.tools.model_fixtures`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.testing.servers import (
+from tests.tools.servers import (
     RedisServer,
     S3Server,
     ServerUnavailable,
@@ -26,8 +26,8 @@ from kvstore.testing.servers import (
     redis_server,
 )
 
-# real-model fixtures (smollm2, smollm2_docs, tiny_gguf): see kvstore/testing/model_fixtures.py
-pytest_plugins = ["kvstore.testing.model_fixtures"]
+# real-model fixtures (smollm2, smollm2_docs, tiny_gguf): see tests/tools/model_fixtures.py
+pytest_plugins = ["tests.tools.model_fixtures"]
 
 
 def server_unavailable(reason: str) -> None:

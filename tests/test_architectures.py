@@ -1,7 +1,7 @@
 """The architecture matrix: every cache layout transformers 5.x builds, stored and continued.
 
 Each model is one of transformers' own classes with a tiny random config
-(:mod:`kvstore.eval.architectures`): extract -> put (every level) -> get -> greedy
+(:mod:`eval.architectures`): extract -> put (every level) -> get -> greedy
 generation from the stored raw KV equals generation from fresh KV; a stored prefix
 ending at an inner chunk boundary, continued by ``recompute``, equals the full
 prefill; lossy levels decode to the right shapes and generate.
@@ -16,7 +16,7 @@ import torch
 
 from kvstore import KVStore
 from kvstore.errors import CodecError, ConfigError, MissingObjectError
-from kvstore.eval.architectures import ARCHS, WINDOW, tiny_model
+from eval.architectures import ARCHS, WINDOW, tiny_model
 from kvstore.format.layout import CacheLayout, LayerSpec
 from kvstore.integrations.hf import (
     cache_layout,
@@ -241,7 +241,7 @@ def test_levels_are_calibrated_to_their_targets_on_each_model():
 
 
 def test_bench_models_quick_covers_every_architecture():
-    from kvstore.bench.models import run
+    from benchmarks.models import run
 
     result = run(quick=True)
     rows = {r["arch"]: r for r in result["rows"]}
@@ -331,7 +331,7 @@ async def test_pq_indexes_full_attention_layers_and_retrieval_leaves_sliding_one
     assert out == generate_greedy(model, ids, kv, max_new_tokens=6)
     assert set(session.stats.recall_sum) == {2}  # only the indexed layer ran retrieval
     # many queries at once (teacher forcing): sliding layers get their own masks, unchanged
-    from kvstore.eval.perplexity import continuation_nll
+    from eval.perplexity import continuation_nll
     from kvstore.retrieval.hf import retrieval_attention
 
     ctx, cont = ids[:150], ids[150:]

@@ -9,7 +9,7 @@ from kvstore.backends import RetryPolicy, open_store
 from kvstore.backends.fsspec import EXPIRES_META, FsspecStore
 from kvstore.errors import BackendError, ConfigError, TransientBackendError
 from kvstore.testing import StoreTests
-from kvstore.testing.servers import free_port
+from tests.tools.servers import free_port
 
 
 def _prefix() -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.bench import machine_info
+from benchmarks import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 

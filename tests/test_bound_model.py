@@ -14,7 +14,7 @@ from kvstore.admin.checks import DEFAULT_PROFILE, check_bytes
 from kvstore.codecs.kvcodec import KVCodecV1
 from kvstore.codecs.kvcodec_profile import KVCodecProfile
 from kvstore.errors import ConfigError, ContextNotFoundError, FormatError
-from kvstore.eval.architectures import tiny_model
+from eval.architectures import tiny_model
 from kvstore.format.default_profile import default_profile_from_bytes
 from kvstore.format.keys import KeyScheme, model_fingerprint
 from kvstore.integrations.hf import cache_kwarg, extract_kv

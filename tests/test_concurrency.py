@@ -25,8 +25,8 @@ from kvstore.errors import ContextNotFoundError, FormatError, IncompleteContextE
 from kvstore.format import container
 from kvstore.format import manifest as manifest_format
 from kvstore.format.keys import chunk_hashes, model_fingerprint
-from kvstore.testing import loadtest
-from kvstore.testing.loadtest import run_load_test
+from tests.tools import loadtest
+from tests.tools.loadtest import run_load_test
 
 MODEL_A, MODEL_B = "org/model-a@v1", "org/model-b@v1"
 LAYERS, HEADS, DIM, CHUNK = 2, 2, 8, 8

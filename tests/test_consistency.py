@@ -4,7 +4,7 @@ different KV, deletes, gc and expiry checked against one invariant.
 The invariant, on memory, local files and Redis (and S3 without TTLs): every ``get``
 returns exactly the KV of one ``put`` of those tokens, or raises a ``KVStoreError``; every
 context put without a TTL and not deleted since is still readable; a context put with a TTL
-reads back until its TTL is near. The interleavings (:mod:`kvstore.testing.consistency`)
+reads back until its TTL is near. The interleavings (:mod:`tests.tools.consistency`)
 include ``gc`` without a grace period while puts are in flight.
 """
 
@@ -21,8 +21,8 @@ from kvstore.backends.memory import MemoryStore
 from kvstore.errors import KVStoreError
 
 from kvstore.leases import collector_lease
-from kvstore.testing.consistency import TTL, random_kv, run_interleavings
-from kvstore.testing.faults import kv_identical
+from tests.tools.consistency import TTL, random_kv, run_interleavings
+from tests.tools.faults import kv_identical
 
 CHUNK = 8
 _kv, _same = random_kv, kv_identical

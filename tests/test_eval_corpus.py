@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.eval import corpus
-from kvstore.eval.corpus import available_sources, documents, samples, source_parts
+from eval import corpus
+from eval.corpus import available_sources, documents, samples, source_parts
 
 
 def test_sources_on_every_machine():

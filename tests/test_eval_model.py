@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvstore.errors import ConfigError, KVStoreError
-from kvstore.eval import model as model_mod
-from kvstore.eval.model import (
+from eval import model as model_mod
+from eval.model import (
     CACHE_ENV,
     INSTALL_HINT,
     META_FILE,
@@ -64,7 +64,7 @@ def test_gguf_converted_once_then_cached(tiny_gguf, tmp_path, count_conversions)
 
 
 def test_gguf_touched_or_changed(tiny_gguf, tmp_path, count_conversions):
-    from kvstore.testing.model_fixtures import write_tiny_llama_gguf
+    from tests.tools.model_fixtures import write_tiny_llama_gguf
 
     source = tmp_path / "m.gguf"
     source.write_bytes(tiny_gguf.read_bytes())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.eval.corpus import samples
-from kvstore.eval.perplexity import (
+from eval.corpus import samples
+from eval.perplexity import (
     compare_kv,
     continuation_nll,
     mean_ci,

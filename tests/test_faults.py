@@ -20,9 +20,9 @@ from kvstore.backends.retry import RetryPolicy, count_retries
 from kvstore.errors import ChecksumError, FormatError, KVStoreError, TransientBackendError
 from kvstore.fetch import AdaptiveFetcher
 from kvstore.fetch.policy import StaticPolicy
-from kvstore.testing.faultproxy import Fault, FaultProxy, NoFaults, RandomFaults, ScriptedFaults
-from kvstore.testing.faults import RESULT_KEYS, kv_identical, restart_redis, restartable_redis, run_fault_campaign
-from kvstore.testing.servers import ServerUnavailable
+from tests.tools.faultproxy import Fault, FaultProxy, NoFaults, RandomFaults, ScriptedFaults
+from tests.tools.faults import RESULT_KEYS, kv_identical, restart_redis, restartable_redis, run_fault_campaign
+from tests.tools.servers import ServerUnavailable
 
 MODEL = "faults-test"
 L, H, D, CHUNK = 2, 2, 64, 32  # a raw chunk object is about 33 kB

@@ -23,7 +23,7 @@ from kvstore.codecs import rans
 from kvstore.errors import FormatError, InvalidKeyError
 from kvstore.format import container
 from kvstore.format.keys import KeyScheme
-from kvstore.testing import fuzz
+from tests.tools import fuzz
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

@@ -28,7 +28,7 @@ triton = pytest.importorskip("triton")
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import KVCodecV1
 from kvstore.codecs.kvcodec_profile import Level, build_profile
-from kvstore.codecs.rans_bench import synthetic
+from benchmarks.rans import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError
 from kvstore.format import container
@@ -255,7 +255,7 @@ def test_kernels_benchmark_runs_on_a_small_shape(small_profile):
     timing call per figure): every figure present, the checks true."""
     import time
 
-    from kvstore.bench.kernels import measure
+    from benchmarks.kernels import measure
 
     def bench(fn, rep=0):
         t0 = time.perf_counter()

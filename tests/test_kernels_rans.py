@@ -30,7 +30,7 @@ triton = pytest.importorskip("triton")
 
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import KVCodecV1
-from kvstore.codecs.rans_bench import synthetic
+from benchmarks.rans import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container

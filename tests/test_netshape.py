@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from kvstore.backends import open_store
-from kvstore.testing.netshape import netshape_available, shaped_redis
+from tests.tools.netshape import netshape_available, shaped_redis
 
 pytestmark = pytest.mark.skipif(netshape_available() is not None, reason=f"kernel shaping: {netshape_available()}")
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from kvstore.codecs import rans
 from kvstore.codecs.rans import HEADER_BYTES, LANES, decode, default_group_size, encode, read_header
-from kvstore.codecs.rans_bench import synthetic
+from benchmarks.rans import synthetic
 from kvstore.codecs.rans_reference import lockstep_decode
 from kvstore.codecs.symbol_model import (
     FrequencyTable,

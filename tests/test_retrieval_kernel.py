@@ -159,7 +159,7 @@ SELECT_INTERPRETED = textwrap.dedent(
     from kvstore.errors import ConfigError
     from kvstore.kernels.pq_reference import pq_lut_reference, pq_select_reference
     from kvstore.kernels.pq_select import pq_select_triton
-    from kvstore.kernels.pq_topk_bench import reference_scores64
+    from benchmarks.pq_topk import reference_scores64
 
     g = torch.Generator().manual_seed(3)
 
@@ -266,7 +266,7 @@ def test_counting_select_kernels_match_reference_under_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_match_reference_on_gpu():
     """Scores, scores + top-k, the counting select and the gather, compiled, on fresh inputs with
-    poisoned outputs (:func:`kvstore.kernels.pq_topk_bench.check`)."""
+    poisoned outputs (:func:`benchmarks.pq_topk.check`)."""
     from kvstore.kernels import pq_topk_bench
 
     assert pq_topk_bench.check("cuda") == []

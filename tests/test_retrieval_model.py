@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvstore import KVStore
-from kvstore.eval.perplexity import continuation_nll
+from eval.perplexity import continuation_nll
 from kvstore.integrations.hf import extract_kv, generate_greedy
 from kvstore.retrieval import pq
 from kvstore.retrieval.attention import RetrievalConfig

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 # Test helpers by design: they may need the test extra.
-TEST_ONLY_MODULES = ("kvstore.testing.store_tests", "kvstore.testing.model_fixtures")
+TEST_ONLY_MODULES = ("kvstore.testing.store_tests",)
 # Engine integrations import their engine, which lives in its own environment (vLLM: .venv-vllm).
 ENGINE_PACKAGES = ("vllm",)
 TEST_EXTRA_PACKAGES = ("pytest", "_pytest", "pytest_asyncio", "moto", "hypothesis", "boto3")

@@ -16,8 +16,9 @@ import torch
 
 from kvstore import KVStore
 from kvstore.admin import verify_store
+from kvstore.backends.local import LocalStore
 from kvstore.backends.memory import MemoryStore
-from kvstore.backends.signed import SignedStore, unsigned
+from kvstore.backends.signed import SignedStore
 from kvstore.cli import main as cli_main
 from kvstore.errors import ConfigError, FormatError, KVStoreError, SignatureError
 from kvstore.format.signed import ENVELOPE_BYTES, SigningKeys
@@ -219,7 +220,19 @@ async def test_range_reads_check_the_whole_value():
     await inner.put("ns/a", bytes(data))
     with pytest.raises(SignatureError):
         await store.get("ns/a", _range(2, 5))
-    assert unsigned(store) is inner
+
+
+async def test_housekeeping_is_the_backends_own(tmp_path):
+    """gc asks a signed store what it asks its backend: ages from file times, expired objects."""
+    inner = LocalStore(tmp_path)
+    store = SignedStore(inner, SigningKeys.of(KEY))
+    await store.put("ns/a", b"x")
+    await store.put("ns/b", b"y", ttl=0.05)
+    await asyncio.sleep(0.1)
+    assert store.age_note == inner.age_note == "" and store.expiry_note == ""
+    assert [(e.key, e.age is not None) for e in await store.entries("ns/")] == [("ns/a", True)]
+    assert await store.expired_keys() == ["ns/b"]
+    assert await store.remove_expired(["ns/b"]) == 1 and await inner.expired_keys() == []
 
 
 def _range(start, end):

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 pytest.importorskip("vllm", reason="vLLM runs in its own environment (.venv-vllm): see the README's test command")
 
 from kvstore import SyncKVStore  # noqa: E402
-from kvstore.eval.corpus import documents  # noqa: E402
-from kvstore.eval.model import ensure_converted, gemma3_available, gemma3_gguf_path  # noqa: E402
+from eval.corpus import documents  # noqa: E402
+from eval.model import ensure_converted, gemma3_available, gemma3_gguf_path  # noqa: E402
 from kvstore.integrations.vllm import model_id_of  # noqa: E402
 from vllm_helpers import generate, make_llm, wait_stored  # noqa: E402
 

@@ -5,7 +5,7 @@ manifest's levels need, under one namespace. Writers store chunks (and
 profiles) before the manifest that lists them, so an unlisted object may belong
 to a ``put`` still in progress; gc therefore only removes orphans older than
 ``grace`` seconds, and only on backends that can tell an object's age (see
-:mod:`kvstore.admin.inventory`). ``grace=0`` removes every orphan, whatever the
+:meth:`kvstore.backends.base.Store.entries`). ``grace=0`` removes every orphan, whatever the
 backend. Guards:
 
 - gc holds the namespace's collector lease (:mod:`kvstore.leases`) from its first
@@ -21,14 +21,11 @@ backend. Guards:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kvstore.admin import inventory
 from kvstore.admin.checks import (
     CHUNK,
     MANIFEST,
@@ -40,7 +37,7 @@ from kvstore.admin.checks import (
     fetch_and_check,
     profile_keys,
 )
-from kvstore.backends.base import Store
+from kvstore.backends.base import Entry, Store
 from kvstore.errors import KVStoreError
 from kvstore.format.keys import KeyScheme
 from kvstore.leases import collector_lease
@@ -117,23 +114,23 @@ async def collect_garbage(store: Store, namespace: str = "kvstore", *, grace: fl
 
 
 async def _expired(store: Store, report: GcReport) -> None:
-    keys, note = await inventory.expired_keys(store)
-    if note:
-        report.notes.append(note)
+    keys = await store.expired_keys()
+    if store.expiry_note:
+        report.notes.append(store.expiry_note)
     report.expired = sorted(keys)
     if not report.dry_run and keys:
-        removed = await inventory.remove_expired(store, keys)
+        removed = await store.remove_expired(keys)
         log.info("removed %d expired objects", removed)
 
 
 async def _temp_files(store: Store, report: GcReport) -> None:
-    paths = await asyncio.to_thread(inventory.temp_files, store, report.grace)
-    report.temp_files = sorted(str(p) for p in paths)
+    paths = await store.stale_temp_files(report.grace)
+    report.temp_files = sorted(paths)
     if not report.dry_run:
         for path in paths:
             try:
-                Path(path).unlink(missing_ok=True)
-            except OSError as exc:
+                await store.remove_temp_file(path)
+            except KVStoreError as exc:
                 report.errors.append(f"cannot remove {path}: {exc}")
 
 
@@ -160,7 +157,7 @@ async def _references(store: Store, namespace: str, keys: list[str]) -> tuple[se
 
 async def _orphans(store: Store, namespace: str, report: GcReport) -> None:
     expired = set(report.expired)
-    found = [e for e in await inventory.entries(store, f"{namespace}/") if e.key not in expired]
+    found = [e for e in await store.entries(f"{namespace}/") if e.key not in expired]
     infos = {e.key: classify(e.key) for e in found}
     ours = [e for e in found if infos[e.key].namespace == namespace]
     manifests = [e.key for e in ours if infos[e.key].kind == MANIFEST]
@@ -171,7 +168,7 @@ async def _orphans(store: Store, namespace: str, report: GcReport) -> None:
                 and infos[e.key].fingerprint not in tainted]
     report.referenced = sum(infos[e.key].kind in COLLECTABLE for e in ours) - len(unlisted)
     if report.grace > 0 and any(e.age is None for e in unlisted):
-        report.notes.append(f"{inventory.age_note(store)}: orphans of unknown age are kept "
+        report.notes.append(f"{store.age_note}: orphans of unknown age are kept "
                             "(--grace 0 removes them)")
     old = [e for e in unlisted if report.grace == 0 or (e.age is not None and e.age >= report.grace)]
     report.unknown_age = 0 if report.grace == 0 else sum(e.age is None for e in unlisted)
@@ -183,8 +180,8 @@ async def _orphans(store: Store, namespace: str, report: GcReport) -> None:
         await _delete(store, [o.key for o in report.orphans], report)
 
 
-async def _still_unlisted(store: Store, namespace: str, old: list[inventory.Entry],
-                          infos: dict[str, Any], report: GcReport) -> list[inventory.Entry]:
+async def _still_unlisted(store: Store, namespace: str, old: list[Entry],
+                          infos: dict[str, Any], report: GcReport) -> list[Entry]:
     """Re-read the candidates' manifests (they may have been written during the scan)."""
     fingerprints = sorted({infos[e.key].fingerprint for e in old})
     keys = [key for fp in fingerprints async for key in _contexts(store, namespace, fp)]

@@ -51,6 +51,11 @@ _BACKENDS: dict[str, str] = {
 }
 
 
+# scheme -> the extra that installs its client library
+_EXTRAS = {"s3": "s3", "redis": "redis", "rediss": "redis", "redis+cluster": "redis", "rediss+cluster": "redis"}
+_CLIENT_PACKAGES = frozenset({"s3fs", "aiobotocore", "botocore", "aiohttp", "fsspec", "redis", "hiredis"})
+
+
 def open_store(url: str, **storage_options: Any) -> Store:
     """Open the byte store named by ``url``.
 
@@ -74,7 +79,13 @@ def open_store(url: str, **storage_options: Any) -> Store:
         if storage_options:
             raise ConfigError(f"memory:// takes no options, got {sorted(storage_options)}")
         return factory(url)
-    return factory(url, **storage_options)
+    try:
+        return factory(url, **storage_options)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in _CLIENT_PACKAGES:
+            raise
+        raise ConfigError(f"{scheme}:// needs {exc.name}, which is not installed: "
+                          f"pip install 'kvstore[{_EXTRAS.get(scheme, 'all')}]'") from exc
 
 
 def local_path_from_url(url: str) -> str:

@@ -117,6 +117,14 @@ def check_ttl(ttl: float | None) -> float | None:
     return float(ttl)
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A live object and its age in seconds (``None``: the backend cannot tell)."""
+
+    key: str
+    age: float | None
+
+
 class Store(ABC):
     """An async key -> bytes store.
 
@@ -175,6 +183,40 @@ class Store(ABC):
 
     async def close(self) -> None:
         """Release connections and other resources; the store is unusable after."""
+
+    # -- housekeeping: what ``kvstore gc`` asks of a backend. The defaults describe a backend
+    # that records no write times and collects no expired objects; a backend that can do
+    # more overrides them, in its own terms and without side effects on reads.
+
+    @property
+    def age_note(self) -> str:
+        """Why :meth:`entries` may report no ages here (``""``: it reports them)."""
+        return f"{type(self).__name__} does not record when objects were written"
+
+    @property
+    def expiry_note(self) -> str:
+        """How this backend collects expired objects (``""``: :meth:`expired_keys` finds them)."""
+        return f"{type(self).__name__}: no expiry collection"
+
+    async def entries(self, prefix: str = "") -> list[Entry]:
+        """Every live key starting with ``prefix``, with its age where the backend can tell it
+        (ages never exceed the real age, so a grace period measured on them stays safe)."""
+        return [Entry(key, None) async for key in self.list(prefix)]
+
+    async def expired_keys(self) -> list[str]:
+        """Objects whose lifetime has passed but which still take space."""
+        return []
+
+    async def remove_expired(self, keys: list[str]) -> int:
+        """Remove those of ``keys`` that are still expired (re-checked); returns how many went."""
+        return 0
+
+    async def stale_temp_files(self, grace: float) -> list[str]:
+        """Left-over partial writes older than ``grace`` seconds (paths, for a report)."""
+        return []
+
+    async def remove_temp_file(self, path: str) -> None:
+        """Remove one of :meth:`stale_temp_files`; raises :class:`~kvstore.errors.BackendError` on failure."""
 
     async def __aenter__(self) -> Self:
         return self

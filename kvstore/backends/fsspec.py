@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from kvstore.backends.base import (
     ByteRequest,
     BytesLike,
+    Entry,
     RangeRequest,
     Store,
     SuffixRequest,
@@ -391,6 +392,47 @@ class FsspecStore(Store):
 
         await asyncio.gather(*map(collect, stale))
         return removed
+
+    # -- housekeeping (kvstore gc): ages from LastModified, expiry from TTL hints --------------
+    age_note = ""
+    expiry_note = ""
+
+    async def entries(self, prefix: str = "") -> list[Entry]:
+        validate_prefix(prefix)
+        client = await self._client()
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._root + prefix}
+        now = time.time()
+        found: dict[str, float] = {}
+        while True:
+            page = await self._call("list", prefix + "*", lambda: client.list_objects_v2(**request))
+            for item in page.get("Contents", ()):
+                key = item["Key"][len(self._root):]
+                if is_valid_key(key):
+                    found[key] = max(0.0, now - item["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                break
+            request["ContinuationToken"] = page["NextContinuationToken"]
+        expired = set(await self._expired_under(prefix))
+        return [Entry(key, age) for key, age in found.items() if key not in expired]
+
+    async def _expired_under(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` whose TTL hint has passed and whose object S3 still holds, expired."""
+        now_ms = time.time() * 1000
+        suspects = [key for key, stamps in (await self._hints(prefix)).items() if any(s <= now_ms for s in stamps)]
+        semaphore = asyncio.Semaphore(_HEAD_CONCURRENCY)
+
+        async def expired(key: str) -> bool:
+            async with semaphore:
+                head = await self._call("head", key, lambda: self._head(key))
+            return head is not None and head_expired(head)
+
+        return [key for key, gone in zip(suspects, await asyncio.gather(*map(expired, suspects))) if gone]
+
+    async def expired_keys(self) -> list[str]:
+        return await self._expired_under("")
+
+    async def remove_expired(self, keys: list[str]) -> int:
+        return await self.gc()  # every expired object and stale hint (conditional deletes)
 
     async def close(self) -> None:
         creator = getattr(self.fs, "_s3creator", None)

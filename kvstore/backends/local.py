@@ -19,6 +19,7 @@ from pathlib import Path
 from kvstore.backends.base import (
     ByteRequest,
     BytesLike,
+    Entry,
     Store,
     check_ttl,
     is_valid_key,
@@ -210,6 +211,98 @@ class LocalStore(Store):
         validate_prefix(prefix)
         for key in await self._io(self._list, prefix):
             yield key
+
+    # -- housekeeping (kvstore gc): ages from mtimes, TTL sidecars, temporary files ----------
+    age_note = ""
+    expiry_note = ""
+
+    def _expiry(self, key: str) -> float | None:
+        try:
+            return float(self._ttl_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _entries(self, prefix: str) -> list[Entry]:
+        """Keys with the seconds since their file's last write (``keep`` touches it), read
+        without removing anything."""
+        now = time.time()
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            rel_dir = "" if rel_dir == "." else rel_dir
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                if not key.startswith(prefix) or not is_valid_key(key):
+                    continue
+                try:
+                    mtime = os.stat(os.path.join(dirpath, name)).st_mtime
+                except FileNotFoundError:
+                    continue
+                expires_at = self._expiry(key)
+                if expires_at is None or now < expires_at:
+                    found.append(Entry(key, max(0.0, now - mtime)))
+        return found
+
+    def _expired_keys(self) -> list[str]:
+        """Keys whose TTL sidecar has passed (the value may already be gone)."""
+        ttl_root = self.root / TTL_DIR
+        now = time.time()
+        keys = []
+        for dirpath, _, filenames in os.walk(ttl_root):
+            for name in filenames:
+                if name.startswith(".") and TMP_MARK in name:
+                    continue
+                key = os.path.relpath(os.path.join(dirpath, name), ttl_root).replace(os.sep, "/")
+                expires_at = self._expiry(key)
+                if is_valid_key(key) and expires_at is not None and now >= expires_at:
+                    keys.append(key)
+        return keys
+
+    def _remove_expired(self, keys: list[str]) -> int:
+        removed = 0
+        for key in keys:
+            expires_at = self._expiry(key)  # read again: the key may have been rewritten since
+            if expires_at is not None and time.time() >= expires_at:
+                self._remove(key)
+                removed += 1
+        return removed
+
+    def _stale_temp_files(self, grace: float) -> list[str]:
+        now = time.time()
+        found = []
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.startswith(".") and TMP_MARK in name:
+                    path = Path(dirpath) / name
+                    try:
+                        if now - path.stat().st_mtime >= grace:
+                            found.append(str(path))
+                    except FileNotFoundError:
+                        continue
+        return found
+
+    def _remove_temp_file(self, path: str) -> None:
+        temp = Path(path)
+        if not (temp.name.startswith(".") and TMP_MARK in temp.name and temp.is_relative_to(self.root)):
+            raise ConfigError(f"{path} is not a temporary file of {self.root}")
+        temp.unlink(missing_ok=True)
+
+    async def entries(self, prefix: str = "") -> list[Entry]:
+        validate_prefix(prefix)
+        return await self._io(self._entries, prefix)
+
+    async def expired_keys(self) -> list[str]:
+        return await self._io(self._expired_keys)
+
+    async def remove_expired(self, keys: list[str]) -> int:
+        return await self._io(self._remove_expired, keys)
+
+    async def stale_temp_files(self, grace: float) -> list[str]:
+        return await self._io(self._stale_temp_files, grace)
+
+    async def remove_temp_file(self, path: str) -> None:
+        await self._io(self._remove_temp_file, path)
 
     @staticmethod
     async def _io(fn, *args):  # type: ignore[no-untyped-def]

@@ -67,6 +67,15 @@ class MemoryStore(Store):
     async def exists(self, key: str) -> bool:
         return self._live(validate_key(key)) is not None
 
+    expiry_note = ""
+
+    async def expired_keys(self) -> list[str]:
+        now = time.monotonic()
+        return [k for k, (_, expires_at) in list(self._values.items()) if expires_at is not None and now >= expires_at]
+
+    async def remove_expired(self, keys: list[str]) -> int:
+        return sum(self._live(key) is None for key in keys)  # _live drops an expired entry
+
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
         validate_prefix(prefix)
         for key in [k for k in self._values if k.startswith(prefix)]:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 from kvstore.backends.base import (
     ByteRequest,
     BytesLike,
+    Entry,
     RangeRequest,
     Store,
     check_ttl,
@@ -76,6 +77,9 @@ end
 if stop <= start then return '' end
 return redis.call('GETRANGE', KEYS[1], start, stop - 1)
 """
+
+
+_IDLETIME_BATCH = 500  # OBJECT IDLETIME commands per pipeline
 
 
 class RedisStoreBase(Store):
@@ -178,6 +182,29 @@ class RedisStoreBase(Store):
             key = name[start:].decode("utf-8", "replace")
             if is_valid_key(key):
                 yield key
+
+
+    # -- housekeeping (kvstore gc): ages from OBJECT IDLETIME; Redis expires keys itself --------
+    age_note = "Redis reports no idle time for some keys (an LFU maxmemory-policy?)"
+    expiry_note = "Redis removes expired keys itself"
+
+    async def entries(self, prefix: str = "") -> list[Entry]:
+        """Ages are ``OBJECT IDLETIME``: time since the last access, never more than the real
+        age (so a grace period stays safe); unknown under an LFU eviction policy."""
+        keys = [key async for key in self.list(prefix)]
+        ages: list[float | None] = []
+        for start in range(0, len(keys), _IDLETIME_BATCH):
+            batch = keys[start:start + _IDLETIME_BATCH]
+
+            async def idle(batch: list[str] = batch) -> list[Any]:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key in batch:
+                        pipe.object("idletime", self._name(key))
+                    return await pipe.execute(raise_on_error=False)
+
+            for reply in await self._call("object idletime", batch[0] + "...", idle):
+                ages.append(float(reply) if isinstance(reply, int) else None)
+        return [Entry(key, age) for key, age in zip(keys, ages)]
 
 
 class RedisStore(RedisStoreBase):

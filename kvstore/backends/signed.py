@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from kvstore.backends.base import ByteRequest, BytesLike, Store, slice_bounds, validate_key
+from kvstore.backends.base import ByteRequest, BytesLike, Entry, Store, slice_bounds, validate_key
 from kvstore.format.signed import ENVELOPE_BYTES, SigningKeys
 
 #: values at least this large are MACed in a worker thread (hashlib releases the GIL)
@@ -58,15 +58,32 @@ class SignedStore(Store):
     async def close(self) -> None:
         await self.inner.close()
 
+    # housekeeping reads timestamps and removes whole objects: the backend's own answers
+    @property
+    def age_note(self) -> str:
+        return self.inner.age_note
+
+    @property
+    def expiry_note(self) -> str:
+        return self.inner.expiry_note
+
+    async def entries(self, prefix: str = "") -> list[Entry]:
+        return await self.inner.entries(prefix)
+
+    async def expired_keys(self) -> list[str]:
+        return await self.inner.expired_keys()
+
+    async def remove_expired(self, keys: list[str]) -> int:
+        return await self.inner.remove_expired(keys)
+
+    async def stale_temp_files(self, grace: float) -> list[str]:
+        return await self.inner.stale_temp_files(grace)
+
+    async def remove_temp_file(self, path: str) -> None:
+        await self.inner.remove_temp_file(path)
+
     def __repr__(self) -> str:
         return f"SignedStore({self.inner!r})"
 
 
-def unsigned(store: Store) -> Store:
-    """The backend under any signing wrapper (for tools that read timestamps, not values)."""
-    while isinstance(store, SignedStore):
-        store = store.inner
-    return store
-
-
-__all__ = ["ENVELOPE_BYTES", "SignedStore", "unsigned"]
+__all__ = ["ENVELOPE_BYTES", "SignedStore"]

@@ -364,6 +364,30 @@ def weights_digest(paths: str | Path | Iterable[str | Path]) -> str:
     return h.hexdigest()
 
 
+#: The file a converted model folder keeps beside its weights: where it came from, and the
+#: digest of its source weights, which the folder's model id uses (so that a GGUF file and
+#: the folder converted from it give one id).
+META_FILE = "kvstore-model.json"
+META_VERSION = 1
+
+
+def read_source_meta(folder: Path) -> dict[str, Any] | None:
+    """The conversion metadata of a model folder (:data:`META_FILE`), or None."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("version") == META_VERSION else None
+
+
+def folder_weights_digest(folder: Path) -> str:
+    """The weights digest in the model id of a transformers folder: for a converted folder,
+    its source's (so that loading the folder or its source gives one id), else its weight
+    files'."""
+    meta = read_source_meta(folder)
+    return meta["source_digest"] if meta else weights_digest(folder)
+
+
 def state_dict_digest(model: torch.nn.Module) -> str:
     """A content hash of a loaded model's parameters and buffers (slower fallback than files)."""
     h = xxhash.xxh3_128()

@@ -29,8 +29,8 @@ class HFModel:
     """``model`` (a ``transformers`` causal LM) and, for calibration texts given as
     strings, its ``tokenizer``. ``model_id``: the id its KV is stored under; by default
     :func:`~kvstore.integrations.hf.hf_model_id`, which hashes the model's config and
-    parameters once (pass the id when the weights are hashed elsewhere, as
-    :func:`~kvstore.eval.model.load_model` does)."""
+    parameters once (pass the id when the weights are hashed elsewhere, e.g.
+    ``hf_model_id(config, folder_weights_digest(folder))`` for a model folder)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, model_id: str | None = None) -> None:
         if not hasattr(model, "config"):

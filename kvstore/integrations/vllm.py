@@ -13,11 +13,12 @@ Enable it with::
 Extra config: ``url`` (any :func:`~kvstore.backends.open_store` URL; required),
 ``levels`` (best first, each a codec name or a ``[name, params]`` pair; ``["raw"]`` by
 default), ``profile`` (the path of a ``kvcodec`` profile file, for ``["kvcodec", {"level":
-2}]`` levels: :func:`kvstore.eval.profiles.model_profile` makes and caches one),
+2}]`` levels: :func:`eval.profiles.model_profile` makes and caches one),
 ``load_level`` (the index in ``levels`` that loads read; 0),
 ``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
-``storage_options``, ``model_id`` (by default the one :func:`kvstore.eval.model.load_model`
-gives the model's folder, so contexts stored from vLLM and from Hugging Face are shared).
+``storage_options``, ``model_id`` (by default :func:`model_id_of` the model's folder: the
+id Hugging Face code gets for it, so contexts stored from vLLM and from Hugging Face are
+shared).
 
 Scheduler side: a request's stored prefix is looked up in the background (the first call
 answers "later"), rounded down to whole blocks and to one token short of the prompt
@@ -120,12 +121,13 @@ def layer_index(name: str) -> int:
 
 @functools.lru_cache(maxsize=8)  # the scheduler's and the worker's connector: hash the weights once
 def model_id_of(folder: str) -> str:
-    """The id :func:`kvstore.eval.model.load_model` gives the model in ``folder``, so that
-    contexts stored from vLLM and from Hugging Face are shared."""
+    """The id of the model in ``folder`` (its config and weights digest, as
+    :func:`~kvstore.integrations.hf.folder_weights_digest` gives it), the one Hugging Face
+    code gets for the same folder, so that contexts stored from vLLM and from Hugging Face
+    are shared."""
     from transformers import AutoConfig
 
-    from kvstore.eval.model import folder_weights_digest
-    from kvstore.integrations.hf import hf_model_id
+    from kvstore.integrations.hf import folder_weights_digest, hf_model_id
 
     path = Path(folder)
     if not path.is_dir():

@@ -18,7 +18,8 @@ PQ top-k by counting   ``pq_select.pq_select_triton``               ``pq_referen
 code combinations
 =====================  ==========================================  =====================================
 
-The dispatch helpers here (``decode_rans``, ``encode_rans``, ``decode_kvcodec``; not named
+The dispatch helpers here (``decode_rans``, ``encode_rans``, ``decode_kvcodec``,
+``select_pq_tokens``, ``gather_tokens``; not named
 like the kernel modules, which would shadow them as package attributes) pick Triton on
 CUDA devices and the torch reference elsewhere (or when Triton cannot be imported). Importing this package imports
 neither Triton nor the kernels; they load on first use. Triton also runs the
@@ -43,8 +44,8 @@ from kvstore.kernels.support import (
 )
 
 __all__ = [
-    "MIN_INTERPRETER_VERSION", "cdiv", "decode_kvcodec", "decode_rans", "encode_rans", "interpreter_supported", "next_power_of_2",
-    "triton_available", "use_triton",
+    "MIN_INTERPRETER_VERSION", "cdiv", "decode_kvcodec", "decode_rans", "encode_rans", "gather_tokens", "interpreter_supported", "next_power_of_2",
+    "select_pq_tokens", "triton_available", "use_triton",
 ]  # fmt: skip
 
 
@@ -76,3 +77,27 @@ def decode_kvcodec(obj_or_buffers: Any, codec: Any, shape, dtype: torch.dtype, d
 
     backend = "triton" if use_triton(device) else "torch"
     return decode_kvcodec_gpu(obj_or_buffers, codec, shape, dtype, device, backend=backend)
+
+
+def select_pq_tokens(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, k: int,
+                     start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The ``k`` tokens of ``[start, stop)`` with the highest PQ score per KV head (see
+    ``pq_select.pq_select``; the torch reference off CUDA)."""
+    if use_triton(codes.device):
+        from kvstore.kernels.pq_select import pq_select
+
+        return pq_select(query, centroids, codes, k, start, stop)
+    from kvstore.kernels.pq_reference import pq_select_reference
+
+    return pq_select_reference(query, centroids, codes, k, start, stop)
+
+
+def gather_tokens(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value rows at ``indices`` per KV head (see ``pq_topk.gather_kv``)."""
+    if use_triton(keys.device):
+        from kvstore.kernels.pq_topk import gather_kv
+
+        return gather_kv(keys, values, indices)
+    from kvstore.kernels.pq_reference import gather_kv_reference
+
+    return gather_kv_reference(keys, values, indices)

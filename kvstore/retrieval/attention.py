@@ -29,8 +29,7 @@ from typing import Protocol
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.kernels.pq_select import pq_select
-from kvstore.kernels.pq_topk import gather_kv
+from kvstore.kernels import gather_tokens, select_pq_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +105,7 @@ def select_tokens(
     query = query.to(device)
     if order is not None:
         query = query.index_select(-1, order.to(device))
-    top = pq_select(query, centroids, codes, k, sinks, visible - window)
+    top = select_pq_tokens(query, centroids, codes, k, sinks, visible - window)
     sink_idx = torch.arange(sinks, device=device).expand(kv_heads, -1)
     window_idx = torch.arange(visible - window, visible, device=device).expand(kv_heads, -1)
     return torch.cat([sink_idx, top, window_idx], dim=1)
@@ -171,7 +170,7 @@ class TensorSource:
 
     def gather(self, layer: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.kv[layer]
-        k, v = gather_kv(keys, values, indices.to(keys.device))
+        k, v = gather_tokens(keys, values, indices.to(keys.device))
         # into host memory, a non-blocking copy would hand back rows still in flight
         to_gpu = self.device.type == "cuda"
         return k.to(self.device, non_blocking=to_gpu), v.to(self.device, non_blocking=to_gpu)

@@ -36,7 +36,7 @@ import torch
 from kvstore.errors import ConfigError
 from kvstore.integrations.hf import cache_kwarg, cache_to_kv, kv_to_cache, prefill
 from kvstore.integrations.hf_attention import own_attention, use_attention
-from kvstore.kernels.pq_topk import gather_kv
+from kvstore.kernels import gather_tokens
 from kvstore.kv import KV
 from kvstore.retrieval import pq
 from kvstore.retrieval.attention import (
@@ -175,7 +175,7 @@ class RetrievalSession:
                 codes: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:
         total = keys.shape[1]
         indices = select_tokens(query, centroids, codes, total, self.config, self.order)
-        k_sel, v_sel = gather_kv(keys, values, indices)
+        k_sel, v_sel = gather_tokens(keys, values, indices)
         if self.source is not None:  # the context's tokens come from the source, later ones from the cache
             stored = self.index.num_tokens
             from_source = (indices < stored)[..., None]

@@ -1,8 +1,9 @@
-"""Reusable test suites and helpers (the backend contract suite, test servers, link shaping).
+"""What users of the library reuse in their own tests: the backend contract suite
+(:class:`StoreTests`, for a backend of their own) and a bandwidth-shaped store
+(:mod:`kvstore.testing.shaping`, for the fetcher over a slow link).
 
 :class:`StoreTests` needs pytest (the ``test`` extra); it is imported on first use, so the
-helpers the demo and the benchmarks use (``kvstore.testing.shaping`` and others) work in an
-install without the test extra.
+shaping helpers work in an install without that extra.
 """
 
 from typing import Any

@@ -6,7 +6,7 @@ per-request latency. Transfers in flight together share the link equally, as
 parallel connections through one bottleneck do (processor sharing; the kernel
 link shows the same within the unfairness of TCP). Writes and metadata calls pass
 through unshaped. For unit tests of the fetcher and for benchmarks on machines
-without root (the real kernel shaping is in :mod:`kvstore.testing.netshape`).
+without root (the real kernel shaping is in :mod:`tests.tools.netshape`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.backends.base import ByteRequest, BytesLike, Store
-from kvstore.errors import BackendError
+from kvstore.errors import BackendError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ class BandwidthTrace:
 
     def __post_init__(self) -> None:
         if not self.times or len(self.times) != len(self.rates_Bps) or self.times[0] != 0:
-            raise ValueError("a trace needs matching times and rates, starting at time 0")
+            raise ConfigError("a trace needs matching times and rates, starting at time 0")
         if any(b <= a for a, b in zip(self.times, self.times[1:])) or min(self.rates_Bps) <= 0:
-            raise ValueError("trace times must increase and rates be positive")
+            raise ConfigError("trace times must increase and rates be positive")
 
     @classmethod
     def steady(cls, rate_Bps: float) -> BandwidthTrace:

@@ -11,12 +11,12 @@ import sys, time
 
 import numpy as np
 
-from kvstore.bench.codecs import _decode_context, _encode_context
+from benchmarks.codecs import _decode_context, _encode_context
 from kvstore.codecs.kvcodec import KVCodecV1
-from kvstore.eval.corpus import documents, samples
-from kvstore.eval.model import load_model
-from kvstore.eval.perplexity import ppl
-from kvstore.eval.profiles import EVALUATION_SOURCE, calibration_contexts
+from eval.corpus import documents, samples
+from eval.model import load_model
+from eval.perplexity import ppl
+from eval.profiles import EVALUATION_SOURCE, calibration_contexts
 from kvstore.integrations.hf import extract_kv
 from kvstore.integrations.hf_profile import profile_model
 

@@ -4,7 +4,7 @@ For each context length the second request of a prompt is timed with (a) no conn
 (vLLM prefills it), (b) vLLM's own ``ExampleConnector`` (raw tensors in safetensors files on
 local disk), (c) kvstore's connector at the raw level and (d) at kvcodec's default level,
 on a local store; (c) and (d) again on a Redis server behind a shaped link (``tc tbf``,
-:mod:`kvstore.testing.netshape`) where this machine can run one (root). vLLM's prefix cache
+:mod:`tests.tools.netshape`) where this machine can run one (root). vLLM's prefix cache
 is off, so every repeat of a request loads (or computes) its prompt again.
 
 Prompts are prefilled in one step (``max_num_batched_tokens`` = the model's length):
@@ -53,16 +53,16 @@ def _in_vllm_env(quick: bool) -> dict[str, Any]:
     if not python.exists():
         raise ConfigError(f"vLLM is not installed here and {VLLM_ENV} does not exist: create it with the "
                           "README's test command, or run the benchmark where vLLM is installed")
-    args = [str(python), "-m", "kvstore.bench.vllm"] + (["--quick"] if quick else [])
+    args = [str(python), "-m", "benchmarks.vllm"] + (["--quick"] if quick else [])
     return _result_of(args, timeout=2 * CHILD_TIMEOUT_S, what=f"the vLLM benchmark in {VLLM_ENV}")
 
 
 def _run(quick: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from kvstore.eval.corpus import documents
-    from kvstore.eval.model import ensure_converted, smollm2_gguf_path
-    from kvstore.eval.profiles import EVALUATION_SOURCE
+    from eval.corpus import documents
+    from eval.model import ensure_converted, smollm2_gguf_path
+    from eval.profiles import EVALUATION_SOURCE
 
     contexts = [2048] if quick else [2048, LONG_CONTEXT]
     repeats = 2 if quick else 3
@@ -78,10 +78,10 @@ def _run(quick: bool) -> dict[str, Any]:
 def _measure(work: Path, folder: str, contexts: list[int], repeats: int, prompts: dict[int, list[int]],
              warmup: list[int]) -> dict[str, Any]:
     """Run every configuration's engine with its stores under ``work``; return the figures."""
-    from kvstore.eval.model import load_model
-    from kvstore.eval.profiles import model_profile
+    from eval.model import load_model
+    from eval.profiles import model_profile
     from kvstore.integrations.vllm import model_id_of
-    from kvstore.testing.netshape import netshape_available, shaped_redis
+    from tests.tools.netshape import netshape_available, shaped_redis
 
     profile_path = work / "smollm2.kvprofile"
     profile_path.write_bytes(model_profile(load_model("smollm2")).to_bytes())
@@ -107,7 +107,7 @@ def _measure(work: Path, folder: str, contexts: list[int], repeats: int, prompts
 
 def _child(config: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    return _result_of([sys.executable, "-m", "kvstore.bench.vllm", "--engine", json.dumps(config)],
+    return _result_of([sys.executable, "-m", "benchmarks.vllm", "--engine", json.dumps(config)],
                       timeout=CHILD_TIMEOUT_S, env=env, what=f"a vLLM engine of the benchmark ({config.get('connector')})")
 
 

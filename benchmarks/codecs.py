@@ -33,10 +33,10 @@ import torch
 
 from kvstore.codecs.base import KVCodec, get_codec
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
-from kvstore.eval.corpus import documents, samples
-from kvstore.eval.model import load_model
-from kvstore.eval.perplexity import mean_ci, ppl
-from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.corpus import documents, samples
+from eval.model import load_model
+from eval.perplexity import mean_ci, ppl
+from eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.format import container
 from kvstore.format.chunk import ChunkIdentity, encode_chunk
 from kvstore.format.keys import chunk_bounds, chunk_hashes, model_fingerprint
@@ -121,7 +121,7 @@ def _interpolate_bits(curve: list[tuple[float, float]], ppl_pct: float) -> float
 
 def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
     """Measure every codec configuration; ``quick``: 2 documents, 128 continuation tokens.
-    ``model``: a name or path :func:`~kvstore.eval.model.load_model` takes."""
+    ``model``: a name or path :func:`~eval.model.load_model` takes."""
     n_docs, continuation = (2, 128) if quick else (8, 512)
     lm = load_model(model)
     profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)

@@ -1,6 +1,6 @@
 """Check the PQ top-k / gather Triton kernels against the torch reference on CUDA, and time them.
 
-``python -m kvstore.kernels.pq_topk_bench``: fresh random inputs for every check,
+``python -m benchmarks.pq_topk``: fresh random inputs for every check,
 outputs poisoned (NaN / -1, with a guard after the selection) before each kernel run,
 scores compared with a float64 reference, the counting select compared element for
 element with :func:`~kvstore.kernels.pq_reference.pq_select_reference` on integer data

@@ -1,7 +1,7 @@
 """``kvstore bench store``: put/get throughput of every byte-store backend, against its raw client.
 
 Starts moto, one ``redis-server`` and a 3-node Redis Cluster itself (see
-:mod:`kvstore.testing.servers`), then, for 1 MiB and 16 MiB values, times
+:mod:`tests.tools.servers`), then, for 1 MiB and 16 MiB values, times
 ``Store.put``/``Store.get`` and, interleaved with them in the same run, the
 backend's own client doing the same transfer:
 
@@ -34,7 +34,7 @@ from typing import Any
 
 from kvstore.backends import Store, open_store
 from kvstore.errors import KVStoreError
-from kvstore.testing.servers import (
+from tests.tools.servers import (
     ServerUnavailable,
     moto_server,
     redis_cluster,

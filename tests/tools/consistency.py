@@ -21,7 +21,7 @@ from kvstore.admin.gc import collect_garbage
 from kvstore.errors import KVStoreError
 from kvstore.kv import KV
 from kvstore.store import KVStore
-from kvstore.testing.faults import kv_identical
+from tests.tools.faults import kv_identical
 
 TTL = 1.0
 GC_GRACE = 0.3
@@ -134,8 +134,8 @@ async def run_backend(url: str, rounds: int, seed: int, *, with_ttl: bool, **sto
 def run_consistency(kinds: tuple[str, ...], rounds: int, seed: int = 0) -> dict[str, Any]:
     """Start each backend's server on loopback and run ``rounds`` interleavings on it
     (blocking). S3 runs without TTLs: it expires only through ``gc``."""
-    from kvstore.testing.loadtest import backend_target
-    from kvstore.testing.servers import ServerUnavailable
+    from tests.tools.loadtest import backend_target
+    from tests.tools.servers import ServerUnavailable
 
     backends: dict[str, Any] = {}
     for kind in kinds:

@@ -3,16 +3,16 @@
 Three parts, each from its own module in :mod:`kvstore.testing`, against real
 servers on loopback (redis-server and moto's S3 server, started here):
 
-- **faults** (:func:`kvstore.testing.faults.run_fault_campaign`): loads and writes
+- **faults** (:func:`tests.tools.faults.run_fault_campaign`): loads and writes
   through a TCP proxy that resets, stalls, truncates and corrupts traffic and
   answers S3 503 SlowDown / 500, plus redis-server crashes mid-load; every
   returned tensor is compared byte for byte with what was stored;
-- **fuzz** (:func:`kvstore.testing.fuzz.run_fuzz`): mutated containers,
+- **fuzz** (:func:`tests.tools.fuzz.run_fuzz`): mutated containers,
   manifests, chunk objects of every codec, rANS streams, profiles, PQ objects
   and hostile keys fed to their decoders;
-- **load** (:func:`kvstore.testing.loadtest.run_load_tests`): concurrent streams of
+- **load** (:func:`tests.tools.loadtest.run_load_tests`): concurrent streams of
   puts, gets, lookups and deletes against Redis and S3 for a bounded time;
-- **consistency** (:func:`kvstore.testing.consistency.run_consistency`): random
+- **consistency** (:func:`tests.tools.consistency.run_consistency`): random
   interleavings of puts of different KV for shared prefixes, deletes, gc (with and
   without a grace period), expiry and gets on memory, local files, Redis and S3,
   each checked against the invariant (one put's KV or an error; durable contexts
@@ -31,10 +31,10 @@ import sys
 import time
 from typing import Any
 
-from kvstore.testing.consistency import run_consistency
-from kvstore.testing.faults import run_fault_campaign
-from kvstore.testing.fuzz import run_fuzz
-from kvstore.testing.loadtest import run_load_tests
+from tests.tools.consistency import run_consistency
+from tests.tools.faults import run_fault_campaign
+from tests.tools.fuzz import run_fuzz
+from tests.tools.loadtest import run_load_tests
 
 TARGETS = {"wrong_kv_returned": 0, "fuzz_unexpected_exceptions": 0, "load_test.errors": 0,
            "injected_faults_min": 1000, "fuzz_cases_min": 100_000, "load_test.concurrency": 64,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kvstore.errors import ConfigError
-from kvstore.eval.corpus import Sample
+from eval.corpus import Sample
 from kvstore.integrations.hf import check_model_kv, extract_kv, kv_to_cache, prefill
 from kvstore.kv import KV
 
@@ -50,7 +50,7 @@ def continuation_nll(
 ) -> torch.Tensor:
     """Per-token negative log-likelihood (nats, fp64 on CPU) of the continuation given the context.
 
-    ``model`` is a transformers model or a :class:`~kvstore.eval.model.LoadedModel`;
+    ``model`` is a transformers model or a :class:`~eval.model.LoadedModel`;
     ``kv`` is the context's KV (any dtype/device; the model's own when None).
     """
     model = _hf(model)

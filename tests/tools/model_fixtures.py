@@ -1,7 +1,7 @@
 """Pytest fixtures for real-model tests, loaded as a plugin.
 
 Register from ``tests/conftest.py`` with
-``pytest_plugins = ["kvstore.testing.model_fixtures"]``.
+``pytest_plugins = ["tests.tools.model_fixtures"]``.
 
 ``smollm2`` loads SmolLM2 once per session (from the kvstore model cache, so
 only the very first run on a machine pays the ~25 s conversion) and skips the
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore.eval.corpus import Document, documents
-from kvstore.eval.model import (
+from eval.corpus import Document, documents
+from eval.model import (
     INSTALL_HINT,
     LoadedModel,
     ModelNotAvailableError,

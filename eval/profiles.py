@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level
-from kvstore.eval.corpus import documents
-from kvstore.eval.model import LoadedModel, cache_root
+from eval.corpus import documents
+from eval.model import LoadedModel, cache_root
 from kvstore.integrations.hf_calibrate import DEFAULT_TARGETS_PCT
 from kvstore.integrations.hf_profile import profile_model
 

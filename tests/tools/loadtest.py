@@ -26,7 +26,7 @@ or the backend's. At the end the namespace is checked with
 :func:`~kvstore.admin.verify_store` and emptied.
 
 :func:`run_load_test` runs against a store URL; :func:`run_load_tests` starts
-Redis and S3 (moto) on loopback with :mod:`kvstore.testing.servers` and runs
+Redis and S3 (moto) on loopback with :mod:`tests.tools.servers` and runs
 it against each, for ``kvstore bench``.
 """
 
@@ -348,7 +348,7 @@ def backend_target(kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Start the server behind ``kind`` and yield ``(url, storage options)``."""
     import tempfile
 
-    from kvstore.testing.servers import moto_server, redis_cluster, redis_server
+    from tests.tools.servers import moto_server, redis_cluster, redis_server
 
     if kind == "memory":
         yield "memory://", {}
@@ -380,7 +380,7 @@ def run_load_tests(
     ``wrong_kv``, the worst ``p99_ms``) and each backend's full result under
     ``backends``; a backend whose server cannot start gets an ``error`` entry.
     """
-    from kvstore.testing.servers import ServerUnavailable
+    from tests.tools.servers import ServerUnavailable
 
     backends: dict[str, Any] = {}
     for kind in kinds:

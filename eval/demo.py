@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
-from kvstore.eval.corpus import documents
-from kvstore.eval.model import cache_root, load_model
-from kvstore.eval.perplexity import ppl
-from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.corpus import documents
+from eval.model import cache_root, load_model
+from eval.perplexity import ppl
+from eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.fetch import AdaptiveFetcher
 from kvstore.fetch.timeline import draw_timeline, timeline_of
 from kvstore.integrations.hf import extract_kv, generate_greedy, make_recompute, recompute

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from kvstore.eval.corpus import documents, samples
-from kvstore.eval.model import load_model
-from kvstore.eval.perplexity import compare_kv
+from eval.corpus import documents, samples
+from eval.model import load_model
+from eval.perplexity import compare_kv
 from kvstore.integrations.hf import extract_kv
 from kvstore.kv import KV
 

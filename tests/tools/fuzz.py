@@ -23,7 +23,7 @@ or a case that exceeds ``case_timeout_s``. Memory is capped while the cases run
 (``RLIMIT_DATA``, ``memory_limit_mb`` above the current use), so a decoder that
 believes a terabyte claim fails with ``MemoryError`` (counted as unexpected)
 instead of taking the machine down. A crash of the interpreter itself is not
-caught here: run ``python -m kvstore.testing.fuzz`` in a subprocess for that.
+caught here: run ``python -m tests.tools.fuzz`` in a subprocess for that.
 """
 
 from __future__ import annotations
@@ -1198,7 +1198,7 @@ def build_targets(env: Environment) -> list[Target]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m kvstore.testing.fuzz --cases N``: print the report as JSON."""
+    """``python -m tests.tools.fuzz --cases N``: print the report as JSON."""
     parser = argparse.ArgumentParser(description="Fuzz every decoder of stored bytes.")
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)

@@ -38,7 +38,7 @@ between runs):
   retrieval attention runs) against the torch reference (scores + ``torch.topk``);
   ``pq_scores_topk_us`` (Triton scores + ``torch.topk``, the previous path), ``pq_scores_us``,
   ``pq_torch_topk_only_us``, ``pq_gather_us`` (the selected tokens' K and V) beside them
-  (:mod:`kvstore.kernels.pq_topk_bench`); ``pq_topk_host_us`` / ``pq_topk_torch_ref_host_us``:
+  (:mod:`benchmarks.pq_topk`); ``pq_topk_host_us`` / ``pq_topk_torch_ref_host_us``:
   the host's time per call with calls queued back to back (``do_bench`` flushes L2 before
   each timed call, which hides up to ~90 us of host work; a decode loop pays it);
 
@@ -106,7 +106,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def pq_figures(quick: bool) -> dict[str, Any]:
-    """PQ scores + top-k and the gather on CUDA (:mod:`kvstore.kernels.pq_topk_bench`: one layer,
+    """PQ scores + top-k and the gather on CUDA (:mod:`benchmarks.pq_topk`: one layer,
     131,072 tokens, 8 KV / 32 query heads, budget 1/5), after its correctness checks."""
     from kvstore.kernels import pq_topk_bench
 
@@ -426,7 +426,7 @@ def _summary(r: dict[str, Any]) -> str:
 
 
 def profile_launches() -> None:
-    """For Nsight Compute (``python -m kvstore.bench.kernels``): encode the benchmark chunk twice
+    """For Nsight Compute (``python -m benchmarks.kernels``): encode the benchmark chunk twice
     on the GPU, then decode it twice in the default layout and twice token-major."""
     from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
     from kvstore.codecs.kvcodec_profile import build_profile

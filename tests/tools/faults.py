@@ -43,10 +43,10 @@ from kvstore.fetch import AdaptiveFetcher
 from kvstore.fetch.policy import StaticPolicy
 from kvstore.kv import KV
 from kvstore.store import KVStore
-from kvstore.testing.faultproxy import FaultProxy, NoFaults, RandomFaults
-from kvstore.testing.servers import RedisServer, S3Server, ServerUnavailable, free_port, moto_server
+from tests.tools.faultproxy import FaultProxy, NoFaults, RandomFaults
+from tests.tools.servers import RedisServer, S3Server, ServerUnavailable, free_port, moto_server
 
-log = logging.getLogger("kvstore.testing.faults")
+log = logging.getLogger("tests.tools.faults")
 
 MODEL = "fault-campaign"
 LAYERS, HEADS, HEAD_DIM, CHUNK = 4, 2, 64, 32

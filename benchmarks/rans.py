@@ -1,4 +1,4 @@
-"""Throughput and efficiency benchmark of the rANS coder: ``python -m kvstore.codecs.rans_bench``.
+"""Throughput and efficiency benchmark of the rANS coder: ``python -m benchmarks.rans``.
 
 Draws symbols ``[layers, tokens, channels]`` from one discretized Gaussian per
 (layer, channel) (widths chosen for ~2-4 bits of entropy), profiles a

@@ -5,7 +5,7 @@ stored at every level (raw, int8, kvcodec L0-L5) behind a link shaped to a
 bandwidth trace. As root with iproute2 and ``redis-server`` the link is the
 kernel's: ``redis-server`` in a network namespace behind a veth pair whose
 server-to-client direction passes ``tc tbf``, its rate changed on the trace's
-schedule (:mod:`kvstore.testing.netshape`); elsewhere, or with
+schedule (:mod:`tests.tools.netshape`); elsewhere, or with
 ``KVSTORE_BENCH_LINK=inprocess``, the in-process
 :class:`~kvstore.testing.shaping.ShapedStore`. The JSON's ``link`` says which
 (``"kernel"`` or ``"in-process (<why>)"``). Traces: steady, a step drop, and
@@ -35,10 +35,10 @@ import torch
 
 from kvstore.backends.memory import MemoryStore
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
-from kvstore.eval.corpus import documents
-from kvstore.eval.model import load_model
-from kvstore.eval.perplexity import ppl
-from kvstore.eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.corpus import documents
+from eval.model import load_model
+from eval.perplexity import ppl
+from eval.profiles import EVALUATION_SOURCE, model_profile
 from kvstore.fetch import AdaptiveFetcher, PrefillCost
 from kvstore.fetch.policy import AdaptivePolicy, OraclePolicy, Policy, StaticPolicy
 from kvstore.fetch.timeline import draw_timeline, timeline_of
@@ -92,7 +92,7 @@ class _KernelLink:
 
     def __init__(self) -> None:
         from kvstore.backends import open_store
-        from kvstore.testing.netshape import ShapedRedis
+        from tests.tools.netshape import ShapedRedis
 
         self.server = ShapedRedis(1e9).start()
         self.byte_store = open_store(self.server.url, socket_timeout=120)  # one raw chunk at 12.5 Mbit/s: ~8 s
@@ -115,7 +115,7 @@ class _KernelLink:
 
 def _make_link() -> _InProcessLink | _KernelLink:
     """The kernel link where it can run (``KVSTORE_BENCH_LINK=inprocess`` opts out), else in-process."""
-    from kvstore.testing.netshape import netshape_available
+    from tests.tools.netshape import netshape_available
 
     if os.environ.get("KVSTORE_BENCH_LINK", "").replace("-", "") == "inprocess":
         return _InProcessLink("KVSTORE_BENCH_LINK=inprocess")
