@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.codecs.base import KVCodec, get_codec
-from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+from kvstore.codecs.base import Codec, get_codec
+from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
 from eval.corpus import documents, samples
 from eval.model import load_model
 from eval.perplexity import mean_ci, ppl
@@ -47,15 +47,15 @@ CONTEXT_TOKENS = 2048
 CHUNK_TOKENS = 256
 
 
-def _configs(profile: Any, fixed: Any, quick: bool) -> list[tuple[str, str, Callable[[], KVCodec]]]:
+def _configs(profile: Any, fixed: Any, quick: bool) -> list[tuple[str, str, Callable[[], Codec]]]:
     cachegen = [("default", {}), ("bins=16", {"bins": 16}), ("bins=32", {"bins": 32}), ("bins=64", {"bins": 64})]
-    rows: list[tuple[str, str, Callable[[], KVCodec]]] = [
+    rows: list[tuple[str, str, Callable[[], Codec]]] = [
         ("int8", "-", lambda: get_codec("int8")),
         ("kivi2", "-", lambda: get_codec("kivi2")),
     ]
     rows += [("cachegen_ref", label, lambda p=params: get_codec("cachegen_ref", p)) for label, params in cachegen]
-    rows += [("kvcodec", str(i), lambda i=i: KVCodecV1(profile, i)) for i in range(len(profile.levels))]
-    rows += [("kvcodec_fixed", str(DEFAULT_LEVEL), lambda: KVCodecV1(fixed, DEFAULT_LEVEL))]
+    rows += [("kvcodec", str(i), lambda i=i: KVCodec(profile, i)) for i in range(len(profile.levels))]
+    rows += [("kvcodec_fixed", str(DEFAULT_LEVEL), lambda: KVCodec(fixed, DEFAULT_LEVEL))]
     return rows
 
 
@@ -66,7 +66,7 @@ def _chunks(kv16: KV, chunk_tokens: int) -> list[tuple[int, torch.Tensor, torch.
             for s, e in chunk_bounds(keys.shape[2], chunk_tokens)]
 
 
-def _encode_context(codec: KVCodec, kv16: KV, tokens: torch.Tensor, chunk_tokens: int) -> tuple[list[bytes], float]:
+def _encode_context(codec: Codec, kv16: KV, tokens: torch.Tensor, chunk_tokens: int) -> tuple[list[bytes], float]:
     """Every chunk as a stored chunk object; returns the objects and the encode seconds."""
     fingerprint = model_fingerprint("bench")
     ids = tokens.numpy().astype("<i4")
@@ -81,7 +81,7 @@ def _encode_context(codec: KVCodec, kv16: KV, tokens: torch.Tensor, chunk_tokens
     return objects, time.perf_counter() - started
 
 
-def _decode_context(codec: KVCodec, objects: list[bytes], kv16: KV) -> tuple[KV, float]:
+def _decode_context(codec: Codec, objects: list[bytes], kv16: KV) -> tuple[KV, float]:
     layers, (heads, tokens, dim) = len(kv16), kv16[0][0].shape
     keys = torch.empty(layers, heads, tokens, dim, dtype=torch.float16)
     values = torch.empty_like(keys)
@@ -98,8 +98,8 @@ def _decode_context(codec: KVCodec, objects: list[bytes], kv16: KV) -> tuple[KV,
     return list(zip(keys.unbind(0), values.unbind(0))), seconds
 
 
-def _entropy_efficiency(codec: KVCodec, kv16: KV) -> float | None:
-    if not isinstance(codec, KVCodecV1):
+def _entropy_efficiency(codec: Codec, kv16: KV) -> float | None:
+    if not isinstance(codec, KVCodec):
         return None
     ideal = coded = 0.0
     for start, k, v in _chunks(kv16, CHUNK_TOKENS):

@@ -11,7 +11,7 @@ medians after warm-up through ``triton.testing.do_bench``, which also flushes L2
 between runs):
 
 - ``hbm_copy_GBps``: a 1 GiB device-to-device copy, bytes read + written;
-- ``encode_GBps``: ``KVCodecV1.encode`` of the KV on the GPU (:func:`encode_kvcodec_gpu`:
+- ``encode_GBps``: ``KVCodec.encode`` of the KV on the GPU (:func:`encode_kvcodec_kernels`:
   the fused Triton quantization pass, one Triton rANS launch, stream assembly, the streams
   copied to host memory through a pinned buffer);
 - ``encode_device_GBps``: the same with the streams left on the device;
@@ -26,10 +26,10 @@ between runs):
   and ``decode_prelaunch_us``: from the call to the decode kernel queued, the GPU idle (with
   the check, the GPU waits for this at every chunk);
 - ``decode_token_major_GBps``: the same chunk in the token-major layout (format version 1);
-- ``decode_e2e_GBps``: :func:`decode_kvcodec_gpu` from the chunk's container in host
+- ``decode_e2e_GBps``: :func:`decode_kvcodec_kernels` from the chunk's container in host
   memory (checksums, header checks, pinned staging, host-to-device copy included);
 - ``decode_torch_ref_GBps``: the pure-torch reference on the GPU;
-- ``decode_cpu_MBps``: ``KVCodecV1.decode`` on the CPU (numba, all cores), MB/s;
+- ``decode_cpu_MBps``: ``KVCodec.decode`` on the CPU (numba, all cores), MB/s;
 - ``variants``: every kernel variant's figure (checked bit-identical to the default's output);
 - ``group_size_study``: the chunk re-encoded in both layouts with other lane lengths, the
   size against the token-major layout at its default 4,096-symbol lanes, and the decode figure;
@@ -138,11 +138,11 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     """The whole benchmark on ``dev`` (``bench(fn) -> ms``, ``sync()``); ``run`` uses CUDA and
     ``do_bench``, tests use a small shape on the CPU under the Triton interpreter."""
     from kvstore.codecs import rans
-    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, FORMAT_VERSION, KVCodecV1, Quantized
+    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, FORMAT_VERSION, KVCodec, Quantized
     from kvstore.codecs.kvcodec_profile import build_profile
     from kvstore.format import container
-    from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu, stream_plans
-    from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu, decode_prepared, prepare_kvcodec
+    from kvstore.kernels.kvcodec_encode import encode_kvcodec_kernels, stream_plans
+    from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels, decode_prepared, prepare_kvcodec
     from kvstore.kernels.rans_decode import DecodeConfig
     from kvstore.kernels.quantize import quantize_kvcodec_gpu
     from kvstore.kernels.rans_encode import rans_encode_launch
@@ -161,14 +161,14 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     t0 = time.perf_counter()
     samples = [tuple(t.cpu() for t in synthetic_kv(max(T // 2, 8), s, dev, shape)) for s in (1, 2)]
     profile = build_profile(samples)
-    codec = KVCodecV1(profile, DEFAULT_LEVEL)
-    token_codec = KVCodecV1(profile, DEFAULT_LEVEL, version=1)
+    codec = KVCodec(profile, DEFAULT_LEVEL)
+    token_codec = KVCodec(profile, DEFAULT_LEVEL, version=1)
     keys, values = synthetic_kv(T, 7, dev, shape)
     kc, vc = keys.cpu(), values.cpu()
     setup_s = time.perf_counter() - t0
 
     # ---- encode on the device: same bytes as the CPU encoder for the same symbols
-    buffers = encode_kvcodec_gpu(codec, keys, values)
+    buffers = encode_kvcodec_kernels(codec, keys, values)
     fused = quantize_kvcodec_gpu(codec, keys, values)
     q = codec.quantize(keys, values)  # the torch quantization (the CPU encoder's), symbols copied to the host
     cpu_streams = codec.entropy_code(Quantized(*(t.cpu().numpy() for t in fused[:3]), fused[3]))
@@ -178,11 +178,11 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     checks["fused_quantize_mismatches"] = {
         name: int((a.cpu().numpy() != b).sum()) for name, a, b in zip(("k", "v", "scales"), fused[:3], (q.keys, q.values, q.scales), strict=True)
     }  # fmt: skip
-    ms = bench(lambda: encode_kvcodec_gpu(codec, keys, values))
+    ms = bench(lambda: encode_kvcodec_kernels(codec, keys, values))
     result["encode_GBps"], result["encode_ms"] = _gbps(kv_bytes, ms), ms
-    ms = bench(lambda: encode_kvcodec_gpu(codec, keys, values, to_host=False))
+    ms = bench(lambda: encode_kvcodec_kernels(codec, keys, values, to_host=False))
     result["encode_device_GBps"], result["encode_device_ms"] = _gbps(kv_bytes, ms), ms
-    ms = bench(lambda: encode_kvcodec_gpu(codec, keys, values, quantize="torch"))
+    ms = bench(lambda: encode_kvcodec_kernels(codec, keys, values, quantize="torch"))
     result["encode_torch_quantize_GBps"] = _gbps(kv_bytes, ms)
     result["encode_quantize_ms"] = bench(lambda: quantize_kvcodec_gpu(codec, keys, values))
     result["encode_quantize_torch_ms"] = bench(lambda: codec.quantize_tensors(keys, values))
@@ -257,7 +257,7 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
     for _ in range((3 if quick else 5) if dev.type == "cuda" else 1):
         sync()
         t1 = time.perf_counter()
-        decode_kvcodec_gpu(obj, codec, (L, H, T, D), torch.float16, dev)
+        decode_kvcodec_kernels(obj, codec, (L, H, T, D), torch.float16, dev)
         sync()
         e2e.append(time.perf_counter() - t1)
     result["decode_e2e_GBps"] = kv_bytes / float(np.median(e2e)) / 1e9
@@ -326,7 +326,7 @@ def measure(dev: torch.device, shape, quick: bool, bench, sync) -> dict[str, Any
 def _pipelined(chunk, sync, reps: int = 20) -> float:
     """ms per decode with ``reps`` decodes queued back to back (no check in between: the host
     prepares the next launches while the GPU decodes), errors checked once at the end."""
-    from kvstore.kernels.kvcodec_gpu import decode_prepared
+    from kvstore.kernels.kvcodec_decode import decode_prepared
     from kvstore.kernels.rans_decode import check_errors
 
     if reps > 1:
@@ -348,7 +348,7 @@ def _host_times(chunk, sync, reps: int = 20) -> tuple[float, float]:
     """Host microseconds per decode (no check) queued back to back, and the median time from a
     call to its decode kernel queued, with the GPU idle at the call (what a checked decode waits)."""
     from kvstore.kernels import rans_decode
-    from kvstore.kernels.kvcodec_gpu import decode_prepared
+    from kvstore.kernels.kvcodec_decode import decode_prepared
 
     decode_prepared(chunk, torch.float16, check=False)
     sync()
@@ -379,7 +379,7 @@ def _host_times(chunk, sync, reps: int = 20) -> tuple[float, float]:
 
 
 def _variants(chunk, configs, expect, out_bytes: int, bench) -> list[dict[str, Any]]:
-    from kvstore.kernels.kvcodec_gpu import decode_prepared
+    from kvstore.kernels.kvcodec_decode import decode_prepared
 
     rows = []
     for cfg in configs:
@@ -428,10 +428,10 @@ def _summary(r: dict[str, Any]) -> str:
 def profile_launches() -> None:
     """For Nsight Compute (``python -m benchmarks.kernels``): encode the benchmark chunk twice
     on the GPU, then decode it twice in the default layout and twice token-major."""
-    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
     from kvstore.codecs.kvcodec_profile import build_profile
-    from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu
-    from kvstore.kernels.kvcodec_gpu import decode_prepared, prepare_kvcodec
+    from kvstore.kernels.kvcodec_encode import encode_kvcodec_kernels
+    from kvstore.kernels.kvcodec_decode import decode_prepared, prepare_kvcodec
 
     dev = torch.device("cuda")
     T = SHAPE[2]
@@ -439,9 +439,9 @@ def profile_launches() -> None:
     profile = build_profile(samples)
     keys, values = synthetic_kv(T, 7, dev)
     for version in (2, 1):
-        codec = KVCodecV1(profile, DEFAULT_LEVEL, version=version)
+        codec = KVCodec(profile, DEFAULT_LEVEL, version=version)
         for _ in range(2):
-            bufs = encode_kvcodec_gpu(codec, keys, values)
+            bufs = encode_kvcodec_kernels(codec, keys, values)
         chunk = prepare_kvcodec(bufs, codec, SHAPE, dev)
         for _ in range(2):
             decode_prepared(chunk, torch.float16)

@@ -3,7 +3,7 @@
 ``python -m benchmarks.pq_topk``: fresh random inputs for every check,
 outputs poisoned (NaN / -1, with a guard after the selection) before each kernel run,
 scores compared with a float64 reference, the counting select compared element for
-element with :func:`~kvstore.kernels.pq_reference.pq_select_reference` on integer data
+element with :func:`~kvstore.kernels.pq_torch.pq_select_reference` on integer data
 (exact scores); then, for one layer of 131,072 tokens, 8 KV heads, 32 query heads,
 head_dim 128, m=2, b=6, budget 1/5 (sinks 32 + window 64 + top-k): the counting select
 (``pq_select_triton``, what retrieval attention runs), the scores + ``torch.topk`` path
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from kvstore.kernels.pq_reference import gather_kv_reference, pq_select_reference, pq_topk_reference
+from kvstore.kernels.pq_torch import gather_kv_reference, pq_select_reference, pq_topk_reference
 from kvstore.kernels.pq_select import combinations, pq_select_triton
 from kvstore.kernels.pq_topk import gather_kv_triton, pq_scores_triton, pq_topk_triton
 

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec import KVCodec
 from eval.corpus import documents, samples
 from eval.model import load_model
 from eval.perplexity import continuation_nll, mean_ci
@@ -115,7 +115,7 @@ def _decode_check(lm: Any, ctx: torch.Tensor, cont: torch.Tensor, kv: Any, index
 
 async def _store_figures(lm: Any, profile: Any, layout: Any, ctx: torch.Tensor, kv16: Any,
                          index: pq.PQIndex) -> tuple[dict[str, Any], pq.PQIndex]:
-    kvs = KVStore("memory://", levels=[KVCodecV1(profile, KV_LEVEL), "int8"])
+    kvs = KVStore("memory://", levels=[KVCodec(profile, KV_LEVEL), "int8"])
     manifest = await kvs.put(lm.model_id, ctx, kv16, layout=layout, pq=index)
     written = manifest.pq
     assert written is not None

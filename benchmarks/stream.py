@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from kvstore.backends.memory import MemoryStore
-from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
 from eval.corpus import documents
 from eval.model import load_model
 from eval.perplexity import ppl
@@ -135,7 +135,7 @@ async def _run(quick: bool) -> dict[str, Any]:
     profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=2048)
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=3)
     level_names = ["raw", "int8"] + [f"kvcodec-L{i}" for i in range(len(profile.levels))]
-    codecs: list[Any] = ["raw", "int8"] + [KVCodecV1(profile, i) for i in range(len(profile.levels))]
+    codecs: list[Any] = ["raw", "int8"] + [KVCodec(profile, i) for i in range(len(profile.levels))]
     link = _make_link()
     try:
         return await _measure(quick, lm, profile, docs, level_names, codecs, link)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
 from eval.corpus import documents
 from eval.model import cache_root, load_model
 from eval.perplexity import ppl
@@ -86,7 +86,7 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
     fp16_bytes = 2 * sum(k.numel() + v.numel() for k, v in kv)
 
     names = ["raw", "int8"] + [f"kvcodec-L{i}" for i in range(len(profile.levels))]
-    codecs: list[Any] = ["raw", "int8"] + [KVCodecV1(profile, i) for i in range(len(profile.levels))]
+    codecs: list[Any] = ["raw", "int8"] + [KVCodec(profile, i) for i in range(len(profile.levels))]
     default = names.index(f"kvcodec-L{DEFAULT_LEVEL}")
     chunk_tokens = context_tokens // 8  # 8 chunks: enough decisions for the fetcher to adapt in the quick run too
     async with KVStore(store_url, levels=codecs, chunk_tokens=chunk_tokens, storage_options=storage_options) as store:

@@ -8,9 +8,9 @@ byte stores open from URLs with :func:`open_store`; every deliberate error is a
 import os
 
 # torch's OpenMP threads busy-wait after each parallel region; on a small CPU that
-# spinning starves the entropy coder's worker threads (measured: kvcodec at 20 MB/s
-# instead of 150 on 2 cores after a model forward). Passive waiting, unless the
-# application chose otherwise; it takes effect only if torch is not imported yet.
+# spinning starves the entropy coder's worker threads (measurements in
+# benchmarks/RESULTS.md). Passive waiting, unless the application chose otherwise;
+# it takes effect only if torch is not imported yet.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from kvstore.backends import open_store  # noqa: E402

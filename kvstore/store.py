@@ -35,7 +35,7 @@ from kvstore import metrics
 from kvstore.backends import open_store
 from kvstore.backends.base import RangeRequest, Store, check_ttl
 from kvstore.backends.signed import SignedStore
-from kvstore.codecs.base import KVCodec, codec_class, get_codec, profile_content_id, register_profile
+from kvstore.codecs.base import Codec, codec_class, get_codec, profile_content_id, register_profile
 from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
 from kvstore.errors import (
     ChecksumError,
@@ -64,23 +64,24 @@ from kvstore.retrieval import store as pq_store
 
 log = logging.getLogger("kvstore")
 T = TypeVar("T")
+R = TypeVar("R")
 
-LevelLike = str | tuple[str, dict[str, Any]] | KVCodec
+LevelLike = str | tuple[str, dict[str, Any]] | Codec
 PUT_ATTEMPTS = 3  # a put whose manifest lists objects replaced since is redone this often
 SLIDING_CHUNKS = ("all", "last_window")
 CALIBRATION_TOKENS = 2048  # a bound store without calibration texts calibrates on this much of its first put
 MIN_CALIBRATION_TOKENS = 16
 
 
-def make_codec(level: LevelLike) -> KVCodec:
+def make_codec(level: LevelLike) -> Codec:
     """A codec from a name, a ``(name, params)`` pair or a codec instance."""
-    if isinstance(level, KVCodec):
+    if isinstance(level, Codec):
         return level
     if isinstance(level, str):
         return get_codec(level)
     if isinstance(level, tuple) and len(level) == 2 and isinstance(level[1], dict):
         return get_codec(level[0], level[1])
-    raise ConfigError(f"a level is a codec name, (name, params) or a KVCodec, got {level!r}")
+    raise ConfigError(f"a level is a codec name, (name, params) or a Codec, got {level!r}")
 
 
 def _object_entry(key: str, header: container.Header) -> ChunkObject:
@@ -179,12 +180,12 @@ class KVStore:
             from kvstore.codecs.kvcodec import DEFAULT_LEVEL
             from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS
 
-            self.codecs: list[KVCodec] = []  # the model's kvcodec levels, from its profile on first use
+            self.codecs: list[Codec] = []  # the model's kvcodec levels, from its profile on first use
             self.num_levels = len(DEFAULT_LEVELS)
             default = DEFAULT_LEVEL
         else:
             levels = ("raw",) if levels is None else levels
-            if isinstance(levels, str | KVCodec) or len(levels) == 0:
+            if isinstance(levels, str | Codec) or len(levels) == 0:
                 raise ConfigError("levels must be 'auto' or a non-empty sequence of codecs, best first")
             self.codecs = [make_codec(level) for level in levels]
             if len({c.tag for c in self.codecs}) != len(self.codecs):
@@ -280,14 +281,14 @@ class KVStore:
                 except FormatError as exc:
                     raise type(exc)(f"the model's stored codec profile {key} is damaged ({exc}); "
                                     "delete it to calibrate a new one") from exc
-            from kvstore.codecs.kvcodec import KVCodecV1
+            from kvstore.codecs.kvcodec import KVCodec
             from kvstore.codecs.kvcodec_profile import KVCodecProfile
 
             profile = KVCodecProfile.from_bytes(profile_bytes)
             if len(profile.levels) != self.num_levels:
                 raise FormatError(f"the model's stored codec profile {key} has {len(profile.levels)} levels, "
                                   f"not {self.num_levels}")
-            self.codecs = [KVCodecV1(profile, i) for i in range(self.num_levels)]
+            self.codecs = [KVCodec(profile, i) for i in range(self.num_levels)]
         return True
 
     async def _calibration_contexts(self, first_context: np.ndarray | None) -> list[Tokens] | None:
@@ -468,7 +469,7 @@ class KVStore:
                     stored.append(((level, group.index), await store_level(ident, level, group_codec, keys, values)))
             return stored
 
-        async def store_level(ident: ChunkIdentity, level: int, codec: KVCodec,
+        async def store_level(ident: ChunkIdentity, level: int, codec: Codec,
                               keys: torch.Tensor, values: torch.Tensor) -> ChunkObject:
             base = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, self.codecs[level].tag, ident.group)
             data = await asyncio.to_thread(encode, codec, ident, keys, values)
@@ -754,20 +755,24 @@ class KVStore:
                     f"(chunk {i} of {len(plan.bounds)} is missing; lookup() finds a stored prefix)"
                 )
             metrics.record_get(level, len(blob), time.perf_counter() - started)
-            if manifest is not None:
-                check_recorded_object(blob, manifest.object_at(i, level, g), i)  # type: ignore[arg-type]
             return blob
+
+        def open_object(j: int, data: bytes | container.Container) -> container.Container:
+            """The object's container: its header parsed once, checked against the manifest's
+            record (buffers are checksummed as the codec reads them)."""
+            if isinstance(data, container.Container):
+                return data
+            obj = container.decode(data)
+            if manifest is not None:
+                i, g = jobs[j]
+                check_recorded_object(obj, manifest.object_at(i, level, g), i)  # type: ignore[arg-type]
+            return obj
 
         try:
             # the first object first: without a manifest its header says the dtype (and, on a
             # store without a layout object, the one group's shape) to allocate
-            shape: dict[str, Any] = {}
-
-            def read_shape(j: int, blob: bytes) -> None:
-                shape["layout"], shape["dtype"] = self._layout_and_dtype(manifest, layout, blob)
-
-            first = await self._verified(0, fetch, read_shape)
-            layout, dtype = shape["layout"], shape["dtype"]
+            first = await self._verified(0, fetch, open_object)
+            layout, dtype = self._layout_and_dtype(manifest, layout, first.header)
             groups = layout.groups
             base = [plan.bounds[first_chunk(g)][0] for g in groups]
             alloc = on_stream(stream, torch.empty)  # from the caller's stream's pool (this thread's may be another)
@@ -778,14 +783,15 @@ class KVStore:
             group_codecs = [level_codec.for_layers(g.layers, layout.num_layers) for g in groups]
             chain: dict[int, tuple[str, str]] = {}  # job -> the object's (content, prev)
 
-            def decode(j: int, blob: bytes) -> None:
+            def decode(j: int, data: bytes | container.Container) -> None:
                 i, g = jobs[j]
                 start, stop = plan.bounds[i]
                 ident = self._identity(plan, i, groups[g], dtype)
                 started = time.perf_counter()
-                k, v = decode_chunk(blob, ident, device, {"name": group_codecs[g].name, "params": group_codecs[g].params})
+                obj = open_object(j, data)
+                k, v = decode_chunk(obj, ident, device, {"name": group_codecs[g].name, "params": group_codecs[g].params})
                 if manifest is None:
-                    meta = _header(blob).meta
+                    meta = obj.header.meta
                     chain[j] = (str(meta.get("content", "")), str(meta.get("prev", "")))
                 metrics.record_decode(codec_name, time.perf_counter() - started)
                 out_k, out_v = outs[g]
@@ -794,7 +800,7 @@ class KVStore:
 
             decode = on_stream(stream, decode)  # runs in worker threads
 
-            async def fetched_first(j: int) -> bytes:
+            async def fetched_first(j: int) -> container.Container:
                 return first
 
             await self._bounded([lambda: self._verified(0, fetched_first, decode, refetch=fetch)]
@@ -844,9 +850,10 @@ class KVStore:
                     blob = await self.store.get(key)
                     if blob is None:
                         continue
-                    meta = _header(blob).meta
+                    obj = container.decode(blob)
+                    meta = obj.header.meta
                     if (want is None or meta.get("prev") == want) and (content is None or meta.get("content") == content):
-                        await asyncio.to_thread(decode, j, blob)
+                        await asyncio.to_thread(decode, j, obj)
                         content = chain[j][0]
                         break
                 else:
@@ -856,15 +863,14 @@ class KVStore:
             want = content
 
     @staticmethod
-    async def _verified(i: int, fetch: Callable[[int], Awaitable[bytes]], decode: Callable[[int, bytes], Any],
-                        refetch: Callable[[int], Awaitable[bytes]] | None = None) -> bytes:
-        """Fetch chunk ``i``, check and decode it; a chunk that fails verification (damaged in
-        transit, say: Redis has no checksum on the wire) is read once more before the error
-        is raised. Returns the verified bytes."""
+    async def _verified(i: int, fetch: Callable[[int], Awaitable[Any]], decode: Callable[[int, Any], R],
+                        refetch: Callable[[int], Awaitable[Any]] | None = None) -> R:
+        """Fetch object ``i``, check and decode it; an object that fails verification (damaged
+        in transit, say: Redis has no checksum on the wire) is read once more before the
+        error is raised. Returns what ``decode`` returns."""
         try:
             blob = await fetch(i)
-            await asyncio.to_thread(decode, i, blob)
-            return blob
+            return await asyncio.to_thread(decode, i, blob)
         except MissingObjectError:
             raise
         except FormatError as exc:
@@ -872,21 +878,20 @@ class KVStore:
             log.warning("chunk %d failed verification (%s): reading it again", i, exc)
         try:
             blob = await (refetch or fetch)(i)
-            await asyncio.to_thread(decode, i, blob)
-            return blob
+            return await asyncio.to_thread(decode, i, blob)
         except FormatError:
             metrics.record_checksum_failure("chunk")
             raise
 
     @staticmethod
     def _layout_and_dtype(manifest: Manifest | None, layout: CacheLayout | None,
-                          first_blob: bytes) -> tuple[CacheLayout, torch.dtype]:
+                          first: container.Header) -> tuple[CacheLayout, torch.dtype]:
         """The layout and dtype to decode into: the manifest's, or else the stored layout and
         the first object's recorded dtype (a store without a layout object: one uniform group
         of the first object's recorded shape)."""
         if manifest is not None:
             return manifest.layout, torch_dtype(manifest.dtype)[0]
-        meta = _header(first_blob).meta
+        meta = first.meta
         dtype = torch_dtype(meta.get("dtype"))[0]
         if layout is not None:
             return layout, dtype

@@ -26,11 +26,11 @@ from kvstore import KVStore
 from benchmarks.kernels import SHAPE
 from benchmarks.kernels import synthetic_kv as llama_kv
 from kvstore.codecs import rans
-from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
 from kvstore.codecs.kvcodec_profile import build_profile
 from kvstore.format import container
-from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu
-from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
+from kvstore.kernels.kvcodec_encode import encode_kvcodec_kernels
+from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels
 from kvstore.kernels.quantize import quantize_kvcodec_gpu
 
 
@@ -76,7 +76,7 @@ def encoder_check() -> None:
     keys, values = llama_kv(T, 7, dev)
     fp16_bytes = 2 * keys.numel() * 2
     for version in (2, 1):
-        codec = KVCodecV1(profile, DEFAULT_LEVEL, version=version)
+        codec = KVCodec(profile, DEFAULT_LEVEL, version=version)
         buffers = codec.encode(keys, values)  # dispatches to the GPU encoder (fused quantization)
         fused = [t.cpu().numpy() for t in quantize_kvcodec_gpu(codec, keys, values)[:3]]
         specs = codec.streams(T)
@@ -98,8 +98,8 @@ def encoder_check() -> None:
         print(f"version {version}: gpu-encoded chunk, cuda decode equals cpu decode: {same}")
         assert same
         size = sum(len(buffers[n]) for n in ("k", "v", "scales"))
-        enc = timed(lambda c=codec: encode_kvcodec_gpu(c, keys, values))
-        dec = timed(lambda c=codec, o=obj: decode_kvcodec_gpu(o, c, SHAPE, torch.float16, dev))
+        enc = timed(lambda c=codec: encode_kvcodec_kernels(c, keys, values))
+        dec = timed(lambda c=codec, o=obj: decode_kvcodec_kernels(o, c, SHAPE, torch.float16, dev))
         print(f"version {version}: {8 * size / (2 * keys.numel()):.3f} bits/element in streams; "
               f"encode {fp16_bytes / enc / 1e9:.1f} GB/s, decode (from host memory) {fp16_bytes / dec / 1e9:.1f} GB/s")
 
@@ -108,8 +108,8 @@ async def main() -> None:
     kv = synthetic()
     profile = build_profile([synthetic(seed=s) for s in (1, 2)], query_energy=torch.rand(4, 2, 64) + 0.1)
     n = len(profile.levels)
-    await store_round_trip([KVCodecV1(profile, i) for i in range(n)], kv, "cuda", "channel-major, gpu-encoded")
-    await store_round_trip([KVCodecV1(profile, i, version=1) for i in range(n)], kv, "cpu", "token-major, cpu-encoded")
+    await store_round_trip([KVCodec(profile, i) for i in range(n)], kv, "cuda", "channel-major, gpu-encoded")
+    await store_round_trip([KVCodec(profile, i, version=1) for i in range(n)], kv, "cpu", "token-major, cpu-encoded")
     encoder_check()
 
 

@@ -92,16 +92,16 @@ def pq_case():
 
 def decode_case():
     from benchmarks.kernels import SHAPE, synthetic_kv
-    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
     from kvstore.codecs.kvcodec_profile import build_profile
-    from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu
-    from kvstore.kernels.kvcodec_gpu import decode_prepared, prepare_kvcodec
+    from kvstore.kernels.kvcodec_encode import encode_kvcodec_kernels
+    from kvstore.kernels.kvcodec_decode import decode_prepared, prepare_kvcodec
 
     dev = torch.device("cuda")
     samples = [tuple(t.cpu() for t in synthetic_kv(SHAPE[2] // 2, s, dev)) for s in (1, 2)]
-    codec = KVCodecV1(build_profile(samples), DEFAULT_LEVEL)
+    codec = KVCodec(build_profile(samples), DEFAULT_LEVEL)
     keys, values = synthetic_kv(SHAPE[2], 7, dev)
-    chunk = prepare_kvcodec(encode_kvcodec_gpu(codec, keys, values), codec, SHAPE, dev)
+    chunk = prepare_kvcodec(encode_kvcodec_kernels(codec, keys, values), codec, SHAPE, dev)
     return chunk, decode_prepared
 
 
@@ -118,7 +118,7 @@ def launch_costs() -> None:
     from triton import knobs
 
     from kvstore.kernels import pq_select as ps
-    from kvstore.kernels.pq_reference import pq_topk_reference
+    from kvstore.kernels.pq_torch import pq_topk_reference
 
     x = pq_inputs()
     query, centroids, codes, k, sinks, stop = (x[key] for key in ("query", "centroids", "codes", "k", "start", "stop"))

@@ -13,7 +13,7 @@ import asyncio
 import json
 
 from kvstore import KVStore
-from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
 from eval.corpus import documents, samples
 from eval.model import load_model
 from eval.profiles import EVALUATION_SOURCE, model_profile
@@ -28,7 +28,7 @@ async def measure() -> dict:
     rows = []
     for sample in samples(docs, context_tokens=4096, continuation_tokens=256, seed=0):
         kv = [(k.half(), v.half()) for k, v in extract_kv(lm.model, sample.context)]
-        async with KVStore("memory://", levels=[KVCodecV1(profile, DEFAULT_LEVEL)]) as kvs:
+        async with KVStore("memory://", levels=[KVCodec(profile, DEFAULT_LEVEL)]) as kvs:
             manifest = await kvs.put(lm.model_id, sample.context, kv, pq=PQConfig())
         rows.append({"doc": sample.document, "kv_bytes": manifest.level_bytes(0),
                      "pq_bytes": manifest.pq.total_bytes, "centroids_bytes": manifest.pq.centroids.size})

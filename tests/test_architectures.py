@@ -177,13 +177,13 @@ async def test_a_model_keeps_one_layout(ids):
 
 
 def _kvcodec_for(model, ids):  # type: ignore[no-untyped-def]
-    from kvstore.codecs.kvcodec import KVCodecV1
+    from kvstore.codecs.kvcodec import KVCodec
     from kvstore.codecs.kvcodec_profile import build_profile
 
     kv = extract_kv(model, ids)
     sample = (torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
     heads, dim = kv[0][0].shape[0], kv[0][0].shape[2]
-    return kv, KVCodecV1(build_profile([sample], query_energy=torch.ones(len(kv), heads, dim)), 1)
+    return kv, KVCodec(build_profile([sample], query_energy=torch.ones(len(kv), heads, dim)), 1)
 
 
 async def test_kvcodec_codes_each_layer_group_with_its_profile_rows(ids):

@@ -11,7 +11,7 @@ import torch
 
 from kvstore import KVStore, SyncKVStore
 from kvstore.admin.checks import DEFAULT_PROFILE, check_bytes
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec import KVCodec
 from kvstore.codecs.kvcodec_profile import KVCodecProfile
 from kvstore.errors import ConfigError, ContextNotFoundError, FormatError
 from eval.architectures import tiny_model
@@ -76,7 +76,7 @@ async def test_put_prefills_and_stores_the_models_kvcodec_levels(llama, tmp_path
         assert model.calibrated_on == [[300]]  # calibrated once per model
 
     profile = KVCodecProfile.from_bytes(profile_bytes)  # the same as levels given by hand, bit for bit
-    async with KVStore("memory://", levels=[KVCodecV1(profile, i) for i in range(6)]) as by_hand:
+    async with KVStore("memory://", levels=[KVCodec(profile, i) for i in range(6)]) as by_hand:
         await by_hand.put(model.model_id, tokens, extract_kv(llama, tokens), layout=model.cache_layout())
         expected = await by_hand.get(model.model_id, tokens, level=2)
     for (k, v), (k2, v2), (ke, ve) in zip(loaded, at_2, expected, strict=True):

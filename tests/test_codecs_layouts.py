@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvstore.codecs import get_codec
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec import KVCodec
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
 from kvstore.format.chunk import ChunkIdentity, decode_chunk, encode_chunk
@@ -63,7 +63,7 @@ def test_kvcodec_round_trips_every_head_shape(heads, dim):
     keys, values = synthetic_kv(TOKENS, 5, shape=(3, heads, dim))
     errors = []
     for level in (0, 2, 5):
-        codec = KVCodecV1(profile, level)
+        codec = KVCodec(profile, level)
         ident = ChunkIdentity("fp", "hash", 0, np.arange(TOKENS, dtype=np.int32), 3, heads, dim, torch.float16)
         k, v = decode_chunk(encode_chunk(codec, ident, keys, values), ident, CPU)
         assert k.shape == keys.shape and v.shape == values.shape
@@ -75,7 +75,7 @@ def test_kvcodec_round_trips_every_head_shape(heads, dim):
 def test_kvcodec_layer_groups_use_their_rows_of_the_profile():
     profile = small_profile((3, 2, 64))
     keys, values = synthetic_kv(TOKENS, 6, shape=(3, 2, 64))
-    whole = KVCodecV1(profile, 2)
+    whole = KVCodec(profile, 2)
     group = whole.for_layers((0, 2), 3)
     assert group.params["layers"] == [0, 2] and group.profile.shape == (2, 2, 64)
     assert whole.for_layers((0, 1, 2), 3) is whole and whole.for_layers((0, 2), 3) is group

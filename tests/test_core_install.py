@@ -40,7 +40,7 @@ def test_a_local_store_with_every_codec_needs_no_extra(tmp_path):
     script = f"""
 import torch
 from kvstore import SyncKVStore
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec import KVCodec
 from kvstore.codecs.kvcodec_profile import build_profile
 from kvstore.retrieval import PQConfig
 
@@ -53,7 +53,7 @@ profile = build_profile([(torch.stack([k for k, _ in c]), torch.stack([v for _, 
 tokens = list(range(64))
 context = kv(64)
 for url in ("memory://", {str(tmp_path / 'store')!r}):
-    with SyncKVStore(url, levels=["raw", "int8", KVCodecV1(profile, 2)], chunk_tokens=16) as kvs:
+    with SyncKVStore(url, levels=["raw", "int8", KVCodec(profile, 2)], chunk_tokens=16) as kvs:
         kvs.put("m", tokens, context, pq=PQConfig(subspaces=2, bits=4, sinks=4, iters=2))
         raw = kvs.get("m", tokens, level=0)
         assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(raw, context))

@@ -98,7 +98,7 @@ def test_codecs_do_not_import_kernels_and_the_container_is_a_leaf():
 
 
 def test_the_torch_references_import_no_triton():
-    for name in ("kvstore.kernels.reference", "kvstore.kernels.rans_streams", "kvstore.kernels.rans_encode_plan",
+    for name in ("kvstore.kernels.torch_ops", "kvstore.kernels.rans_streams", "kvstore.kernels.rans_encode_plan",
                  "kvstore.kernels.support", "kvstore.codecs.devices"):
         tree = ast.parse(modules()[name].read_text())
         top = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
@@ -128,7 +128,7 @@ import numpy as np, torch
 from kvstore.codecs import rans
 from kvstore.codecs.symbol_model import FrequencyTable
 from kvstore.kernels import decode_rans, encode_rans, triton_available
-from kvstore.kernels.reference import rans_decode_ref, rans_encode_ref
+from kvstore.kernels.torch_ops import rans_decode_ref, rans_encode_ref
 symbols = np.random.default_rng(0).integers(0, 16, size=(4, 1000)).astype(np.uint8)
 table = FrequencyTable.from_counts(np.bincount(symbols.ravel(), minlength=256)[None, :] + 1)
 data = rans.encode(symbols, table)

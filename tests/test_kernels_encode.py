@@ -26,19 +26,19 @@ if not CUDA and "triton" not in sys.modules:
 triton = pytest.importorskip("triton")
 
 from kvstore.codecs import rans
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec import KVCodec
 from kvstore.codecs.kvcodec_profile import Level, build_profile
 from benchmarks.rans import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError
 from kvstore.format import container
 from kvstore.kernels import encode_rans as dispatch_encode, interpreter_supported
-from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu
-from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
+from kvstore.kernels.kvcodec_encode import encode_kvcodec_kernels
+from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels
 from kvstore.kernels.quantize import quantize_kvcodec_gpu
 from kvstore.kernels.rans_decode import DecodeConfig, interpreter_active, rans_decode_gpu
 from kvstore.kernels.rans_encode import EncodeConfig, encode_streams, plan_stream, rans_encode_gpu
-from kvstore.kernels.reference import rans_encode_ref
+from kvstore.kernels.torch_ops import rans_encode_ref
 
 from kvcodec_samples import small_profile as fitted_small_profile, synthetic_kv
 
@@ -153,16 +153,16 @@ def small_profile():
     (2, 7, 0, torch.float16), (2, 6, 50, torch.bfloat16), (1, 7, 2, torch.float16),
 ])  # fmt: skip
 def test_kvcodec_gpu_encoder_writes_the_cpu_codecs_chunk(small_profile, version, tokens, start, dtype):
-    codec = KVCodecV1(small_profile, 1, version=version)
+    codec = KVCodec(small_profile, 1, version=version)
     keys, values = synthetic_kv(tokens, 60 + tokens, dtype)
     keys[1, 0, tokens - 1, 4] = 5000.0  # a patch
     cpu = codec.encode(keys, values, start=start)
     for backend, quantize in (("triton", "triton"), ("torch", "triton"), ("triton", "torch")):
-        got = encode_kvcodec_gpu(codec, keys, values, start=start, backend=backend, quantize=quantize,
+        got = encode_kvcodec_kernels(codec, keys, values, start=start, backend=backend, quantize=quantize,
                                  config=EncodeConfig(block_g=16))  # fmt: skip
         assert container.encode(got, kind="t") == container.encode(cpu, kind="t"), (backend, quantize)
     # several groups per stream: still the CPU encoder's bytes, and both decoders read them
-    short = encode_kvcodec_gpu(codec, keys, values, start=start, lane_symbols=4, config=EncodeConfig(block_g=16))
+    short = encode_kvcodec_kernels(codec, keys, values, start=start, lane_symbols=4, config=EncodeConfig(block_g=16))
     assert rans.read_header(short["k"]).num_groups > 1
     expect = codec.entropy_code(codec.quantize(keys, values, start=start), lane_symbols=4)
     for name in ("k", "v", "scales"):
@@ -172,10 +172,10 @@ def test_kvcodec_gpu_encoder_writes_the_cpu_codecs_chunk(small_profile, version,
     k0, v0 = codec.decode(obj, shape, dtype, CPU)
     k_ref, v_ref = codec.decode(container.decode(container.encode(cpu, kind="t")), shape, dtype, CPU)
     assert torch.equal(k0, k_ref) and torch.equal(v0, v_ref)
-    on_device = encode_kvcodec_gpu(codec, keys, values, start=start, lane_symbols=4, to_host=False,
+    on_device = encode_kvcodec_kernels(codec, keys, values, start=start, lane_symbols=4, to_host=False,
                                    config=EncodeConfig(block_g=16))  # fmt: skip
     assert isinstance(on_device["k"], torch.Tensor)
-    k1, v1 = decode_kvcodec_gpu(on_device, codec, shape, dtype, CPU, config=DecodeConfig(block_g=16))
+    k1, v1 = decode_kvcodec_kernels(on_device, codec, shape, dtype, CPU, config=DecodeConfig(block_g=16))
     if dtype == torch.bfloat16:  # the interpreter rounds fp32 -> bf16 by truncation (see test_kernels_rans)
         torch.testing.assert_close(k1.float(), k0.float(), rtol=2**-7, atol=0)
         torch.testing.assert_close(v1.float(), v0.float(), rtol=2**-7, atol=0)
@@ -207,7 +207,7 @@ def assert_same_quantization(codec, keys, values, start):
 @pytest.mark.parametrize(("version", "start", "dtype"), [(2, 0, torch.float16), (1, 50, torch.bfloat16), (2, 2, torch.float32)])
 def test_fused_quantization_equals_the_torch_quantization(small_profile, version, start, dtype):
     """Both layouts, sinks (none, all four, two), a key patch, three input dtypes."""
-    codec = KVCodecV1(small_profile, 3, version=version)
+    codec = KVCodec(small_profile, 3, version=version)
     keys, values = synthetic_kv(37, 80 + start, dtype)
     keys[0, 1, 20, 7] = 3000.0
     raw = assert_same_quantization(codec, keys, values, start)
@@ -222,7 +222,7 @@ def test_fused_quantization_any_head_dim_and_value_patches():
     profile = build_profile(samples, levels=(Level(0.5, 0.4), Level(0.3, 0.004)))
     keys, values = _kv(1, 2, 45, 24, 3)
     for version in (1, 2):
-        raw = assert_same_quantization(KVCodecV1(profile, 1, version=version), keys, values, 1)
+        raw = assert_same_quantization(KVCodec(profile, 1, version=version), keys, values, 1)
         assert raw["v_patch_index"].numel() > 10
 
 
@@ -232,7 +232,7 @@ def test_fused_quantization_refuses_non_finite_kv(small_profile, which, bad):
     kv = list(synthetic_kv(20, 5))
     kv[which][1, 1, 9, 3] = bad
     with pytest.raises(CodecError, match="NaN or infinite"):
-        quantize_kvcodec_gpu(KVCodecV1(small_profile, 2), *kv, start=0)
+        quantize_kvcodec_gpu(KVCodec(small_profile, 2), *kv, start=0)
 
 
 @interp
@@ -244,7 +244,7 @@ def test_old_layout_chunk_decodes_on_the_triton_decoder():
     codec, obj = old_chunk()
     k0, v0 = codec.decode(obj, (2, 2, 40, 8), torch.float16, CPU)
     for plan in ("split", "fused"):
-        k1, v1 = decode_kvcodec_gpu(obj, codec, (2, 2, 40, 8), torch.float16, CPU, plan=plan,
+        k1, v1 = decode_kvcodec_kernels(obj, codec, (2, 2, 40, 8), torch.float16, CPU, plan=plan,
                                     config=DecodeConfig(block_g=4))  # fmt: skip
         assert torch.equal(k0, k1) and torch.equal(v0, v1), plan
 
@@ -278,12 +278,12 @@ def test_kernels_benchmark_runs_on_a_small_shape(small_profile):
 def test_torch_backend_encodes_a_chunk_on_the_cpu(small_profile):
     """``backend="torch"`` works off CUDA (quantization by torch there, or by the fused kernel
     under the interpreter): the CPU codec's chunk."""
-    codec = KVCodecV1(small_profile, 2)
+    codec = KVCodec(small_profile, 2)
     keys, values = synthetic_kv(9, 21)
-    got = encode_kvcodec_gpu(codec, keys, values, start=0, backend="torch", config=EncodeConfig(block_g=16))
+    got = encode_kvcodec_kernels(codec, keys, values, start=0, backend="torch", config=EncodeConfig(block_g=16))
     assert container.encode(got, kind="t") == container.encode(codec.encode(keys, values, start=0), kind="t")
     with pytest.raises(CodecError, match="quantize must be"):
-        encode_kvcodec_gpu(codec, keys, values, quantize="numpy")
+        encode_kvcodec_kernels(codec, keys, values, quantize="numpy")
 
 
 def test_reference_encoder_matches_cpu_on_many_shapes():
@@ -357,7 +357,7 @@ def test_gpu_kvcodec_encode_reads_back_on_both_decoders(small_profile, version):
     """KV on the GPU: ``codec.encode`` runs the GPU encoder; its streams are the CPU encoder's
     bytes for the same (GPU-quantized) symbols, and the CPU and GPU decoders agree."""
     dev = torch.device("cuda")
-    codec = KVCodecV1(small_profile, 1, version=version)
+    codec = KVCodec(small_profile, 1, version=version)
     keys, values = synthetic_kv(700, int(np.random.SeedSequence().entropy % 1000))
     kd, vd = keys.to(dev), values.to(dev)
     buffers = codec.encode(kd, vd, start=0)
@@ -383,7 +383,7 @@ def test_gpu_fused_quantization_matches_torch_up_to_scale_code_ties(small_profil
     keys and key patches are equal, a scale code differs in a rare tie (by one), and every
     token whose code agrees has equal value symbols."""
     dev = torch.device("cuda")
-    codec = KVCodecV1(small_profile, 1, version=version)
+    codec = KVCodec(small_profile, 1, version=version)
     T = 3000
     keys, values = synthetic_kv(T, int(np.random.SeedSequence().entropy % 1000))
     keys[1, 0, 100, 3] = 3000.0

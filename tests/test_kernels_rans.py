@@ -29,7 +29,7 @@ if not CUDA and "triton" not in sys.modules:
 triton = pytest.importorskip("triton")
 
 from kvstore.codecs import rans
-from kvstore.codecs.kvcodec import KVCodecV1
+from kvstore.codecs.kvcodec import KVCodec
 from benchmarks.rans import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError, FormatError
@@ -40,7 +40,7 @@ from kvstore.kernels.dequantize import (
     dequantize_kv_channel_major,
     dequantize_rowscale,
 )
-from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
+from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels
 from kvstore.kernels.rans_decode import interpreter_active, plan_rans_launch, rans_decode_gpu, rans_decode_launch
 from kvstore.kernels.rans_streams import (
     ERR_OVERRUN,
@@ -54,7 +54,7 @@ from kvstore.kernels.rans_streams import (
     decode_tables,
     upload_streams,
 )
-from kvstore.kernels.reference import (
+from kvstore.kernels.torch_ops import (
     dequantize_affine_ref,
     dequantize_kv_channel_major_ref,
     dequantize_rowscale_ref,
@@ -330,20 +330,20 @@ def small_profile():
     (6, 0, "auto", torch.float16, 2), (5, 100, "auto", torch.bfloat16, 2),
 ])  # fmt: skip
 def test_kvcodec_chunk_matches_the_cpu_codec(small_profile, tokens, start, plan, dtype, version):
-    codec = KVCodecV1(small_profile, 1, version=version)
+    codec = KVCodec(small_profile, 1, version=version)
     keys, values = synthetic_kv(tokens, 40 + tokens, dtype)
     buffers = codec.encode(keys, values, start=start)
     obj = container.decode(container.encode(buffers, kind="t"))
     k0, v0 = codec.decode(obj, tuple(keys.shape), dtype, CPU)
     for backend in ("triton", "torch"):
-        k1, v1 = decode_kvcodec_gpu(obj, codec, tuple(keys.shape), dtype, CPU, plan=plan, backend=backend,
+        k1, v1 = decode_kvcodec_kernels(obj, codec, tuple(keys.shape), dtype, CPU, plan=plan, backend=backend,
                                     config=DecodeConfig(block_g=4))  # fmt: skip
         if backend == "torch":
             assert torch.equal(k0, k1) and torch.equal(v0, v1)
         else:
             assert_same(k1, k0)
             assert_same(v1, v0)
-    k2, v2 = decode_kvcodec_gpu(buffers, codec, tuple(keys.shape), dtype, CPU, plan=plan, backend="torch")
+    k2, v2 = decode_kvcodec_kernels(buffers, codec, tuple(keys.shape), dtype, CPU, plan=plan, backend="torch")
     assert torch.equal(k0, k2) and torch.equal(v0, v2)  # a mapping of buffers
 
 
@@ -352,13 +352,13 @@ def test_kvcodec_chunk_matches_the_cpu_codec(small_profile, tokens, start, plan,
 def test_kvcodec_decodes_every_head_shape_and_layer_group_on_triton(shape, layers):
     """One KV head x 256 (Gemma 3), 80- and 96-wide heads, and a layer group's rows of a
     model's profile: the Triton decoder gives the CPU codec's values."""
-    codec = KVCodecV1(fitted_small_profile(shape), 2)
+    codec = KVCodec(fitted_small_profile(shape), 2)
     if layers is not None:
         codec = codec.for_layers(layers, shape[0])
     keys, values = synthetic_kv(5, 9, shape=(len(layers) if layers else shape[0], *shape[1:]))
     obj = container.decode(container.encode(codec.encode(keys, values), kind="t"))
     k0, v0 = codec.decode(obj, tuple(keys.shape), torch.float16, CPU)
-    k1, v1 = decode_kvcodec_gpu(obj, codec, tuple(keys.shape), torch.float16, CPU, backend="triton",
+    k1, v1 = decode_kvcodec_kernels(obj, codec, tuple(keys.shape), torch.float16, CPU, backend="triton",
                                 config=DecodeConfig(block_g=4))  # fmt: skip
     assert_same(k1, k0)
     assert_same(v1, v0)
@@ -369,7 +369,7 @@ def test_both_layouts_decode_alike_on_cpu_and_triton(small_profile):
     """The same chunk in the token-major (version 1) and channel-major (version 2, here with
     8-symbol lanes: several groups per stream) layouts: the CPU decoder and the Triton decoder
     give the same values for both, and a stream in the other layout is rejected."""
-    old, new = KVCodecV1(small_profile, 2, version=1), KVCodecV1(small_profile, 2)
+    old, new = KVCodec(small_profile, 2, version=1), KVCodec(small_profile, 2)
     keys, values = synthetic_kv(7, 77)
     shape = tuple(keys.shape)
     obj1 = container.decode(container.encode(old.encode(keys, values), kind="t"))
@@ -380,11 +380,11 @@ def test_both_layouts_decode_alike_on_cpu_and_triton(small_profile):
     assert all(torch.equal(a, b) for a, b in zip(new.decode(obj2, shape, keys.dtype, CPU), (k0, v0)))
     for codec, obj in ((old, obj1), (new, obj2)):
         for backend in ("triton", "torch"):
-            k1, v1 = decode_kvcodec_gpu(obj, codec, shape, keys.dtype, CPU, backend=backend,
+            k1, v1 = decode_kvcodec_kernels(obj, codec, shape, keys.dtype, CPU, backend=backend,
                                         config=DecodeConfig(block_g=16))  # fmt: skip
             assert torch.equal(k0, k1) and torch.equal(v0, v1), (codec.version, backend)
     with pytest.raises(FormatError):  # the layout follows the codec's version, checked against the headers
-        decode_kvcodec_gpu(obj1, new, shape, keys.dtype, CPU, backend="torch")
+        decode_kvcodec_kernels(obj1, new, shape, keys.dtype, CPU, backend="torch")
     with pytest.raises(FormatError):
         old.decode(obj2, shape, keys.dtype, CPU)
 
@@ -393,7 +393,7 @@ def test_both_layouts_decode_alike_on_cpu_and_triton(small_profile):
 
 
 def test_malformed_patches_and_sinks_raise(small_profile):
-    codec = KVCodecV1(small_profile, 0)
+    codec = KVCodec(small_profile, 0)
     keys, values = synthetic_kv(6, 5)
     keys[0, 0, 5, :3] = 3000.0  # far outside the symbol range: patches
     buffers = codec.encode(keys, values)
@@ -406,11 +406,11 @@ def test_malformed_patches_and_sinks_raise(small_profile):
     ]
     for change in bad:
         with pytest.raises(FormatError):
-            decode_kvcodec_gpu({**buffers, **change}, codec, shape, keys.dtype, CPU, backend="torch")
+            decode_kvcodec_kernels({**buffers, **change}, codec, shape, keys.dtype, CPU, backend="torch")
     with pytest.raises(FormatError):  # patches and sinks are stored in the KV dtype
-        decode_kvcodec_gpu(buffers, codec, shape, torch.bfloat16, CPU, backend="torch")
+        decode_kvcodec_kernels(buffers, codec, shape, torch.bfloat16, CPU, backend="torch")
     with pytest.raises(FormatError):
-        decode_kvcodec_gpu({k: v for k, v in buffers.items() if k != "sink_v"}, codec, shape, keys.dtype, CPU,
+        decode_kvcodec_kernels({k: v for k, v in buffers.items() if k != "sink_v"}, codec, shape, keys.dtype, CPU,
                            backend="torch")  # fmt: skip
 
 
@@ -547,7 +547,7 @@ def test_gpu_corrupt_streams_raise():
 def test_gpu_kvcodec_chunk_matches_the_codec(small_profile, dtype):
     dev = torch.device("cuda")
     for version in (1, 2):
-        codec = KVCodecV1(small_profile, 1, version=version)
+        codec = KVCodec(small_profile, 1, version=version)
         for tokens, start in ((700, 0), (333, 50)):
             keys, values = synthetic_kv(tokens, int(np.random.SeedSequence().entropy % 1000), dtype)
             shape = tuple(keys.shape)
@@ -555,11 +555,11 @@ def test_gpu_kvcodec_chunk_matches_the_codec(small_profile, dtype):
             k_gpu, v_gpu = codec.decode(obj, shape, dtype, dev)  # the default GPU path
             k_cpu, v_cpu = codec.decode(obj, shape, dtype, CPU)
             short = codec.entropy_code(codec.quantize(keys, values, start=start), lane_symbols=256)
-            k2, v2 = decode_kvcodec_gpu(short, codec, shape, dtype, dev)
+            k2, v2 = decode_kvcodec_kernels(short, codec, shape, dtype, dev)
             assert torch.equal(k2, k_gpu) and torch.equal(v2, v_gpu)
             for plan in (("fused", "split") if version == 1 else ("auto",)):
                 for config in (DecodeConfig(), DecodeConfig(block_g=2, ballot=False, prefetch=False)):
-                    k1, v1 = decode_kvcodec_gpu(obj, codec, shape, dtype, dev, plan=plan, config=config)
+                    k1, v1 = decode_kvcodec_kernels(obj, codec, shape, dtype, dev, plan=plan, config=config)
                     assert torch.equal(k1, k_gpu) and torch.equal(v1, v_gpu), (version, plan, config)
                     torch.testing.assert_close(k1.cpu(), k_cpu, rtol=0, atol=0)
                     torch.testing.assert_close(v1.cpu(), v_cpu, rtol=2e-3, atol=1e-6)

@@ -12,7 +12,7 @@ import kvstore.codecs.base as codec_base
 from kvstore import KVStore
 from kvstore.codecs import rans
 from kvstore.codecs.base import get_codec
-from kvstore.codecs.kvcodec import FORMAT_VERSION, KVCodecV1
+from kvstore.codecs.kvcodec import FORMAT_VERSION, KVCodec
 from kvstore.codecs.kvcodec_profile import ZERO, KVCodecProfile, build_profile
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
@@ -49,7 +49,7 @@ def round_trip(codec, keys, values, start=0):
 def test_error_is_bounded_by_half_a_step(profile, tokens):
     keys, values = synthetic_kv(tokens, seed=10)
     for level in range(len(profile.levels)):
-        codec = KVCodecV1(profile, level)
+        codec = KVCodec(profile, level)
         _, (k2, v2) = round_trip(codec, keys, values, start=100)
         step_k = profile.key_step(level)[:, :, None]
         err_k = (k2.float() - keys.float()).abs()
@@ -63,7 +63,7 @@ def test_error_is_bounded_by_half_a_step(profile, tokens):
 
 def test_sizes_shrink_level_by_level(profile):
     keys, values = synthetic_kv(256, seed=11)
-    sizes = [len(round_trip(KVCodecV1(profile, level), keys, values, start=256)[0]) for level in range(5)]
+    sizes = [len(round_trip(KVCodec(profile, level), keys, values, start=256)[0]) for level in range(5)]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 1.5 * sizes[-1]
     assert 8 * sizes[1] / (2 * keys.numel()) < 6  # well under fp16's 16 bits
 
@@ -71,11 +71,11 @@ def test_sizes_shrink_level_by_level(profile):
 def test_sink_tokens_and_outliers_are_exact(profile):
     keys, values = synthetic_kv(64, seed=12)
     keys[1, 0, 30, 3] = 5000.0  # far outside the symbol range: patched
-    _, (k2, v2) = round_trip(KVCodecV1(profile, 3), keys, values, start=0)
+    _, (k2, v2) = round_trip(KVCodec(profile, 3), keys, values, start=0)
     assert torch.equal(k2[:, :, :4], keys[:, :, :4]) and torch.equal(v2[:, :, :4], values[:, :, :4])
     assert k2[1, 0, 30, 3] == 5000.0
     # a chunk starting after the sinks stores none
-    data, _ = round_trip(KVCodecV1(profile, 3), keys, values, start=64)
+    data, _ = round_trip(KVCodec(profile, 3), keys, values, start=64)
     assert "sink_k" not in container.decode(data).header.buffers
 
 
@@ -86,19 +86,19 @@ def test_non_finite_kv_is_refused(profile, which, bad):
     kv = list(synthetic_kv(40, seed=14))
     kv[which][2, 1, 17, 5] = bad
     with pytest.raises(CodecError, match="NaN or infinite"):
-        KVCodecV1(profile, 2).encode(*kv, start=0)
+        KVCodec(profile, 2).encode(*kv, start=0)
 
 
 def test_empty_chunk_encodes_and_decodes(profile):
     empty = torch.zeros(L, H, 0, D, dtype=torch.float16)
-    _, (k2, v2) = round_trip(KVCodecV1(profile, 2), empty, empty, start=0)
+    _, (k2, v2) = round_trip(KVCodec(profile, 2), empty, empty, start=0)
     assert k2.shape == (L, H, 0, D) and v2.shape == (L, H, 0, D)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dtypes(profile, dtype):
     keys, values = synthetic_kv(40, seed=13)
-    _, (k2, v2) = round_trip(KVCodecV1(profile, 1), keys.to(dtype), values.to(dtype), start=0)
+    _, (k2, v2) = round_trip(KVCodec(profile, 1), keys.to(dtype), values.to(dtype), start=0)
     assert k2.dtype == dtype and v2.dtype == dtype
     assert torch.allclose(k2.float(), keys.float(), atol=2.0)
 
@@ -117,7 +117,7 @@ def test_profile_round_trip_and_validation(profile):
 
 def test_corrupt_stream_and_bad_params_raise(profile):
     keys, values = synthetic_kv(64, seed=14)
-    codec = KVCodecV1(profile, 2)
+    codec = KVCodec(profile, 2)
     buffers = codec.encode(keys, values, start=64)
     stream = bytearray(buffers["k"])
     stream[len(stream) // 2] ^= 0xFF
@@ -125,11 +125,11 @@ def test_corrupt_stream_and_bad_params_raise(profile):
     with pytest.raises(FormatError):  # the container checksum is fine: the rANS stream itself must catch it
         codec.decode(container.decode(container.encode(buffers, kind="t")), (L, H, 64, D), torch.float16, torch.device("cpu"))
     with pytest.raises(FormatError):
-        KVCodecV1.from_params({"profile": "0" * 32, "level": 1})
+        KVCodec.from_params({"profile": "0" * 32, "level": 1})
     with pytest.raises(FormatError):
-        KVCodecV1.from_params({"profile": codec.profile_id, "level": 1, "extra": 1})
+        KVCodec.from_params({"profile": codec.profile_id, "level": 1, "extra": 1})
     with pytest.raises(CodecError):
-        KVCodecV1(profile, 99)
+        KVCodec(profile, 99)
     with pytest.raises(CodecError):
         codec.encode(torch.zeros(L, H, 8, D + 1), torch.zeros(L, H, 8, D + 1))
 
@@ -141,7 +141,7 @@ def test_symbol_range_matches_profile_alphabet(profile):
 def test_store_round_trip_loads_profile_from_the_store(profile):
     async def go():
         backend_url = "memory://"
-        levels = [KVCodecV1(profile, level) for level in range(5)]
+        levels = [KVCodec(profile, level) for level in range(5)]
         async with KVStore(backend_url, chunk_tokens=32, levels=levels) as writer:
             keys, values = synthetic_kv(100, seed=15)
             kv = list(zip(keys.unbind(0), values.unbind(0)))
@@ -155,7 +155,7 @@ def test_store_round_trip_loads_profile_from_the_store(profile):
             reader = KVStore(writer.store, chunk_tokens=32, levels=["raw"])
             for level in range(5):
                 out = await reader.get("synthetic", tokens, level=level)
-                expected = round_trip(KVCodecV1(profile, level), keys[:, :, :32], values[:, :, :32], start=0)[1]
+                expected = round_trip(KVCodec(profile, level), keys[:, :, :32], values[:, :, :32], start=0)[1]
                 assert torch.equal(out[0][0][:, :32], expected[0][0])
             await writer.store.delete(profile_keys[0])
             codec_base._PROFILES.clear()
@@ -174,24 +174,24 @@ def stream_bytes(buffers):
 
 
 def test_channel_major_is_the_default_and_is_recorded(profile):
-    codec = KVCodecV1(profile, 2)
+    codec = KVCodec(profile, 2)
     assert FORMAT_VERSION == 2 and codec.version == 2 and codec.params["version"] == 2
     keys, values = synthetic_kv(40, seed=20)
     buffers = codec.encode(keys, values, start=0)
     assert rans.read_header(buffers["k"]).dims == (L * H * D, 40, 1)
     assert rans.read_header(buffers["v"]).dims == (L * H * D, 40, 1)
     assert rans.read_header(buffers["scales"]).dims == (L * H, 40, 1)
-    old = KVCodecV1(profile, 2, version=1)
+    old = KVCodec(profile, 2, version=1)
     assert "version" not in old.params and rans.read_header(old.encode(keys, values)["k"]).dims == (L * H, 40, D)
     # parameters round-trip; a chunk stored without a version is version 1; unknown versions are refused
-    assert KVCodecV1.from_params(codec.params).version == 2
-    assert KVCodecV1.from_params({"profile": codec.profile_id, "level": 2}).version == 1
+    assert KVCodec.from_params(codec.params).version == 2
+    assert KVCodec.from_params({"profile": codec.profile_id, "level": 2}).version == 1
     assert codec.tag != old.tag  # different bytes, different objects in a store
     for bad in (3, 1, "2", True):
         with pytest.raises(FormatError):
-            KVCodecV1.from_params({**codec.params, "version": bad})
+            KVCodec.from_params({**codec.params, "version": bad})
     with pytest.raises(CodecError):
-        KVCodecV1(profile, 2, version=5)
+        KVCodec(profile, 2, version=5)
 
 
 @pytest.mark.parametrize("start", [0, 256])
@@ -202,7 +202,7 @@ def test_layouts_decode_to_identical_values(profile, start):
     for level in range(len(profile.levels)):
         outs = []
         for version in (1, 2):
-            codec = KVCodecV1(profile, level, version=version)
+            codec = KVCodec(profile, level, version=version)
             _, (k2, v2) = round_trip(codec, keys, values, start=start)
             outs.append((k2, v2))
         (k1, v1), (k2, v2) = outs
@@ -215,7 +215,7 @@ def test_channel_major_costs_only_its_extra_groups(profile):
     (132 bytes each) and, at realistic rates, about 1%."""
     keys, values = synthetic_kv(4096, seed=16)
     for level in range(len(profile.levels)):
-        old, new = KVCodecV1(profile, level, version=1), KVCodecV1(profile, level)
+        old, new = KVCodec(profile, level, version=1), KVCodec(profile, level)
         b1, b2 = old.encode(keys, values, start=256), new.encode(keys, values, start=256)
         groups = [sum(rans.read_header(b[n]).num_groups for n in ("k", "v", "scales")) for b in (b1, b2)]
         assert groups == [7, 27]
@@ -226,7 +226,7 @@ def test_channel_major_costs_only_its_extra_groups(profile):
 
 
 def test_entropy_code_lane_symbols_and_ideal_bits(profile):
-    codec = KVCodecV1(profile, 1)
+    codec = KVCodec(profile, 1)
     keys, values = synthetic_kv(512, seed=22)
     q = codec.quantize(keys, values, start=64)
     assert q.keys.shape == (L * H * D, 512, 1) and q.scales.shape == (L * H, 512, 1)
@@ -236,7 +236,7 @@ def test_entropy_code_lane_symbols_and_ideal_bits(profile):
     _, (k0, v0) = round_trip(codec, keys, values, start=64)
     k1, v1 = codec.decode(obj, tuple(keys.shape), keys.dtype, torch.device("cpu"))
     assert torch.equal(k0, k1) and torch.equal(v0, v1)
-    old = KVCodecV1(profile, 1, version=1)
+    old = KVCodec(profile, 1, version=1)
     ideal = codec.ideal_bits(q)
     assert ideal == pytest.approx(old.ideal_bits(old.quantize(keys, values, start=64)), rel=1e-12)
     assert 0.97 < ideal / (8 * stream_bytes(codec.encode(keys, values, start=64))) < 1.0
@@ -326,7 +326,7 @@ def old_kv():
 def old_chunk():
     """(codec from the stored parameters, container) of the old-layout chunk."""
     profile = KVCodecProfile.from_bytes(zlib.decompress(base64.b64decode("".join(OLD_PROFILE_B64))))
-    KVCodecV1(profile, 0)  # registers the profile, as a store does when it loads it
+    KVCodec(profile, 0)  # registers the profile, as a store does when it loads it
     obj = container.decode(base64.b64decode("".join(OLD_CHUNK_B64)))
     return get_codec(obj.header.codec["name"], obj.header.codec["params"]), obj
 
@@ -343,6 +343,6 @@ def test_old_layout_chunk_still_decodes_bit_exact():
     for name in ("k", "v", "scales"):
         assert bytes(again[name]) == bytes(obj.raw(name)), name
     # and the same KV in today's layout decodes to the same values
-    new = KVCodecV1(codec.profile, 0)
+    new = KVCodec(codec.profile, 0)
     _, (k2, v2) = round_trip(new, keys, values, start=0)
     assert torch.equal(k, k2) and torch.equal(v, v2)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvstore.codecs import rans
 from kvstore.codecs.rans import HEADER_BYTES, LANES, decode, default_group_size, encode, read_header
 from benchmarks.rans import synthetic
-from kvstore.codecs.rans_reference import lockstep_decode
+from kvstore.codecs.rans_lockstep import lockstep_decode
 from kvstore.codecs.symbol_model import (
     FrequencyTable,
     canonical_layout,

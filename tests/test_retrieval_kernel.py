@@ -10,7 +10,7 @@ import torch
 
 from kvstore.errors import ConfigError
 from kvstore.kernels import interpreter_supported
-from kvstore.kernels.pq_reference import (
+from kvstore.kernels.pq_torch import (
     gather_kv_reference,
     order_selection,
     pq_scores_reference,
@@ -67,7 +67,7 @@ def test_dispatch_on_cpu_is_the_reference():
 INTERPRETED = textwrap.dedent(
     """
     import torch
-    from kvstore.kernels.pq_reference import gather_kv_reference, pq_topk_reference
+    from kvstore.kernels.pq_torch import gather_kv_reference, pq_topk_reference
     from kvstore.kernels.pq_topk import gather_kv_triton, pq_topk_triton
 
     g = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ SELECT_INTERPRETED = textwrap.dedent(
     """
     import torch
     from kvstore.errors import ConfigError
-    from kvstore.kernels.pq_reference import pq_lut_reference, pq_select_reference
+    from kvstore.kernels.pq_torch import pq_lut_reference, pq_select_reference
     from kvstore.kernels.pq_select import pq_select_triton
     from benchmarks.pq_topk import reference_scores64
 

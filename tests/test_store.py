@@ -375,3 +375,36 @@ async def test_a_chunk_re_encoded_from_other_values_is_refused_without_a_manifes
     await kvs.store.put(entry.objects[0].key, encode_chunk(get_codec("int8"), ident, keys, values))
     with pytest.raises(FormatError, match="level asked for"):
         await kvs.get(MODEL, ids[:32])
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts the objects it hands out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets = 0
+
+    async def get(self, key, byte_range=None):
+        value = await super().get(key, byte_range)
+        self.gets += value is not None
+        return value
+
+
+@pytest.mark.parametrize("with_manifest", [True, False])
+async def test_get_parses_each_object_read_once(monkeypatch, with_manifest):
+    """One pass down and up: every object a get reads has its header parsed once (the manifest
+    check, the chain check and the codec all use that parse)."""
+    backend = CountingStore()
+    store = KVStore(backend, chunk_tokens=16, levels=["raw", "int8"])
+    tokens = list(range(64))
+    kv = [(torch.randn(2, 64, 8), torch.randn(2, 64, 8)) for _ in range(3)]
+    await store.put("m", tokens, kv)
+    asked = tokens if with_manifest else tokens[:48]  # a prefix: no manifest of its own
+    await store.get("m", asked, level=1)  # warm: the layout and profiles are read once per store
+    parses = []
+    real = container.decode_header
+    monkeypatch.setattr(container, "decode_header", lambda *a, **k: parses.append(1) or real(*a, **k))
+    backend.gets = 0
+    got = await store.get("m", asked, level=1)
+    assert len(got) == 3 and got[0][0].shape == (2, len(asked), 8)
+    assert backend.gets == len(asked) // 16 + with_manifest and len(parses) == backend.gets

@@ -1,4 +1,4 @@
-"""An in-process store: a dict. For tests, demos and as the embedded default's cache."""
+"""An in-process store: a dict. For tests, demos and caches that live as long as the process."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Tensors <-> bytes: the codec registry and the built-in codecs."""
 
-from kvstore.codecs.base import KVCodec, codec_names, get_codec, register_codec
+from kvstore.codecs.base import Codec, codec_names, get_codec, register_codec
 
-__all__ = ["KVCodec", "codec_names", "get_codec", "register_codec"]
+__all__ = ["Codec", "codec_names", "get_codec", "register_codec"]

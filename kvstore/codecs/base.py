@@ -20,11 +20,11 @@ import torch
 from kvstore.errors import CodecError, FormatError
 from kvstore.format.container import BufferLike, Container
 
-_REGISTRY: dict[str, type[KVCodec]] = {}
+_REGISTRY: dict[str, type[Codec]] = {}
 _PROFILES: dict[str, object] = {}
 
 
-class KVCodec(ABC):
+class Codec(ABC):
     """Encodes and decodes one chunk of KV. Subclasses set ``name`` and register."""
 
     name: ClassVar[str]
@@ -37,7 +37,7 @@ class KVCodec(ABC):
         return {}
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> KVCodec:
+    def from_params(cls, params: Mapping[str, Any]) -> Codec:
         """Rebuild a codec from the parameters stored in a container header."""
         try:
             return cls(**params)
@@ -66,7 +66,7 @@ class KVCodec(ABC):
         """Rebuild keys of ``shape`` and values (of ``shape`` with its last axis ``value_dim``,
         when the value width differs) as ``dtype`` on ``device`` from a verified container."""
 
-    def for_layers(self, layers: tuple[int, ...], num_layers: int) -> KVCodec:
+    def for_layers(self, layers: tuple[int, ...], num_layers: int) -> Codec:
         """This codec configured for a group of the model's ``num_layers`` layers (a layer
         group's chunks are stored apart); codecs without per-layer state return themselves."""
         return self
@@ -117,7 +117,7 @@ def registered_profile(profile_id: str) -> object:
         raise FormatError(f"codec profile {profile_id!r} is not loaded (it is read from the store with the KV)") from None
 
 
-def codec_class(name: str) -> type[KVCodec]:
+def codec_class(name: str) -> type[Codec]:
     """The registered codec class ``name``."""
     _load_builtin()
     try:
@@ -126,7 +126,7 @@ def codec_class(name: str) -> type[KVCodec]:
         raise CodecError(f"unknown codec {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
-def register_codec(cls: type[KVCodec]) -> type[KVCodec]:
+def register_codec(cls: type[Codec]) -> type[Codec]:
     """Class decorator: make ``cls`` available by its ``name``."""
     _REGISTRY[cls.name] = cls
     return cls
@@ -138,7 +138,7 @@ def codec_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_codec(name: str, params: Mapping[str, Any] | None = None) -> KVCodec:
+def get_codec(name: str, params: Mapping[str, Any] | None = None) -> Codec:
     """Build the codec ``name`` with ``params``; unknown names raise :class:`CodecError`."""
     return codec_class(name).from_params(params or {})
 

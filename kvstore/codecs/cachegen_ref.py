@@ -46,7 +46,7 @@ import torch
 
 from kvstore.codecs import _quant as q
 from kvstore.codecs import rans
-from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
+from kvstore.codecs.base import Codec, kv_shapes, register_codec
 from kvstore.codecs.symbol_model import (
     MAX_PRECISION,
     MIN_PRECISION,
@@ -81,7 +81,7 @@ def _check_bins(value: Any, what: str) -> int:
 
 
 @register_codec
-class CacheGenRefCodec(KVCodec):
+class CacheGenRefCodec(Codec):
     """CacheGen's quantization + per-chunk per-(layer, channel) entropy coding (no delta coding)."""
 
     name = "cachegen_ref"
@@ -116,7 +116,7 @@ class CacheGenRefCodec(KVCodec):
         }
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> KVCodec:
+    def from_params(cls, params: Mapping[str, Any]) -> Codec:
         return q.build(cls, params)
 
     def schedule(self, layers: int) -> tuple[list[int], list[int]]:

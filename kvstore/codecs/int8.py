@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kvstore.codecs import _quant as q
-from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
+from kvstore.codecs.base import Codec, kv_shapes, register_codec
 from kvstore.format.container import BufferLike, Container
 
 QMAX = 127
@@ -48,13 +48,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
 
 
 @register_codec
-class Int8Codec(KVCodec):
+class Int8Codec(Codec):
     """Symmetric per-token int8 (one fp16 absmax scale per layer, head and token)."""
 
     name = "int8"
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> KVCodec:
+    def from_params(cls, params: Mapping[str, Any]) -> Codec:
         return q.build(cls, params)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:

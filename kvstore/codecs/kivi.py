@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from kvstore.codecs import _quant as q
-from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
+from kvstore.codecs.base import Codec, kv_shapes, register_codec
 from kvstore.format.container import BufferLike, Container
 
 #: the axis each tensor is grouped along in ``[layers, kv_heads, tokens, head_dim]``
@@ -97,7 +97,7 @@ def param_shape(shape: tuple[int, int, int, int], axis: int, group: int) -> tupl
 
 
 @register_codec
-class KIVICodec(KVCodec):
+class KIVICodec(Codec):
     """KIVI: per-channel keys, per-token values, asymmetric ``bits``-bit groups of ``group_size``."""
 
     name = "kivi2"
@@ -111,7 +111,7 @@ class KIVICodec(KVCodec):
         return {"bits": self.bits, "group_size": self.group_size}
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> KVCodec:
+    def from_params(cls, params: Mapping[str, Any]) -> Codec:
         return q.build(cls, params)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:

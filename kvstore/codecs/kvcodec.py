@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kvstore.codecs import rans
-from kvstore.codecs.base import KVCodec, profile_content_id, register_codec, register_profile, registered_profile
+from kvstore.codecs.base import Codec, profile_content_id, register_codec, register_profile, registered_profile
 from kvstore.codecs.kvcodec_profile import (
     ZERO,
     KVCodecProfile,
@@ -47,8 +47,8 @@ DEFAULT_LEVEL = 2
 #: 2 = channel-major ``[L*H*D, T, 1]`` (one model per row), lanes of ~LANE_SYMBOLS symbols.
 FORMAT_VERSION = 2
 VERSIONS = (1, 2)
-#: symbols per rANS lane of the key/value streams (version 2): ~0.85% larger than 4,096 on
-#: Llama-3-8B-shaped chunks, 4x the GPU parallelism (``benchmarks/kernels_notes.md``)
+#: symbols per rANS lane of the key/value streams (version 2): a quarter of version 1's 4,096,
+#: for 4x the GPU parallelism at a small cost in size (``benchmarks/kernels_notes.md``)
 LANE_SYMBOLS = 1024
 #: symbols per lane of the value scale stream (version 2): its lanes end with the key/value lanes
 SCALE_LANE_SYMBOLS = LANE_SYMBOLS // 4
@@ -99,7 +99,7 @@ def _layer_subset(profile_id: str, profile: KVCodecProfile, layers: tuple[int, .
 
 
 @register_codec
-class KVCodecV1(KVCodec):
+class KVCodec(Codec):
     """The multi-level codec. ``profile``: a :class:`KVCodecProfile` (or the id of a
     registered one); ``level``: an index into the profile's levels, 0 the best;
     ``version``: the stream layout it writes and reads (:data:`FORMAT_VERSION` by default;
@@ -153,17 +153,17 @@ class KVCodecV1(KVCodec):
             params["layers"] = list(self.layers)
         return params
 
-    def for_layers(self, layers: tuple[int, ...], num_layers: int) -> KVCodecV1:
+    def for_layers(self, layers: tuple[int, ...], num_layers: int) -> KVCodec:
         """The codec of one layer group: the profile's rows of those layers."""
         if list(layers) == list(range(num_layers)):
             return self
         groups = self.__dict__.setdefault("_group_codecs", {})
         if layers not in groups:  # the profile is registered under its id: no re-serialization
-            groups[layers] = KVCodecV1(self.profile_id, self.level, version=self.version, layers=layers)
+            groups[layers] = KVCodec(self.profile_id, self.level, version=self.version, layers=layers)
         return groups[layers]
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> KVCodecV1:
+    def from_params(cls, params: Mapping[str, Any]) -> KVCodec:
         if not {"profile", "level"} <= set(params) <= {"profile", "level", "version", "layers"} or not isinstance(
             params["profile"], str
         ):

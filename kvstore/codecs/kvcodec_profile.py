@@ -238,7 +238,7 @@ def build_profile(
     ``samples``: contexts' ``(keys, values)``, each ``[layers, kv_heads, tokens, head_dim]``
     (the first ``sink_tokens`` of each are left out, as the codec stores them raw).
     ``query_energy``: ``E[q^2]`` per (layer, kv head, channel) of the post-RoPE queries,
-    averaged over each GQA group (see :func:`kvstore.integrations.hf_queries.query_energy`);
+    averaged over each GQA group (as :func:`kvstore.integrations.hf_profile.profile_model` captures it);
     ``None`` falls back to per-channel key standard deviations.
     ``calibration``: how the levels were calibrated on the model (its targets and measured
     figures are recorded in the profile's ``calibration`` field), if they were.

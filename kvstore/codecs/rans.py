@@ -15,7 +15,7 @@ Usage::
     assert (decode(data, table, model_map) == sym).all()
 
 On the CPU both directions run Numba kernels (no GIL held) over groups on a few
-threads: on the 2-core development machine 100-150M symbols/s per thread.
+threads (throughput in ``benchmarks/RESULTS.md``).
 Malformed streams raise :class:`~kvstore.errors.FormatError`; every header
 field is checked before anything is allocated and every lane must end exactly
 at the initial state after consuming exactly its group's words.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from kvstore.codecs import _rans_kernels as _k
+from kvstore.codecs import _rans_numba as _k
 from kvstore.codecs.symbol_model import (
     BUCKET_BITS,
     MAX_ALPHABET,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.codecs.base import KVCodec, kv_shapes, register_codec
+from kvstore.codecs.base import Codec, kv_shapes, register_codec
 from kvstore.errors import FormatError
 from kvstore.format.container import BufferLike, Container
 
 
 @register_codec
-class RawCodec(KVCodec):
+class RawCodec(Codec):
     """Stores keys and values as they are: no loss, no compression."""
 
     name = "raw"

@@ -28,7 +28,7 @@ from functools import cached_property
 import numpy as np
 from numpy.typing import ArrayLike
 
-from kvstore.codecs import _rans_kernels as _k
+from kvstore.codecs import _rans_numba as _k
 from kvstore.errors import CodecError, FormatError
 
 MIN_PRECISION = 8

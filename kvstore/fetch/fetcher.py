@@ -40,6 +40,7 @@ from kvstore.fetch.policy import (
 )
 from kvstore.fetch.prefill import PrefillCost
 from kvstore.fetch.throughput import ThroughputEstimator, in_flight_bound
+from kvstore.format import container
 from kvstore.format.chunk import ChunkIdentity, decode_chunk, group_identity
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
@@ -329,13 +330,14 @@ class _Load:
         level = self.decisions[i].level
         try:
             for g, blob in zip(self._unit(i), blobs, strict=True):
-                check_recorded_object(blob, self.m.object_at(i, level, g), i)  # type: ignore[arg-type]
-                self._decode_chunk(i, g, blob, self._codec(level, g))  # type: ignore[arg-type]
+                obj = container.decode(blob)  # the header parsed once; buffers checked as decoded
+                check_recorded_object(obj, self.m.object_at(i, level, g), i)  # type: ignore[arg-type]
+                self._decode_chunk(i, g, obj, self._codec(level, g))  # type: ignore[arg-type]
         except FormatError:
             metrics.record_checksum_failure("chunk")
             raise
 
-    def _decode_chunk(self, i: int, g: int, blob: bytes, codec: dict[str, Any]) -> None:
+    def _decode_chunk(self, i: int, g: int, blob: bytes | container.Container, codec: dict[str, Any]) -> None:
         chunk, base = self.m.chunks[i], self.base[g]
         out_k, out_v = self.outs[g]
         ident = self._identity(i, g)

@@ -7,9 +7,9 @@ attends to, on average ``p + n / 2``::
     seconds(n, p) = n * (per_token_s + per_token_pair_s * (p + n / 2))
 
 A single tokens-per-second rate (``per_token_pair_s = 0``) undercharges the last
-chunks of a long context: on SmolLM2 on this project's CPU, 256 tokens after a
-1,792-token prefix took 1.7x as long as the same 256 tokens from position 0, and
-the fetcher that believed the rate recomputed a last chunk it should have fetched.
+chunks of a long context, whose tokens attend to a long prefix: a fetcher relying on
+it would recompute last chunks it should fetch (measurements in
+``benchmarks/RESULTS.md``).
 :meth:`PrefillCost.measure` times the application's own recompute at two prefix
 lengths and fits both terms.
 """

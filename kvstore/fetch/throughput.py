@@ -11,8 +11,8 @@ ends, and a completed transfer of ``b`` bytes over ``[s, e]`` gives the sample
 
 where ``n(t)`` counts the transfers on the wire at ``t`` (completed or not).
 One transfer at a time gives its own rate; three sharing a link each give the
-link's rate, where charging each for its whole duration read a third of it, and
-pooling only the completed ones (the previous rule) read low whenever a partner
+link's rate, where charging each for its whole duration would read a third of it, and
+pooling only the completed ones would read low whenever a partner
 was still in flight. Before the first transfer completes, the caller's prior
 (or ``None``) is returned.
 """

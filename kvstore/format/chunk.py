@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import xxhash
 
-from kvstore.codecs.base import KVCodec, get_codec
+from kvstore.codecs.base import Codec, get_codec
 from kvstore.errors import FormatError
 from kvstore.format import container
 from kvstore.format.dtypes import dtype_name, torch_dtype
@@ -97,7 +97,7 @@ def chunk_meta(ident: ChunkIdentity) -> dict[str, object]:
     return meta
 
 
-def encode_chunk(codec: KVCodec, ident: ChunkIdentity, keys: torch.Tensor, values: torch.Tensor) -> bytes:
+def encode_chunk(codec: Codec, ident: ChunkIdentity, keys: torch.Tensor, values: torch.Tensor) -> bytes:
     """Encode ``[layers, kv_heads, tokens, dim]`` keys and values of one layer group as a chunk object."""
     buffers = codec.encode(keys, values, start=ident.start)
     clash = codec.RESERVED & set(buffers)
@@ -129,13 +129,13 @@ def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
 
 
 def decode_chunk(
-    data: bytes | memoryview, ident: ChunkIdentity, device: torch.device,
+    data: bytes | memoryview | container.Container, ident: ChunkIdentity, device: torch.device,
     codec: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify a chunk object against ``ident`` (and, given ``codec`` ``{"name", "params"}``, that
-    it was stored at that codec configuration: an object of another level is refused) and
-    decode its keys and values."""
-    obj = container.decode(data)
+    """Verify a chunk object (its bytes, or the container already decoded from them) against
+    ``ident`` (and, given ``codec`` ``{"name", "params"}``, that it was stored at that codec
+    configuration: an object of another level is refused) and decode its keys and values."""
+    obj = data if isinstance(data, container.Container) else container.decode(data)
     check_identity(obj, ident)
     codec_doc = obj.header.codec
     if codec is not None and codec_doc != dict(codec):

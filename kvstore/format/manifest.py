@@ -208,11 +208,17 @@ def _object_list(obj: ChunkObject) -> list[Any]:
     return [obj.key, obj.size, obj.header_bytes, obj.checksum]
 
 
-def check_recorded_object(blob: bytes | memoryview, expected: ChunkObject, what: int | str) -> None:
-    """Raise unless ``blob`` is the very object the manifest recorded (size and header checksum);
-    ``what`` names it in the error (a chunk index or a description)."""
-    header = container.decode_header(memoryview(blob)[: container.head_bytes_needed(blob)], len(blob))
-    if len(blob) != expected.size or header.checksum != expected.checksum:
+def check_recorded_object(obj: bytes | memoryview | container.Container, expected: ChunkObject,
+                          what: int | str) -> None:
+    """Raise unless ``obj`` (a stored object's bytes, or the container already decoded from
+    them) is the very object the manifest recorded (size and header checksum); ``what``
+    names it in the error (a chunk index or a description)."""
+    if isinstance(obj, container.Container):
+        header, size = obj.header, obj.data.nbytes
+    else:
+        size = len(obj)
+        header = container.decode_header(memoryview(obj)[: container.head_bytes_needed(obj)], size)
+    if size != expected.size or header.checksum != expected.checksum:
         name = f"chunk {what}" if isinstance(what, int) else what
         raise IncompleteContextError(
             f"{name} ({expected.key}) is not the object the manifest recorded "

@@ -9,8 +9,9 @@ Layout of a signed object::
 
 ``name`` is the store key (UTF-8), so an object copied to another key, another
 context or another namespace fails its check. HMAC-SHA256 rather than keyed BLAKE2b:
-with the SHA extensions of current x86 and ARM CPUs it runs about twice as fast
-through Python's ``hashlib``. The key id only picks which accepted key to check
+with the SHA extensions of current x86 and ARM CPUs it runs faster through Python's
+``hashlib`` (measurements in ``benchmarks/RESULTS.md``). The key id only picks which
+accepted key to check
 with; it reveals nothing of the key.
 """
 

@@ -138,7 +138,7 @@ def model_id_of(folder: str) -> str:
 def connector_levels(extra: dict[str, Any]) -> list[Any]:
     """The store's levels from the extra config: names and ``[name, params]`` pairs, with
     ``kvcodec`` levels built on the profile file at ``extra["profile"]``."""
-    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodecV1
+    from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
     from kvstore.codecs.kvcodec_profile import KVCodecProfile
 
     specs = extra.get("levels", ["raw"])
@@ -157,7 +157,7 @@ def connector_levels(extra: dict[str, Any]) -> list[Any]:
                     raise ConfigError(f"cannot read the kvcodec profile {extra['profile']!r}: {exc}") from exc
             if set(spec[1]) - {"level"}:
                 raise ConfigError(f"a kvcodec level takes only 'level', got {spec[1]!r}")
-            levels.append(KVCodecV1(profile, spec[1].get("level", DEFAULT_LEVEL)))
+            levels.append(KVCodec(profile, spec[1].get("level", DEFAULT_LEVEL)))
         else:
             levels.append(tuple(spec) if isinstance(spec, list) else spec)
     return levels
@@ -209,7 +209,7 @@ class PagedCPULayout:
         self.inverse = tuple(torch.argsort(order) for order in self.orders)
         positions = torch.arange(block_size * self.head_size)
         dim_major = positions.view(block_size, self.head_size).t().reshape(-1)
-        # each half's order as a cheap view where it is one (a gather costs ~5x the copy)
+        # each half's order as a cheap view where it is one (a gather costs far more than the copy)
         self.kinds = tuple("token_major" if torch.equal(order, positions) else
                            "dim_major" if torch.equal(order, dim_major) else "permuted" for order in self.orders)
 

@@ -1,7 +1,7 @@
 """GPU kernels (Triton), each beside a pure-torch reference with the same signature.
 
 =====================  ==========================================  =====================================
-op                     Triton (``kvstore.kernels.<module>``)        reference (``kvstore.kernels.reference``)
+op                     Triton (``kvstore.kernels.<module>``)        reference (``kvstore.kernels.torch_ops``)
 =====================  ==========================================  =====================================
 rANS decode            ``rans_decode.rans_decode_launch`` /        ``rans_decode_launch_ref`` /
                        ``rans_decode_gpu``                          ``rans_decode_ref``
@@ -9,12 +9,12 @@ rANS encode            ``rans_encode.rans_encode_launch`` /        ``rans_encode
                        ``rans_encode_gpu``                          ``rans_encode_ref``
 dequantize             ``dequantize.dequantize_rowscale`` /         ``dequantize_rowscale_ref`` /
                        ``dequantize_affine``                        ``dequantize_affine_ref``
-kvcodec chunk decode   ``kvcodec_gpu.decode_kvcodec_gpu``           the same with ``backend="torch"``
-kvcodec chunk encode   ``kvcodec_encode.encode_kvcodec_gpu``        the same with ``backend="torch"``
-kvcodec quantization   ``quantize.quantize_kvcodec_gpu``            ``KVCodecV1.quantize_tensors`` (torch)
-PQ scores, top-k       ``pq_topk.pq_topk_triton`` /                 ``pq_reference.pq_topk_reference`` /
+kvcodec chunk decode   ``kvcodec_decode.decode_kvcodec_kernels``           the same with ``backend="torch"``
+kvcodec chunk encode   ``kvcodec_encode.encode_kvcodec_kernels``        the same with ``backend="torch"``
+kvcodec quantization   ``quantize.quantize_kvcodec_gpu``            ``KVCodec.quantize_tensors`` (torch)
+PQ scores, top-k       ``pq_topk.pq_topk_triton`` /                 ``pq_torch.pq_topk_reference`` /
 and gather             ``gather_kv_triton``                         ``gather_kv_reference``
-PQ top-k by counting   ``pq_select.pq_select_triton``               ``pq_reference.pq_select_reference``
+PQ top-k by counting   ``pq_select.pq_select_triton``               ``pq_torch.pq_select_reference``
 code combinations
 =====================  ==========================================  =====================================
 
@@ -55,7 +55,7 @@ def decode_rans(data, table, model_map=None, *, shape=None, device: torch.device
         from kvstore.kernels.rans_decode import rans_decode_gpu
 
         return rans_decode_gpu(data, table, model_map, shape=shape, device=device)
-    from kvstore.kernels.reference import rans_decode_ref
+    from kvstore.kernels.torch_ops import rans_decode_ref
 
     return rans_decode_ref(data, table, model_map, shape=shape, device=device)
 
@@ -66,17 +66,17 @@ def encode_rans(symbols: torch.Tensor, table, model_map=None, *, group_size: int
         from kvstore.kernels.rans_encode import rans_encode_gpu
 
         return rans_encode_gpu(symbols, table, model_map, group_size=group_size)
-    from kvstore.kernels.reference import rans_encode_ref
+    from kvstore.kernels.torch_ops import rans_encode_ref
 
     return rans_encode_ref(symbols, table, model_map, group_size=group_size)
 
 
 def decode_kvcodec(obj_or_buffers: Any, codec: Any, shape, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a kvcodec chunk on ``device`` (see ``kvcodec_gpu.decode_kvcodec_gpu``)."""
-    from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu
+    """Decode a kvcodec chunk on ``device`` (see ``kvcodec_decode.decode_kvcodec_kernels``)."""
+    from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels
 
     backend = "triton" if use_triton(device) else "torch"
-    return decode_kvcodec_gpu(obj_or_buffers, codec, shape, dtype, device, backend=backend)
+    return decode_kvcodec_kernels(obj_or_buffers, codec, shape, dtype, device, backend=backend)
 
 
 def select_pq_tokens(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, k: int,
@@ -87,7 +87,7 @@ def select_pq_tokens(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
         from kvstore.kernels.pq_select import pq_select
 
         return pq_select(query, centroids, codes, k, start, stop)
-    from kvstore.kernels.pq_reference import pq_select_reference
+    from kvstore.kernels.pq_torch import pq_select_reference
 
     return pq_select_reference(query, centroids, codes, k, start, stop)
 
@@ -98,6 +98,6 @@ def gather_tokens(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
         from kvstore.kernels.pq_topk import gather_kv
 
         return gather_kv(keys, values, indices)
-    from kvstore.kernels.pq_reference import gather_kv_reference
+    from kvstore.kernels.pq_torch import gather_kv_reference
 
     return gather_kv_reference(keys, values, indices)

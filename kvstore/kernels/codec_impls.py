@@ -15,16 +15,16 @@ from kvstore.kernels.support import triton_available
 
 
 def _encode_kvcodec(codec: Any, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> Any:
-    from kvstore.kernels.kvcodec_encode import encode_kvcodec_gpu  # quantize + rANS encode on the GPU
+    from kvstore.kernels.kvcodec_encode import encode_kvcodec_kernels  # quantize + rANS encode on the GPU
 
-    return encode_kvcodec_gpu(codec, keys, values, start=start)
+    return encode_kvcodec_kernels(codec, keys, values, start=start)
 
 
 def _decode_kvcodec(codec: Any, obj: Any, shape: tuple[int, int, int, int], dtype: torch.dtype,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from kvstore.kernels.kvcodec_gpu import decode_kvcodec_gpu  # rANS decode + dequantize on the GPU
+    from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels  # rANS decode + dequantize on the GPU
 
-    return decode_kvcodec_gpu(obj, codec, shape, dtype, device)
+    return decode_kvcodec_kernels(obj, codec, shape, dtype, device)
 
 
 if triton_available():

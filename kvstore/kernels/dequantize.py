@@ -16,7 +16,7 @@ transposing tiles on chip.
 
 The first two functions take the output tensor (contiguous, fp16/bf16/fp32) and write
 ``out.view(-1)[:n]``; references with the same signatures are in
-:mod:`kvstore.kernels.reference`.
+:mod:`kvstore.kernels.torch_ops`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""Encode a ``kvcodec`` chunk on the GPU: quantization (torch) + rANS encoding (Triton).
+"""Encode a ``kvcodec`` chunk with the kernel pipeline: quantization + rANS encoding, in Triton
+kernels or (``backend="torch"``) their torch versions, on the KV's device.
 
-:func:`encode_kvcodec_gpu` returns what :meth:`kvstore.codecs.kvcodec.KVCodecV1.encode`
+:func:`encode_kvcodec_kernels` returns what :meth:`kvstore.codecs.kvcodec.KVCodec.encode`
 returns for KV on the CPU, without copying the KV off the GPU:
 
 1. quantization on the KV's device: by default one fused Triton pass
    (:func:`kvstore.kernels.quantize.quantize_kvcodec_gpu`: the KV read once, symbols written
    in the codec's stream layout); ``quantize="torch"`` runs
-   :meth:`~kvstore.codecs.kvcodec.KVCodecV1.quantize_tensors` instead (the torch operations
+   :meth:`~kvstore.codecs.kvcodec.KVCodec.quantize_tensors` instead (the torch operations
    the CPU encoder runs, ~20 passes over fp32 temporaries);
 2. one launch of :func:`kvstore.kernels.rans_encode.rans_encode_launch` codes the ``k``,
    ``v`` and ``scales`` streams concurrently, then :func:`~kvstore.kernels.rans_encode.assemble`
    (one synchronization for the word counts) lays the streams out on the device;
-3. the streams (about 1/7 of the fp16 KV at the default level) come to the host in one
+3. the streams (a fraction of the fp16 KV's size) come to the host in one
    pinned copy, as uint8 arrays; the sink and patch buffers stay tensors on the device
    (the container copies them when it serializes the chunk).
 
@@ -37,7 +38,7 @@ from kvstore.kernels.support import interpreter_supported
 from kvstore.kernels.rans_decode import interpreter_active
 from kvstore.kernels.rans_encode import DEFAULT_CONFIG, EncodeConfig, StreamPlan, encode_streams, plan_stream
 
-__all__ = ["encode_kvcodec_gpu", "stream_plans"]
+__all__ = ["encode_kvcodec_kernels", "stream_plans"]
 
 
 def stream_plans(codec: Any, tokens: int, lane_symbols: int | None = None) -> list[StreamPlan]:
@@ -51,7 +52,7 @@ def stream_plans(codec: Any, tokens: int, lane_symbols: int | None = None) -> li
     return hit
 
 
-def encode_kvcodec_gpu(
+def encode_kvcodec_kernels(
     codec: Any,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -65,8 +66,8 @@ def encode_kvcodec_gpu(
 ) -> dict[str, BufferLike]:
     """``codec.encode(keys, values, start=start)`` on the KV's device (see the module doc).
 
-    ``lane_symbols``: see :meth:`~kvstore.codecs.kvcodec.KVCodecV1.streams`. ``to_host=False``
-    leaves the three streams as uint8 tensors on the device (``decode_kvcodec_gpu`` reads
+    ``lane_symbols``: see :meth:`~kvstore.codecs.kvcodec.KVCodec.streams`. ``to_host=False``
+    leaves the three streams as uint8 tensors on the device (``decode_kvcodec_kernels`` reads
     them there). ``quantize``: "triton" (the fused kernel), "torch", or None: "triton" where
     Triton runs (CUDA, or the interpreter), else "torch"."""
     if quantize is None:

@@ -24,7 +24,7 @@ segment is a run of ``seg_len`` consecutive tokens of ``[start, stop)``.
      tokens above ``T`` and of the first ``k - above`` at ``T``.
 
 The result is exact: every token above the k-th score, ties at it broken by position
-(lowest first), positions ascending: :func:`kvstore.kernels.pq_reference.pq_select_reference`
+(lowest first), positions ascending: :func:`kvstore.kernels.pq_torch.pq_select_reference`
 has the same semantics on the reference's scores. It replaces ``torch.topk`` over
 ``[kv_heads, n]`` fp32 scores, which dominated scoring + top-k: the scores are never
 written. Two launches, no memset (figures in ``benchmarks/kernels_notes.md``).
@@ -34,8 +34,8 @@ written. Two launches, no memset (figures in ``benchmarks/kernels_notes.md``).
 the torch scores, then the same ordered selection in torch; the reference elsewhere.
 :func:`pq_select_triton` always runs the kernels (on CPU tensors under ``TRITON_INTERPRET=1``,
 as the tests do). Works with triton >= 3.6. Not ``tl.histogram``: before 3.9 it lowers to
-per-bin ballots (4,320 instructions per thread and spills per 1,024 elements at 4,096 bins,
-against 304 with 3.9's shared-memory atomics).
+per-bin ballots, far costlier at 4,096 bins than 3.9's shared-memory atomics (instruction
+counts in ``benchmarks/kernels_notes.md``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 
 from kvstore.errors import ConfigError
 from kvstore.kernels.support import cdiv, interpreter_supported, next_power_of_2
-from kvstore.kernels.pq_reference import (
+from kvstore.kernels.pq_torch import (
     check_k,
     check_pq_shapes,
     check_token_range,
@@ -228,7 +228,7 @@ def pq_select_triton(
     out: torch.Tensor | None = None,
     _block_n: int | None = None,
 ) -> torch.Tensor:
-    """:func:`~kvstore.kernels.pq_reference.pq_select_reference` by the counting-select kernels:
+    """:func:`~kvstore.kernels.pq_torch.pq_select_reference` by the counting-select kernels:
     ``[kv_heads, k]`` int64 positions, ascending. Needs ``K`` a power of two and ``K**m <= MAX_COMBOS``.
 
     ``segments``: programs per KV head for the classify and compact passes (default: about

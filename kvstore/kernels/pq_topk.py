@@ -1,6 +1,6 @@
 """PQ scores, top-k and gather as Triton kernels, with dispatch to the torch reference.
 
-One layer, one decode step (shapes in :mod:`kvstore.kernels.pq_reference`):
+One layer, one decode step (shapes in :mod:`kvstore.kernels.pq_torch`):
 
 1. ``_pq_lut_kernel``, grid ``(kv_heads, m)``: sums the GQA group's queries over
    one subspace and dots them with that subspace's ``K`` centroids: a ``K``-entry
@@ -29,7 +29,7 @@ import torch
 
 from kvstore.errors import ConfigError
 from kvstore.kernels.support import cdiv, next_power_of_2
-from kvstore.kernels.pq_reference import (
+from kvstore.kernels.pq_torch import (
     check_k,
     check_pq_shapes,
     check_token_range,
@@ -166,7 +166,7 @@ def pq_topk_triton(
     start: int = 0,
     stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~kvstore.kernels.pq_reference.pq_topk_reference` with the scores from the Triton kernels
+    """:func:`~kvstore.kernels.pq_torch.pq_topk_reference` with the scores from the Triton kernels
     (top-k by ``torch.topk``)."""
     scores = pq_scores_triton(query, centroids, codes, start, stop)
     check_k(k, scores.shape[1])
@@ -180,7 +180,7 @@ def gather_kv_triton(
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~kvstore.kernels.pq_reference.gather_kv_reference` by the Triton gather kernel.
+    """:func:`~kvstore.kernels.pq_torch.gather_kv_reference` by the Triton gather kernel.
 
     ``keys``/``values`` may be strided views (e.g. a cache's ``[0]``) with a contiguous last axis;
     ``out``: contiguous ``[kv_heads, k, head_dim]`` tensors to write into."""

@@ -1,9 +1,9 @@
 """kvcodec quantization in one GPU pass: fp16/bf16/fp32 keys and values in, uint8 symbols out.
 
-:meth:`kvstore.codecs.kvcodec.KVCodecV1.quantize_tensors` computes a chunk's symbols with
-about twenty torch passes over fp32 temporaries (~9 GB of memory traffic for a
-Llama-3-8B-shaped 2,048-token chunk: the predicted ~3 ms that would bound the GPU encoder,
-``benchmarks/kernels_notes.md``). :func:`quantize_kvcodec_gpu` computes the same symbols
+:meth:`kvstore.codecs.kvcodec.KVCodec.quantize_tensors` computes a chunk's symbols with
+about twenty torch passes over fp32 temporaries, whose memory traffic would bound the GPU
+encoder (estimate in ``benchmarks/kernels_notes.md``). :func:`quantize_kvcodec_gpu`
+computes the same symbols
 with one Triton kernel that reads the KV once and writes the symbols once, already in the
 stream layout of the codec's version (channel-major ``[L*H*D, T]`` transposed on chip, or
 token-major). A program owns one (layer, head) and ``BLOCK_T`` tokens:
@@ -38,7 +38,7 @@ from kvstore.codecs.rans import MAX_SYMBOLS
 from kvstore.errors import CodecError
 from kvstore.format.container import BufferLike
 from kvstore.kernels.support import cdiv, next_power_of_2
-from kvstore.kernels.kvcodec_gpu import profile_tensors
+from kvstore.kernels.kvcodec_decode import profile_tensors
 from kvstore.kernels.rans_decode import kernel_for
 
 __all__ = ["quantize_kvcodec_gpu"]
@@ -167,7 +167,7 @@ def quantize_kvcodec_gpu(
     counts = torch.zeros(3, dtype=torch.int32, device=device)
     if n:
         block_d = next_power_of_2(D)
-        bt = block_t if block_t is not None else max(8, min(64, 2048 // block_d))  # 16 at D = 128: 154 registers on sm_90
+        bt = block_t if block_t is not None else max(8, min(64, 2048 // block_d))  # 16 at D = 128
         kernel_for(_kvcodec_quantize_kernel, device)[(cdiv(T, bt), L * H)](
             keys, values, cache["bias"], cache["scale"], cache["vtab"], k_sym, v_sym, codes, counts, T, sinks,
             D=D, BLOCK_D=block_d, BLOCK_T=bt, ZERO_SYM=ZERO, SCALE_STEPS=SCALE_STEPS_PER_OCTAVE,

@@ -1,8 +1,8 @@
 """rANS decoding on the GPU: the ``@triton.jit`` kernel and its host-side launcher.
 
 The stream format is ``kvstore/codecs/README_rans.md``; the algorithm is
-:func:`kvstore.codecs.rans_reference.lockstep_decode` (and the pure-torch
-:func:`kvstore.kernels.reference.rans_decode_launch_ref`, same signature as
+:func:`kvstore.codecs.rans_lockstep.lockstep_decode` (and the pure-torch
+:func:`kvstore.kernels.torch_ops.rans_decode_launch_ref`, same signature as
 :func:`rans_decode_launch` here). A program owns a ``[BLOCK_G, 32]`` tile: up to
 ``BLOCK_G`` consecutive groups of one stream, 32 lanes each; every loop
 iteration advances all its lanes by one symbol. One launch decodes several
@@ -98,7 +98,7 @@ def interpreter_active() -> bool:
 
 def kernel_for(kernel, device: torch.device):
     """``kernel`` to launch on tensors of ``device``: CUDA, or any device under the interpreter
-    (numpy on the CPU, ~30 ms per loop iteration of a program: tests use small streams)."""
+    (numpy on the CPU, far slower than a GPU: tests use small streams)."""
     if device.type == "cuda":
         return kernel
     if interpreter_active():
@@ -108,7 +108,7 @@ def kernel_for(kernel, device: torch.device):
         return kernel
     raise CodecError(
         "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before triton is imported; "
-        "use the torch references (kvstore.kernels.reference) elsewhere"
+        "use the torch references (kvstore.kernels.torch_ops) elsewhere"
     )
 
 

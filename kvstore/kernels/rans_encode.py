@@ -13,7 +13,7 @@ from the last to the first; at each step every lane encodes its symbol (position
 A lane's words go to a per-stream scratch buffer (one slot per symbol), written backwards
 from the end of its group: at each step the lanes that emit take the next slots below the
 previous step's, in lane order (an exclusive prefix sum, or a warp vote on CUDA), which is
-the order :func:`kvstore.codecs._rans_kernels.encode_groups` writes them in. The kernel
+the order :func:`kvstore.codecs._rans_numba.encode_groups` writes them in. The kernel
 stores each lane's final state, each group's word count and an error flag (a symbol of
 frequency 0, or outside the alphabet). :func:`assemble` then reads the word counts (the one
 synchronization), builds the 48-byte headers on the host and the offsets, and gathers every
@@ -21,7 +21,7 @@ group's words into the stream on the device.
 
 One launch encodes up to three streams (a kvcodec chunk's ``k``, ``v`` and ``scales``) so
 that their groups run concurrently. The pure-torch twin of :func:`rans_encode_launch` is
-:func:`kvstore.kernels.reference.rans_encode_launch_ref` (same signature and outputs).
+:func:`kvstore.kernels.torch_ops.rans_encode_launch_ref` (same signature and outputs).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def encode_streams(
     if backend == "triton":
         out = rans_encode_launch(symbols, plans, config=config)
     elif backend == "torch":
-        from kvstore.kernels.reference import rans_encode_launch_ref
+        from kvstore.kernels.torch_ops import rans_encode_launch_ref
 
         out = rans_encode_launch_ref(symbols, plans, config=config)
     else:

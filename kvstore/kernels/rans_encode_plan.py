@@ -2,7 +2,7 @@
 descriptors, outputs and the assembly of the encoded streams.
 
 Shared by the Triton launcher (:mod:`kvstore.kernels.rans_encode`) and the pure-torch
-reference (:mod:`kvstore.kernels.reference`), so the reference runs where Triton is absent.
+reference (:mod:`kvstore.kernels.torch_ops`), so the reference runs where Triton is absent.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 tables, launch descriptors, uploads and error reports.
 
 Shared by the Triton launcher (:mod:`kvstore.kernels.rans_decode`) and the pure-torch
-reference (:mod:`kvstore.kernels.reference`), so the reference runs where Triton is absent.
+reference (:mod:`kvstore.kernels.torch_ops`), so the reference runs where Triton is absent.
 The stream format is ``kvstore/codecs/README_rans.md``.
 """
 

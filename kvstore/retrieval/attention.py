@@ -38,8 +38,8 @@ class RetrievalConfig:
 
     ``rerank``: the PQ scores shortlist ``rerank * k`` middle tokens and the exact ``q . k``
     of the shortlist picks the ``k`` attended (the keys of the shortlist are read, the
-    values of the ``k`` only). The default 2 is what meets recall >= 0.9 and the perplexity
-    targets on SmolLM2 (``benchmarks/RESULTS.md``: 0.923 recall at 1/5 against 0.689);
+    values of the ``k`` only). The default 2 meets the recall (>= 0.9) and perplexity
+    targets (measurements in ``benchmarks/RESULTS.md``);
     ``rerank=1`` is PQCache's own recipe (top-k by PQ score alone)."""
 
     budget: float = 0.2

@@ -9,8 +9,7 @@ small fraction of loading the KV. Formats:
   an affine grid over the 2**bits centroids, ``lo + step * q`` with ``q`` in
   ``[0, 2**N)``, bit-packed; ``lo`` and ``step`` fp16. Keys have per-channel
   offsets and outlier channels, which a per-channel grid follows and a
-  per-centroid scale does not (measured on SmolLM2: recall and perplexity within
-  noise of fp32 at 4 bits, see ``benchmarks/RESULTS.md``).
+  per-centroid scale does not (measurements in ``benchmarks/RESULTS.md``).
 - ``int8``: symmetric per centroid, with an fp16 scale per centroid.
 - ``float16`` / ``float32``: as they are.
 """

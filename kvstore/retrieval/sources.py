@@ -22,7 +22,7 @@ from kvstore.format.chunk import ChunkIdentity, decode_chunk
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
 from kvstore.format.manifest import Manifest
-from kvstore.kernels.pq_reference import gather_kv_reference
+from kvstore.kernels.pq_torch import gather_kv_reference
 from kvstore.sync import LoopThread
 
 T = TypeVar("T")

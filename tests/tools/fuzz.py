@@ -799,7 +799,7 @@ def _kvcodec_profile() -> Any:
 
 def _chunk_targets(device: torch.device) -> list[Target]:
     from kvstore.codecs.base import get_codec
-    from kvstore.codecs.kvcodec import KVCodecV1
+    from kvstore.codecs.kvcodec import KVCodec
 
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
     small = [((2, 2, 5, 8), f16, 0), ((1, 2, 3, 4), bf16, 7), ((2, 1, 4, 8), f32, 3)]
@@ -816,16 +816,16 @@ def _chunk_targets(device: torch.device) -> list[Target]:
                       device),
         _chunk_target("cachegen_ref8", get_codec("cachegen_ref", {"bins": 8, "precision": 10}),
                       [((2, 2, 4, 4), f16, 0)], device),
-        _chunk_target("kvcodec", KVCodecV1(_kvcodec_profile(), 1), [((2, 1, 12, 8), f16, 0), ((2, 1, 9, 8), f32, 100)],
+        _chunk_target("kvcodec", KVCodec(_kvcodec_profile(), 1), [((2, 1, 12, 8), f16, 0), ((2, 1, 9, 8), f32, 100)],
                       device, tweak=outlier),
     ]
 
 
 # kvcodec profile ---------------------------------------------------------------------------
 def _decode_profile(case: Case, seed: Seed) -> Any:
-    from kvstore.codecs.kvcodec import KVCodecV1
+    from kvstore.codecs.kvcodec import KVCodec
 
-    return KVCodecV1.parse_profile(case.data)
+    return KVCodec.parse_profile(case.data)
 
 
 def _same_profile(a: Any, b: Any) -> bool:

@@ -10,8 +10,8 @@ Symbols are addressed by their flat C-order position ``p`` in a canonical
 Group ``g`` holds positions ``[g * S, min(g * S + S, N))`` and position ``p``
 belongs to lane ``(p - g * S) % 32`` of that group.
 
-Numba compiles these on first use (about 5 s for all of them); ``cache=True``
-keeps the machine code in ``__pycache__`` so later processes load it in ~0.4 s.
+Numba compiles these on first use; ``cache=True`` keeps the machine code in
+``__pycache__`` so later processes load it instead of compiling again.
 """
 
 from __future__ import annotations

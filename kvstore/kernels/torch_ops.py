@@ -1,8 +1,8 @@
-"""Pure-torch references of the kernels, with the same signatures, on any device.
+"""The kernels' operations in plain torch, with the same signatures, on any device.
 
 Each function computes exactly what its Triton twin computes (same outputs, same
 per-group error bits) with plain tensor operations, vectorized over all lanes of
-all groups of all streams like :func:`kvstore.codecs.rans_reference.lockstep_decode`:
+all groups of all streams like :func:`kvstore.codecs.rans_lockstep.lockstep_decode`:
 one torch step per symbol step. They are the ground truth of the tests and the
 fallback where Triton cannot run; they are slow (a few thousand small launches
 per chunk on a GPU).

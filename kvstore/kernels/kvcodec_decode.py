@@ -1,6 +1,8 @@
-"""Decode a ``kvcodec`` chunk on the GPU: rANS decode + dequantization into ``[L, H, T, D]``.
+"""Decode a ``kvcodec`` chunk with the kernel pipeline: rANS decode + dequantization into
+``[L, H, T, D]``, in Triton kernels (``backend="triton"``: CUDA, or the interpreter) or in
+their torch versions (``backend="torch"``: any device).
 
-:func:`decode_kvcodec_gpu` computes what :meth:`kvstore.codecs.kvcodec.KVCodecV1.decode`
+:func:`decode_kvcodec_kernels` computes what :meth:`kvstore.codecs.kvcodec.KVCodec.decode`
 computes, bit for bit when that runs on the same CUDA device (the arithmetic is the
 same float32 multiply then add, without FMA contraction, rounded once to the output
 dtype), with the entropy decoding and dequantization in Triton kernels:
@@ -30,7 +32,7 @@ The layout follows the codec's ``version`` (chunks stored without one are token-
 version 1, and take the fused or split plan); a stream whose header disagrees is rejected.
 
 ``backend="torch"`` runs the same plan with the pure-torch references of
-:mod:`kvstore.kernels.reference` (any device; slow).
+:mod:`kvstore.kernels.torch_ops` (any device; slow).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from kvstore.kernels.rans_decode import (
 
 __all__ = [
     "PreparedChunk",
-    "decode_kvcodec_gpu",
+    "decode_kvcodec_kernels",
     "decode_prepared",
     "prepare_kvcodec",
 ]
@@ -203,7 +205,7 @@ def _rans(chunk: PreparedChunk, key: tuple, backend: str, config: DecodeConfig, 
     Triton: planned once per chunk, layout and config (:class:`RansLaunch`), then only run;
     torch: the reference launch."""
     if backend == "torch":
-        from kvstore.kernels.reference import rans_decode_launch_ref
+        from kvstore.kernels.torch_ops import rans_decode_launch_ref
 
         cache = profile_tensors(chunk.codec, chunk.device)
         return rans_decode_launch_ref(chunk.data, streams(), tables(), aff_scale=cache["scale"],
@@ -232,14 +234,15 @@ def decode_prepared(
     ``plan``: "auto", "fused" or "split" (module doc; channel-major chunks have their own).
     ``check=False`` skips the final synchronization and error check (the caller then checks ``chunk.last_err``).
     The host's work before the first kernel starts is kept short (the launches are planned
-    once per chunk): with ``check`` the GPU waits for it, and a decode is ~1 ms of GPU time.
+    once per chunk): with ``check`` the GPU waits for it at every chunk (timings in
+    ``benchmarks/kernels_notes.md``).
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise CodecError(f"kvcodec decodes to fp16, bf16 or fp32, not {dtype}")
     if backend == "triton":
         rowscale, channel = dequantize_rowscale, dequantize_kv_channel_major
     elif backend == "torch":
-        from kvstore.kernels.reference import dequantize_kv_channel_major_ref, dequantize_rowscale_ref
+        from kvstore.kernels.torch_ops import dequantize_kv_channel_major_ref, dequantize_rowscale_ref
 
         rowscale, channel = dequantize_rowscale_ref, dequantize_kv_channel_major_ref
     else:
@@ -310,7 +313,7 @@ def decode_prepared(
 
 
 def _prepare_patches(name: str, index: torch.Tensor, value: torch.Tensor, numel: int, device) -> tuple:
-    """Checked (as ``KVCodecV1.decode`` checks them, but the value dtype, checked at decode) and on the device."""
+    """Checked (as ``KVCodec.decode`` checks them, but the value dtype, checked at decode) and on the device."""
     if (index.dtype != torch.int32 or index.ndim != 1 or value.shape != index.shape
             or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel))):  # fmt: skip
         raise FormatError(f"kvcodec {name} patches are malformed")
@@ -342,7 +345,7 @@ def _apply_sinks(sinks, keys: torch.Tensor, values: torch.Tensor, dtype) -> None
     values[:, :, :n_sink] = sink_v
 
 
-def decode_kvcodec_gpu(
+def decode_kvcodec_kernels(
     obj_or_buffers: Container | Mapping[str, Any],
     codec,
     shape: tuple[int, int, int, int],
@@ -353,7 +356,7 @@ def decode_kvcodec_gpu(
     config: DecodeConfig = DEFAULT_CONFIG,
     backend: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``KVCodecV1.decode(obj, shape, dtype, device)`` returns, decoded on ``device``.
+    """What ``KVCodec.decode(obj, shape, dtype, device)`` returns, decoded on ``device``.
 
     ``obj_or_buffers``: the chunk's :class:`Container` (buffers are checksum-verified as
     they are read) or a mapping of its buffers as ``codec.encode`` returned them (the

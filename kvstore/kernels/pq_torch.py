@@ -1,4 +1,4 @@
-"""Pure-torch reference of the PQ score / top-k and gather kernels (:mod:`kvstore.kernels.pq_topk`,
+"""The PQ score / top-k and gather operations in plain torch, with the kernels' signatures (:mod:`kvstore.kernels.pq_topk`,
 :mod:`kvstore.kernels.pq_select`).
 
 Shapes (one layer, one decode step):
