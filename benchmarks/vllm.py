@@ -35,7 +35,8 @@ LINK_RATE_BPS = 25e6  # 200 Mbit/s of payload
 NEW_TOKENS = 16  # greedy tokens compared with the prefill's
 MAX_MODEL_LEN = 8192  # SmolLM2's positions
 LONG_CONTEXT = MAX_MODEL_LEN - 128  # "8K": room for the greedy tokens
-VLLM_ENV = Path(__file__).resolve().parents[2] / ".venv-vllm"
+CHECKOUT = Path(__file__).resolve().parents[1]
+VLLM_ENV = CHECKOUT / ".venv-vllm"
 CHILD_TIMEOUT_S = 1800
 
 
@@ -114,7 +115,7 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
 def _result_of(args: list[str], *, timeout: float, what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``args`` and return the JSON of its last ``RESULT`` line; :class:`ConfigError` naming
     ``what`` (with the end of its output on stderr) if it fails or prints none."""
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=CHECKOUT)  # -m benchmarks.vllm
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
