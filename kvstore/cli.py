@@ -29,15 +29,11 @@ exit codes:
 """
 
 
-#: The folders beside the package that ``kvstore bench`` and ``kvstore demo`` run from: they
-#: are part of a source checkout, not of the installed library.
-CHECKOUT_PACKAGES = ("benchmarks", "eval")
-
-
 def from_checkout(module: str) -> Any:
-    """Import ``module`` from the source checkout this package was installed from (an
-    editable install) or from the current directory; :class:`ConfigError` where neither
-    holds it."""
+    """Import ``module`` of the folders beside the package that ``kvstore bench`` and
+    ``kvstore demo`` run from (``benchmarks/``, ``eval/``: part of a source checkout, not
+    of the installed library), from the checkout this package was installed from (an
+    editable install) or the current directory; :class:`ConfigError` where neither holds it."""
     import importlib
 
     top = module.partition(".")[0]
