@@ -19,7 +19,7 @@ from typing import Any
 
 from kvstore.errors import ConfigError
 
-BENCHMARKS = ("store", "model", "models", "codecs", "kernels", "stream", "retrieval", "faults", "vllm")
+BENCHMARKS = ("store", "model", "models", "codecs", "kernels", "stream", "retrieval", "faults", "vllm", "load")
 
 
 def machine_info() -> dict[str, Any]:

@@ -789,14 +789,14 @@ class KVStore:
                 ident = self._identity(plan, i, groups[g], dtype)
                 started = time.perf_counter()
                 obj = open_object(j, data)
-                k, v = decode_chunk(obj, ident, device, {"name": group_codecs[g].name, "params": group_codecs[g].params})
+                out_k, out_v = outs[g]
+                into = (out_k[:, :, start - base[g]:stop - base[g]], out_v[:, :, start - base[g]:stop - base[g]])
+                decode_chunk(obj, ident, device, {"name": group_codecs[g].name, "params": group_codecs[g].params},
+                             out=into)  # straight into the output, where the codec can
                 if manifest is None:
                     meta = obj.header.meta
                     chain[j] = (str(meta.get("content", "")), str(meta.get("prev", "")))
                 metrics.record_decode(codec_name, time.perf_counter() - started)
-                out_k, out_v = outs[g]
-                out_k[:, :, start - base[g]:stop - base[g]] = k
-                out_v[:, :, start - base[g]:stop - base[g]] = v
 
             decode = on_stream(stream, decode)  # runs in worker threads
 

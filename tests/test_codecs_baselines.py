@@ -508,3 +508,29 @@ def test_cuda_matches_cpu(name, params, dtype):
     k_cpu, v_cpu = decode_chunk(blob_cpu, ident(shape, dtype), CPU)
     k_gpu, v_gpu = decode_chunk(blob_cpu, ident(shape, dtype), cuda)
     assert k_gpu.device.type == "cuda" and torch.equal(k_gpu.cpu(), k_cpu) and torch.equal(v_gpu.cpu(), v_cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["raw", "int8"])
+def test_decode_into_writes_the_callers_slice(name, dtype):
+    """``decode_into`` fills a token slice of a larger output (strided views) with what
+    ``decode`` returns, and leaves the rest of the output alone."""
+    codec = get_codec(name)
+    g = torch.Generator().manual_seed(1)
+    keys, values = (torch.randn(2, 3, 16, 8, generator=g).to(dtype) for _ in range(2))
+    obj = container.decode(container.encode(codec.encode(keys, values), kind="chunk", codec={}, meta={}))
+    want_k, want_v = codec.decode(obj, (2, 3, 16, 8), dtype, torch.device("cpu"))
+    out_k, out_v = torch.full((2, 3, 40, 8), 7.0, dtype=dtype), torch.full((2, 3, 40, 8), 7.0, dtype=dtype)
+    codec.decode_into(obj, out_k[:, :, 10:26], out_v[:, :, 10:26])
+    assert torch.equal(out_k[:, :, 10:26], want_k) and torch.equal(out_v[:, :, 10:26], want_v)
+    assert (out_k[:, :, :10] == 7).all() and (out_k[:, :, 26:] == 7).all() and (out_v[:, :, 26:] == 7).all()
+
+
+def test_raw_decode_into_refuses_another_shape_or_dtype():
+    codec = get_codec("raw")
+    keys = torch.zeros(1, 1, 4, 8, dtype=torch.float16)
+    obj = container.decode(container.encode(codec.encode(keys, keys), kind="chunk", codec={}, meta={}))
+    with pytest.raises(FormatError, match="raw buffer 'k'"):
+        codec.decode_into(obj, torch.empty(1, 1, 4, 8, dtype=torch.float32), torch.empty(1, 1, 4, 8, dtype=torch.float32))
+    with pytest.raises(FormatError, match="raw buffer 'k'"):
+        codec.decode_into(obj, torch.empty(1, 1, 5, 8, dtype=torch.float16), torch.empty(1, 1, 5, 8, dtype=torch.float16))

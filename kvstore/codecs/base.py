@@ -66,6 +66,16 @@ class Codec(ABC):
         """Rebuild keys of ``shape`` and values (of ``shape`` with its last axis ``value_dim``,
         when the value width differs) as ``dtype`` on ``device`` from a verified container."""
 
+    def decode_into(self, obj: Container, out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
+        """Decode a verified container into ``out_keys`` and ``out_values`` (views into the
+        caller's output: their shapes, dtype and device say what to decode). By default
+        :meth:`decode`, then a copy; a codec that can write its output in place overrides it."""
+        value_dim = out_values.shape[-1] if out_values.shape[-1] != out_keys.shape[-1] else None
+        keys, values = self.decode(obj, tuple(out_keys.shape), out_keys.dtype, out_keys.device,  # type: ignore[arg-type]
+                                   value_dim=value_dim)
+        out_keys.copy_(keys)
+        out_values.copy_(values)
+
     def for_layers(self, layers: tuple[int, ...], num_layers: int) -> Codec:
         """This codec configured for a group of the model's ``num_layers`` layers (a layer
         group's chunks are stored apart); codecs without per-layer state return themselves."""

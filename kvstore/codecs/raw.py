@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvstore.codecs.base import Codec, kv_shapes, register_codec
 from kvstore.errors import FormatError
 from kvstore.format.container import BufferLike, Container
+from kvstore.format.dtypes import dtype_name
 
 
 @register_codec
@@ -31,3 +33,16 @@ class RawCodec(Codec):
                 )
             out.append(tensor.to(device, non_blocking=True))
         return out[0], out[1]
+
+    def decode_into(self, obj: Container, out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
+        """On the CPU, the stored bytes are copied once, straight into the output views."""
+        if out_keys.device.type != "cpu" or out_values.device.type != "cpu":
+            return super().decode_into(obj, out_keys, out_values)
+        for name, out in (("k", out_keys), ("v", out_values)):
+            spec = obj.header.buffers.get(name)
+            if spec is None or tuple(spec.shape) != tuple(out.shape) or spec.dtype != dtype_name(out.dtype):
+                found = "missing" if spec is None else f"{spec.dtype}{list(spec.shape)}"
+                raise FormatError(f"raw buffer {name!r} is {found}, expected {out.dtype}{list(out.shape)}")
+            source = np.frombuffer(obj.raw(name), dtype=np.uint8)  # checksummed, not copied
+            target = out.view(torch.uint8).numpy()  # the output's own memory, its strides kept
+            np.copyto(target, source.reshape(target.shape))

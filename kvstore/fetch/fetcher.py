@@ -341,16 +341,13 @@ class _Load:
         chunk, base = self.m.chunks[i], self.base[g]
         out_k, out_v = self.outs[g]
         ident = self._identity(i, g)
+        into = (out_k[:, :, chunk.start - base:chunk.stop - base], out_v[:, :, chunk.start - base:chunk.stop - base])
         if self.f._stream is not None:
             with torch.cuda.stream(self.f._stream):
-                k, v = decode_chunk(blob, ident, self.f.device, codec)
-                out_k[:, :, chunk.start - base:chunk.stop - base] = k
-                out_v[:, :, chunk.start - base:chunk.stop - base] = v
+                decode_chunk(blob, ident, self.f.device, codec, out=into)
             self.f._stream.synchronize()
         else:
-            k, v = decode_chunk(blob, ident, self.f.device, codec)
-            out_k[:, :, chunk.start - base:chunk.stop - base] = k
-            out_v[:, :, chunk.start - base:chunk.stop - base] = v
+            decode_chunk(blob, ident, self.f.device, codec, out=into)
 
     async def _windows_before(self, start: int) -> dict[int, tuple[int, list[bytes], list[int], int]] | None:
         """The sliding-window KV a recompute from ``start`` needs but the load does not read

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import xxhash
 
-from kvstore.codecs.base import Codec, get_codec
-from kvstore.errors import FormatError
+from kvstore.codecs.base import Codec, get_codec, kv_shapes
+from kvstore.errors import ConfigError, FormatError
 from kvstore.format import container
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.layout import LayerGroup
@@ -130,11 +130,13 @@ def check_identity(obj: container.Container, ident: ChunkIdentity) -> None:
 
 def decode_chunk(
     data: bytes | memoryview | container.Container, ident: ChunkIdentity, device: torch.device,
-    codec: Mapping[str, Any] | None = None,
+    codec: Mapping[str, Any] | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify a chunk object (its bytes, or the container already decoded from them) against
     ``ident`` (and, given ``codec`` ``{"name", "params"}``, that it was stored at that codec
-    configuration: an object of another level is refused) and decode its keys and values."""
+    configuration: an object of another level is refused) and decode its keys and values:
+    into ``out`` (views into the caller's output, of the chunk's shapes and dtype) when
+    given, so that a codec that can writes them in place, else into new tensors."""
     obj = data if isinstance(data, container.Container) else container.decode(data)
     check_identity(obj, ident)
     codec_doc = obj.header.codec
@@ -147,4 +149,10 @@ def decode_chunk(
     codec = get_codec(codec_doc["name"], params)
     torch_dtype(dtype_name(ident.dtype))
     value_dim = ident.value_dim if ident.value_dim != ident.head_dim else None
-    return codec.decode(obj, ident.shape, ident.dtype, device, value_dim=value_dim)
+    if out is None:
+        return codec.decode(obj, ident.shape, ident.dtype, device, value_dim=value_dim)
+    shapes = kv_shapes(ident.shape, value_dim)
+    if any(tuple(t.shape) != s or t.dtype != ident.dtype for t, s in zip(out, shapes)):
+        raise ConfigError(f"decode_chunk: out must be {ident.dtype} tensors of shapes {shapes}")
+    codec.decode_into(obj, *out)
+    return out
