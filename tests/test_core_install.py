@@ -13,20 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools.blocked_imports import block_imports
+
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL_PACKAGES = (
     "s3fs", "aiobotocore", "botocore", "boto3", "aiohttp", "fsspec", "redis", "hiredis", "transformers",
     "safetensors", "accelerate", "gguf", "matplotlib", "tqdm", "triton", "pytest", "moto", "hypothesis",
 )  # fmt: skip
 
-BLOCK_EXTRAS = f"""
-import importlib.abc, sys
-class BlockExtras(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {OPTIONAL_PACKAGES!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (extra blocked)", name=name)
-sys.meta_path.insert(0, BlockExtras())
-"""
+BLOCK_EXTRAS = block_imports(OPTIONAL_PACKAGES, "extra blocked")
 
 
 def run_core(script: str, tmp_path: Path) -> subprocess.CompletedProcess:

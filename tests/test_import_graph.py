@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.tools.blocked_imports import block_imports
+
 PACKAGE = Path(__file__).resolve().parents[1] / "kvstore"
 
 
@@ -117,13 +119,7 @@ def test_no_private_names_across_packages():
 
 
 def test_the_torch_references_run_without_triton():
-    script = """
-import importlib.abc, sys
-class NoTriton(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "triton":
-            raise ModuleNotFoundError("No module named 'triton' (blocked)", name=name)
-sys.meta_path.insert(0, NoTriton())
+    script = block_imports(("triton",), "blocked") + """
 import numpy as np, torch
 from kvstore.codecs import rans
 from kvstore.codecs.symbol_model import FrequencyTable

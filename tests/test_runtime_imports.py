@@ -9,22 +9,15 @@ test-only packages cannot be imported.
 import subprocess
 import sys
 
+from tests.tools.blocked_imports import block_imports
+
 # Test helpers by design: they may need the test extra.
 TEST_ONLY_MODULES = ("kvstore.testing.store_tests",)
 # Engine integrations import their engine, which lives in its own environment (vLLM: .venv-vllm).
 ENGINE_PACKAGES = ("vllm",)
 TEST_EXTRA_PACKAGES = ("pytest", "_pytest", "pytest_asyncio", "moto", "hypothesis", "boto3")
 
-BLOCK_TEST_EXTRA = f"""
-import importlib, importlib.abc, pkgutil, sys
-
-class BlockTestExtra(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {TEST_EXTRA_PACKAGES!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (test extra blocked)", name=name)
-
-sys.meta_path.insert(0, BlockTestExtra())
-"""
+BLOCK_TEST_EXTRA = block_imports(TEST_EXTRA_PACKAGES, "test extra blocked") + "import importlib, pkgutil\n"
 
 IMPORT_EVERY_MODULE = f"""
 import kvstore

@@ -25,13 +25,9 @@ class RawCodec(Codec):
         *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
-        for name, shape in zip(("k", "v"), kv_shapes(shape, value_dim)):
-            tensor = obj.tensor(name)
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise FormatError(
-                    f"raw buffer {name!r} is {tensor.dtype}{list(tensor.shape)}, expected {dtype}{list(shape)}"
-                )
-            out.append(tensor.to(device, non_blocking=True))
+        for name, buffer_shape in zip(("k", "v"), kv_shapes(shape, value_dim)):
+            _check_buffer(obj, name, buffer_shape, dtype)
+            out.append(obj.tensor(name).to(device, non_blocking=True))
         return out[0], out[1]
 
     def decode_into(self, obj: Container, out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
@@ -39,10 +35,15 @@ class RawCodec(Codec):
         if out_keys.device.type != "cpu" or out_values.device.type != "cpu":
             return super().decode_into(obj, out_keys, out_values)
         for name, out in (("k", out_keys), ("v", out_values)):
-            spec = obj.header.buffers.get(name)
-            if spec is None or tuple(spec.shape) != tuple(out.shape) or spec.dtype != dtype_name(out.dtype):
-                found = "missing" if spec is None else f"{spec.dtype}{list(spec.shape)}"
-                raise FormatError(f"raw buffer {name!r} is {found}, expected {out.dtype}{list(out.shape)}")
+            _check_buffer(obj, name, tuple(out.shape), out.dtype)
             source = np.frombuffer(obj.raw(name), dtype=np.uint8)  # checksummed, not copied
             target = out.view(torch.uint8).numpy()  # the output's own memory, its strides kept
             np.copyto(target, source.reshape(target.shape))
+
+
+def _check_buffer(obj: Container, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Raise :class:`FormatError` unless buffer ``name`` holds ``dtype`` values of ``shape``."""
+    spec = obj.header.buffers.get(name)
+    if spec is None or tuple(spec.shape) != tuple(shape) or spec.dtype != dtype_name(dtype):
+        found = "missing" if spec is None else f"{spec.dtype}{list(spec.shape)}"
+        raise FormatError(f"raw buffer {name!r} is {found}, expected {dtype}{list(shape)}")
