@@ -113,3 +113,17 @@ def test_bench_and_demo_outside_a_checkout_say_where_they_run(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="source checkout"):
         cli.from_checkout("benchmarks")
     assert cli.main(["bench", "store", "--quick"]) == cli.EXIT_ERROR
+
+
+def test_the_combined_extras_hold_every_extra():
+    """``all`` and ``test`` spell their packages out (older pip cannot resolve an extra naming
+    the project itself); they must still hold every package of the extras they combine."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not [r for reqs in extras.values() for r in reqs if r.startswith("kvstore")]
+    combined = {r for name in ("s3", "redis", "hf", "gpu", "bench") for r in extras[name]}
+    assert set(extras["all"]) == combined
+    assert set(extras["test"]) - set(extras["all"]) == {r for r in extras["test"] if r.split(">")[0].split("[")[0]
+                                                       in {"pytest", "pytest-asyncio", "moto", "hypothesis"}}
+    assert set(extras["all"]) <= set(extras["test"])
