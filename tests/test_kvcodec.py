@@ -346,3 +346,25 @@ def test_old_layout_chunk_still_decodes_bit_exact():
     new = KVCodec(codec.profile, 0)
     _, (k2, v2) = round_trip(new, keys, values, start=0)
     assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_decode_into_writes_the_callers_slice(profile, dtype):
+    """The CPU decoder writes a chunk (patches and sinks included) straight into a token
+    slice of a larger output, the same values as ``decode``, and nothing outside it; a view
+    whose layer and head axes do not merge is filled too (through a copy)."""
+    keys, values = synthetic_kv(40, seed=5)
+    keys[1, 0, 30, 3] = 3000.0  # a patch
+    codec = KVCodec(profile, 1)
+    obj = container.decode(container.encode(codec.encode(keys.to(dtype), values.to(dtype)), kind="t"))
+    want_k, want_v = codec.decode(obj, (L, H, 40, D), dtype, torch.device("cpu"))
+    exact = keys.to(dtype)
+    assert want_k[1, 0, 30, 3] == exact[1, 0, 30, 3] and torch.equal(want_k[:, :, 0], exact[:, :, 0])
+    out_k, out_v = (torch.full((L, H + 1, 64, D), 7.0, dtype=dtype) for _ in range(2))
+    codec.decode_into(obj, out_k[:, 1:, 10:50], out_v[:, 1:, 10:50])  # layer and head axes do not merge
+    assert torch.equal(out_k[:, 1:, 10:50], want_k) and torch.equal(out_v[:, 1:, 10:50], want_v)
+    assert (out_k[:, 0] == 7).all() and (out_v[:, :, 50:] == 7).all()
+    merged_k, merged_v = (torch.full((L, H, 64, D), 7.0, dtype=dtype) for _ in range(2))
+    codec.decode_into(obj, merged_k[:, :, 20:60], merged_v[:, :, 20:60])
+    assert torch.equal(merged_k[:, :, 20:60], want_k) and torch.equal(merged_v[:, :, 20:60], want_v)
+    assert (merged_k[:, :, :20] == 7).all() and (merged_v[:, :, 60:] == 7).all()

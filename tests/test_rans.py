@@ -425,3 +425,53 @@ def test_wrong_table_or_map_raises(small_stream):
         decode(data, FrequencyTable.from_counts(np.ones((24, 32)), 14), mm)
     with pytest.raises(FormatError):
         decode(np.zeros((3, 3), np.float32)[:, 1], t, mm)  # not contiguous bytes
+
+
+@pytest.mark.parametrize("tokens,group_size", [(1, None), (37, 64), (256, None), (300, 96)])
+def test_decode_rows_through_lut_equals_decode_then_lookup(tokens, group_size):
+    """The fused decoder writes ``lut[k, s]`` of every symbol, transposed to ``[i, t, d]``,
+    the same as decoding the symbols and looking them up afterwards; into strided views too."""
+    rng = np.random.default_rng(tokens)
+    rows, width = 12, 4
+    mm = np.arange(rows).reshape(rows, 1)
+    sym = np.minimum(rng.geometric(0.3, (rows, tokens, 1)) - 1, 31).astype(np.uint8)
+    t = table_for(sym, mm, rows, 32, precision=12)
+    data = encode(sym, t, mm, group_size=group_size)
+    lut = rng.integers(-30000, 30000, (256, 40)).astype(np.int16)
+    symbols = decode(data, t, mm)[:, :, 0].reshape(rows // width, width, tokens)  # [i, d, t]
+    row_lut = rng.integers(0, 256, rows).astype(np.int32)
+    token_lut = rng.integers(0, 256, (rows // width, tokens)).astype(np.uint8)
+    want_rows = lut[row_lut.reshape(rows // width, width, 1), symbols].transpose(0, 2, 1)
+    want_tokens = lut[token_lut[:, None, :], symbols].transpose(0, 2, 1)
+    for kw, want in (({"row_lut": row_lut}, want_rows), ({"token_lut": token_lut}, want_tokens)):
+        big = np.full((rows // width + 1, tokens + 5, width), 9, np.int16)
+        out = big[1:, 2 : tokens + 2]
+        rans.decode_rows_through_lut(data, t, rows=rows, tokens=tokens, row_width=width, lut=lut, out=out, **kw)
+        np.testing.assert_array_equal(out, want)
+        assert (big[0] == 9).all() and (big[:, :2] == 9).all() and (big[:, tokens + 2 :] == 9).all()
+
+
+def test_decode_rows_through_lut_checks_its_arguments_and_stream(small_stream):
+    rng = np.random.default_rng(4)
+    rows, tokens = 8, 64
+    mm = np.arange(rows).reshape(rows, 1)
+    sym = rng.integers(0, 8, (rows, tokens, 1)).astype(np.uint8)
+    t = table_for(sym, mm, rows, 8, precision=10)
+    data = encode(sym, t, mm, group_size=64)
+    lut, out = np.zeros((256, 8), np.int16), np.zeros((2, tokens, 4), np.int16)
+    ok = dict(rows=rows, tokens=tokens, row_width=4, lut=lut, out=out, row_lut=np.zeros(rows, np.int32))
+    rans.decode_rows_through_lut(data, t, **ok)
+    for bad in ({"out": np.zeros((2, tokens, 3), np.int16)}, {"lut": np.zeros((256, 4), np.int16)},
+                {"lut": lut.astype(np.int32)}, {"row_lut": np.full(rows, 256, np.int32)},
+                {"row_lut": None}, {"token_lut": np.zeros((2, tokens), np.uint8)},
+                {"row_lut": None, "token_lut": np.zeros((2, tokens), np.int32)}, {"row_width": 0}):  # fmt: skip
+        with pytest.raises(CodecError):
+            rans.decode_rows_through_lut(data, t, **{**ok, **bad})
+    for pos in range(rans.HEADER_BYTES, len(data), 7):  # corrupt words, states and offsets
+        bad = bytearray(data)
+        bad[pos] ^= 0x5A
+        with pytest.raises(FormatError):
+            rans.decode_rows_through_lut(bytes(bad), t, **ok)
+    with pytest.raises(FormatError):  # another stream shape
+        rans.decode_rows_through_lut(data, t, **{**ok, "rows": 4, "out": np.zeros((1, tokens, 4), np.int16),
+                                                 "row_lut": np.zeros(4, np.int32)})  # fmt: skip

@@ -141,68 +141,138 @@ def build_decode_tables(freqs, precision, bucket_bits):  # pragma: no cover
     return cum, bucket
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _lane_symbol(xj, m, cum, bucket, mask, shift, precision):  # pragma: no cover - jitted
+    """One decode step of a lane in state ``xj`` under model ``m``: (symbol, state before renormalizing)."""
+    slot = xj & mask
+    s = np.int64(bucket[m, slot >> shift])
+    lo = np.int64(cum[m, s])
+    hi = np.int64(cum[m, s + 1])
+    while hi <= slot:
+        s += 1
+        lo = hi
+        hi = np.int64(cum[m, s + 1])
+    return s, (hi - lo) * (xj >> precision) + slot - lo
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _renormalized(xj, words, ptr, wlast):  # pragma: no cover - jitted
+    """(state, next word index) after renormalizing a lane: branch-free, the word read is
+    clamped to the stream (a lane that reads past its group is caught at the group's end)."""
+    need = xj < STATE_LOW
+    w = np.int64(words[min(ptr, wlast)])
+    return ((xj << WORD_BITS) | w) if need else xj, ptr + need
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _group_end_error(x, ptr, wend):  # pragma: no cover - jitted
+    """The error code of a group whose lanes ended in ``x`` having read words up to ``ptr``."""
+    if ptr > wend:
+        return ERR_WORDS_OVERRUN
+    if ptr != wend:
+        return ERR_WORDS_LEFT
+    for j in range(LANES):
+        if x[j] != STATE_LOW:
+            return ERR_FINAL_STATE
+    return ERR_NONE
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _group_states(states, g):  # pragma: no cover - jitted
+    x = np.empty(LANES, dtype=np.int64)
+    for j in range(LANES):
+        x[j] = np.int64(states[g * LANES + j])
+    return x
+
+
 @njit(cache=True, nogil=True)
 def decode_groups(
     words, states, offsets, model_map, T, C, cum, bucket, precision, bucket_bits, S, N, g0, g1, out, errs
 ):  # pragma: no cover
     """Decode groups ``g0 .. g1-1``; group g writes out[g*S : min(g*S+S, N)] and errs[g].
 
-    words: uint16 [W]; states: uint32 [G*32]; offsets: int64 [G+1] (validated
-    monotonic, last == W); model_map: int32 [B*C]; cum / bucket from
-    :func:`build_decode_tables`.
+    words: uint16 [W >= 1] (a stream without words passes one zero word); states: uint32
+    [G*32]; offsets: int64 [G+1] (validated monotonic, last == W); model_map: int32 [B*C];
+    cum / bucket from :func:`build_decode_tables`.
     """
     mask = (1 << precision) - 1
     shift = precision - bucket_bits
+    wlast = words.shape[0] - 1
     for g in range(g0, g1):
         start = g * S
         end = min(start + S, N)
-        x = np.empty(LANES, dtype=np.int64)
-        for j in range(LANES):
-            x[j] = np.int64(states[g * LANES + j])
+        x = _group_states(states, g)
         ptr = offsets[g]
-        wend = offsets[g + 1]
         b, t, c = _walker_start(start, T, C)
         rowbase = b * C
-        err = 0
+        for p in range(start, end):
+            m = np.int64(model_map[rowbase + c])
+            c += 1
+            if c == C:
+                c = 0
+                t += 1
+                if t == T:
+                    t = 0
+                    b += 1
+                    rowbase = b * C
+            j = (p - start) & (LANES - 1)
+            s, xj = _lane_symbol(x[j], m, cum, bucket, mask, shift, precision)
+            x[j], ptr = _renormalized(xj, words, ptr, wlast)
+            out[p] = np.uint8(s)
+        errs[g] = _group_end_error(x, ptr, offsets[g + 1])
+
+
+@njit(cache=True, nogil=True)
+def decode_rows_through_lut(
+    words, states, offsets, model_map, T, cum, bucket, precision, bucket_bits, S, N, g0, g1,
+    D, lut, row_lut, token_lut, out, errs,
+):  # pragma: no cover
+    """Decode groups ``g0 .. g1-1`` of a row-major ``[R, T]`` stream (one model per row,
+    ``model_map[r]``; row ``r = i * D + d``) and write each symbol ``s`` of ``(r, t)``
+    through a lookup table, transposed: ``out[i, t, d] = lut[k, s]`` where ``k`` is
+    ``row_lut[r]``, or ``token_lut[i, t]`` when ``token_lut`` is not empty.
+
+    Fuses the entropy decode with dequantization and the channel-major to token-major
+    transpose: each output element is written once, straight into ``out`` (any strides).
+    Words and errors as :func:`decode_groups`.
+    """
+    mask = (1 << precision) - 1
+    shift = precision - bucket_bits
+    wlast = words.shape[0] - 1
+    per_token = token_lut.shape[0] > 0
+    for g in range(g0, g1):
+        start = g * S
+        end = min(start + S, N)
+        x = _group_states(states, g)
+        ptr = offsets[g]
+        r = start // T
+        t = start - r * T
         p = start
-        while p < end and err == 0:
-            n = min(LANES, end - p)
-            for j in range(n):
-                m = np.int64(model_map[rowbase + c])
-                c += 1
-                if c == C:
-                    c = 0
+        while p < end:  # one run per row: its model and output column are fixed
+            i = r // D
+            column = out[i, :, r - i * D]
+            m = np.int64(model_map[r])
+            run_end = min(end, p + T - t)
+            if per_token:
+                lut_rows = token_lut[i]
+                for q in range(p, run_end):
+                    j = (q - start) & (LANES - 1)
+                    s, xj = _lane_symbol(x[j], m, cum, bucket, mask, shift, precision)
+                    x[j], ptr = _renormalized(xj, words, ptr, wlast)
+                    column[t] = lut[lut_rows[t], s]
                     t += 1
-                    if t == T:
-                        t = 0
-                        b += 1
-                        rowbase = b * C
-                xj = x[j]
-                slot = xj & mask
-                s = np.int64(bucket[m, slot >> shift])
-                lo = np.int64(cum[m, s])
-                hi = np.int64(cum[m, s + 1])
-                while hi <= slot:
-                    s += 1
-                    lo = hi
-                    hi = np.int64(cum[m, s + 1])
-                xj = (hi - lo) * (xj >> precision) + slot - lo
-                if xj < STATE_LOW:
-                    if ptr >= wend:
-                        err = ERR_WORDS_OVERRUN
-                        break
-                    xj = (xj << WORD_BITS) | np.int64(words[ptr])
-                    ptr += 1
-                x[j] = xj
-                out[p + j] = np.uint8(s)
-            p += n
-        if err == 0 and ptr != wend:
-            err = ERR_WORDS_LEFT
-        if err == 0:
-            for j in range(LANES):
-                if x[j] != STATE_LOW:
-                    err = ERR_FINAL_STATE
-        errs[g] = err
+            else:
+                values = lut[row_lut[r]]
+                for q in range(p, run_end):
+                    j = (q - start) & (LANES - 1)
+                    s, xj = _lane_symbol(x[j], m, cum, bucket, mask, shift, precision)
+                    x[j], ptr = _renormalized(xj, words, ptr, wlast)
+                    column[t] = values[s]
+                    t += 1
+            p = run_end
+            t = 0
+            r += 1
+        errs[g] = _group_end_error(x, ptr, offsets[g + 1])
 
 
 @njit(cache=True, nogil=True)

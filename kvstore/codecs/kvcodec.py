@@ -85,6 +85,24 @@ def _patches(residuals: torch.Tensor, originals: torch.Tensor) -> tuple[torch.Te
     return index.to(torch.int32), originals.reshape(-1)[index]
 
 
+_BITS_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its element width (numpy has no bfloat16)."""
+    return t.view(_BITS_OF_WIDTH[t.element_size()])
+
+
+def _rows_view(out: torch.Tensor) -> np.ndarray | None:
+    """``out`` ([L, H, T, D], CPU) as a numpy ``[L*H, T, D]`` integer view of its memory, or
+    None where its layer and head axes do not merge (then it cannot be written in place)."""
+    L, H, T, D = out.shape
+    try:
+        return _as_bits(out.view(L * H, T, D)).numpy()
+    except RuntimeError:
+        return None
+
+
 MAX_LAYERS = 4096
 _SUBSETS: dict[tuple[str, tuple[int, ...]], KVCodecProfile] = {}
 
@@ -328,6 +346,11 @@ class KVCodec(Codec):
         impl = find_impl(self.name, device.type, "decode")  # the Triton kernels on CUDA
         if impl is not None:
             return impl(self, obj, shape, dtype, device)
+        if self.channel_major and device.type == "cpu":
+            keys = torch.empty(shape, dtype=dtype)
+            values = torch.empty(shape, dtype=dtype)
+            self._decode_cpu_into(obj, keys, values)
+            return keys, values
         L, H, T, D = shape
         prof, level = self.profile, self.profile.levels[self.level]
         spec_k, spec_v, spec_s = self.streams(T)
@@ -343,6 +366,54 @@ class KVCodec(Codec):
         steps_v = value_steps(codes.reshape(L, H, T).float(), level.gamma)
         values = v_res.reshape(L, H, T, D).float() * steps_v[..., None]
         keys, values = keys.to(dtype), values.to(dtype)
+        self._apply_sides(obj, keys, values)
+        return keys, values
+
+    def decode_into(self, obj: Container, out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
+        """On the CPU (format version 2), decode straight into the caller's views: each output
+        element is written once, by the rANS decoder through a dequantizing lookup table."""
+        if (self.channel_major and out_keys.device.type == "cpu" and out_keys.shape == out_values.shape
+                and out_keys.dtype == out_values.dtype and _rows_view(out_keys) is not None
+                and _rows_view(out_values) is not None):  # fmt: skip
+            self.check_shape(tuple(out_keys.shape))
+            self._decode_cpu_into(obj, out_keys, out_values)
+        else:
+            super().decode_into(obj, out_keys, out_values)
+
+    def _decode_cpu_into(self, obj: Container, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Version 2 on the CPU: scales first, then keys and values decoded through their lookup
+        tables into ``keys`` / ``values`` ([L, H, T, D] views whose L and H merge); then sides."""
+        L, H, T, D = keys.shape
+        spec_k, spec_v, spec_s = self.streams(T)
+        scales = rans.decode(obj.raw(spec_s.name), spec_s.table, spec_s.model_map, shape=spec_s.shape)
+        lut_k, lut_v = self._lookup_tables(keys.dtype)
+        for spec, out, row_lut, token_lut, lut in (
+            (spec_k, keys, np.arange(L * H * D, dtype=np.int32), None, lut_k),
+            (spec_v, values, None, scales.reshape(L * H, T), lut_v),
+        ):
+            rans.decode_rows_through_lut(
+                obj.raw(spec.name), spec.table, rows=L * H * D, tokens=T, row_width=D, lut=lut,
+                out=_rows_view(out), row_lut=row_lut, token_lut=token_lut,  # type: ignore[arg-type]
+            )  # fmt: skip
+        self._apply_sides(obj, keys, values)
+
+    def _lookup_tables(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """The dequantizing lookup tables of ``dtype`` (as same-width integers, built once per
+        codec and dtype): keys ``[L*H*D, 256]``, the value of each symbol in each row (the
+        same arithmetic as the unfused decode); values ``[256, 256]``, by scale symbol."""
+        cache = self.__dict__.setdefault("_luts", {})
+        if dtype not in cache:
+            prof, level = self.profile, self.profile.levels[self.level]
+            residual = (torch.arange(256, dtype=torch.int16) - ZERO).float()
+            keys = residual[None, :] * prof.key_step(self.level).reshape(-1, 1) + prof.key_center.reshape(-1, 1)
+            values = residual[None, :] * value_steps(residual, level.gamma)[:, None]
+            cache[dtype] = tuple(_as_bits(t.to(dtype)).numpy() for t in (keys, values))
+        return cache[dtype]
+
+    def _apply_sides(self, obj: Container, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the decoded ``keys`` / ``values`` with the chunk's patches and sinks."""
+        L, H, T, D = keys.shape
+        dtype, device = keys.dtype, keys.device
         for name, out in (("k", keys), ("v", values)):
             self._apply_patches(obj, name, out, dtype, device)
         buffers = obj.header.buffers
@@ -354,7 +425,6 @@ class KVCodec(Codec):
                     raise FormatError(f"kvcodec sink buffer {t.dtype}{list(t.shape)} does not fit the chunk")
             keys[:, :, :sinks] = sink_k.to(device)
             values[:, :, :sinks] = sink_v.to(device)
-        return keys, values
 
     @staticmethod
     def _apply_patches(obj: Container, name: str, out: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
@@ -366,4 +436,9 @@ class KVCodec(Codec):
         if (index.dtype != torch.int32 or value.dtype != dtype or index.ndim != 1 or value.shape != index.shape
                 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= out.numel()))):
             raise FormatError(f"kvcodec {name} patches are malformed")
-        out.view(-1)[index.to(device).long()] = value.to(device)
+        if out.is_contiguous():
+            out.view(-1)[index.to(device).long()] = value.to(device)
+        else:  # a view into the caller's output: the flat index of [L, H, T, D] unravelled
+            i = index.to(device).long()
+            L, H, T, D = out.shape
+            out[i // (H * T * D), i // (T * D) % H, i // D % T, i % D] = value.to(device)

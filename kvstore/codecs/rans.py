@@ -52,6 +52,7 @@ __all__ = [
     "MAX_SYMBOLS",
     "StreamInfo",
     "decode",
+    "decode_rows_through_lut",
     "default_group_size",
     "encode",
     "read_header",
@@ -362,6 +363,51 @@ def check_stream(
     return raw, info, dims, mm32
 
 
+@dataclass(frozen=True)
+class _Sections:
+    """A validated stream's arrays, ready for the decode kernels."""
+
+    info: StreamInfo
+    dims: tuple[int, int, int]
+    model_map: np.ndarray
+    words: np.ndarray
+    states: np.ndarray
+    offsets: np.ndarray
+
+
+def _sections(data, table: FrequencyTable, model_map, shape, max_symbols: int) -> _Sections:
+    raw, info, dims, mm32 = check_stream(data, table, model_map, shape=shape, max_symbols=max_symbols)
+    n, S, G, W = info.num_symbols, info.group_size, info.num_groups, info.num_words
+    states = _u32(raw, info.states_offset, G * LANES)
+    offsets = _u32(raw, info.offsets_offset, G + 1).astype(np.int64)
+    words = raw[info.words_offset : info.words_offset + 2 * W].view("<u2")
+    if not words.dtype.isnative or words.ctypes.data % 2:
+        words = words.astype(np.uint16)
+    if W == 0:  # the kernels read a (clamped) word before checking whether they needed it
+        words = np.zeros(1, dtype=np.uint16)
+    if np.any(states < STATE_LOW):
+        raise FormatError("rANS stream: a lane's initial state is below 2**16")
+    if offsets[0] != 0 or offsets[-1] != W or np.any(np.diff(offsets) < 0):
+        raise FormatError("rANS stream: group word offsets are not monotonic from 0 to the word count")
+    group_syms = np.minimum(S, n - S * np.arange(G, dtype=np.int64))
+    if np.any(np.diff(offsets) > group_syms):
+        raise FormatError("rANS stream: a group holds more words than symbols")
+    return _Sections(info, dims, mm32, words, states, offsets)
+
+
+def _run_decode(sec: _Sections, table: FrequencyTable, threads: int | None, kernel) -> None:
+    """Run ``kernel(g0, g1, errs, cum, bucket, bucket_bits)`` over the stream's groups; raise on any group error."""
+    info = sec.info
+    cum, bucket = table._decode_entries
+    kb = min(table.precision, BUCKET_BITS)
+    errs = np.zeros(info.num_groups, dtype=np.int64)
+    _run_ranges(lambda g0, g1: kernel(g0, g1, errs, cum, bucket, kb), info.num_groups,
+                _thread_count(threads, info.num_groups, info.num_symbols))  # fmt: skip
+    if errs.any():
+        g = int(np.flatnonzero(errs)[0])
+        raise FormatError(f"rANS stream is corrupt: {_KERNEL_ERRORS.get(int(errs[g]), 'error')} (group {g})")
+
+
 def decode(
     data: bytes | bytearray | memoryview | np.ndarray,
     table: FrequencyTable,
@@ -380,37 +426,61 @@ def decode(
     non-zero padding, a lane that needs more words than its group holds, a group
     that leaves words unread, or a lane that does not end at the initial state.
     """
-    raw, info, (_, T, C), mm32 = check_stream(data, table, model_map, shape=shape, max_symbols=max_symbols)
-    n, S, G, W = info.num_symbols, info.group_size, info.num_groups, info.num_words
-    states = _u32(raw, info.states_offset, G * LANES)
-    offsets = _u32(raw, info.offsets_offset, G + 1).astype(np.int64)
-    words = raw[info.words_offset : info.words_offset + 2 * W].view("<u2")
-    if not words.dtype.isnative or words.ctypes.data % 2:
-        words = words.astype(np.uint16)
-    if np.any(states < STATE_LOW):
-        raise FormatError("rANS stream: a lane's initial state is below 2**16")
-    if offsets[0] != 0 or offsets[-1] != W or np.any(np.diff(offsets) < 0):
-        raise FormatError("rANS stream: group word offsets are not monotonic from 0 to the word count")
-    group_syms = np.minimum(S, n - S * np.arange(G, dtype=np.int64))
-    if np.any(np.diff(offsets) > group_syms):
-        raise FormatError("rANS stream: a group holds more words than symbols")
+    sec = _sections(data, table, model_map, shape, max_symbols)
+    info, (_, T, C) = sec.info, sec.dims
+    n = info.num_symbols
     out = np.empty(n, dtype=np.uint8)
-    if n == 0:
-        return out.reshape(info.shape)
-    cum, bucket = table._decode_entries
-    kb = min(table.precision, BUCKET_BITS)
-    errs = np.zeros(G, dtype=np.int64)
-    _run_ranges(
-        lambda g0, g1: _k.decode_groups(
-            words, states, offsets, mm32, T, C, cum, bucket, table.precision, kb, S, n, g0, g1, out, errs
-        ),
-        G,
-        _thread_count(threads, G, n),
-    )
-    if errs.any():
-        g = int(np.flatnonzero(errs)[0])
-        raise FormatError(f"rANS stream is corrupt: {_KERNEL_ERRORS.get(int(errs[g]), 'error')} (group {g})")
+    if n:
+        _run_decode(sec, table, threads, lambda g0, g1, errs, cum, bucket, kb: _k.decode_groups(
+            sec.words, sec.states, sec.offsets, sec.model_map, T, C, cum, bucket, table.precision, kb,
+            info.group_size, n, g0, g1, out, errs))  # fmt: skip
     return out.reshape(info.shape)
+
+
+def decode_rows_through_lut(
+    data: bytes | bytearray | memoryview | np.ndarray,
+    table: FrequencyTable,
+    *,
+    rows: int,
+    tokens: int,
+    row_width: int,
+    lut: np.ndarray,
+    out: np.ndarray,
+    row_lut: np.ndarray | None = None,
+    token_lut: np.ndarray | None = None,
+    threads: int | None = None,
+) -> None:
+    """Decode a stream of ``[rows, tokens, 1]`` symbols, one model per row (the model map
+    ``arange(rows)``), straight into ``out`` ``[rows // row_width, tokens, row_width]``
+    (any strides): the symbol ``s`` of row ``r = i * row_width + d`` and token ``t`` becomes
+    ``out[i, t, d] = lut[k, s]``, ``k`` being ``row_lut[r]`` or ``token_lut[i, t]``.
+
+    Entropy decoding, dequantization (``lut`` holds each symbol's value) and the transpose
+    to token-major in one pass. Stream checks and errors as :func:`decode`; the lookup
+    arguments are checked too (:class:`CodecError`)."""
+    groups = rows // row_width if row_width > 0 else 0
+    if row_width <= 0 or rows % row_width or out.ndim != 3 or out.shape != (groups, tokens, row_width):
+        raise CodecError(f"output {out.shape} does not fit {rows} rows of {tokens} symbols, {row_width} per group")
+    if lut.ndim != 2 or lut.shape[1] < table.alphabet or lut.dtype != out.dtype:
+        raise CodecError(f"lookup table {lut.dtype}{lut.shape} does not cover {table.alphabet} symbols of {out.dtype}")
+    if (row_lut is None) == (token_lut is None):
+        raise CodecError("give exactly one of row_lut and token_lut")
+    if row_lut is not None:
+        row_lut = np.ascontiguousarray(row_lut, dtype=np.int32)
+        if row_lut.shape != (rows,) or (rows and not 0 <= int(row_lut.min()) <= int(row_lut.max()) < lut.shape[0]):
+            raise CodecError(f"row_lut must hold {rows} rows of the lookup table")
+        token_lut = np.zeros((0, 0), dtype=np.uint8)
+    else:
+        token_lut = np.asarray(token_lut)
+        if token_lut.shape != (groups, tokens) or token_lut.dtype != np.uint8 or lut.shape[0] < 256:
+            raise CodecError(f"token_lut must be uint8 [{groups}, {tokens}] over a lookup table of 256 rows")
+        row_lut = np.zeros(0, dtype=np.int32)
+    sec = _sections(data, table, np.arange(rows).reshape(rows, 1), (rows, tokens, 1), MAX_SYMBOLS)
+    n = sec.info.num_symbols
+    if n:
+        _run_decode(sec, table, threads, lambda g0, g1, errs, cum, bucket, kb: _k.decode_rows_through_lut(
+            sec.words, sec.states, sec.offsets, sec.model_map, tokens, cum, bucket, table.precision, kb,
+            sec.info.group_size, n, g0, g1, row_width, lut, row_lut, token_lut, out, errs))  # fmt: skip
 
 
 def as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
