@@ -12,7 +12,8 @@ with the decoded KV. Rows, one per codec and level:
 - ``size_ratio_vs_int8``; ``ppl_increase_pct`` with its 95% t-interval over documents;
 - ``entropy_efficiency``: ideal code length under the stored model over the coded bytes
   (``kvcodec``: its rANS streams; others: null);
-- ``encode_MBps`` / ``decode_MBps``: fp16 bytes per second, CPU, one process.
+- ``encode_MBps`` / ``decode_MBps``: fp16 bytes per second, CPU, one process (every core);
+  ``..._one_thread``: the same with the entropy coder and torch on one thread (per core).
 
 ``kvcodec_fixed``: the default level with SmolLM2-tuned fixed steps (no per-model
 calibration), for the calibration's effect within one run. Also ``chunk_sizes``: bits per element of ``kvcodec`` and ``cachegen_ref`` at
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvstore.codecs import rans
 from kvstore.codecs.base import Codec, get_codec
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
 from eval.corpus import documents, samples
@@ -90,9 +92,7 @@ def _decode_context(codec: Codec, objects: list[bytes], kv16: KV) -> tuple[KV, f
     for data in objects:
         obj = container.decode(data)
         n = obj.header.meta["stop"] - obj.header.meta["start"]
-        k, v = codec.decode(obj, (layers, heads, n, dim), torch.float16, torch.device("cpu"))
-        keys[:, :, position:position + n] = k
-        values[:, :, position:position + n] = v
+        codec.decode_into(obj, keys[:, :, position:position + n], values[:, :, position:position + n])  # as get does
         position += n
     seconds = time.perf_counter() - started
     return list(zip(keys.unbind(0), values.unbind(0))), seconds
@@ -130,7 +130,7 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
     fixed = model_profile(lm, targets_pct=None, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
     configs = _configs(profile, fixed, quick)
     stats: dict[str, dict[str, Any]] = {
-        f"{c}:{lv}": {"bytes": 0, "elements": 0, "enc_s": 0.0, "dec_s": 0.0, "fp16_bytes": 0, "rel": [], "eff": []}
+        f"{c}:{lv}": {"bytes": 0, "elements": 0, "enc_s": 0.0, "dec_s": 0.0, "enc1_s": 0.0, "dec1_s": 0.0, "fp16_bytes": 0, "rel": [], "eff": []}
         for c, lv, _ in configs
     }
     sweep_sizes = (256, 2048) if quick else (256, 512, 1024, 2048)
@@ -146,11 +146,21 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
             key, codec = f"{codec_name}:{level}", make()
             objects, enc_s = _encode_context(codec, kv16, sample.context, CHUNK_TOKENS)
             decoded, dec_s = _decode_context(codec, objects, kv16)
+            previous, torch_threads = rans.limit_threads(1), torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:  # per core: the entropy coder and torch on one thread
+                _, enc1_s = _encode_context(codec, kv16, sample.context, CHUNK_TOKENS)
+                _, dec1_s = _decode_context(codec, objects, kv16)
+            finally:
+                rans.limit_threads(previous)
+                torch.set_num_threads(torch_threads)
             s = stats[key]
             s["bytes"] += sum(map(len, objects))
             s["elements"] += elements
             s["enc_s"] += enc_s
             s["dec_s"] += dec_s
+            s["enc1_s"] += enc1_s
+            s["dec1_s"] += dec1_s
             s["fp16_bytes"] += 2 * elements
             s["rel"].append(100 * (ppl(lm.model, sample.context, sample.continuation, decoded) / base - 1))
             if n == 0:
@@ -177,6 +187,8 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
             "entropy_efficiency": float(np.mean(s["eff"])) if s["eff"] else None,
             "encode_MBps": s["fp16_bytes"] / s["enc_s"] / 1e6,
             "decode_MBps": s["fp16_bytes"] / s["dec_s"] / 1e6,
+            "encode_MBps_one_thread": s["fp16_bytes"] / s["enc1_s"] / 1e6,
+            "decode_MBps_one_thread": s["fp16_bytes"] / s["dec1_s"] / 1e6,
         })
     curve = [(r["bits_per_element"], r["ppl_increase_pct"]) for r in rows if r["codec"] == "cachegen_ref"]
     vs_cachegen = []

@@ -205,6 +205,16 @@ def test_threads_give_identical_bytes():
     assert one == two and read_header(one).num_groups > 2
     np.testing.assert_array_equal(decode(one, t, mm, threads=2), sym)
     np.testing.assert_array_equal(decode(one, t, mm, threads=1), sym)
+    previous = rans.limit_threads(1)
+    try:
+        assert rans._thread_count(None, 8, 1 << 20) == 1 and rans._thread_count(4, 8, 1 << 20) == 1
+        assert encode(sym, t, mm, group_size=2048) == one
+        np.testing.assert_array_equal(decode(one, t, mm), sym)
+    finally:
+        assert rans.limit_threads(previous) == 1
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(CodecError):
+            rans.limit_threads(bad)
 
 
 def test_buffer_types_and_concurrent_calls():

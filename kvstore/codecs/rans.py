@@ -55,6 +55,7 @@ __all__ = [
     "decode_rows_through_lut",
     "default_group_size",
     "encode",
+    "limit_threads",
     "read_header",
     "stream_overhead_bytes",
 ]
@@ -171,10 +172,26 @@ def pack_header(out: np.ndarray, offset: int, table: FrequencyTable, ndim: int, 
     )  # fmt: skip
 
 
+_THREAD_LIMIT: int | None = None
+
+
+def limit_threads(threads: int | None) -> int | None:
+    """Cap the threads every encode and decode uses (``None``: one per available CPU, the
+    default); returns the previous cap. For callers that run several decodes side by side,
+    and for measuring the coder per core."""
+    global _THREAD_LIMIT
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise CodecError(f"threads must be a positive int or None, got {threads!r}")
+    previous, _THREAD_LIMIT = _THREAD_LIMIT, threads
+    return previous
+
+
 def _thread_count(threads: int | None, groups: int, symbols: int) -> int:
     if symbols < _MIN_PARALLEL_SYMBOLS or groups < 2:
         return 1
     n = _cpus() if threads is None else int(threads)
+    if _THREAD_LIMIT is not None:
+        n = min(n, _THREAD_LIMIT)
     return max(1, min(n, groups))
 
 
@@ -461,7 +478,7 @@ def decode_rows_through_lut(
     groups = rows // row_width if row_width > 0 else 0
     if row_width <= 0 or rows % row_width or out.ndim != 3 or out.shape != (groups, tokens, row_width):
         raise CodecError(f"output {out.shape} does not fit {rows} rows of {tokens} symbols, {row_width} per group")
-    if lut.ndim != 2 or lut.shape[1] < table.alphabet or lut.dtype != out.dtype:
+    if lut.ndim != 2 or not lut.shape[0] or lut.shape[1] < table.alphabet or lut.dtype != out.dtype:
         raise CodecError(f"lookup table {lut.dtype}{lut.shape} does not cover {table.alphabet} symbols of {out.dtype}")
     if (row_lut is None) == (token_lut is None):
         raise CodecError("give exactly one of row_lut and token_lut")
