@@ -86,10 +86,13 @@ def encode_groups(
                 break
             j = (p - start) & (LANES - 1)
             xj = x[j]
-            if xj >= (f << shift):
-                wpos -= 1
-                scratch[wpos] = np.uint16(xj & WORD_MASK)
-                xj >>= WORD_BITS
+            # renormalize without a branch: the word is always written at wpos - 1, a slot of this
+            # group's region that holds no word yet (before position p at most end - 1 - p words
+            # were emitted, so wpos - 1 >= p >= start), and kept only when the lane needs it
+            need = xj >= (f << shift)
+            scratch[wpos - 1] = np.uint16(xj & WORD_MASK)
+            wpos -= need
+            xj = (xj >> WORD_BITS) if need else xj
             q = xj // f
             xj = (q << precision) + (xj - q * f) + cum
             x[j] = xj
