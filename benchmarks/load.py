@@ -9,6 +9,9 @@ a local store, reading the files (into reused buffers) is added. ``get_vs_floor`
 floor's median time over get's (1.0: at the floor), measured interleaved in one run.
 ``get_vs_floor_with_output`` adds what every get of a new output also pays: writing the
 output once into freshly allocated pages (first-touch page faults).
+
+``per_token_series``: put and get time per token (µs) for contexts of 2K and 8K tokens
+(and 32K in the full run), each stored into an empty store, on both backends.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 2048
 LEVELS = ("raw", "int8")
 
 
-def _context() -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+def _context(tokens: int = TOKENS) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)
-    kv = [tuple(torch.randn(KV_HEADS, TOKENS, HEAD_DIM, generator=g).half() for _ in range(2))
+    kv = [tuple(torch.randn(KV_HEADS, tokens, HEAD_DIM, generator=g).half() for _ in range(2))
           for _ in range(LAYERS)]
-    return list(range(TOKENS)), kv  # type: ignore[return-value]
+    return list(range(tokens)), kv  # type: ignore[return-value]
 
 
 async def _object_keys(store: KVStore, level: int) -> list[str]:
@@ -89,12 +92,39 @@ async def _measure(url: str, repetitions: int) -> dict[str, Any]:
     return result
 
 
+async def _per_token(url: str, sizes: tuple[int, ...], repetitions: int) -> dict[str, dict[str, float]]:
+    """Put and get time per token (µs, median of ``repetitions``; get at the raw and int8
+    levels) for contexts of each size, each put into an empty store: flat means no cost grows
+    faster than the context."""
+    series: dict[str, dict[str, float]] = {}
+    for n in sizes:
+        tokens, kv = _context(n)
+        puts, gets = [], {name: [] for name in LEVELS}
+        for r in range(repetitions):
+            async with KVStore(f"{url}/{n}-{r}" if url.startswith("file://") else url, levels=list(LEVELS)) as store:
+                started = time.perf_counter()
+                await store.put(f"m{r}", tokens, kv)
+                puts.append(time.perf_counter() - started)
+                for level, name in enumerate(LEVELS):
+                    started = time.perf_counter()
+                    await store.get(f"m{r}", tokens, level=level)
+                    gets[name].append(time.perf_counter() - started)
+        series[str(n)] = {"put_us_per_token": round(statistics.median(puts) / n * 1e6, 3),
+                          **{f"get_{name}_us_per_token": round(statistics.median(t) / n * 1e6, 3)
+                             for name, t in gets.items()}}
+        del kv
+    return series
+
+
 def run(quick: bool) -> dict[str, Any]:
     """The figures of issue #24's CPU load path (see the module docstring)."""
     repetitions = 7 if quick else 25
     with tempfile.TemporaryDirectory() as root:
         backends = {"memory": asyncio.run(_measure("memory://", repetitions)),
                     "local": asyncio.run(_measure(f"file://{root}/store", repetitions))}
+        sizes = (2048, 8192) if quick else (2048, 8192, 32768)
+        per_token = {"memory": asyncio.run(_per_token("memory://", sizes, 3)),
+                     "local": asyncio.run(_per_token(f"file://{root}/series", sizes, 3))}
     return {"context_tokens": TOKENS, "shape": [LAYERS, KV_HEADS, HEAD_DIM], "dtype": "float16",
-            "repetitions": repetitions, "backends": backends,
+            "repetitions": repetitions, "backends": backends, "per_token_series": per_token,
             "note": "get_vs_floor = median floor time / median get time, interleaved in one run"}
