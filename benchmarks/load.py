@@ -55,19 +55,17 @@ async def _measure(url: str, repetitions: int) -> dict[str, Any]:
             nbytes = sum(len(b) for b in blobs)
             reads_files = url.startswith("file://")
 
-            async def floor() -> None:
+            async def floor(write_output: bool = False) -> None:
                 data = [await store.store.get(key) for key in keys] if reads_files else blobs
                 for blob in data:
                     xxhash.xxh3_64_intdigest(blob)
-                torch.empty(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, dtype=torch.float16)
-                torch.empty(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, dtype=torch.float16)
+                for _ in range(2):  # keys and values; written once into fresh pages, with write_output
+                    out = torch.empty(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, dtype=torch.float16)
+                    if write_output:
+                        out.fill_(0)
 
-            async def floor_with_output() -> None:  # and the output written once, into fresh pages
-                data = [await store.store.get(key) for key in keys] if reads_files else blobs
-                for blob in data:
-                    xxhash.xxh3_64_intdigest(blob)
-                torch.empty(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, dtype=torch.float16).fill_(0)
-                torch.empty(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, dtype=torch.float16).fill_(0)
+            async def floor_with_output() -> None:
+                await floor(write_output=True)
 
             async def get() -> None:
                 await store.get("m", tokens, level=level)

@@ -449,11 +449,10 @@ def test_decode_rows_through_lut_equals_decode_then_lookup(tokens, group_size):
     data = encode(sym, t, mm, group_size=group_size)
     lut = rng.integers(-30000, 30000, (256, 40)).astype(np.int16)
     symbols = decode(data, t, mm)[:, :, 0].reshape(rows // width, width, tokens)  # [i, d, t]
-    row_lut = rng.integers(0, 256, rows).astype(np.int32)
     token_lut = rng.integers(0, 256, (rows // width, tokens)).astype(np.uint8)
-    want_rows = lut[row_lut.reshape(rows // width, width, 1), symbols].transpose(0, 2, 1)
+    want_rows = lut[np.arange(rows).reshape(rows // width, width, 1), symbols].transpose(0, 2, 1)
     want_tokens = lut[token_lut[:, None, :], symbols].transpose(0, 2, 1)
-    for kw, want in (({"row_lut": row_lut}, want_rows), ({"token_lut": token_lut}, want_tokens)):
+    for kw, want in (({}, want_rows), ({"token_lut": token_lut}, want_tokens)):
         big = np.full((rows // width + 1, tokens + 5, width), 9, np.int16)
         out = big[1:, 2 : tokens + 2]
         rans.decode_rows_through_lut(data, t, rows=rows, tokens=tokens, row_width=width, lut=lut, out=out, **kw)
@@ -469,12 +468,13 @@ def test_decode_rows_through_lut_checks_its_arguments_and_stream(small_stream):
     t = table_for(sym, mm, rows, 8, precision=10)
     data = encode(sym, t, mm, group_size=64)
     lut, out = np.zeros((256, 8), np.int16), np.zeros((2, tokens, 4), np.int16)
-    ok = dict(rows=rows, tokens=tokens, row_width=4, lut=lut, out=out, row_lut=np.zeros(rows, np.int32))
+    ok = dict(rows=rows, tokens=tokens, row_width=4, lut=lut, out=out)
     rans.decode_rows_through_lut(data, t, **ok)
     for bad in ({"out": np.zeros((2, tokens, 3), np.int16)}, {"lut": np.zeros((256, 4), np.int16)},
-                {"lut": lut.astype(np.int32)}, {"row_lut": np.full(rows, 256, np.int32)},
-                {"row_lut": None}, {"token_lut": np.zeros((2, tokens), np.uint8)},
-                {"row_lut": None, "token_lut": np.zeros((2, tokens), np.int32)}, {"row_width": 0}):  # fmt: skip
+                {"lut": lut.astype(np.int32)}, {"lut": lut[: rows - 1]}, {"lut": lut[:0]},
+                {"token_lut": np.zeros((2, tokens), np.uint8), "lut": lut[:255]},
+                {"token_lut": np.zeros((2, tokens + 1), np.uint8)}, {"token_lut": np.zeros((2, tokens), np.int32)},
+                {"row_width": 0}):  # fmt: skip
         with pytest.raises(CodecError):
             rans.decode_rows_through_lut(data, t, **{**ok, **bad})
     for pos in range(rans.HEADER_BYTES, len(data), 7):  # corrupt words, states and offsets
@@ -483,5 +483,4 @@ def test_decode_rows_through_lut_checks_its_arguments_and_stream(small_stream):
         with pytest.raises(FormatError):
             rans.decode_rows_through_lut(bytes(bad), t, **ok)
     with pytest.raises(FormatError):  # another stream shape
-        rans.decode_rows_through_lut(data, t, **{**ok, "rows": 4, "out": np.zeros((1, tokens, 4), np.int16),
-                                                 "row_lut": np.zeros(4, np.int32)})  # fmt: skip
+        rans.decode_rows_through_lut(data, t, **{**ok, "rows": 4, "out": np.zeros((1, tokens, 4), np.int16)})

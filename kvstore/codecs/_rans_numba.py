@@ -228,12 +228,12 @@ def decode_groups(
 @njit(cache=True, nogil=True)
 def decode_rows_through_lut(
     words, states, offsets, model_map, T, cum, bucket, precision, bucket_bits, S, N, g0, g1,
-    D, lut, row_lut, token_lut, out, errs,
+    D, lut, token_lut, out, errs,
 ):  # pragma: no cover
     """Decode groups ``g0 .. g1-1`` of a row-major ``[R, T]`` stream (one model per row,
     ``model_map[r]``; row ``r = i * D + d``) and write each symbol ``s`` of ``(r, t)``
-    through a lookup table, transposed: ``out[i, t, d] = lut[k, s]`` where ``k`` is
-    ``row_lut[r]``, or ``token_lut[i, t]`` when ``token_lut`` is not empty.
+    through a lookup table, transposed: ``out[i, t, d] = lut[k, s]`` where ``k`` is the row
+    ``r``, or ``token_lut[i, t]`` when ``token_lut`` is not empty.
 
     Fuses the entropy decode with dequantization and the channel-major to token-major
     transpose: each output element is written once, straight into ``out`` (any strides).
@@ -265,7 +265,7 @@ def decode_rows_through_lut(
                     column[t] = lut[lut_rows[t], s]
                     t += 1
             else:
-                values = lut[row_lut[r]]
+                values = lut[r]
                 for q in range(p, run_end):
                     j = (q - start) & (LANES - 1)
                     s, xj = _lane_symbol(x[j], m, cum, bucket, mask, shift, precision)

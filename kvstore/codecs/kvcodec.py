@@ -349,7 +349,7 @@ class KVCodec(Codec):
         if self.channel_major and device.type == "cpu":
             keys = torch.empty(shape, dtype=dtype)
             values = torch.empty(shape, dtype=dtype)
-            self._decode_cpu_into(obj, keys, values)
+            self._decode_cpu_into(obj, keys, values, _rows_view(keys), _rows_view(values))  # type: ignore[arg-type]
             return keys, values
         L, H, T, D = shape
         prof, level = self.profile, self.profile.levels[self.level]
@@ -372,29 +372,28 @@ class KVCodec(Codec):
     def decode_into(self, obj: Container, out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
         """On the CPU (format version 2), decode straight into the caller's views: each output
         element is written once, by the rANS decoder through a dequantizing lookup table."""
-        if (self.channel_major and out_keys.device.type == "cpu" and out_keys.shape == out_values.shape
-                and out_keys.dtype == out_values.dtype and _rows_view(out_keys) is not None
-                and _rows_view(out_values) is not None):  # fmt: skip
-            self.check_shape(tuple(out_keys.shape))
-            self._decode_cpu_into(obj, out_keys, out_values)
-        else:
-            super().decode_into(obj, out_keys, out_values)
+        if self.channel_major and out_keys.device.type == "cpu" and out_keys.shape == out_values.shape \
+                and out_keys.dtype == out_values.dtype:
+            rows_k, rows_v = _rows_view(out_keys), _rows_view(out_values)
+            if rows_k is not None and rows_v is not None:
+                self.check_shape(tuple(out_keys.shape))
+                self._decode_cpu_into(obj, out_keys, out_values, rows_k, rows_v)
+                return
+        super().decode_into(obj, out_keys, out_values)
 
-    def _decode_cpu_into(self, obj: Container, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _decode_cpu_into(self, obj: Container, keys: torch.Tensor, values: torch.Tensor,
+                         rows_k: np.ndarray, rows_v: np.ndarray) -> None:  # fmt: skip
         """Version 2 on the CPU: scales first, then keys and values decoded through their lookup
-        tables into ``keys`` / ``values`` ([L, H, T, D] views whose L and H merge); then sides."""
+        tables into ``rows_k`` / ``rows_v`` (the ``[L*H, T, D]`` integer views of ``keys`` /
+        ``values``, see :func:`_rows_view`); then the sides, on the tensors."""
         L, H, T, D = keys.shape
         spec_k, spec_v, spec_s = self.streams(T)
         scales = rans.decode(obj.raw(spec_s.name), spec_s.table, spec_s.model_map, shape=spec_s.shape)
         lut_k, lut_v = self._lookup_tables(keys.dtype)
-        for spec, out, row_lut, token_lut, lut in (
-            (spec_k, keys, np.arange(L * H * D, dtype=np.int32), None, lut_k),
-            (spec_v, values, None, scales.reshape(L * H, T), lut_v),
-        ):
-            rans.decode_rows_through_lut(
-                obj.raw(spec.name), spec.table, rows=L * H * D, tokens=T, row_width=D, lut=lut,
-                out=_rows_view(out), row_lut=row_lut, token_lut=token_lut,  # type: ignore[arg-type]
-            )  # fmt: skip
+        for spec, rows, token_lut, lut in ((spec_k, rows_k, None, lut_k),
+                                           (spec_v, rows_v, scales.reshape(L * H, T), lut_v)):  # fmt: skip
+            rans.decode_rows_through_lut(obj.raw(spec.name), spec.table, rows=L * H * D, tokens=T, row_width=D,
+                                         lut=lut, out=rows, token_lut=token_lut)  # fmt: skip
         self._apply_sides(obj, keys, values)
 
     def _lookup_tables(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -463,14 +463,14 @@ def decode_rows_through_lut(
     row_width: int,
     lut: np.ndarray,
     out: np.ndarray,
-    row_lut: np.ndarray | None = None,
     token_lut: np.ndarray | None = None,
     threads: int | None = None,
 ) -> None:
     """Decode a stream of ``[rows, tokens, 1]`` symbols, one model per row (the model map
     ``arange(rows)``), straight into ``out`` ``[rows // row_width, tokens, row_width]``
     (any strides): the symbol ``s`` of row ``r = i * row_width + d`` and token ``t`` becomes
-    ``out[i, t, d] = lut[k, s]``, ``k`` being ``row_lut[r]`` or ``token_lut[i, t]``.
+    ``out[i, t, d] = lut[k, s]``, ``k`` being the row ``r`` (one lookup row per stream row)
+    or, given ``token_lut``, ``token_lut[i, t]``.
 
     Entropy decoding, dequantization (``lut`` holds each symbol's value) and the transpose
     to token-major in one pass. Stream checks and errors as :func:`decode`; the lookup
@@ -480,24 +480,20 @@ def decode_rows_through_lut(
         raise CodecError(f"output {out.shape} does not fit {rows} rows of {tokens} symbols, {row_width} per group")
     if lut.ndim != 2 or not lut.shape[0] or lut.shape[1] < table.alphabet or lut.dtype != out.dtype:
         raise CodecError(f"lookup table {lut.dtype}{lut.shape} does not cover {table.alphabet} symbols of {out.dtype}")
-    if (row_lut is None) == (token_lut is None):
-        raise CodecError("give exactly one of row_lut and token_lut")
-    if row_lut is not None:
-        row_lut = np.ascontiguousarray(row_lut, dtype=np.int32)
-        if row_lut.shape != (rows,) or (rows and not 0 <= int(row_lut.min()) <= int(row_lut.max()) < lut.shape[0]):
-            raise CodecError(f"row_lut must hold {rows} rows of the lookup table")
+    if token_lut is None:
+        if lut.shape[0] < rows:
+            raise CodecError(f"the lookup table needs a row for each of the {rows} rows, has {lut.shape[0]}")
         token_lut = np.zeros((0, 0), dtype=np.uint8)
     else:
         token_lut = np.asarray(token_lut)
         if token_lut.shape != (groups, tokens) or token_lut.dtype != np.uint8 or lut.shape[0] < 256:
             raise CodecError(f"token_lut must be uint8 [{groups}, {tokens}] over a lookup table of 256 rows")
-        row_lut = np.zeros(0, dtype=np.int32)
     sec = _sections(data, table, np.arange(rows).reshape(rows, 1), (rows, tokens, 1), MAX_SYMBOLS)
     n = sec.info.num_symbols
     if n:
         _run_decode(sec, table, threads, lambda g0, g1, errs, cum, bucket, kb: _k.decode_rows_through_lut(
             sec.words, sec.states, sec.offsets, sec.model_map, tokens, cum, bucket, table.precision, kb,
-            sec.info.group_size, n, g0, g1, row_width, lut, row_lut, token_lut, out, errs))  # fmt: skip
+            sec.info.group_size, n, g0, g1, row_width, lut, token_lut, out, errs))  # fmt: skip
 
 
 def as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
