@@ -156,7 +156,7 @@ def get_codec(name: str, params: Mapping[str, Any] | None = None) -> Codec:
 #: modules whose codecs register themselves when imported: loaded on the first lookup, by
 #: name (the codecs import this module), and not before, since ``kvcodec`` brings numba
 BUILTIN_CODECS = ("kvstore.codecs.cachegen_ref", "kvstore.codecs.int8", "kvstore.codecs.kivi",
-                  "kvstore.codecs.kvcodec", "kvstore.codecs.raw")
+                  "kvstore.codecs.kvcodec", "kvstore.codecs.kvcodec3", "kvstore.codecs.kvtc_ref", "kvstore.codecs.raw")
 
 
 def _load_builtin() -> None:

@@ -25,7 +25,7 @@ The targets apply to the calibration text; quality is then checked on other text
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +92,71 @@ def _quantized_values(values: torch.Tensor, gamma: float, sinks: int) -> torch.T
     return out
 
 
+def calibration_contexts(
+    model: object,
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    contexts: Sequence[torch.Tensor],
+    *,
+    continuation: int = 256,
+    sink_tokens: int = 4,
+) -> list[_Context]:
+    """Each context cut into a stored prefix (its KV, float32) and a scored continuation,
+    with the exact next-token log-probabilities the divergences are measured against."""
+    ctxs = []
+    for (keys, values), tokens in zip(samples, contexts, strict=True):
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        scored = min(continuation, len(ids) // 2)  # short contexts: half of them is scored
+        if scored < 2 * sink_tokens:
+            raise ConfigError(f"calibration contexts need at least {4 * sink_tokens} tokens, got {len(ids)}")
+        cut = len(ids) - scored
+        k, v = keys[:, :, :cut].float(), values[:, :, :cut].float()
+        ctx = _Context(k, v, keys.dtype, ids[cut:], torch.empty(0))  # the exact log-probs come next
+        exact = _logprobs(model, ctx, k, v)
+        ctxs.append(_Context(k, v, keys.dtype, ids[cut:], exact))
+    return ctxs
+
+
+def calibrate_levels(
+    model: object,
+    ctxs: Sequence[_Context],
+    roundtrip: Callable[[torch.Tensor, torch.Tensor, Level], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    start: Sequence[Level] = DEFAULT_LEVELS,
+    targets_pct: Sequence[float] = DEFAULT_TARGETS_PCT,
+) -> tuple[tuple[Level, ...], tuple[float, ...]]:
+    """Scale each level's step factors (in the proportions of ``start``) until the divergence
+    of the whole quantized prefix, ``roundtrip(keys, values, level)``, meets the level's target;
+    returns the levels and the divergence each measures (percent perplexity)."""
+    def divergence(level: Level) -> float:
+        total = 0.0
+        for ctx in ctxs:
+            keys, values = roundtrip(ctx.keys, ctx.values, level)
+            total += _kl(ctx, _logprobs(model, ctx, keys, values))
+        return total / len(ctxs)
+
+    levels, measured = [], []
+    scale = 1.0
+    for base, pct in zip(start, targets_pct, strict=True):
+        target = math.log1p(pct / 100)
+        for _ in range(SCALE_ITERATIONS):  # divergence grows about as the step squared
+            kl = divergence(Level(base.beta * scale, base.gamma * scale))
+            scale *= min(4.0, max(0.25, math.sqrt(target / max(kl, 1e-12))))
+            scale = min(max(scale, 1 / MAX_SCALE), MAX_SCALE)
+        level = Level(base.beta * scale, base.gamma * scale)
+        kl = divergence(level)
+        levels.append(level)
+        measured.append(100 * math.expm1(kl))
+    return tuple(levels), tuple(measured)
+
+
+def check_targets(targets_pct: Sequence[float]) -> None:
+    """:class:`ConfigError` unless ``targets_pct`` are increasing percentages, one per level."""
+    if list(targets_pct) != sorted(targets_pct) or not all(0 < t < 100 for t in targets_pct):
+        raise ConfigError(f"level targets must be increasing percentages in (0, 100), got {list(targets_pct)}")
+    if len(targets_pct) != len(DEFAULT_LEVELS):
+        raise ConfigError(f"give one target per level ({len(DEFAULT_LEVELS)}), got {len(targets_pct)}")
+
+
 def calibrate(
     model: object,
     samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -107,21 +172,8 @@ def calibrate(
 
     ``samples``: each context's ``(keys, values)`` ``[L, H, T, D]``; ``contexts``: their token
     ids; ``center`` / ``unit``: the profile's key centers and unit steps ``[L, H, D]``."""
-    if list(targets_pct) != sorted(targets_pct) or not all(0 < t < 100 for t in targets_pct):
-        raise ConfigError(f"level targets must be increasing percentages in (0, 100), got {list(targets_pct)}")
-    if len(targets_pct) != len(DEFAULT_LEVELS):
-        raise ConfigError(f"give one target per level ({len(DEFAULT_LEVELS)}), got {len(targets_pct)}")
-    ctxs = []
-    for (keys, values), tokens in zip(samples, contexts, strict=True):
-        ids = torch.as_tensor(tokens, dtype=torch.long)
-        scored = min(continuation, len(ids) // 2)  # short contexts: half of them is scored
-        if scored < 2 * sink_tokens:
-            raise ConfigError(f"calibration contexts need at least {4 * sink_tokens} tokens, got {len(ids)}")
-        cut = len(ids) - scored
-        k, v = keys[:, :, :cut].float(), values[:, :, :cut].float()
-        ctx = _Context(k, v, keys.dtype, ids[cut:], torch.empty(0))  # the exact log-probs come next
-        exact = _logprobs(model, ctx, k, v)
-        ctxs.append(_Context(k, v, keys.dtype, ids[cut:], exact))
+    check_targets(targets_pct)
+    ctxs = calibration_contexts(model, samples, contexts, continuation=continuation, sink_tokens=sink_tokens)
 
     layers = unit.shape[0]
     sensitivity = torch.zeros(layers)
@@ -134,24 +186,9 @@ def calibrate(
     factors = (sensitivity.mean() / sensitivity).sqrt().clamp(1 / FACTOR_CLIP, FACTOR_CLIP)
     unit = unit * factors[:, None, None]
 
-    def divergence(level: Level) -> float:
-        total = 0.0
-        for ctx in ctxs:
-            keys = _quantized_keys(ctx.keys, center, unit * level.beta, sink_tokens)
-            values = _quantized_values(ctx.values, level.gamma, sink_tokens)
-            total += _kl(ctx, _logprobs(model, ctx, keys, values))
-        return total / len(ctxs)
+    def roundtrip(keys: torch.Tensor, values: torch.Tensor, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
+        return (_quantized_keys(keys, center, unit * level.beta, sink_tokens),
+                _quantized_values(values, level.gamma, sink_tokens))
 
-    levels, measured = [], []
-    scale = 1.0
-    for base, pct in zip(DEFAULT_LEVELS, targets_pct, strict=True):
-        target = math.log1p(pct / 100)
-        for _ in range(SCALE_ITERATIONS):  # divergence grows about as the step squared
-            kl = divergence(Level(base.beta * scale, base.gamma * scale))
-            scale *= min(4.0, max(0.25, math.sqrt(target / max(kl, 1e-12))))
-            scale = min(max(scale, 1 / MAX_SCALE), MAX_SCALE)
-        level = Level(base.beta * scale, base.gamma * scale)
-        kl = divergence(level)
-        levels.append(level)
-        measured.append(100 * math.expm1(kl))
-    return Calibration(factors, tuple(levels), tuple(targets_pct), tuple(measured))
+    levels, measured = calibrate_levels(model, ctxs, roundtrip, targets_pct=targets_pct)
+    return Calibration(factors, levels, tuple(targets_pct), measured)

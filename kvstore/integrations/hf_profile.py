@@ -15,11 +15,26 @@ from typing import Any
 
 import torch
 
+from kvstore.codecs.kvcodec3_profile import (
+    DEFAULT_GROUP_LAYERS,
+    TransformProfile,
+    fit_transform,
+    pair_weights,
+    transform_groups,
+    with_levels,
+)
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level, build_profile
 from kvstore.errors import ConfigError
 from kvstore.integrations.hf import Tokens, cache_layout, extract_kv, kv_layout
 from kvstore.integrations.hf_attention import own_attention, use_attention
-from kvstore.integrations.hf_calibrate import DEFAULT_TARGETS_PCT, calibrate
+from kvstore.integrations.hf_calibrate import (
+    DEFAULT_TARGETS_PCT,
+    calibrate,
+    calibrate_levels,
+    calibration_contexts,
+    check_targets,
+)
+from kvstore.integrations.hf_rope import rotary_table
 
 
 CAPTURE_NAME = "kvstore_capture_queries"
@@ -91,3 +106,38 @@ def profile_model(
     energy = energy / result.key_layer_factors[:, None, None] ** 2  # unit = 1 / sqrt(energy)
     return build_profile(samples, query_energy=energy, levels=result.levels, sink_tokens=sink_tokens,
                          calibration=result)
+
+
+def transform_profile_model(
+    model: Any,
+    contexts: Sequence[Tokens],
+    *,
+    base: KVCodecProfile | None = None,
+    group_layers: int = DEFAULT_GROUP_LAYERS,
+    sink_tokens: int = 4,
+    targets_pct: Sequence[float] = DEFAULT_TARGETS_PCT,
+) -> TransformProfile:
+    """A ``kvcodec3`` profile of ``model`` from calibration ``contexts``: key weights from the
+    queries (those of ``base``, a ``kvcodec`` profile of the model, else one profiled now),
+    learned bases per transform group of ``group_layers`` layers of one attention kind, and
+    levels calibrated to ``targets_pct`` with the transform's own quantization."""
+    if not contexts:
+        raise ConfigError("transform_profile_model needs at least one calibration context")
+    if base is None:
+        base = profile_model(model, contexts, sink_tokens=sink_tokens, targets_pct=targets_pct)
+    check_targets(targets_pct)
+    samples = []
+    for tokens in contexts:
+        kv = extract_kv(model, tokens)
+        samples.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
+    L, H, _, D = samples[0][0].shape
+    if (L, H, D) != base.shape:
+        raise ConfigError(f"the kvcodec profile's shape {base.shape} is not the model's KV")
+    groups = transform_groups([(s.kind, s.window) for s in cache_layout(model).layers], group_layers)
+    fitted = fit_transform(samples, rope=rotary_table(model), key_weight=pair_weights(base.key_unit), groups=groups,
+                           sink_tokens=sink_tokens)
+    ctxs = calibration_contexts(model, samples, contexts, sink_tokens=sink_tokens)
+    levels, measured = calibrate_levels(model, ctxs, fitted.roundtrip, start=base.levels, targets_pct=targets_pct)
+    record = {"targets_pct": [float(t) for t in targets_pct], "measured_pct": [round(m, 4) for m in measured],
+              "calibration_tokens": sum(len(torch.as_tensor(t)) for t in contexts), "group_layers": group_layers}
+    return with_levels(fitted, samples, levels, calibration=record)

@@ -1,0 +1,254 @@
+"""``kvcodec3``: transform-coded KV (see ``kvstore/codecs/README.md``, "kvcodec3").
+
+Per chunk: keys (RoPE undone, query-weighted) and values (per-token scaled) projected on
+the profile's learned bases of each transform group, every coordinate quantized with the
+level's step and entropy-coded by the rANS coder under its own profiled symbol model
+(channel-major: one model per stream row); value scale codes as in ``kvcodec``. The
+context's first ``sink_tokens`` tokens are stored raw, as are the rare coordinates whose
+residual falls outside the 8-bit symbol range ("patches", in coordinates). Levels keep
+``kvcodec``'s meaning: 0 the best, 2 the default, each calibrated to a quality target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.codecs import rans
+from kvstore.codecs.base import Codec, profile_content_id, register_codec, register_profile, registered_profile
+from kvstore.codecs.kvcodec3_profile import TransformProfile, outside_symbols
+from kvstore.codecs.kvcodec_profile import ZERO, to_symbols
+from kvstore.codecs.symbol_model import FrequencyTable
+from kvstore.errors import CodecError, FormatError
+from kvstore.format.container import BufferLike, Container
+
+DEFAULT_LEVEL = 2
+LANE_SYMBOLS = 1024
+SCALE_LANE_SYMBOLS = LANE_SYMBOLS // 4
+MAX_LAYERS = 4096
+MAX_POSITION = 1 << 40
+_SUBSETS: dict[tuple[str, tuple[int, ...]], TransformProfile] = {}
+
+
+def _group_size(rows: int, tokens: int, lane: int) -> int | None:
+    n = rows * tokens
+    return rans.default_group_size(n, lane) if n else None
+
+
+@register_codec
+class KVCodec3(Codec):
+    """The transform codec. ``profile``: a :class:`TransformProfile` (or the id of a registered
+    one); ``level``: an index into its levels, 0 the best; ``layers``: the model layers this
+    codec codes (a layer group stored on its own: whole transform groups)."""
+
+    name = "kvcodec3"
+
+    def __init__(self, profile: TransformProfile | str, level: int = DEFAULT_LEVEL, *,
+                 layers: Sequence[int] | None = None) -> None:  # fmt: skip
+        if isinstance(profile, str):
+            profile_id = profile
+            profile = registered_profile(profile_id)  # type: ignore[assignment]
+            if not isinstance(profile, TransformProfile):
+                raise FormatError(f"profile {profile_id!r} is not a kvcodec3 profile")
+            self._stored: bytes | None = None
+        else:
+            if not isinstance(profile, TransformProfile):
+                raise CodecError(f"kvcodec3 needs a TransformProfile, got {type(profile).__name__}")
+            self._stored = profile.to_bytes()
+            profile_id = profile_content_id(self._stored)
+            register_profile(profile_id, profile)
+        if type(level) is not int or not 0 <= level < len(profile.levels):
+            raise CodecError(f"level must be an int in [0, {len(profile.levels)}), got {level!r}")
+        self.model_profile = profile
+        self.layers: tuple[int, ...] | None = None
+        if layers is not None and list(layers) != list(range(profile.layers)):
+            self.layers = tuple(layers)
+            key = (profile_id, self.layers)
+            if key not in _SUBSETS:
+                _SUBSETS[key] = profile.select_layers(self.layers)
+            profile = _SUBSETS[key]
+        self.profile: TransformProfile = profile
+        self.profile_id = profile_id
+        self.level = level
+        self._key_models = np.arange(profile.key_rank).reshape(-1, 1)
+        self._value_models = np.arange(profile.value_rank).reshape(-1, 1)
+        self._scale_models = np.arange(profile.layers * profile.kv_heads).reshape(-1, 1)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"profile": self.profile_id, "level": self.level}
+        if self.layers is not None:
+            params["layers"] = list(self.layers)
+        return params
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> KVCodec3:
+        if not {"profile", "level"} <= set(params) <= {"profile", "level", "layers"} \
+                or not isinstance(params["profile"], str):  # fmt: skip
+            raise FormatError(f"bad kvcodec3 parameters {dict(params)!r}"[:300])
+        layers = params.get("layers")
+        if layers is not None and not (isinstance(layers, list) and layers and len(layers) <= MAX_LAYERS
+                                       and all(type(i) is int for i in layers) and len(set(layers)) == len(layers)):
+            raise FormatError(f"bad kvcodec3 layer list {layers!r}"[:200])
+        try:
+            return cls(params["profile"], params["level"], layers=layers)
+        except CodecError as exc:
+            raise FormatError(f"bad kvcodec3 parameters {dict(params)!r}: {exc}"[:300]) from None
+
+    def for_layers(self, layers: tuple[int, ...], num_layers: int) -> KVCodec3:
+        """The codec of one layer group (whole transform groups of the profile)."""
+        if list(layers) == list(range(num_layers)):
+            return self
+        groups = self.__dict__.setdefault("_group_codecs", {})
+        if layers not in groups:
+            groups[layers] = KVCodec3(self.profile_id, self.level, layers=layers)
+        return groups[layers]
+
+    @classmethod
+    def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:
+        value = params.get("profile")
+        return value if isinstance(value, str) else None
+
+    @classmethod
+    def parse_profile(cls, data: bytes | memoryview) -> TransformProfile:
+        return TransformProfile.from_bytes(data)
+
+    def stored_profile(self) -> tuple[str, bytes] | None:
+        data = self._stored if self._stored is not None else self.model_profile.to_bytes()
+        return self.profile_id, data
+
+    def check_layout(self, layout: Any) -> None:
+        """Refuse (before any write) a model layout this profile cannot code."""
+        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in layout.layers}
+        spec = layout.layers[0]
+        if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv":
+            raise CodecError(f"kvcodec3 profiles cover models whose layers share one shape, not {layout.describe()}")
+        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.model_profile.shape:
+            raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
+                             f"{self.model_profile.shape}")
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        L, H, _, D = shape
+        if (L, H, D) != self.profile.shape:
+            raise CodecError(f"KV of {L} layers x {H} heads x {D} dims does not match the profile's "
+                             f"{self.profile.shape}")
+
+    def _tables(self) -> tuple[FrequencyTable, FrequencyTable, FrequencyTable]:
+        t = self.profile.tables[self.level]
+        return t.keys, t.values, t.scales
+
+    # -- encode -----------------------------------------------------------------
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
+        if keys.shape != values.shape or keys.ndim != 4:
+            raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D] "
+                             "(kvcodec3 profiles describe equal key and value widths)")
+        if type(start) is not int or not 0 <= start < MAX_POSITION:
+            raise CodecError(f"start must be a position in [0, 2**40), got {start!r}")
+        self.check_shape(tuple(keys.shape))
+        for name, t in (("keys", keys), ("values", values)):
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise CodecError(f"kvcodec3 {name}: the KV holds NaN or infinite values, which cannot be quantized")
+        prof, level = self.profile, self.profile.levels[self.level]
+        L, H, T, _ = keys.shape
+        y_keys, exact_k = prof.key_coordinates(keys, start)
+        y_values, exact_v, codes = prof.value_coordinates(values)
+        buffers: dict[str, BufferLike] = {"position": torch.tensor([start], dtype=torch.int64)}
+        sinks = max(0, min(T, prof.sink_tokens - start))
+        if sinks:
+            buffers["sink_k"] = keys[:, :, :sinks].contiguous()
+            buffers["sink_v"] = values[:, :, :sinks].contiguous()
+        exact = exact_k | exact_v
+        exact[:sinks] = False
+        exact_index = exact.nonzero().squeeze(1)
+        if exact_index.numel():  # tokens the bases cannot represent: stored as they are
+            buffers["exact_tokens"] = exact_index.to(torch.int32).cpu()
+            buffers["exact_k"] = keys[:, :, exact_index].contiguous()
+            buffers["exact_v"] = values[:, :, exact_index].contiguous()
+        exact[:sinks] = True
+        y_keys[exact] = 0  # the cheapest symbols
+        y_values[exact] = 0
+        key_table, value_table, scale_table = self._tables()
+        for name, y, step, table, models in (("k", y_keys, level.beta, key_table, self._key_models),
+                                             ("v", y_values, level.gamma, value_table, self._value_models)):
+            rows = y.T.contiguous()  # [R, T]: channel-major, one model per row
+            residuals = torch.round(rows / step)
+            outside = outside_symbols(residuals).reshape(-1).nonzero().squeeze(1)
+            if outside.numel():
+                buffers[f"{name}_patch_index"] = outside.to(torch.int32).cpu()
+                buffers[f"{name}_patch_value"] = rows.reshape(-1)[outside].cpu()
+            symbols = to_symbols(residuals, inplace=True).cpu().numpy()[..., None]
+            buffers[name] = rans.encode(symbols, table, models, group_size=_group_size(rows.shape[0], T, LANE_SYMBOLS))
+        scale_symbols = to_symbols(codes).reshape(L * H, T, 1).cpu().numpy()
+        buffers["scales"] = rans.encode(scale_symbols, scale_table, self._scale_models,
+                                        group_size=_group_size(L * H, T, SCALE_LANE_SYMBOLS))
+        return buffers
+
+    # -- decode -----------------------------------------------------------------
+    def decode(
+        self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+        *, value_dim: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_shape(shape)
+        if value_dim is not None and value_dim != shape[3]:
+            raise CodecError(f"kvcodec3 profiles describe equal key and value widths, not {shape[3]} and {value_dim}")
+        prof, level = self.profile, self.profile.levels[self.level]
+        L, H, T, D = shape
+        position = obj.tensor("position")
+        if position.dtype != torch.int64 or tuple(position.shape) != (1,) or not 0 <= int(position[0]) < MAX_POSITION:
+            raise FormatError("kvcodec3 position buffer is malformed")
+        start = int(position[0])
+        key_table, value_table, scale_table = self._tables()
+        coordinates = []
+        for name, table, models, step in (("k", key_table, self._key_models, level.beta),
+                                          ("v", value_table, self._value_models, level.gamma)):
+            R = models.shape[0]
+            symbols = rans.decode(obj.raw(name), table, models, shape=(R, T, 1))
+            rows = (torch.from_numpy(symbols).reshape(R, T).to(device).float() - ZERO).mul_(step)
+            self._apply_patches(obj, name, rows)
+            coordinates.append(rows.T)
+        scales = rans.decode(obj.raw("scales"), scale_table, self._scale_models, shape=(L * H, T, 1))
+        codes = (torch.from_numpy(scales).to(device).to(torch.int16) - ZERO).reshape(L, H, T)
+        keys = prof.keys_from_coordinates(coordinates[0], start).to(dtype)
+        values = prof.values_from_coordinates(coordinates[1], codes).to(dtype)
+        self._apply_exact(obj, keys, values, start)
+        return keys, values
+
+    @staticmethod
+    def _apply_patches(obj: Container, name: str, rows: torch.Tensor) -> None:
+        buffers = obj.header.buffers
+        index_name, value_name = f"{name}_patch_index", f"{name}_patch_value"
+        if index_name not in buffers and value_name not in buffers:
+            return
+        index, value = obj.tensor(index_name), obj.tensor(value_name)
+        if (index.dtype != torch.int32 or value.dtype != torch.float32 or index.ndim != 1 or value.shape != index.shape
+                or not bool(torch.isfinite(value).all())
+                or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows.numel()))):
+            raise FormatError(f"kvcodec3 {name} patches are malformed")
+        rows.view(-1)[index.to(rows.device).long()] = value.to(rows.device)
+
+    def _apply_exact(self, obj: Container, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Overwrite the sinks and the tokens stored exactly with their stored KV."""
+        L, H, T, D = keys.shape
+        expected = max(0, min(T, self.profile.sink_tokens - start))
+        buffers = obj.header.buffers
+        if bool(expected) != ("sink_k" in buffers or "sink_v" in buffers):
+            raise FormatError(f"kvcodec3 chunk at position {start} should hold {expected} sink tokens")
+        if expected:
+            for name, out in (("sink_k", keys), ("sink_v", values)):
+                t = obj.tensor(name)
+                if t.dtype != out.dtype or tuple(t.shape) != (L, H, expected, D):
+                    raise FormatError(f"kvcodec3 sink buffer {t.dtype}{list(t.shape)} does not fit the chunk")
+                out[:, :, :expected] = t.to(out.device)
+        if "exact_tokens" in buffers or "exact_k" in buffers or "exact_v" in buffers:
+            index = obj.tensor("exact_tokens")
+            n = index.shape[0] if index.ndim == 1 else -1
+            if index.dtype != torch.int32 or n < 1 or int(index.min()) < expected or int(index.max()) >= T:
+                raise FormatError("kvcodec3 exact token indices are malformed")
+            for name, out in (("exact_k", keys), ("exact_v", values)):
+                t = obj.tensor(name)
+                if t.dtype != out.dtype or tuple(t.shape) != (L, H, n, D):
+                    raise FormatError(f"kvcodec3 {name} buffer {t.dtype}{list(t.shape)} does not fit the chunk")
+                out[:, :, index.to(out.device).long()] = t.to(out.device)

@@ -1,0 +1,438 @@
+"""The per-model profile of ``kvcodec3``: learned bases of the KV, levels, symbol models.
+
+``kvcodec3`` codes a chunk's KV in decorrelated coordinates instead of channel by channel.
+Per *transform group* (a run of consecutive layers of one attention kind, all heads):
+
+* keys: RoPE undone (:mod:`kvstore.codecs.rope`), each channel weighted by how strongly
+  the queries read it (``key_weight``: ``1 / kvcodec's key step``, averaged over each RoPE
+  pair so that it commutes with the rotation), the group's layers and heads concatenated
+  into one vector per token and projected on the group's principal components;
+* values: divided by their per-(layer, head, token) RMS rounded to a quarter octave (the
+  scale code, coded as in ``kvcodec``), then concatenated and projected the same way.
+
+Coordinates are quantized with one step per level (``beta`` for keys, ``gamma`` for
+values, in those weighted units: the same quantities as ``kvcodec``'s levels) and coded
+by the rANS coder with one model per coordinate and level from this profile. Components
+too weak to matter at the finest level are not stored (the bases are truncated).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.codecs.base import profile_content_id
+from kvstore.codecs.kvcodec_profile import (
+    MAX_LEVEL_FACTOR,
+    PRECISION,
+    TABLE_HEADER_BYTES,
+    ZERO,
+    Level,
+    LevelTables,
+    to_symbols,
+    value_scale_codes,
+    value_steps,
+)
+from kvstore.codecs.pca import Basis, fit_basis
+from kvstore.codecs.rope import RotaryTable, rotate
+from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
+from kvstore.errors import CodecError, FormatError
+from kvstore.format import container
+
+KIND = "kvcodec3-profile"
+#: layers per transform group by default: measured on SmolLM2 (benchmarks/RESULTS.md)
+DEFAULT_GROUP_LAYERS = 5
+#: a component is kept when its calibration standard deviation exceeds this fraction of the
+#: finest level's step (weaker ones quantize to zero at every level)
+KEEP_STD_OVER_STEP = 0.25
+#: a token whose energy outside the kept components exceeds this many times the calibration
+#: mean, and this share of its own energy, is stored exactly (the bases would lose it)
+UNEXPLAINED_OVER_EXPECTED = 16.0
+UNEXPLAINED_SHARE = 1 / 64
+MAX_DIM = 1 << 16
+
+
+@dataclass(frozen=True)
+class TransformProfile:
+    """Everything ``kvcodec3`` needs besides a chunk's own bytes."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    groups: tuple[tuple[int, ...], ...]  # the layers of each transform group; every layer in one
+    key_weight: torch.Tensor  # [L, H, D] float32
+    rope: RotaryTable
+    key_bases: tuple[Basis, ...]  # per group, features = count * H * D
+    value_bases: tuple[Basis, ...]
+    levels: tuple[Level, ...]
+    tables: tuple[LevelTables, ...]  # keys: sum of key ranks models; values: sum of value ranks; scales: L*H
+    sink_tokens: int = 4
+    calibration: dict[str, Any] | None = None
+    #: [2, groups] float32: the mean energy per calibration token (keys, values) outside each
+    #: group's kept components (None: zeros, an untruncated basis)
+    unexplained: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        L, H, D = self.shape
+        if self.unexplained is None:
+            object.__setattr__(self, "unexplained", torch.zeros(2, len(self.groups)))
+        u = self.unexplained
+        if u.dtype != torch.float32 or tuple(u.shape) != (2, len(self.groups)) or not bool(torch.isfinite(u).all()) \
+                or bool((u < 0).any()):  # fmt: skip
+            raise CodecError("a kvcodec3 profile's unexplained energies must be finite, >= 0, [2, groups]")
+        if sorted(layer for group in self.groups for layer in group) != list(range(L)) or not all(self.groups):
+            raise CodecError(f"transform groups {list(self.groups)} do not cover each of {L} layers once")
+        for group, kb, vb in zip(self.groups, self.key_bases, self.value_bases, strict=True):
+            if kb.features != len(group) * H * D or vb.features != len(group) * H * D:
+                raise CodecError("a transform basis does not match its group's features")
+        if tuple(self.key_weight.shape) != (L, H, D) or (self.rope.layers, self.rope.head_dim) != (L, D):
+            raise CodecError("key weights or RoPE table do not match the profile's dimensions")
+        for t in self.tables:
+            if (t.keys.num_models, t.values.num_models, t.scales.num_models) != (
+                    self.key_rank, self.value_rank, L * H):  # fmt: skip
+                raise CodecError("a level's symbol models do not match the profile's ranks")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.layers, self.kv_heads, self.head_dim
+
+    @property
+    def key_rank(self) -> int:
+        return sum(b.rank for b in self.key_bases)
+
+    @property
+    def value_rank(self) -> int:
+        return sum(b.rank for b in self.value_bases)
+
+    def select_layers(self, layers: Sequence[int]) -> TransformProfile:
+        """The profile of a union of whole transform groups (a layer group stored on its own),
+        its layers in the order given."""
+        index = list(layers)
+        position = {layer: i for i, layer in enumerate(index)}
+        picked = [g for g, group in enumerate(self.groups) if group[0] in position]
+        if len(position) != len(index) or sorted(index) != sorted(l for g in picked for l in self.groups[g]):
+            raise CodecError(f"layers {index} are not a union of whole transform groups {list(self.groups)}")
+        k_ends = np.cumsum([0] + [b.rank for b in self.key_bases])
+        v_ends = np.cumsum([0] + [b.rank for b in self.value_bases])
+        k_rows = np.concatenate([np.arange(k_ends[g], k_ends[g + 1]) for g in picked])
+        v_rows = np.concatenate([np.arange(v_ends[g], v_ends[g + 1]) for g in picked])
+        heads = np.arange(self.layers * self.kv_heads).reshape(self.layers, -1)[index].reshape(-1)
+
+        def rows(table: FrequencyTable, picked_rows: np.ndarray) -> FrequencyTable:
+            return FrequencyTable(table.freqs[picked_rows], table.precision)
+
+        return TransformProfile(
+            len(index), self.kv_heads, self.head_dim,
+            tuple(tuple(position[layer] for layer in self.groups[g]) for g in picked),
+            self.key_weight[index].contiguous(), self.rope.select_layers(index),
+            tuple(self.key_bases[g] for g in picked), tuple(self.value_bases[g] for g in picked), self.levels,
+            tuple(LevelTables(rows(t.keys, k_rows), rows(t.values, v_rows), rows(t.scales, heads))
+                  for t in self.tables),
+            self.sink_tokens, self.calibration, self.unexplained[:, picked].contiguous())
+
+    # -- the transform ----------------------------------------------------------
+    @staticmethod
+    def _group_rows(x: torch.Tensor, group: tuple[int, ...]) -> torch.Tensor:
+        """``[L, H, T, D]`` -> the group's ``[T, len(group) * H * D]`` feature rows."""
+        part = x[group[0]:group[0] + 1] if len(group) == 1 else x[list(group)]
+        return part.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
+
+    def key_coordinates(self, keys: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coordinates ``[T, key_rank]`` (float32) of keys ``[L, H, T, D]`` at positions ``start ..``,
+        and which tokens the bases cannot represent (see :meth:`_project`)."""
+        x = rotate(keys.float(), self.rope, start, inverse=True).mul_(self.key_weight.to(keys.device)[:, :, None])
+        return self._project(x, self.key_bases, self.unexplained[0])
+
+    def keys_from_coordinates(self, y: torch.Tensor, start: int) -> torch.Tensor:
+        """Keys ``[L, H, T, D]`` (float32) from coordinates ``[T, key_rank]``."""
+        x = self._reconstruct(y, self.key_bases)
+        x.div_(self.key_weight.to(y.device)[:, :, None])
+        return rotate(x, self.rope, start)
+
+    def value_coordinates(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Coordinates ``[T, value_rank]`` of values ``[L, H, T, D]``, the tokens the bases cannot
+        represent, and the values' scale codes ``[L, H, T]``."""
+        v = values.float()
+        codes = value_scale_codes(v)
+        x = v / value_steps(codes, 1.0)[..., None]
+        return (*self._project(x, self.value_bases, self.unexplained[1]), codes)
+
+    def _project(self, x: torch.Tensor, bases: tuple[Basis, ...], expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's coordinates of the features ``x`` ``[L, H, T, D]``, and ``[T]`` flags: tokens
+        whose energy outside the kept components is :data:`UNEXPLAINED_OVER_EXPECTED` times the
+        calibration mean and over :data:`UNEXPLAINED_SHARE` of their own (an outlier the bases
+        would lose: the codec stores such tokens exactly)."""
+        parts, flags = [], torch.zeros(x.shape[2], dtype=torch.bool, device=x.device)
+        for group, b, mean_left in zip(self.groups, bases, expected.tolist()):
+            rows = self._group_rows(x, group)
+            y = b.project(rows)
+            total = (rows - b.mean.to(rows.device)).pow_(2).sum(dim=1)
+            left = total - y.pow(2).sum(dim=1)
+            flags |= (left > UNEXPLAINED_OVER_EXPECTED * mean_left) & (left > UNEXPLAINED_SHARE * total)
+            parts.append(y)
+        return torch.cat(parts, dim=1), flags
+
+    def values_from_coordinates(self, y: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Values ``[L, H, T, D]`` (float32) from coordinates and scale codes."""
+        x = self._reconstruct(y, self.value_bases)
+        return x.mul_(value_steps(codes.float(), 1.0)[..., None])
+
+    def _reconstruct(self, y: torch.Tensor, bases: tuple[Basis, ...]) -> torch.Tensor:
+        L, H, D = self.shape
+        out = torch.empty(L, H, y.shape[0], D, dtype=torch.float32, device=y.device)
+        at = 0
+        T = y.shape[0]
+        for group, b in zip(self.groups, bases):
+            rows = b.reconstruct(y[:, at:at + b.rank]).reshape(T, len(group), H, D).permute(1, 2, 0, 3)
+            if len(group) == 1:
+                out[group[0]] = rows[0]
+            else:
+                out[list(group)] = rows
+            at += b.rank
+        return out
+
+    def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize and reconstruct a whole context's KV (positions from 0; the sinks kept exact)
+        at ``level``'s steps, without entropy coding: what calibration measures."""
+        yk, exact_k = self.key_coordinates(keys, 0)
+        yv, exact_v, codes = self.value_coordinates(values)
+        k = self.keys_from_coordinates(dequantized(yk, level.beta), 0)
+        v = self.values_from_coordinates(dequantized(yv, level.gamma), codes)
+        exact = exact_k | exact_v
+        exact[:self.sink_tokens] = True
+        k[:, :, exact], v[:, :, exact] = keys[:, :, exact].float(), values[:, :, exact].float()
+        return k, v
+
+    # -- storage ----------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Serialize as a container (no pickle)."""
+        return self._serialized
+
+    @cached_property
+    def _serialized(self) -> bytes:
+        buffers: dict[str, object] = {"key_weight": self.key_weight, "rope_inv_freq": self.rope.inv_freq,
+                                      "rope_scaling": self.rope.scaling, "unexplained": self.unexplained}
+        for g, (kb, vb) in enumerate(zip(self.key_bases, self.value_bases)):
+            for name, b in (("k", kb), ("v", vb)):
+                buffers[f"g{g}_{name}_mean"] = b.mean
+                buffers[f"g{g}_{name}_basis"] = b.components
+                buffers[f"g{g}_{name}_variance"] = b.variances
+        for i, t in enumerate(self.tables):
+            for name, table in (("keys", t.keys), ("values", t.values), ("scales", t.scales)):
+                buffers[f"t{i}_{name}"] = zlib.compress(table.to_bytes(), 6)
+        meta = {
+            "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+            "sink_tokens": self.sink_tokens, "groups": [list(g) for g in self.groups],
+            "ranks": [[kb.rank, vb.rank] for kb, vb in zip(self.key_bases, self.value_bases)],
+            "levels": [[lv.beta, lv.gamma] for lv in self.levels], "table_compression": "zlib",
+        }
+        if self.calibration is not None:
+            meta["calibration"] = self.calibration
+        return container.encode(buffers, kind=KIND, meta=meta)  # type: ignore[arg-type]
+
+    @property
+    def profile_id(self) -> str:
+        return profile_content_id(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> TransformProfile:
+        """Parse and validate a stored profile."""
+        obj = container.decode(data)
+        if obj.header.kind != KIND:
+            raise FormatError(f"expected a {KIND} object, found {obj.header.kind!r}")
+        meta = obj.header.meta
+        dims = [meta.get(k) for k in ("layers", "kv_heads", "head_dim", "sink_tokens")]
+        if not all(type(d) is int and 0 <= d <= MAX_DIM for d in dims) or 0 in dims[:3] or dims[2] % 2:
+            raise FormatError("kvcodec3 profile dimensions are malformed")
+        L, H, D, sinks = dims
+        groups, ranks = meta.get("groups"), meta.get("ranks")
+        if not (isinstance(groups, list) and isinstance(ranks, list) and 1 <= len(groups) == len(ranks) <= L
+                and all(isinstance(g, list) and 1 <= len(g) <= L and all(type(x) is int and 0 <= x < L for x in g)
+                        for g in groups)
+                and all(isinstance(r, list) and len(r) == 2 and all(type(x) is int and 0 < x <= MAX_DIM for x in r)
+                        for r in ranks)):
+            raise FormatError("kvcodec3 profile groups are malformed")
+        levels = _levels(meta.get("levels"))
+        if meta.get("table_compression") != "zlib":
+            raise FormatError("kvcodec3 profile tables use an unknown compression")
+        try:
+            key_weight = _tensor(obj, "key_weight", torch.float32, (L, H, D))
+            rope = RotaryTable(_tensor(obj, "rope_inv_freq", torch.float32, (L, D // 2)),
+                               _tensor(obj, "rope_scaling", torch.float32, (L,)))
+            key_bases, value_bases = [], []
+            for g, (group, (rk, rv)) in enumerate(zip(groups, ranks)):
+                p = len(group) * H * D
+                for name, rank, out in (("k", rk, key_bases), ("v", rv, value_bases)):
+                    out.append(Basis(_tensor(obj, f"g{g}_{name}_mean", torch.float32, (p,)),
+                                     _tensor(obj, f"g{g}_{name}_basis", torch.float16, (p, rank)),
+                                     _tensor(obj, f"g{g}_{name}_variance", torch.float32, (rank,))))
+            if not bool(torch.isfinite(key_weight).all()) or not bool((key_weight > 0).all()):
+                raise FormatError("kvcodec3 profile key weights must be finite and positive")
+            models = (sum(r[0] for r in ranks), sum(r[1] for r in ranks), L * H)
+            tables = []
+            for i in range(len(levels)):
+                parts = [FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_{name}"), n))
+                         for name, n in zip(("keys", "values", "scales"), models)]
+                tables.append(LevelTables(*parts))
+            return cls(L, H, D, tuple(tuple(g) for g in groups), key_weight, rope, tuple(key_bases),
+                       tuple(value_bases), levels, tuple(tables), sinks, _calibration(meta.get("calibration")),
+                       _tensor(obj, "unexplained", torch.float32, (2, len(groups))))
+        except CodecError as exc:
+            raise FormatError(f"kvcodec3 profile is malformed: {exc}") from None
+
+
+def _tensor(obj: container.Container, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    t = obj.tensor(name)
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise FormatError(f"kvcodec3 profile buffer {name} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}")
+    return t
+
+
+def _levels(raw: Any) -> tuple[Level, ...]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 16:
+        raise FormatError("kvcodec3 profile levels are malformed")
+    out = []
+    for lv in raw:
+        if not (isinstance(lv, list) and len(lv) == 2
+                and all(type(x) in (int, float) and 0 < x <= MAX_LEVEL_FACTOR for x in lv)):
+            raise FormatError("kvcodec3 profile level entry is malformed (two steps in (0, 1e6])")
+        out.append(Level(float(lv[0]), float(lv[1])))
+    return tuple(out)
+
+
+def _calibration(raw: Any) -> dict[str, Any] | None:
+    if raw is not None and not isinstance(raw, dict):
+        raise FormatError("kvcodec3 profile calibration record is malformed")
+    return raw
+
+
+def _inflate(data: memoryview, models: int) -> bytes:
+    """Decompress a stored frequency table, refusing output beyond its largest valid size."""
+    limit = TABLE_HEADER_BYTES + models * 256 * 4
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise FormatError(f"kvcodec3 profile table does not inflate: {exc}") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise FormatError("kvcodec3 profile table inflates beyond its declared size or is truncated")
+    return out
+
+
+def transform_groups(layer_kinds: Sequence[Any], group_layers: int) -> tuple[tuple[int, ...], ...]:
+    """The layers of each transform group: layers of one kind (sliding-window layers of a
+    window, full-attention layers, ...: fetched apart, so never tied by a transform), in
+    order, at most ``group_layers`` per group."""
+    if type(group_layers) is not int or group_layers < 1:
+        raise CodecError(f"group_layers must be a positive int, got {group_layers!r}")
+    by_kind: dict[Any, list[int]] = {}
+    for layer, kind in enumerate(layer_kinds):
+        by_kind.setdefault(kind, []).append(layer)
+    groups = [tuple(layers[i:i + group_layers]) for layers in by_kind.values()
+              for i in range(0, len(layers), group_layers)]
+    return tuple(sorted(groups))
+
+
+def outside_symbols(residuals: torch.Tensor) -> torch.Tensor:
+    """Where integer residuals fall outside the 8-bit symbols (stored exactly, as patches)."""
+    return (residuals < -ZERO) | (residuals > 255 - ZERO)
+
+
+def dequantized(y: torch.Tensor, step: float) -> torch.Tensor:
+    """What the codec stores of coordinates ``y`` at ``step``: rounded to the step, exact where
+    the residual needs a patch."""
+    residuals = torch.round(y / step)
+    return torch.where(outside_symbols(residuals), y, residuals * step)
+
+
+def pair_weights(key_unit: torch.Tensor) -> torch.Tensor:
+    """Key weights ``[L, H, D]`` from ``kvcodec``'s key steps (``1 / sqrt(query energy)``):
+    the query energy averaged over each RoPE pair ``(i, i + D/2)``, which a rotation mixes."""
+    energy = key_unit.float().pow(-2)
+    L, H, D = energy.shape
+    pair = energy.view(L, H, 2, D // 2).mean(dim=2, keepdim=True).expand(L, H, 2, D // 2)
+    return pair.reshape(L, H, D).sqrt().contiguous()
+
+
+def fit_transform(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rope: RotaryTable,
+    key_weight: torch.Tensor,
+    groups: tuple[tuple[int, ...], ...],
+    sink_tokens: int = 4,
+) -> TransformProfile:
+    """The bases of each transform group, fitted on calibration contexts' KV (``samples``:
+    ``(keys, values)`` ``[L, H, T, D]`` of contexts starting at position 0; their sinks are
+    left out). Untruncated and without levels: :func:`with_levels` completes it."""
+    if not samples:
+        raise CodecError("fit_transform needs at least one calibration context")
+    L, H, _, D = samples[0][0].shape
+    weight = key_weight.float().contiguous()
+    if tuple(weight.shape) != (L, H, D):
+        raise CodecError(f"key weights {list(weight.shape)} do not match the KV's {[L, H, D]}")
+    key_rows: list[list[torch.Tensor]] = [[] for _ in groups]
+    value_rows: list[list[torch.Tensor]] = [[] for _ in groups]
+    for keys, values in samples:
+        k = rotate(keys.float(), rope, 0, inverse=True).mul_(weight[:, :, None])
+        v = values.float() / value_steps(value_scale_codes(values.float()), 1.0)[..., None]
+        for g, group in enumerate(groups):
+            key_rows[g].append(TransformProfile._group_rows(k, group)[sink_tokens:])
+            value_rows[g].append(TransformProfile._group_rows(v, group)[sink_tokens:])
+    key_bases = tuple(fit_basis(torch.cat(rows)) for rows in key_rows)
+    value_bases = tuple(fit_basis(torch.cat(rows)) for rows in value_rows)
+    return TransformProfile(L, H, D, groups, weight, rope, key_bases, value_bases, (), (), sink_tokens)
+
+
+def with_levels(
+    fitted: TransformProfile,
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    levels: Sequence[Level],
+    *,
+    calibration: dict[str, Any] | None = None,
+) -> TransformProfile:
+    """``fitted`` with its ``levels``: the bases truncated to the components the finest level
+    can code (:data:`KEEP_STD_OVER_STEP`) and every level's symbol models counted on ``samples``."""
+    if not levels:
+        raise CodecError("a kvcodec3 profile needs at least one level")
+    finest_k, finest_v = min(lv.beta for lv in levels), min(lv.gamma for lv in levels)
+
+    def keep(b: Basis, step: float) -> Basis:
+        rank = int((b.variances.sqrt() > KEEP_STD_OVER_STEP * step).sum())
+        return b.truncated(max(rank, 1))
+
+    profile = TransformProfile(
+        fitted.layers, fitted.kv_heads, fitted.head_dim, fitted.groups, fitted.key_weight, fitted.rope,
+        tuple(keep(b, finest_k) for b in fitted.key_bases), tuple(keep(b, finest_v) for b in fitted.value_bases),
+        (), (), fitted.sink_tokens)
+    s = fitted.sink_tokens
+    coords = [(profile.key_coordinates(k, 0)[0][s:], *profile.value_coordinates(v)) for k, v in samples]
+    yk = torch.cat([c[0] for c in coords])
+    yv = torch.cat([c[1][s:] for c in coords])
+    codes = torch.cat([c[3][:, :, s:] for c in coords], dim=2)
+    unexplained = torch.zeros(2, len(fitted.groups))
+    for which, (bases, full) in enumerate(((profile.key_bases, fitted.key_bases),
+                                           (profile.value_bases, fitted.value_bases))):
+        for g, (kept, whole) in enumerate(zip(bases, full)):
+            unexplained[which, g] = float(whole.variances[kept.rank:].sum())
+    L, H = fitted.layers, fitted.kv_heads
+    scale_sym = to_symbols(codes).reshape(L * H, -1, 1).numpy()
+    scale_models = np.arange(L * H).reshape(L * H, 1)
+    scales = FrequencyTable.from_counts(count_symbols(scale_sym, scale_models, L * H), PRECISION)
+    tables = []
+    for level in levels:
+        per = []
+        for y, step in ((yk, level.beta), (yv, level.gamma)):
+            sym = to_symbols(torch.round(y / step)).T.contiguous().unsqueeze(-1).numpy()  # [R, N, 1]
+            models = np.arange(sym.shape[0]).reshape(-1, 1)
+            per.append(FrequencyTable.from_counts(count_symbols(sym, models, sym.shape[0]), PRECISION))
+        tables.append(LevelTables(per[0], per[1], scales))
+    return TransformProfile(profile.layers, profile.kv_heads, profile.head_dim, profile.groups, profile.key_weight,
+                            profile.rope, profile.key_bases, profile.value_bases, tuple(levels), tuple(tables),
+                            profile.sink_tokens, calibration, unexplained)
