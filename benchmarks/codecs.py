@@ -12,6 +12,10 @@ with the decoded KV. Rows, one per codec and level:
 - ``size_ratio_vs_int8``; ``ppl_increase_pct`` with its 95% t-interval over documents;
 - ``entropy_efficiency``: ideal code length under the stored model over the coded bytes
   (``kvcodec``: its rANS streams; others: null);
+- ``kvtc_ref`` at several bit budgets and ``kvcodec3`` at every level, with their profiles'
+  bytes and profiling seconds (``kvcodec3_profile``, ``kvtc_ref_profile``) beside the model's
+  weight bytes, and ``vs_kvtc``: each kvcodec/kvcodec3 level's size over ``kvtc_ref``'s
+  interpolated at the same perplexity increase;
 - ``encode_MBps`` / ``decode_MBps``: fp16 bytes per second, CPU, one process (every core);
   ``..._one_thread``: the same with the entropy coder and torch on one thread (per core).
 
@@ -35,10 +39,12 @@ import torch
 from kvstore.codecs import rans
 from kvstore.codecs.base import Codec, get_codec
 from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
+from kvstore.codecs.kvcodec3 import KVCodec3
+from kvstore.codecs.kvtc_ref import KVTCRefCodec
 from eval.corpus import documents, samples
 from eval.model import load_model
 from eval.perplexity import mean_ci, ppl
-from eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.profiles import EVALUATION_SOURCE, kvtc_profile, model_profile, transform_profile
 from kvstore.format import container
 from kvstore.format.chunk import ChunkIdentity, encode_chunk
 from kvstore.format.keys import chunk_bounds, chunk_hashes, model_fingerprint
@@ -49,7 +55,12 @@ CONTEXT_TOKENS = 2048
 CHUNK_TOKENS = 256
 
 
-def _configs(profile: Any, fixed: Any, quick: bool) -> list[tuple[str, str, Callable[[], Codec]]]:
+KVTC_BUDGETS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+KVTC_BUDGETS_QUICK = (0.75, 1.5)
+
+
+def _configs(profile: Any, fixed: Any, quick: bool, transform: Any = None,
+             kvtc: Any = None) -> list[tuple[str, str, Callable[[], Codec]]]:
     cachegen = [("default", {}), ("bins=16", {"bins": 16}), ("bins=32", {"bins": 32}), ("bins=64", {"bins": 64})]
     rows: list[tuple[str, str, Callable[[], Codec]]] = [
         ("int8", "-", lambda: get_codec("int8")),
@@ -58,6 +69,11 @@ def _configs(profile: Any, fixed: Any, quick: bool) -> list[tuple[str, str, Call
     rows += [("cachegen_ref", label, lambda p=params: get_codec("cachegen_ref", p)) for label, params in cachegen]
     rows += [("kvcodec", str(i), lambda i=i: KVCodec(profile, i)) for i in range(len(profile.levels))]
     rows += [("kvcodec_fixed", str(DEFAULT_LEVEL), lambda: KVCodec(fixed, DEFAULT_LEVEL))]
+    if kvtc is not None:
+        rows += [("kvtc_ref", f"bits={b}", lambda b=b: KVTCRefCodec(kvtc, b))
+                 for b in (KVTC_BUDGETS_QUICK if quick else KVTC_BUDGETS)]
+    if transform is not None:
+        rows += [("kvcodec3", str(i), lambda i=i: KVCodec3(transform, i)) for i in range(len(transform.levels))]
     return rows
 
 
@@ -128,7 +144,9 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=0)
     picks = samples(docs, context_tokens=CONTEXT_TOKENS, continuation_tokens=continuation, seed=0)
     fixed = model_profile(lm, targets_pct=None, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
-    configs = _configs(profile, fixed, quick)
+    transform, transform_s = transform_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
+    kvtc, kvtc_s = kvtc_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
+    configs = _configs(profile, fixed, quick, transform, kvtc)
     stats: dict[str, dict[str, Any]] = {
         f"{c}:{lv}": {"bytes": 0, "elements": 0, "enc_s": 0.0, "dec_s": 0.0, "enc1_s": 0.0, "dec1_s": 0.0, "fp16_bytes": 0, "rel": [], "eff": []}
         for c, lv, _ in configs
@@ -197,6 +215,14 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
             ref = _interpolate_bits(curve, r["ppl_increase_pct"])
             vs_cachegen.append({"level": r["level"], "cachegen_bits_at_same_ppl": ref,
                                 "size_ratio": None if ref is None else r["bits_per_element"] / ref})
+    kvtc_curve = [(r["bits_per_element"], r["ppl_increase_pct"]) for r in rows if r["codec"] == "kvtc_ref"]
+    vs_kvtc = []
+    for r in rows:
+        if r["codec"] in ("kvcodec3", "kvcodec"):
+            ref = _interpolate_bits(kvtc_curve, r["ppl_increase_pct"])
+            vs_kvtc.append({"codec": r["codec"], "level": r["level"], "kvtc_bits_at_same_ppl": ref,
+                            "size_ratio": None if ref is None else r["bits_per_element"] / ref})
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     return {
         "model": lm.model_id,
         "model_name": lm.name,
@@ -207,8 +233,17 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
         "documents": [p.document for p in picks],
         "ppl_baseline": float(np.mean(baselines)),
         "profile_bytes": len(profile.to_bytes()),
+        "model_weight_bytes": weight_bytes,
+        "kvcodec3_profile": {"bytes": len(transform.to_bytes()), "profiling_s": round(transform_s, 1),
+                             "groups": [list(g) for g in transform.groups],
+                             "key_rank": transform.key_rank, "value_rank": transform.value_rank,
+                             "features_per_token": 2 * transform.layers * transform.kv_heads * transform.head_dim,
+                             "calibration": transform.calibration},
+        "kvtc_ref_profile": {"bytes": len(kvtc.to_bytes()), "profiling_s": round(kvtc_s, 1),
+                             "key_rank": kvtc.key_basis.rank, "value_rank": kvtc.value_basis.rank},
         "rows": rows,
         "vs_cachegen": vs_cachegen,
+        "vs_kvtc": vs_kvtc,
         "chunk_sizes": {k: {str(size): float(np.mean(v)) for size, v in d.items()} for k, d in sweep.items()},
         "note": "ppl_increase_pct is the mean over documents of ppl(decoded KV)/ppl(fp16 KV) - 1; "
                 "kvcodec's per-model profile (profile_bytes) is stored once per model, not per chunk.",
@@ -223,7 +258,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, codec in enumerate(["int8", "kivi2", "cachegen_ref", "kvcodec"]):
+    for i, codec in enumerate(["int8", "kivi2", "cachegen_ref", "kvcodec", "kvtc_ref", "kvcodec3"]):
         rows = sorted((r for r in result["rows"] if r["codec"] == codec), key=lambda r: r["bits_per_element"])
         x = [r["bits_per_element"] for r in rows]
         y = [r["ppl_increase_pct"] for r in rows]

@@ -11,15 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from kvstore.codecs.kvcodec3_profile import DEFAULT_GROUP_LAYERS, TransformProfile
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level
+from kvstore.codecs.kvtc_ref import KVTCProfile, build_kvtc_profile
 from eval.corpus import documents
 from eval.model import LoadedModel, cache_root
 from kvstore.integrations.hf_calibrate import DEFAULT_TARGETS_PCT
-from kvstore.integrations.hf_profile import profile_model
+from kvstore.integrations.hf import extract_kv
+from kvstore.integrations.hf_profile import profile_model, transform_profile_model
+from kvstore.integrations.hf_rope import rotary_table
 
 CALIBRATION_SOURCE = "licenses"
 EVALUATION_SOURCE = "pydoc"
@@ -30,6 +37,69 @@ def calibration_contexts(tokenizer: object, n: int = 2, context_tokens: int = 20
     """``n`` contexts of ``context_tokens`` from the calibration texts (deterministic)."""
     docs = documents(tokenizer, sources=[CALIBRATION_SOURCE], n=n, seed=1234)
     return [doc.tokens[:context_tokens] for doc in docs]
+
+
+def _cached(lm: LoadedModel, recipe: dict, suffix: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    text = json.dumps({"model": lm.model_id, "calibration": CALIBRATION_VERSION, "source": CALIBRATION_SOURCE,
+                       **recipe}, sort_keys=True)
+    name = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return cache_root(cache_dir) / "profiles" / f"{name}.{suffix}"
+
+
+def _store(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def transform_profile(
+    lm: LoadedModel,
+    *,
+    group_layers: int = DEFAULT_GROUP_LAYERS,
+    contexts: int = 2,
+    context_tokens: int = 2048,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[TransformProfile, float]:
+    """The model's ``kvcodec3`` profile (from the disk cache, or calibrated on the license texts
+    on top of :func:`model_profile`'s query statistics) and the seconds it took to make."""
+    path = _cached(lm, {"codec": "kvcodec3", "group_layers": group_layers, "contexts": contexts,
+                        "context_tokens": context_tokens, "targets_pct": list(DEFAULT_TARGETS_PCT)},
+                   "kv3profile", cache_dir)
+    if path.is_file():
+        profile = TransformProfile.from_bytes(path.read_bytes())
+        return profile, float(profile.calibration.get("seconds", 0.0)) if profile.calibration else 0.0
+    base = model_profile(lm, contexts=contexts, context_tokens=context_tokens, cache_dir=cache_dir)
+    started = time.perf_counter()
+    profile = transform_profile_model(lm.model, calibration_contexts(lm.tokenizer, contexts, context_tokens),
+                                      base=base, group_layers=group_layers)
+    seconds = time.perf_counter() - started
+    profile = replace(profile, calibration={**(profile.calibration or {}), "seconds": round(seconds, 1)})
+    _store(path, profile.to_bytes())
+    return profile, seconds
+
+
+def kvtc_profile(
+    lm: LoadedModel,
+    *,
+    contexts: int = 2,
+    context_tokens: int = 2048,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[KVTCProfile, float]:
+    """The model's ``kvtc_ref`` profile (KVTC's calibration on the license texts) and the
+    seconds it took (0 when read from the disk cache)."""
+    path = _cached(lm, {"codec": "kvtc_ref", "contexts": contexts, "context_tokens": context_tokens},
+                   "kvtcprofile", cache_dir)
+    if path.is_file():
+        return KVTCProfile.from_bytes(path.read_bytes()), 0.0
+    started = time.perf_counter()
+    samples = []
+    for tokens in calibration_contexts(lm.tokenizer, contexts, context_tokens):
+        kv = extract_kv(lm.model, tokens)
+        samples.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
+    profile = build_kvtc_profile(samples, rotary_table(lm.model))
+    _store(path, profile.to_bytes())
+    return profile, time.perf_counter() - started
 
 
 def model_profile(

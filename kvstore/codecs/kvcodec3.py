@@ -73,8 +73,9 @@ class KVCodec3(Codec):
         self.profile: TransformProfile = profile
         self.profile_id = profile_id
         self.level = level
-        self._key_models = np.arange(profile.key_rank).reshape(-1, 1)
-        self._value_models = np.arange(profile.value_rank).reshape(-1, 1)
+        self._ranks = profile.level_ranks(profile.levels[level])
+        self._key_models = profile.coordinate_rows(self._ranks[0], profile.key_bases).reshape(-1, 1)
+        self._value_models = profile.coordinate_rows(self._ranks[1], profile.value_bases).reshape(-1, 1)
         self._scale_models = np.arange(profile.layers * profile.kv_heads).reshape(-1, 1)
 
     @property
@@ -173,7 +174,7 @@ class KVCodec3(Codec):
         key_table, value_table, scale_table = self._tables()
         for name, y, step, table, models in (("k", y_keys, level.beta, key_table, self._key_models),
                                              ("v", y_values, level.gamma, value_table, self._value_models)):
-            rows = y.T.contiguous()  # [R, T]: channel-major, one model per row
+            rows = y.T[torch.from_numpy(models[:, 0]).to(y.device)].contiguous()  # [R, T]: this level's coordinates
             residuals = torch.round(rows / step)
             outside = outside_symbols(residuals).reshape(-1).nonzero().squeeze(1)
             if outside.numel():
@@ -211,8 +212,8 @@ class KVCodec3(Codec):
             coordinates.append(rows.T)
         scales = rans.decode(obj.raw("scales"), scale_table, self._scale_models, shape=(L * H, T, 1))
         codes = (torch.from_numpy(scales).to(device).to(torch.int16) - ZERO).reshape(L, H, T)
-        keys = prof.keys_from_coordinates(coordinates[0], start).to(dtype)
-        values = prof.values_from_coordinates(coordinates[1], codes).to(dtype)
+        keys = prof.keys_from_coordinates(coordinates[0], start, self._ranks[0]).to(dtype)
+        values = prof.values_from_coordinates(coordinates[1], codes, self._ranks[1]).to(dtype)
         self._apply_exact(obj, keys, values, start)
         return keys, values
 

@@ -149,9 +149,24 @@ class TransformProfile:
         x = rotate(keys.float(), self.rope, start, inverse=True).mul_(self.key_weight.to(keys.device)[:, :, None])
         return self._project(x, self.key_bases, self.unexplained[0])
 
-    def keys_from_coordinates(self, y: torch.Tensor, start: int) -> torch.Tensor:
-        """Keys ``[L, H, T, D]`` (float32) from coordinates ``[T, key_rank]``."""
-        x = self._reconstruct(y, self.key_bases)
+    def level_ranks(self, level: Level) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """How many leading components of each group's key and value basis ``level`` codes: those
+        whose calibration spread exceeds :data:`KEEP_STD_OVER_STEP` of its step (the others
+        quantize to zero nearly always: they cost decode work, and bits, for nothing)."""
+        def ranks(bases: tuple[Basis, ...], step: float) -> tuple[int, ...]:
+            return tuple(max(1, int((b.variances.sqrt() > KEEP_STD_OVER_STEP * step).sum())) for b in bases)
+
+        return ranks(self.key_bases, level.beta), ranks(self.value_bases, level.gamma)
+
+    def coordinate_rows(self, ranks: tuple[int, ...], bases: tuple[Basis, ...]) -> np.ndarray:
+        """Indices, into all of the profile's coordinates, of each group's first ``ranks``."""
+        ends = np.cumsum([0] + [b.rank for b in bases])
+        return np.concatenate([np.arange(ends[g], ends[g] + r) for g, r in enumerate(ranks)])
+
+    def keys_from_coordinates(self, y: torch.Tensor, start: int, ranks: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Keys ``[L, H, T, D]`` (float32) from coordinates ``[T, sum(ranks)]``: each group's first
+        ``ranks`` (default all)."""
+        x = self._reconstruct(y, self.key_bases, ranks)
         x.div_(self.key_weight.to(y.device)[:, :, None])
         return rotate(x, self.rope, start)
 
@@ -178,23 +193,25 @@ class TransformProfile:
             parts.append(y)
         return torch.cat(parts, dim=1), flags
 
-    def values_from_coordinates(self, y: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Values ``[L, H, T, D]`` (float32) from coordinates and scale codes."""
-        x = self._reconstruct(y, self.value_bases)
+    def values_from_coordinates(self, y: torch.Tensor, codes: torch.Tensor,
+                                ranks: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
+        """Values ``[L, H, T, D]`` (float32) from coordinates (as :meth:`keys_from_coordinates`) and scale codes."""
+        x = self._reconstruct(y, self.value_bases, ranks)
         return x.mul_(value_steps(codes.float(), 1.0)[..., None])
 
-    def _reconstruct(self, y: torch.Tensor, bases: tuple[Basis, ...]) -> torch.Tensor:
+    def _reconstruct(self, y: torch.Tensor, bases: tuple[Basis, ...], ranks: tuple[int, ...] | None) -> torch.Tensor:
         L, H, D = self.shape
-        out = torch.empty(L, H, y.shape[0], D, dtype=torch.float32, device=y.device)
-        at = 0
         T = y.shape[0]
-        for group, b in zip(self.groups, bases):
-            rows = b.reconstruct(y[:, at:at + b.rank]).reshape(T, len(group), H, D).permute(1, 2, 0, 3)
+        out = torch.empty(L, H, T, D, dtype=torch.float32, device=y.device)
+        at = 0
+        for g, (group, b) in enumerate(zip(self.groups, bases)):
+            r = b.rank if ranks is None else ranks[g]
+            rows = b.reconstruct(y[:, at:at + r]).reshape(T, len(group), H, D).permute(1, 2, 0, 3)
             if len(group) == 1:
                 out[group[0]] = rows[0]
             else:
                 out[list(group)] = rows
-            at += b.rank
+            at += r
         return out
 
     def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +219,11 @@ class TransformProfile:
         at ``level``'s steps, without entropy coding: what calibration measures."""
         yk, exact_k = self.key_coordinates(keys, 0)
         yv, exact_v, codes = self.value_coordinates(values)
-        k = self.keys_from_coordinates(dequantized(yk, level.beta), 0)
-        v = self.values_from_coordinates(dequantized(yv, level.gamma), codes)
+        rk, rv = self.level_ranks(level)
+        yk = dequantized(yk[:, self.coordinate_rows(rk, self.key_bases)], level.beta)
+        yv = dequantized(yv[:, self.coordinate_rows(rv, self.value_bases)], level.gamma)
+        k = self.keys_from_coordinates(yk, 0, rk)
+        v = self.values_from_coordinates(yv, codes, rv)
         exact = exact_k | exact_v
         exact[:self.sink_tokens] = True
         k[:, :, exact], v[:, :, exact] = keys[:, :, exact].float(), values[:, :, exact].float()

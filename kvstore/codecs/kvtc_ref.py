@@ -249,7 +249,7 @@ class KVTCRefCodec(Codec):
         features = (rotate(keys.float(), prof.rope, start, inverse=True), values.float())
         for name, x, basis, widths in zip(("k", "v"), features, (prof.key_basis, prof.value_basis), self._widths):
             coded = np.flatnonzero(widths)
-            y = basis.truncated(len(coded)).project(_rows(x)) if len(coded) else torch.zeros(T, 0)
+            y = basis.project(_rows(x), len(coded))
             y[:sinks] = 0  # stored exactly: they neither set the ranges nor need codes
             coded_rows = y[sinks:] if sinks < T else y
             low = q.round_down(coded_rows.amin(dim=0), torch.float16)
@@ -297,7 +297,7 @@ class KVTCRefCodec(Codec):
             if not bool(torch.isfinite(bounds).all()) or bool((span < 0).any()):
                 raise FormatError(f"kvtc {name}_range holds non-finite or inverted ranges")
             y = codes.mul_(span / levels).add_(bounds[0]).to(device)
-            x = basis.truncated(len(coded)).reconstruct(y)
+            x = basis.reconstruct(y)
             parts.append(x.reshape(T, L, H, D).permute(1, 2, 0, 3))
         keys = rotate(parts[0].contiguous(), prof.rope, start).to(dtype)
         values = parts[1].to(dtype)

@@ -24,7 +24,8 @@ RANDOMIZED_OVERSAMPLE = 32
 @dataclass(frozen=True)
 class Basis:
     """``mean`` [p] float32, ``components`` [p, r] float16 (orthonormal columns, by decreasing
-    variance), ``variances`` [r] float32 (of the calibration coordinates)."""
+    variance), ``variances`` [r] float32 (of the calibration coordinates, non-increasing: a
+    prefix of the components is always the strongest)."""
 
     mean: torch.Tensor
     components: torch.Tensor
@@ -36,8 +37,9 @@ class Basis:
                 or c.ndim != 2 or c.shape[0] != m.shape[0] or v.shape != (c.shape[1],):  # fmt: skip
             raise CodecError(f"a basis is float32 [p], float16 [p, r], float32 [r]; got {m.dtype}{list(m.shape)}, "
                              f"{c.dtype}{list(c.shape)}, {v.dtype}{list(v.shape)}")
-        if not all(bool(torch.isfinite(t).all()) for t in (m, c, v)) or bool((v < 0).any()):
-            raise CodecError("a basis holds non-finite entries or negative variances")
+        if not all(bool(torch.isfinite(t).all()) for t in (m, c, v)) or bool((v < 0).any()) \
+                or bool((v[1:] > v[:-1]).any()):  # fmt: skip
+            raise CodecError("a basis holds non-finite entries, or variances negative or not in decreasing order")
 
     @property
     def features(self) -> int:
@@ -51,15 +53,22 @@ class Basis:
         """The first ``rank`` components."""
         return Basis(self.mean, self.components[:, :rank].contiguous(), self.variances[:rank].contiguous())
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Coordinates ``[n, r]`` (float32) of features ``x`` ``[n, p]``."""
-        c = self.components.to(x.device, torch.float32)
-        return (x - self.mean.to(x.device)) @ c
+    def _float(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the components as float32 on ``device`` (converted once per device)."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        if device not in cache:
+            cache[device] = (self.mean.to(device), self.components.to(device, torch.float32))
+        return cache[device]
+
+    def project(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+        """Coordinates ``[n, rank]`` (float32; default all ``r``) of features ``x`` ``[n, p]``."""
+        mean, c = self._float(x.device)
+        return (x - mean) @ (c if rank is None else c[:, :rank])
 
     def reconstruct(self, y: torch.Tensor) -> torch.Tensor:
-        """Features ``[n, p]`` (float32) from coordinates ``y`` ``[n, r]``."""
-        c = self.components.to(y.device, torch.float32)
-        return torch.addmm(self.mean.to(y.device), y, c.T)
+        """Features ``[n, p]`` (float32) from coordinates ``y`` ``[n, k]``, on the first ``k`` components."""
+        mean, c = self._float(y.device)
+        return torch.addmm(mean, y, c[:, : y.shape[1]].T)
 
 
 def fit_basis(x: torch.Tensor, rank: int | None = None, *, seed: int = 0) -> Basis:

@@ -19,7 +19,7 @@ import torch
 
 from kvstore.codecs.rope import RotaryTable, angles
 from kvstore.errors import ConfigError
-from kvstore.integrations.hf import _text_config, kv_layout
+from kvstore.integrations.hf import _text_config, cache_layout, kv_layout
 
 CHECK_POSITIONS = (1, 7, 1000, 100_003)
 
@@ -47,6 +47,8 @@ def rotary_table(model: Any) -> RotaryTable:
     """The model's per-layer RoPE frequencies and scaling; a model without a rotary module
     gets the identity (its keys are stored as projected). :class:`ConfigError` for a RoPE
     this reader cannot undo exactly (partial rotary dims, angles not linear in position)."""
+    if any(spec.slots != "kv" for spec in cache_layout(model).layers):
+        raise ConfigError("the model caches MLA latents, not post-RoPE keys: transform codecs cannot undo their RoPE")
     layout = kv_layout(model)
     L, D = layout.layers, layout.head_dim
     module = _rotary_module(model)
@@ -69,9 +71,10 @@ def rotary_table(model: Any) -> RotaryTable:
         cos, sin = _cos_sin(module, list(CHECK_POSITIONS), D, layer_type)
         mine_cos, mine_sin = angles(table, torch.tensor(CHECK_POSITIONS), torch.device("cpu"))
         mine_cos, mine_sin = mine_cos[0, 0] * scaling, mine_sin[0, 0] * scaling
-        if not (torch.allclose(cos[:, : D // 2].float(), mine_cos, atol=1e-5)
-                and torch.allclose(cos[:, D // 2 :].float(), mine_cos, atol=1e-5)
-                and torch.allclose(sin[:, : D // 2].float(), mine_sin, atol=1e-5)):
+        width = cos.shape[-1]  # D (each angle for both halves) or D/2 (GPT-OSS: once)
+        halves = [cos[:, : D // 2]] + ([cos[:, D // 2 :]] if width == D else [])
+        if width not in (D, D // 2) or not (all(torch.allclose(h.float(), mine_cos, atol=1e-5) for h in halves)
+                                            and torch.allclose(sin[:, : D // 2].float(), mine_sin, atol=1e-5)):
             raise ConfigError(f"the model's rotary embedding ({type(module).__name__}) does not rotate channel "
                               f"i with i + {D // 2} by position x inv_freq; transform codecs cannot undo it")
         per_type[layer_type] = (inv_freq, scaling)
