@@ -81,8 +81,7 @@ def test_tokens_the_bases_cannot_represent_are_stored_exactly(profile):
 
 
 def test_coordinates_beyond_the_symbols_use_patches(profile):
-    keys, values = correlated_kv(40, seed=5, start=8)
-    keys *= 20  # in the bases' directions, but far beyond the symbols' reach at level 0
+    keys, values = correlated_kv(40, seed=5, start=8, scale=20)  # in the bases' directions, far beyond the symbols
     buffers = KVCodec3(profile, 0).encode(keys, values, start=8)
     assert "k_patch_index" in buffers and "exact_tokens" not in buffers
     _, (k2, _) = round_trip(KVCodec3(profile, 0), keys, values, start=8)

@@ -17,15 +17,16 @@ def rope_table(layers: int = L, dim: int = D) -> RotaryTable:
 
 
 def correlated_kv(tokens: int, seed: int, *, start: int = 0, dtype: torch.dtype = torch.float32,
-                  shape: tuple[int, int, int] = (L, H, D)) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(keys, values)`` ``[L, H, T, D]``: low-rank across layers and heads plus a little noise,
-    a sink-like first context token, keys rotated at positions ``start ..``."""
+                  shape: tuple[int, int, int] = (L, H, D), scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, values)`` ``[L, H, T, D]``: low-rank across layers and heads (factors times
+    ``scale``) plus a little noise, a sink-like first context token, keys rotated at positions
+    ``start ..``."""
     layers, heads, dim = shape
     mix = torch.Generator().manual_seed(1234)  # the same mixing in every context: a model's structure
     key_mix = torch.randn(FACTORS, layers * heads * dim, generator=mix)
     value_mix = torch.randn(FACTORS, layers * heads * dim, generator=mix)
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(tokens, FACTORS, generator=g) * torch.linspace(3, 0.5, FACTORS)
+    z = torch.randn(tokens, FACTORS, generator=g) * torch.linspace(3, 0.5, FACTORS) * scale
     keys = (z @ key_mix + 0.002 * torch.randn(tokens, layers * heads * dim, generator=g)).view(tokens, layers, heads, dim)
     values = (z @ value_mix + 0.002 * torch.randn(tokens, layers * heads * dim, generator=g)).view(tokens, layers, heads, dim)
     keys, values = keys.permute(1, 2, 0, 3).contiguous(), values.permute(1, 2, 0, 3).contiguous()

@@ -154,14 +154,14 @@ class KVCodec3(Codec):
                 raise CodecError(f"kvcodec3 {name}: the KV holds NaN or infinite values, which cannot be quantized")
         prof, level = self.profile, self.profile.levels[self.level]
         L, H, T, _ = keys.shape
-        y_keys, exact_k = prof.key_coordinates(keys, start)
-        y_values, exact_v, codes = prof.value_coordinates(values)
+        y_keys, left_k = prof.key_coordinates(keys, start)
+        y_values, left_v, codes = prof.value_coordinates(values)
         buffers: dict[str, BufferLike] = {"position": torch.tensor([start], dtype=torch.int64)}
         sinks = max(0, min(T, prof.sink_tokens - start))
         if sinks:
             buffers["sink_k"] = keys[:, :, :sinks].contiguous()
             buffers["sink_v"] = values[:, :, :sinks].contiguous()
-        exact = exact_k | exact_v
+        exact = prof.lost_tokens((y_keys, left_k), (y_values, left_v), level)
         exact[:sinks] = False
         exact_index = exact.nonzero().squeeze(1)
         if exact_index.numel():  # tokens the bases cannot represent: stored as they are

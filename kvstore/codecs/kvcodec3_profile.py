@@ -51,10 +51,13 @@ DEFAULT_GROUP_LAYERS = 5
 #: a component is kept when its calibration standard deviation exceeds this fraction of the
 #: finest level's step (weaker ones quantize to zero at every level)
 KEEP_STD_OVER_STEP = 0.25
-#: a token whose energy outside the kept components exceeds this many times the calibration
-#: mean, and this share of its own energy, is stored exactly (the bases would lose it)
+#: a token whose energy outside the profile's components exceeds this many times the calibration
+#: mean ... (an outlier the bases would lose: stored exactly)
 UNEXPLAINED_OVER_EXPECTED = 16.0
-UNEXPLAINED_SHARE = 1 / 64
+#: ... and this many times the quantization noise the level adds to every token anyway
+UNEXPLAINED_OVER_NOISE = 4.0
+#: energy outside the components below this share of a token's own is never counted as lost
+LOST_SHARE = 1e-3
 MAX_DIM = 1 << 16
 
 
@@ -145,9 +148,9 @@ class TransformProfile:
 
     def key_coordinates(self, keys: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Coordinates ``[T, key_rank]`` (float32) of keys ``[L, H, T, D]`` at positions ``start ..``,
-        and which tokens the bases cannot represent (see :meth:`_project`)."""
+        and each token's energy outside each group's components ``[T, groups]`` (see :meth:`lost_tokens`)."""
         x = rotate(keys.float(), self.rope, start, inverse=True).mul_(self.key_weight.to(keys.device)[:, :, None])
-        return self._project(x, self.key_bases, self.unexplained[0])
+        return self._project(x, self.key_bases)
 
     def level_ranks(self, level: Level) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """How many leading components of each group's key and value basis ``level`` codes: those
@@ -171,27 +174,48 @@ class TransformProfile:
         return rotate(x, self.rope, start)
 
     def value_coordinates(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Coordinates ``[T, value_rank]`` of values ``[L, H, T, D]``, the tokens the bases cannot
-        represent, and the values' scale codes ``[L, H, T]``."""
+        """Coordinates ``[T, value_rank]`` of values ``[L, H, T, D]``, their energy outside each
+        group's components, and the values' scale codes ``[L, H, T]``."""
         v = values.float()
         codes = value_scale_codes(v)
         x = v / value_steps(codes, 1.0)[..., None]
-        return (*self._project(x, self.value_bases, self.unexplained[1]), codes)
+        return (*self._project(x, self.value_bases), codes)
 
-    def _project(self, x: torch.Tensor, bases: tuple[Basis, ...], expected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each group's coordinates of the features ``x`` ``[L, H, T, D]``, and ``[T]`` flags: tokens
-        whose energy outside the kept components is :data:`UNEXPLAINED_OVER_EXPECTED` times the
-        calibration mean and over :data:`UNEXPLAINED_SHARE` of their own (an outlier the bases
-        would lose: the codec stores such tokens exactly)."""
-        parts, flags = [], torch.zeros(x.shape[2], dtype=torch.bool, device=x.device)
-        for group, b, mean_left in zip(self.groups, bases, expected.tolist()):
+    def _project(self, x: torch.Tensor, bases: tuple[Basis, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's coordinates of the features ``x`` ``[L, H, T, D]`` and each token's energy
+        outside the group's components ``[T, groups]`` (0 where under :data:`LOST_SHARE` of the
+        token's own: the fp16 components' rounding alone leaves about 1e-6)."""
+        parts, left = [], []
+        for group, b in zip(self.groups, bases):
             rows = self._group_rows(x, group)
             y = b.project(rows)
+            lost = (rows - b.reconstruct(y)).pow_(2).sum(dim=1)
             total = (rows - b.mean.to(rows.device)).pow_(2).sum(dim=1)
-            left = total - y.pow(2).sum(dim=1)
-            flags |= (left > UNEXPLAINED_OVER_EXPECTED * mean_left) & (left > UNEXPLAINED_SHARE * total)
+            left.append(torch.where(lost > LOST_SHARE * total, lost, 0.0))
             parts.append(y)
-        return torch.cat(parts, dim=1), flags
+        return torch.cat(parts, dim=1), torch.stack(left, dim=1)
+
+    def lost_tokens(self, keys: tuple[torch.Tensor, torch.Tensor], values: tuple[torch.Tensor, torch.Tensor],
+                    level: Level) -> torch.Tensor:  # fmt: skip
+        """``[T]`` flags: tokens whose energy outside the components ``level`` codes, in some group,
+        is :data:`UNEXPLAINED_OVER_EXPECTED` times the calibration mean there and
+        :data:`UNEXPLAINED_OVER_NOISE` times the quantization noise the level puts in every
+        token of that group: outliers the level would lose, which the codec stores exactly.
+        ``keys`` / ``values``: ``(coordinates, energy left outside the profile)`` as the
+        coordinate methods return them."""
+        rk, rv = self.level_ranks(level)
+        (yk, left_k), (yv, left_v) = keys, values
+        flags = torch.zeros(yk.shape[0], dtype=torch.bool, device=yk.device)
+        for y, left, expected, bases, ranks, step in (
+                (yk, left_k, self.unexplained[0], self.key_bases, rk, level.beta),
+                (yv, left_v, self.unexplained[1], self.value_bases, rv, level.gamma)):  # fmt: skip
+            at = 0
+            for g, (b, r) in enumerate(zip(bases, ranks)):
+                lost = left[:, g] + y[:, at + r:at + b.rank].pow(2).sum(dim=1)
+                mean = float(expected[g]) + float(b.variances[r:].sum())
+                flags |= lost > max(UNEXPLAINED_OVER_EXPECTED * mean, UNEXPLAINED_OVER_NOISE * r * step * step / 12)
+                at += b.rank
+        return flags
 
     def values_from_coordinates(self, y: torch.Tensor, codes: torch.Tensor,
                                 ranks: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
@@ -217,14 +241,14 @@ class TransformProfile:
     def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize and reconstruct a whole context's KV (positions from 0; the sinks kept exact)
         at ``level``'s steps, without entropy coding: what calibration measures."""
-        yk, exact_k = self.key_coordinates(keys, 0)
-        yv, exact_v, codes = self.value_coordinates(values)
+        yk, left_k = self.key_coordinates(keys, 0)
+        yv, left_v, codes = self.value_coordinates(values)
+        exact = self.lost_tokens((yk, left_k), (yv, left_v), level)
         rk, rv = self.level_ranks(level)
         yk = dequantized(yk[:, self.coordinate_rows(rk, self.key_bases)], level.beta)
         yv = dequantized(yv[:, self.coordinate_rows(rv, self.value_bases)], level.gamma)
         k = self.keys_from_coordinates(yk, 0, rk)
         v = self.values_from_coordinates(yv, codes, rv)
-        exact = exact_k | exact_v
         exact[:self.sink_tokens] = True
         k[:, :, exact], v[:, :, exact] = keys[:, :, exact].float(), values[:, :, exact].float()
         return k, v

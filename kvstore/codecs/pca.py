@@ -2,9 +2,10 @@
 
 A :class:`Basis` maps a ``p``-dim feature vector (e.g. the keys of a group of layers,
 all heads, concatenated) to its first ``r`` principal coordinates and back:
-``y = (x - mean) @ components`` and ``x ~ y @ components.T + mean``. The components are
-stored in fp16 (half the bytes; the encoder projects with the same rounded matrix the
-decoder uses), the mean and the coordinates' variances in float32.
+``x ~ y @ components.T + mean``. The components are stored in fp16 (half the bytes);
+the encoder takes least-squares coordinates for exactly those rounded components, so
+that a round trip is the exact projection on their span. The mean and the
+coordinates' variances are float32.
 """
 
 from __future__ import annotations
@@ -60,10 +61,21 @@ class Basis:
             cache[device] = (self.mean.to(device), self.components.to(device, torch.float32))
         return cache[device]
 
+    def _analysis(self, rank: int, device: torch.device) -> torch.Tensor:
+        """``C (C^T C)^-1`` for the first ``rank`` components ``C`` (once per rank and device): the
+        fp16 components are not exactly orthonormal, and these least-squares coordinates make
+        ``reconstruct(project(x))`` the exact projection of ``x`` on their span."""
+        cache = self.__dict__.setdefault("_analysis_by_rank", {})
+        key = (rank, device)
+        if key not in cache:
+            c = self.components[:, :rank].double()
+            cache[key] = (c @ torch.linalg.inv(c.T @ c)).float().to(device)
+        return cache[key]
+
     def project(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
         """Coordinates ``[n, rank]`` (float32; default all ``r``) of features ``x`` ``[n, p]``."""
-        mean, c = self._float(x.device)
-        return (x - mean) @ (c if rank is None else c[:, :rank])
+        mean, _ = self._float(x.device)
+        return (x - mean) @ self._analysis(self.rank if rank is None else rank, x.device)
 
     def reconstruct(self, y: torch.Tensor) -> torch.Tensor:
         """Features ``[n, p]`` (float32) from coordinates ``y`` ``[n, k]``, on the first ``k`` components."""
