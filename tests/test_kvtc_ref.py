@@ -69,6 +69,8 @@ def test_bad_inputs_and_bytes_are_refused(profile):
             KVTCRefCodec(profile, bits)
     with pytest.raises(CodecError):
         codec.for_layers((0, 1), 4)
+    with pytest.raises(CodecError, match="fp16"):  # coordinates no stored range could hold
+        codec.encode(keys * 1e5, values)
     buffers = codec.encode(keys, values)
     data = container.encode(buffers, kind="t")
     obj = container.decode(data)

@@ -71,7 +71,7 @@ class TransformProfile:
     groups: tuple[tuple[int, ...], ...]  # the layers of each transform group; every layer in one
     key_weight: torch.Tensor  # [L, H, D] float32
     rope: RotaryTable
-    key_bases: tuple[Basis, ...]  # per group, features = count * H * D
+    key_bases: tuple[Basis, ...]  # per group: len(group) * H * D features
     value_bases: tuple[Basis, ...]
     levels: tuple[Level, ...]
     tables: tuple[LevelTables, ...]  # keys: sum of key ranks models; values: sum of value ranks; scales: L*H
@@ -119,7 +119,7 @@ class TransformProfile:
         index = list(layers)
         position = {layer: i for i, layer in enumerate(index)}
         picked = [g for g, group in enumerate(self.groups) if group[0] in position]
-        if len(position) != len(index) or sorted(index) != sorted(l for g in picked for l in self.groups[g]):
+        if len(position) != len(index) or sorted(index) != sorted(layer for g in picked for layer in self.groups[g]):
             raise CodecError(f"layers {index} are not a union of whole transform groups {list(self.groups)}")
         k_ends = np.cumsum([0] + [b.rank for b in self.key_bases])
         v_ends = np.cumsum([0] + [b.rank for b in self.value_bases])

@@ -254,6 +254,8 @@ class KVTCRefCodec(Codec):
             coded_rows = y[sinks:] if sinks < T else y
             low = q.round_down(coded_rows.amin(dim=0), torch.float16)
             high = q.round_up(coded_rows.amax(dim=0), torch.float16)
+            if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all())):
+                raise CodecError(f"kvtc {name}: a coordinate's range exceeds fp16, which stores it")
             levels = torch.from_numpy((1 << widths[coded]) - 1).float()
             span = (high.float() - low.float()).clamp_min(1e-30)
             codes = torch.round((y - low.float()) / span * levels).clamp_(min=0).minimum(levels).to(torch.uint8)
