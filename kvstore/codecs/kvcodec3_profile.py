@@ -29,12 +29,13 @@ import torch
 
 from kvstore.codecs.base import profile_content_id
 from kvstore.codecs.kvcodec_profile import (
-    MAX_LEVEL_FACTOR,
     PRECISION,
-    TABLE_HEADER_BYTES,
     ZERO,
     Level,
     LevelTables,
+    inflate_table,
+    open_profile,
+    parse_levels,
     to_symbols,
     value_scale_codes,
     value_steps,
@@ -287,14 +288,8 @@ class TransformProfile:
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> TransformProfile:
         """Parse and validate a stored profile."""
-        obj = container.decode(data)
-        if obj.header.kind != KIND:
-            raise FormatError(f"expected a {KIND} object, found {obj.header.kind!r}")
+        obj, (L, H, D, sinks) = open_profile(data, KIND, even_head_dim=True)
         meta = obj.header.meta
-        dims = [meta.get(k) for k in ("layers", "kv_heads", "head_dim", "sink_tokens")]
-        if not all(type(d) is int and 0 <= d <= MAX_DIM for d in dims) or 0 in dims[:3] or dims[2] % 2:
-            raise FormatError("kvcodec3 profile dimensions are malformed")
-        L, H, D, sinks = dims
         groups, ranks = meta.get("groups"), meta.get("ranks")
         if not (isinstance(groups, list) and isinstance(ranks, list) and 1 <= len(groups) == len(ranks) <= L
                 and all(isinstance(g, list) and 1 <= len(g) <= L and all(type(x) is int and 0 <= x < L for x in g)
@@ -302,7 +297,7 @@ class TransformProfile:
                 and all(isinstance(r, list) and len(r) == 2 and all(type(x) is int and 0 < x <= MAX_DIM for x in r)
                         for r in ranks)):
             raise FormatError("kvcodec3 profile groups are malformed")
-        levels = _levels(meta.get("levels"))
+        levels = parse_levels(meta.get("levels"))
         if meta.get("table_compression") != "zlib":
             raise FormatError("kvcodec3 profile tables use an unknown compression")
         try:
@@ -321,7 +316,7 @@ class TransformProfile:
             models = (sum(r[0] for r in ranks), sum(r[1] for r in ranks), L * H)
             tables = []
             for i in range(len(levels)):
-                parts = [FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_{name}"), n))
+                parts = [FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_{name}"), n))
                          for name, n in zip(("keys", "values", "scales"), models)]
                 tables.append(LevelTables(*parts))
             return cls(L, H, D, tuple(tuple(g) for g in groups), key_weight, rope, tuple(key_bases),
@@ -338,35 +333,10 @@ def _tensor(obj: container.Container, name: str, dtype: torch.dtype, shape: tupl
     return t
 
 
-def _levels(raw: Any) -> tuple[Level, ...]:
-    if not isinstance(raw, list) or not 1 <= len(raw) <= 16:
-        raise FormatError("kvcodec3 profile levels are malformed")
-    out = []
-    for lv in raw:
-        if not (isinstance(lv, list) and len(lv) == 2
-                and all(type(x) in (int, float) and 0 < x <= MAX_LEVEL_FACTOR for x in lv)):
-            raise FormatError("kvcodec3 profile level entry is malformed (two steps in (0, 1e6])")
-        out.append(Level(float(lv[0]), float(lv[1])))
-    return tuple(out)
-
-
 def _calibration(raw: Any) -> dict[str, Any] | None:
     if raw is not None and not isinstance(raw, dict):
         raise FormatError("kvcodec3 profile calibration record is malformed")
     return raw
-
-
-def _inflate(data: memoryview, models: int) -> bytes:
-    """Decompress a stored frequency table, refusing output beyond its largest valid size."""
-    limit = TABLE_HEADER_BYTES + models * 256 * 4
-    inflater = zlib.decompressobj()
-    try:
-        out = inflater.decompress(data, limit)
-    except zlib.error as exc:
-        raise FormatError(f"kvcodec3 profile table does not inflate: {exc}") from None
-    if inflater.unconsumed_tail or not inflater.eof:
-        raise FormatError("kvcodec3 profile table inflates beyond its declared size or is truncated")
-    return out
 
 
 def transform_groups(layer_kinds: Sequence[Any], group_layers: int) -> tuple[tuple[int, ...], ...]:

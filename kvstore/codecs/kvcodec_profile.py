@@ -167,23 +167,9 @@ class KVCodecProfile:
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> KVCodecProfile:
         """Parse and validate a stored profile."""
-        obj = container.decode(data)
-        if obj.header.kind != KIND:
-            raise FormatError(f"expected a {KIND} object, found {obj.header.kind!r}")
+        obj, (layers, kv_heads, head_dim, sink_tokens) = open_profile(data, KIND)
         meta = obj.header.meta
-        dims = [meta.get(k) for k in ("layers", "kv_heads", "head_dim", "sink_tokens")]
-        if not all(type(d) is int and 0 <= d <= 1 << 16 for d in dims) or 0 in dims[:3]:
-            raise FormatError("profile dimensions are malformed")
-        layers, kv_heads, head_dim, sink_tokens = dims
-        raw_levels = meta.get("levels")
-        if not isinstance(raw_levels, list) or not 1 <= len(raw_levels) <= 16:
-            raise FormatError("profile levels are malformed")
-        levels = []
-        for lv in raw_levels:
-            if not (isinstance(lv, list) and len(lv) == 2
-                    and all(type(x) in (int, float) and 0 < x <= MAX_LEVEL_FACTOR for x in lv)):
-                raise FormatError("profile level entry is malformed (two factors in (0, 1e6])")
-            levels.append(Level(float(lv[0]), float(lv[1])))
+        levels = parse_levels(meta.get("levels"))
         center, unit = obj.tensor("key_center"), obj.tensor("key_unit")
         for t in (center, unit):
             if t.dtype != torch.float32 or tuple(t.shape) != (layers, kv_heads, head_dim):
@@ -197,9 +183,9 @@ class KVCodecProfile:
         for i in range(len(levels)):
             try:
                 t = LevelTables(
-                    FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_keys"), models)),
-                    FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_values"), models)),
-                    FrequencyTable.from_bytes(_inflate(obj.raw(f"t{i}_scales"), layers * kv_heads)),
+                    FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_keys"), models)),
+                    FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_values"), models)),
+                    FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_scales"), layers * kv_heads)),
                 )
             except CodecError as exc:
                 raise FormatError(f"profile table {i} is malformed: {exc}") from None
@@ -209,10 +195,36 @@ class KVCodecProfile:
         calibration = meta.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise FormatError("profile calibration record is malformed")
-        return cls(layers, kv_heads, head_dim, center, unit, tuple(levels), tuple(tables), sink_tokens, calibration)
+        return cls(layers, kv_heads, head_dim, center, unit, levels, tuple(tables), sink_tokens, calibration)
 
 
-def _inflate(data: memoryview, models: int) -> bytes:
+def open_profile(data: bytes | memoryview, kind: str, *,
+                 even_head_dim: bool = False) -> tuple[container.Container, tuple[int, int, int, int]]:  # fmt: skip
+    """A stored profile's container, checked to be of ``kind``, and its ``(layers, kv_heads,
+    head_dim, sink_tokens)`` (``even_head_dim``: required even, as RoPE pairs its halves)."""
+    obj = container.decode(data)
+    if obj.header.kind != kind:
+        raise FormatError(f"expected a {kind} object, found {obj.header.kind!r}")
+    dims = [obj.header.meta.get(k) for k in ("layers", "kv_heads", "head_dim", "sink_tokens")]
+    if not all(type(d) is int and 0 <= d <= 1 << 16 for d in dims) or 0 in dims[:3] or (even_head_dim and dims[2] % 2):
+        raise FormatError(f"{kind} dimensions are malformed")
+    return obj, (dims[0], dims[1], dims[2], dims[3])
+
+
+def parse_levels(raw: Any) -> tuple[Level, ...]:
+    """A profile's stored ``[[beta, gamma], ...]`` (1 to 16 levels, factors in (0, 1e6])."""
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 16:
+        raise FormatError("profile levels are malformed")
+    levels = []
+    for lv in raw:
+        if not (isinstance(lv, list) and len(lv) == 2
+                and all(type(x) in (int, float) and 0 < x <= MAX_LEVEL_FACTOR for x in lv)):
+            raise FormatError("profile level entry is malformed (two factors in (0, 1e6])")
+        levels.append(Level(float(lv[0]), float(lv[1])))
+    return tuple(levels)
+
+
+def inflate_table(data: memoryview, models: int) -> bytes:
     """Decompress a stored frequency table, refusing output beyond its largest valid size."""
     limit = TABLE_HEADER_BYTES + models * 256 * 4
     inflater = zlib.decompressobj()

@@ -40,6 +40,7 @@ import torch
 
 from kvstore.codecs import _quant as q
 from kvstore.codecs.base import Codec, profile_content_id, register_codec, register_profile, registered_profile
+from kvstore.codecs.kvcodec_profile import open_profile
 from kvstore.codecs.pca import Basis, fit_basis
 from kvstore.codecs.rope import RotaryTable, rotate
 from kvstore.errors import CodecError, FormatError
@@ -50,7 +51,6 @@ KIND = "kvtc-profile"
 MAX_BITS = 8
 MAX_BUDGET = 8.0
 MAX_POSITION = 1 << 40
-MAX_DIM = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,7 @@ class KVTCProfile:
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> KVTCProfile:
-        obj = container.decode(data)
-        if obj.header.kind != KIND:
-            raise FormatError(f"expected a {KIND} object, found {obj.header.kind!r}")
-        meta = obj.header.meta
-        dims = [meta.get(k) for k in ("layers", "kv_heads", "head_dim", "sink_tokens")]
-        if not all(type(d) is int and 0 <= d <= MAX_DIM for d in dims) or 0 in dims[:3] or dims[2] % 2:
-            raise FormatError("kvtc profile dimensions are malformed")
-        L, H, D, sinks = dims
+        obj, (L, H, D, sinks) = open_profile(data, KIND, even_head_dim=True)
         p = L * H * D
 
         def tensor(name: str, dtype: torch.dtype, ndim: int) -> torch.Tensor:
