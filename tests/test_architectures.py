@@ -359,3 +359,29 @@ def test_pq_subspaces_scale_with_the_head():
 
     assert [PQConfig().for_head_dim(d).subspaces for d in (16, 64, 80, 96, 128, 256)] == [2, 2, 2, 3, 4, 8]
     assert PQConfig(subspaces=2).for_head_dim(256).subspaces == 2  # an explicit choice stands
+
+
+async def test_kvcodec3_calibrates_on_a_hybrid_model_and_codes_each_layer_group(ids):
+    # Gemma 3 (tiny): sliding and full layers, QK-norm, two RoPE thetas. The transform groups keep
+    # the kinds apart, so each of the store's layer-group objects is coded on its own.
+    from kvstore.codecs.kvcodec3 import KVCodec3
+    from kvstore.integrations.hf_profile import transform_profile_model
+
+    model = tiny_model("gemma3")
+    contexts = [torch.randint(2, 500, (64,), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    profile = transform_profile_model(model, contexts, group_layers=4)
+    kinds = [spec.kind for spec in cache_layout(model).layers]
+    assert all(len({kinds[layer] for layer in group}) == 1 for group in profile.groups)
+    assert [lv.beta for lv in profile.levels] == sorted(lv.beta for lv in profile.levels)
+    kv = extract_kv(model, ids)
+    async with KVStore("memory://", chunk_tokens=CHUNK, levels=["raw", KVCodec3(profile, 2)]) as store:
+        await store.put("gemma3", ids, kv, layout=cache_layout(model))
+        got = await store.get("gemma3", ids, level=1, sliding_window_only=False)
+    # chunk by chunk and group by group, the store's objects decode to what the whole profile's
+    # calibration model (one pass over the context) gives
+    keys, values = profile.roundtrip(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]),
+                                     profile.levels[2])
+    for layer, (gk, gv) in enumerate(got):
+        assert torch.allclose(gk, keys[layer], atol=1e-4) and torch.allclose(gv, values[layer], atol=1e-4)
+        assert not torch.equal(gk, kv[layer][0])
+    assert len(generate_greedy(model, ids, got, max_new_tokens=4)) == 4
