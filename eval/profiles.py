@@ -39,7 +39,7 @@ def calibration_contexts(tokenizer: object, n: int = 2, context_tokens: int = 20
     return [doc.tokens[:context_tokens] for doc in docs]
 
 
-def _cached(lm: LoadedModel, recipe: dict, suffix: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+def _cache_path(lm: LoadedModel, recipe: dict, suffix: str, cache_dir: str | os.PathLike[str] | None) -> Path:
     text = json.dumps({"model": lm.model_id, "calibration": CALIBRATION_VERSION, "source": CALIBRATION_SOURCE,
                        **recipe}, sort_keys=True)
     name = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -63,7 +63,7 @@ def transform_profile(
 ) -> tuple[TransformProfile, float]:
     """The model's ``kvcodec3`` profile (from the disk cache, or calibrated on the license texts
     on top of :func:`model_profile`'s query statistics) and the seconds it took to make."""
-    path = _cached(lm, {"codec": "kvcodec3", "group_layers": group_layers, "contexts": contexts,
+    path = _cache_path(lm, {"codec": "kvcodec3", "group_layers": group_layers, "contexts": contexts,
                         "context_tokens": context_tokens, "targets_pct": list(DEFAULT_TARGETS_PCT)},
                    "kv3profile", cache_dir)
     if path.is_file():
@@ -88,7 +88,7 @@ def kvtc_profile(
 ) -> tuple[KVTCProfile, float]:
     """The model's ``kvtc_ref`` profile (KVTC's calibration on the license texts) and the
     seconds it took (0 when read from the disk cache)."""
-    path = _cached(lm, {"codec": "kvtc_ref", "contexts": contexts, "context_tokens": context_tokens},
+    path = _cache_path(lm, {"codec": "kvtc_ref", "contexts": contexts, "context_tokens": context_tokens},
                    "kvtcprofile", cache_dir)
     if path.is_file():
         return KVTCProfile.from_bytes(path.read_bytes()), 0.0
