@@ -104,6 +104,43 @@ class Codec(ABC):
         return f"{type(self).__name__}({self.params})"
 
 
+class ProfiledCodec(Codec):
+    """A codec whose chunks name a per-model profile (parameter ``profile``: its content id),
+    stored once beside them. ``profile_kind`` is the profile's class (with ``to_bytes`` and
+    ``from_bytes``); ``model_profile`` and ``profile_id`` are set by :meth:`_bind_profile`."""
+
+    profile_kind: ClassVar[type]
+    model_profile: Any
+    profile_id: str
+
+    def _bind_profile(self, profile: Any) -> Any:
+        """Take ``profile`` (a profile object, registered under its content id, or the id of a
+        registered one) as this codec's model profile; returns the profile object."""
+        if isinstance(profile, str):
+            found = registered_profile(profile)
+            if not isinstance(found, self.profile_kind):
+                raise FormatError(f"profile {profile!r} is not a {self.name} profile")
+            self.model_profile, self.profile_id = found, profile
+            return found
+        if not isinstance(profile, self.profile_kind):
+            raise CodecError(f"{self.name} needs a {self.profile_kind.__name__}, got {type(profile).__name__}")
+        self.model_profile, self.profile_id = profile, profile_content_id(profile.to_bytes())
+        register_profile(self.profile_id, profile)
+        return profile
+
+    @classmethod
+    def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:
+        value = params.get("profile")
+        return value if isinstance(value, str) else None
+
+    @classmethod
+    def parse_profile(cls, data: bytes | memoryview) -> Any:
+        return cls.profile_kind.from_bytes(data)
+
+    def stored_profile(self) -> tuple[str, bytes] | None:
+        return self.profile_id, self.model_profile.to_bytes()  # serialized once per profile
+
+
 def kv_shapes(shape: tuple[int, int, int, int], value_dim: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The key and value shapes of a chunk: ``shape`` and ``shape`` with its last axis ``value_dim``."""
     return tuple(shape), (*shape[:3], shape[3] if value_dim is None else value_dim)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kvstore.codecs import rans
-from kvstore.codecs.base import Codec, profile_content_id, register_codec, register_profile, registered_profile
+from kvstore.codecs.base import ProfiledCodec, register_codec
 from kvstore.codecs.kvcodec_profile import (
     ZERO,
     KVCodecProfile,
@@ -117,37 +117,28 @@ def _layer_subset(profile_id: str, profile: KVCodecProfile, layers: tuple[int, .
 
 
 @register_codec
-class KVCodec(Codec):
+class KVCodec(ProfiledCodec):
     """The multi-level codec. ``profile``: a :class:`KVCodecProfile` (or the id of a
     registered one); ``level``: an index into the profile's levels, 0 the best;
     ``version``: the stream layout it writes and reads (:data:`FORMAT_VERSION` by default;
     chunks stored without a version are read as version 1)."""
 
     name = "kvcodec"
+    profile_kind = KVCodecProfile
+    model_profile: KVCodecProfile
 
     def __init__(self, profile: KVCodecProfile | str, level: int = DEFAULT_LEVEL, *,
                  version: int = FORMAT_VERSION, layers: Sequence[int] | None = None) -> None:  # fmt: skip
-        if isinstance(profile, str):
-            profile_id = profile
-            profile = registered_profile(profile_id)  # type: ignore[assignment]
-            if not isinstance(profile, KVCodecProfile):
-                raise FormatError(f"profile {profile_id!r} is not a kvcodec profile")
-            self._stored = None
-        else:
-            self._stored = profile.to_bytes()
-            profile_id = profile_content_id(self._stored)
-            register_profile(profile_id, profile)
+        profile = self._bind_profile(profile)
         if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < len(profile.levels):
             raise CodecError(f"level must be an int in [0, {len(profile.levels)}), got {level!r}")
         if type(version) is not int or version not in VERSIONS:
             raise CodecError(f"kvcodec format version must be one of {VERSIONS}, got {version!r}")
-        self.model_profile: KVCodecProfile = profile
         self.layers: tuple[int, ...] | None = None
         if layers is not None and list(layers) != list(range(profile.layers)):
             self.layers = tuple(layers)
-            profile = _layer_subset(profile_id, profile, self.layers)
+            profile = _layer_subset(self.profile_id, profile, self.layers)
         self.profile: KVCodecProfile = profile  # of this codec's layers
-        self.profile_id = profile_id
         self.level = level
         self.version = version
         L, H, D = profile.shape
@@ -197,19 +188,6 @@ class KVCodec(Codec):
             return cls(params["profile"], params["level"], version=version, layers=layers)
         except CodecError as exc:
             raise FormatError(f"bad kvcodec parameters {dict(params)!r}: {exc}") from None
-
-    @classmethod
-    def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:
-        value = params.get("profile")
-        return value if isinstance(value, str) else None
-
-    @classmethod
-    def parse_profile(cls, data: bytes | memoryview) -> KVCodecProfile:
-        return KVCodecProfile.from_bytes(data)
-
-    def stored_profile(self) -> tuple[str, bytes] | None:
-        data = self._stored if self._stored is not None else self.model_profile.to_bytes()
-        return self.profile_id, data
 
     def check_layout(self, layout: Any) -> None:
         """Refuse (before any write) a model layout this profile cannot code: the profile

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from kvstore.codecs import rans
-from kvstore.codecs.base import Codec, profile_content_id, register_codec, register_profile, registered_profile
+from kvstore.codecs.base import ProfiledCodec, register_codec
 from kvstore.codecs.kvcodec3_profile import TransformProfile, outside_symbols
 from kvstore.codecs.kvcodec_profile import ZERO, to_symbols
+from kvstore.codecs.rope import position_buffer, read_position
 from kvstore.codecs.symbol_model import FrequencyTable
 from kvstore.errors import CodecError, FormatError
 from kvstore.format.container import BufferLike, Container
@@ -29,7 +30,6 @@ DEFAULT_LEVEL = 2
 LANE_SYMBOLS = 1024
 SCALE_LANE_SYMBOLS = LANE_SYMBOLS // 4
 MAX_LAYERS = 4096
-MAX_POSITION = 1 << 40
 _SUBSETS: dict[tuple[str, tuple[int, ...]], TransformProfile] = {}
 
 
@@ -39,39 +39,28 @@ def _group_size(rows: int, tokens: int, lane: int) -> int | None:
 
 
 @register_codec
-class KVCodec3(Codec):
+class KVCodec3(ProfiledCodec):
     """The transform codec. ``profile``: a :class:`TransformProfile` (or the id of a registered
     one); ``level``: an index into its levels, 0 the best; ``layers``: the model layers this
     codec codes (a layer group stored on its own: whole transform groups)."""
 
     name = "kvcodec3"
+    profile_kind = TransformProfile
+    model_profile: TransformProfile
 
     def __init__(self, profile: TransformProfile | str, level: int = DEFAULT_LEVEL, *,
                  layers: Sequence[int] | None = None) -> None:  # fmt: skip
-        if isinstance(profile, str):
-            profile_id = profile
-            profile = registered_profile(profile_id)  # type: ignore[assignment]
-            if not isinstance(profile, TransformProfile):
-                raise FormatError(f"profile {profile_id!r} is not a kvcodec3 profile")
-            self._stored: bytes | None = None
-        else:
-            if not isinstance(profile, TransformProfile):
-                raise CodecError(f"kvcodec3 needs a TransformProfile, got {type(profile).__name__}")
-            self._stored = profile.to_bytes()
-            profile_id = profile_content_id(self._stored)
-            register_profile(profile_id, profile)
+        profile = self._bind_profile(profile)
         if type(level) is not int or not 0 <= level < len(profile.levels):
             raise CodecError(f"level must be an int in [0, {len(profile.levels)}), got {level!r}")
-        self.model_profile = profile
         self.layers: tuple[int, ...] | None = None
         if layers is not None and list(layers) != list(range(profile.layers)):
             self.layers = tuple(layers)
-            key = (profile_id, self.layers)
+            key = (self.profile_id, self.layers)
             if key not in _SUBSETS:
                 _SUBSETS[key] = profile.select_layers(self.layers)
             profile = _SUBSETS[key]
-        self.profile: TransformProfile = profile
-        self.profile_id = profile_id
+        self.profile: TransformProfile = profile  # of this codec's layers
         self.level = level
         self._ranks = profile.level_ranks(profile.levels[level])
         self._key_models = profile.coordinate_rows(self._ranks[0], profile.key_bases).reshape(-1, 1)
@@ -108,19 +97,6 @@ class KVCodec3(Codec):
             groups[layers] = KVCodec3(self.profile_id, self.level, layers=layers)
         return groups[layers]
 
-    @classmethod
-    def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:
-        value = params.get("profile")
-        return value if isinstance(value, str) else None
-
-    @classmethod
-    def parse_profile(cls, data: bytes | memoryview) -> TransformProfile:
-        return TransformProfile.from_bytes(data)
-
-    def stored_profile(self) -> tuple[str, bytes] | None:
-        data = self._stored if self._stored is not None else self.model_profile.to_bytes()
-        return self.profile_id, data
-
     def check_layout(self, layout: Any) -> None:
         """Refuse (before any write) a model layout this profile cannot code."""
         shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in layout.layers}
@@ -146,8 +122,7 @@ class KVCodec3(Codec):
         if keys.shape != values.shape or keys.ndim != 4:
             raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D] "
                              "(kvcodec3 profiles describe equal key and value widths)")
-        if type(start) is not int or not 0 <= start < MAX_POSITION:
-            raise CodecError(f"start must be a position in [0, 2**40), got {start!r}")
+        position = position_buffer(start)
         self.check_shape(tuple(keys.shape))
         for name, t in (("keys", keys), ("values", values)):
             if t.numel() and not bool(torch.isfinite(t).all()):
@@ -156,7 +131,7 @@ class KVCodec3(Codec):
         L, H, T, _ = keys.shape
         y_keys, left_k = prof.key_coordinates(keys, start)
         y_values, left_v, codes = prof.value_coordinates(values)
-        buffers: dict[str, BufferLike] = {"position": torch.tensor([start], dtype=torch.int64)}
+        buffers: dict[str, BufferLike] = {"position": position}
         sinks = max(0, min(T, prof.sink_tokens - start))
         if sinks:
             buffers["sink_k"] = keys[:, :, :sinks].contiguous()
@@ -197,10 +172,7 @@ class KVCodec3(Codec):
             raise CodecError(f"kvcodec3 profiles describe equal key and value widths, not {shape[3]} and {value_dim}")
         prof, level = self.profile, self.profile.levels[self.level]
         L, H, T, D = shape
-        position = obj.tensor("position")
-        if position.dtype != torch.int64 or tuple(position.shape) != (1,) or not 0 <= int(position[0]) < MAX_POSITION:
-            raise FormatError("kvcodec3 position buffer is malformed")
-        start = int(position[0])
+        start = read_position(obj, "kvcodec3")
         key_table, value_table, scale_table = self._tables()
         coordinates = []
         for name, table, models, step in (("k", key_table, self._key_models, level.beta),

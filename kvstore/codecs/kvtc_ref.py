@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from kvstore.codecs import _quant as q
-from kvstore.codecs.base import Codec, profile_content_id, register_codec, register_profile, registered_profile
+from kvstore.codecs.base import Codec, ProfiledCodec, register_codec
 from kvstore.codecs.kvcodec_profile import open_profile
 from kvstore.codecs.pca import Basis, fit_basis
-from kvstore.codecs.rope import RotaryTable, rotate
+from kvstore.codecs.rope import RotaryTable, position_buffer, read_position, rotate
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
 from kvstore.format.container import BufferLike, Container
@@ -50,7 +50,6 @@ from kvstore.format.container import BufferLike, Container
 KIND = "kvtc-profile"
 MAX_BITS = 8
 MAX_BUDGET = 8.0
-MAX_POSITION = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -160,25 +159,18 @@ def allocate_bits(variances: torch.Tensor, budget: float) -> np.ndarray:
 
 
 @register_codec
-class KVTCRefCodec(Codec):
+class KVTCRefCodec(ProfiledCodec):
     """KVTC: PCA across layers and heads, bit allocation, uniform quantization, DEFLATE."""
 
     name = "kvtc_ref"
+    profile_kind = KVTCProfile
+    model_profile: KVTCProfile
 
     def __init__(self, profile: KVTCProfile | str, bits: float = 1.0) -> None:
-        if isinstance(profile, str):
-            profile_id = profile
-            profile = registered_profile(profile_id)  # type: ignore[assignment]
-            if not isinstance(profile, KVTCProfile):
-                raise FormatError(f"profile {profile_id!r} is not a kvtc profile")
-            self._stored: bytes | None = None
-        else:
-            self._stored = profile.to_bytes()
-            profile_id = profile_content_id(self._stored)
-            register_profile(profile_id, profile)
+        profile = self._bind_profile(profile)
         if type(bits) not in (int, float) or not 0 < bits <= MAX_BUDGET:
             raise CodecError(f"kvtc bits per element must be a number in (0, {MAX_BUDGET}], got {bits!r}")
-        self.profile, self.profile_id, self.bits = profile, profile_id, float(bits)
+        self.bits = float(bits)
         p = profile.layers * profile.kv_heads * profile.head_dim
         self._widths = tuple(allocate_bits(b.variances, self.bits * p)
                              for b in (profile.key_basis, profile.value_basis))
@@ -196,18 +188,6 @@ class KVTCRefCodec(Codec):
         except CodecError as exc:
             raise FormatError(f"bad kvtc_ref parameters: {exc}") from None
 
-    @classmethod
-    def profile_id_of(cls, params: Mapping[str, Any]) -> str | None:
-        value = params.get("profile")
-        return value if isinstance(value, str) else None
-
-    @classmethod
-    def parse_profile(cls, data: bytes | memoryview) -> KVTCProfile:
-        return KVTCProfile.from_bytes(data)
-
-    def stored_profile(self) -> tuple[str, bytes] | None:
-        return self.profile_id, self._stored if self._stored is not None else self.profile.to_bytes()
-
     def for_layers(self, layers: tuple[int, ...], num_layers: int) -> Codec:
         if list(layers) != list(range(num_layers)):
             raise CodecError("kvtc_ref's basis spans every layer: it cannot code a layer group on its own")
@@ -217,24 +197,23 @@ class KVTCRefCodec(Codec):
         shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots, s.kind, s.window) for s in layout.layers}
         spec = layout.layers[0]
         if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv" \
-                or (layout.num_layers, spec.kv_heads, spec.key_dim) != self.profile.shape:  # fmt: skip
+                or (layout.num_layers, spec.kv_heads, spec.key_dim) != self.model_profile.shape:  # fmt: skip
             raise CodecError(f"kvtc_ref codes models whose layers are all alike and match its profile "
-                             f"{self.profile.shape}, not {layout.describe()}")
+                             f"{self.model_profile.shape}, not {layout.describe()}")
 
     def _check(self, shape: tuple[int, ...]) -> None:
         L, H, _, D = shape
-        if (L, H, D) != self.profile.shape:
-            raise CodecError(f"KV of {L} layers x {H} heads x {D} dims does not match the profile's {self.profile.shape}")
+        if (L, H, D) != self.model_profile.shape:
+            raise CodecError(f"KV of {L} layers x {H} heads x {D} dims does not match the profile's {self.model_profile.shape}")
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
         L, H, T, D = q.check_kv(keys, values)
         self._check((L, H, T, D))
-        if type(start) is not int or not 0 <= start < MAX_POSITION:
-            raise CodecError(f"start must be a position in [0, 2**40), got {start!r}")
+        position = position_buffer(start)
         q.check_finite(keys, "kvtc keys")
         q.check_finite(values, "kvtc values")
-        prof = self.profile
-        out: dict[str, BufferLike] = {"position": torch.tensor([start], dtype=torch.int64)}
+        prof = self.model_profile
+        out: dict[str, BufferLike] = {"position": position}
         sinks = max(0, min(T, prof.sink_tokens - start))
         if sinks:
             out["sink_k"] = keys[:, :, :sinks].contiguous()
@@ -266,11 +245,8 @@ class KVTCRefCodec(Codec):
         if value_dim is not None and value_dim != shape[3]:
             raise CodecError("kvtc_ref codes equal key and value widths")
         L, H, T, D = shape
-        prof = self.profile
-        position = obj.tensor("position")
-        if position.dtype != torch.int64 or tuple(position.shape) != (1,) or not 0 <= int(position[0]) < MAX_POSITION:
-            raise FormatError("kvtc position buffer is malformed")
-        start = int(position[0])
+        prof = self.model_profile
+        start = read_position(obj, "kvtc")
         parts = []
         for name, basis, widths in zip(("k", "v"), (prof.key_basis, prof.value_basis), self._widths):
             coded = np.flatnonzero(widths)

@@ -15,10 +15,15 @@ layer without RoPE); the model-side reader is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from kvstore.errors import CodecError
+from kvstore.errors import CodecError, FormatError
+from kvstore.format.container import Container
+
+#: chunk positions a transform codec records (far beyond any context a model serves)
+MAX_POSITION = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,19 @@ def rotate(keys: torch.Tensor, table: RotaryTable, start: int, *, inverse: bool 
         return out.div_(scale)
     out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
     return out.mul_(scale)
+
+
+def position_buffer(start: Any) -> torch.Tensor:
+    """The ``position`` buffer of a chunk starting at ``start`` (int64 ``[1]``): its decoder
+    redoes RoPE there. :class:`CodecError` for a position that is not an int in range."""
+    if type(start) is not int or not 0 <= start < MAX_POSITION:
+        raise CodecError(f"start must be a position in [0, 2**40), got {start!r}")
+    return torch.tensor([start], dtype=torch.int64)
+
+
+def read_position(obj: Container, codec: str) -> int:
+    """The chunk's first position from its ``position`` buffer (:class:`FormatError` if malformed)."""
+    position = obj.tensor("position")
+    if position.dtype != torch.int64 or tuple(position.shape) != (1,) or not 0 <= int(position[0]) < MAX_POSITION:
+        raise FormatError(f"{codec} position buffer is malformed")
+    return int(position[0])
