@@ -106,12 +106,15 @@ class Codec(ABC):
 
 class ProfiledCodec(Codec):
     """A codec whose chunks name a per-model profile (parameter ``profile``: its content id),
-    stored once beside them. ``profile_kind`` is the profile's class (with ``to_bytes`` and
-    ``from_bytes``); ``model_profile`` and ``profile_id`` are set by :meth:`_bind_profile`."""
+    stored once beside them. ``profile_kind`` is the profile's class (with ``to_bytes``,
+    ``from_bytes`` and ``shape`` = (layers, kv heads, head dim)); ``model_profile`` and
+    ``profile_id`` are set by :meth:`_bind_profile`; ``profile`` is the profile of the layers
+    this codec codes (the model's, or a layer group's rows of it)."""
 
     profile_kind: ClassVar[type]
     model_profile: Any
     profile_id: str
+    profile: Any
 
     def _bind_profile(self, profile: Any) -> Any:
         """Take ``profile`` (a profile object, registered under its content id, or the id of a
@@ -139,6 +142,24 @@ class ProfiledCodec(Codec):
 
     def stored_profile(self) -> tuple[str, bytes] | None:
         return self.profile_id, self.model_profile.to_bytes()  # serialized once per profile
+
+    def check_layout(self, layout: Any) -> None:
+        """Refuse (before any write) a model layout the profile cannot code: the profile
+        describes layers of one shape (any attention kinds) with equal key and value widths."""
+        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in layout.layers}
+        spec = layout.layers[0]
+        if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv":
+            raise CodecError(f"{self.name} profiles cover models whose layers share one shape, not {layout.describe()}")
+        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.model_profile.shape:
+            raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
+                             f"{self.model_profile.shape}")
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """:class:`CodecError` unless ``[layers, heads, tokens, dim]`` fits this codec's profile."""
+        L, H, _, D = shape
+        if (L, H, D) != self.profile.shape:
+            raise CodecError(f"KV of {L} layers x {H} heads x {D} dims does not match the profile's "
+                             f"{self.profile.shape}")
 
 
 def kv_shapes(shape: tuple[int, int, int, int], value_dim: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -189,25 +189,6 @@ class KVCodec(ProfiledCodec):
         except CodecError as exc:
             raise FormatError(f"bad kvcodec parameters {dict(params)!r}: {exc}") from None
 
-    def check_layout(self, layout: Any) -> None:
-        """Refuse (before any write) a model layout this profile cannot code: the profile
-        describes layers of one shape (any attention kinds) with equal key and value widths."""
-        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in layout.layers}
-        spec = layout.layers[0]
-        if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv":
-            raise CodecError(f"kvcodec profiles cover models whose layers share one shape, not {layout.describe()}")
-        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.model_profile.shape:
-            raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
-                             f"{self.profile.shape}")
-
-    def check_shape(self, shape: tuple[int, ...]) -> None:
-        """:class:`CodecError` unless ``[layers, heads, tokens, dim]`` fits this codec's profile."""
-        L, H, _, D = shape
-        if (L, H, D) != self.profile.shape:
-            raise CodecError(
-                f"KV of {L} layers x {H} heads x {D} dims does not match the profile's {self.profile.shape}"
-            )
-
     def streams(self, tokens: int, *, lane_symbols: int | None = None) -> tuple[StreamSpec, StreamSpec, StreamSpec]:
         """The ``k``, ``v`` and ``scales`` streams of a chunk of ``tokens`` tokens.
 

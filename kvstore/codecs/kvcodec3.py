@@ -97,22 +97,6 @@ class KVCodec3(ProfiledCodec):
             groups[layers] = KVCodec3(self.profile_id, self.level, layers=layers)
         return groups[layers]
 
-    def check_layout(self, layout: Any) -> None:
-        """Refuse (before any write) a model layout this profile cannot code."""
-        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in layout.layers}
-        spec = layout.layers[0]
-        if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv":
-            raise CodecError(f"kvcodec3 profiles cover models whose layers share one shape, not {layout.describe()}")
-        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.model_profile.shape:
-            raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
-                             f"{self.model_profile.shape}")
-
-    def check_shape(self, shape: tuple[int, ...]) -> None:
-        L, H, _, D = shape
-        if (L, H, D) != self.profile.shape:
-            raise CodecError(f"KV of {L} layers x {H} heads x {D} dims does not match the profile's "
-                             f"{self.profile.shape}")
-
     def _tables(self) -> tuple[FrequencyTable, FrequencyTable, FrequencyTable]:
         t = self.profile.tables[self.level]
         return t.keys, t.values, t.scales

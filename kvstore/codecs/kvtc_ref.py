@@ -167,7 +167,7 @@ class KVTCRefCodec(ProfiledCodec):
     model_profile: KVTCProfile
 
     def __init__(self, profile: KVTCProfile | str, bits: float = 1.0) -> None:
-        profile = self._bind_profile(profile)
+        self.profile = profile = self._bind_profile(profile)  # every layer: the model's profile
         if type(bits) not in (int, float) or not 0 < bits <= MAX_BUDGET:
             raise CodecError(f"kvtc bits per element must be a number in (0, {MAX_BUDGET}], got {bits!r}")
         self.bits = float(bits)
@@ -201,18 +201,13 @@ class KVTCRefCodec(ProfiledCodec):
             raise CodecError(f"kvtc_ref codes models whose layers are all alike and match its profile "
                              f"{self.model_profile.shape}, not {layout.describe()}")
 
-    def _check(self, shape: tuple[int, ...]) -> None:
-        L, H, _, D = shape
-        if (L, H, D) != self.model_profile.shape:
-            raise CodecError(f"KV of {L} layers x {H} heads x {D} dims does not match the profile's {self.model_profile.shape}")
-
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
         L, H, T, D = q.check_kv(keys, values)
-        self._check((L, H, T, D))
+        self.check_shape((L, H, T, D))
         position = position_buffer(start)
         q.check_finite(keys, "kvtc keys")
         q.check_finite(values, "kvtc values")
-        prof = self.model_profile
+        prof = self.profile
         out: dict[str, BufferLike] = {"position": position}
         sinks = max(0, min(T, prof.sink_tokens - start))
         if sinks:
@@ -241,11 +236,11 @@ class KVTCRefCodec(ProfiledCodec):
         self, obj: Container, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
         *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check(shape)
+        self.check_shape(shape)
         if value_dim is not None and value_dim != shape[3]:
             raise CodecError("kvtc_ref codes equal key and value widths")
         L, H, T, D = shape
-        prof = self.model_profile
+        prof = self.profile
         start = read_position(obj, "kvtc")
         parts = []
         for name, basis, widths in zip(("k", "v"), (prof.key_basis, prof.value_basis), self._widths):
