@@ -19,6 +19,7 @@ import torch
 
 from kvstore.codecs import rans
 from kvstore.codecs.base import ProfiledCodec, register_codec
+from kvstore.codecs.devices import find_impl
 from kvstore.codecs.kvcodec3_profile import TransformProfile, outside_symbols
 from kvstore.codecs.kvcodec_profile import ZERO, to_symbols
 from kvstore.codecs.rope import position_buffer, read_position
@@ -62,10 +63,12 @@ class KVCodec3(ProfiledCodec):
             profile = _SUBSETS[key]
         self.profile: TransformProfile = profile  # of this codec's layers
         self.level = level
-        self._ranks = profile.level_ranks(profile.levels[level])
-        self._key_models = profile.coordinate_rows(self._ranks[0], profile.key_bases).reshape(-1, 1)
-        self._value_models = profile.coordinate_rows(self._ranks[1], profile.value_bases).reshape(-1, 1)
-        self._scale_models = np.arange(profile.layers * profile.kv_heads).reshape(-1, 1)
+        #: how many leading components of each group's key and value basis the level codes
+        self.ranks = profile.level_ranks(profile.levels[level])
+        #: the symbol model (profile table row) of each row of the ``k`` / ``v`` / ``scales`` streams
+        self.key_models = profile.coordinate_rows(self.ranks[0], profile.key_bases).reshape(-1, 1)
+        self.value_models = profile.coordinate_rows(self.ranks[1], profile.value_bases).reshape(-1, 1)
+        self.scale_models = np.arange(profile.layers * profile.kv_heads).reshape(-1, 1)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -97,7 +100,8 @@ class KVCodec3(ProfiledCodec):
             groups[layers] = KVCodec3(self.profile_id, self.level, layers=layers)
         return groups[layers]
 
-    def _tables(self) -> tuple[FrequencyTable, FrequencyTable, FrequencyTable]:
+    def tables(self) -> tuple[FrequencyTable, FrequencyTable, FrequencyTable]:
+        """The level's symbol tables of keys, values and scales (rows: the profile's models)."""
         t = self.profile.tables[self.level]
         return t.keys, t.values, t.scales
 
@@ -130,9 +134,9 @@ class KVCodec3(ProfiledCodec):
         exact[:sinks] = True
         y_keys[exact] = 0  # the cheapest symbols
         y_values[exact] = 0
-        key_table, value_table, scale_table = self._tables()
-        for name, y, step, table, models in (("k", y_keys, level.beta, key_table, self._key_models),
-                                             ("v", y_values, level.gamma, value_table, self._value_models)):
+        key_table, value_table, scale_table = self.tables()
+        for name, y, step, table, models in (("k", y_keys, level.beta, key_table, self.key_models),
+                                             ("v", y_values, level.gamma, value_table, self.value_models)):
             rows = y.T[torch.from_numpy(models[:, 0]).to(y.device)].contiguous()  # [R, T]: this level's coordinates
             residuals = torch.round(rows / step)
             outside = outside_symbols(residuals).reshape(-1).nonzero().squeeze(1)
@@ -142,7 +146,7 @@ class KVCodec3(ProfiledCodec):
             symbols = to_symbols(residuals, inplace=True).cpu().numpy()[..., None]
             buffers[name] = rans.encode(symbols, table, models, group_size=_group_size(rows.shape[0], T, LANE_SYMBOLS))
         scale_symbols = to_symbols(codes).reshape(L * H, T, 1).cpu().numpy()
-        buffers["scales"] = rans.encode(scale_symbols, scale_table, self._scale_models,
+        buffers["scales"] = rans.encode(scale_symbols, scale_table, self.scale_models,
                                         group_size=_group_size(L * H, T, SCALE_LANE_SYMBOLS))
         return buffers
 
@@ -154,27 +158,31 @@ class KVCodec3(ProfiledCodec):
         self.check_shape(shape)
         if value_dim is not None and value_dim != shape[3]:
             raise CodecError(f"kvcodec3 profiles describe equal key and value widths, not {shape[3]} and {value_dim}")
+        impl = find_impl(self.name, device.type, "decode")  # the Triton kernels on CUDA
+        if impl is not None:
+            return impl(self, obj, shape, dtype, device)
         prof, level = self.profile, self.profile.levels[self.level]
         L, H, T, D = shape
         start = read_position(obj, "kvcodec3")
-        key_table, value_table, scale_table = self._tables()
+        key_table, value_table, scale_table = self.tables()
         coordinates = []
-        for name, table, models, step in (("k", key_table, self._key_models, level.beta),
-                                          ("v", value_table, self._value_models, level.gamma)):
+        for name, table, models, step in (("k", key_table, self.key_models, level.beta),
+                                          ("v", value_table, self.value_models, level.gamma)):
             R = models.shape[0]
             symbols = rans.decode(obj.raw(name), table, models, shape=(R, T, 1))
             rows = (torch.from_numpy(symbols).reshape(R, T).to(device).float() - ZERO).mul_(step)
-            self._apply_patches(obj, name, rows)
+            self.apply_patches(obj, name, rows)
             coordinates.append(rows.T)
-        scales = rans.decode(obj.raw("scales"), scale_table, self._scale_models, shape=(L * H, T, 1))
+        scales = rans.decode(obj.raw("scales"), scale_table, self.scale_models, shape=(L * H, T, 1))
         codes = (torch.from_numpy(scales).to(device).to(torch.int16) - ZERO).reshape(L, H, T)
-        keys = prof.keys_from_coordinates(coordinates[0], start, self._ranks[0]).to(dtype)
-        values = prof.values_from_coordinates(coordinates[1], codes, self._ranks[1]).to(dtype)
-        self._apply_exact(obj, keys, values, start)
+        keys = prof.keys_from_coordinates(coordinates[0], start, self.ranks[0]).to(dtype)
+        values = prof.values_from_coordinates(coordinates[1], codes, self.ranks[1]).to(dtype)
+        self.apply_exact(obj, keys, values, start)
         return keys, values
 
     @staticmethod
-    def _apply_patches(obj: Container, name: str, rows: torch.Tensor) -> None:
+    def apply_patches(obj: Container, name: str, rows: torch.Tensor) -> None:
+        """Write the chunk's patches of stream ``name`` (checked) into its coordinates ``rows``."""
         buffers = obj.header.buffers
         index_name, value_name = f"{name}_patch_index", f"{name}_patch_value"
         if index_name not in buffers and value_name not in buffers:
@@ -186,7 +194,7 @@ class KVCodec3(ProfiledCodec):
             raise FormatError(f"kvcodec3 {name} patches are malformed")
         rows.view(-1)[index.to(rows.device).long()] = value.to(rows.device)
 
-    def _apply_exact(self, obj: Container, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+    def apply_exact(self, obj: Container, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """Overwrite the sinks and the tokens stored exactly with their stored KV."""
         L, H, T, D = keys.shape
         expected = max(0, min(T, self.profile.sink_tokens - start))

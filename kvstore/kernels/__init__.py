@@ -12,6 +12,8 @@ dequantize             ``dequantize.dequantize_rowscale`` /         ``dequantize
 kvcodec chunk decode   ``kvcodec_decode.decode_kvcodec_kernels``           the same with ``backend="torch"``
 kvcodec chunk encode   ``kvcodec_encode.encode_kvcodec_kernels``        the same with ``backend="torch"``
 kvcodec quantization   ``quantize.quantize_kvcodec_gpu``            ``KVCodec.quantize_tensors`` (torch)
+kvcodec3 chunk decode  ``kvcodec3_decode.decode_kvcodec3_kernels``  the same with ``backend="torch"``
+(inverse transform)    (``reconstruct_group``)                      (``reconstruct_group_ref``)
 PQ scores, top-k       ``pq_topk.pq_topk_triton`` /                 ``pq_torch.pq_topk_reference`` /
 and gather             ``gather_kv_triton``                         ``gather_kv_reference``
 PQ top-k by counting   ``pq_select.pq_select_triton``               ``pq_torch.pq_select_reference``

@@ -27,6 +27,14 @@ def _decode_kvcodec(codec: Any, obj: Any, shape: tuple[int, int, int, int], dtyp
     return decode_kvcodec_kernels(obj, codec, shape, dtype, device)
 
 
+def _decode_kvcodec3(codec: Any, obj: Any, shape: tuple[int, int, int, int], dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from kvstore.kernels.kvcodec3_decode import decode_kvcodec3_kernels  # rANS decode + fused inverse transform
+
+    return decode_kvcodec3_kernels(codec, obj, shape, dtype, device)
+
+
 if triton_available():
     register_impl("kvcodec", "cuda", "encode", _encode_kvcodec)
     register_impl("kvcodec", "cuda", "decode", _decode_kvcodec)
+    register_impl("kvcodec3", "cuda", "decode", _decode_kvcodec3)

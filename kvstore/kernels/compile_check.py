@@ -73,6 +73,7 @@ def _kernel(module: str, name: str) -> Callable[[], Any]:
 _decode = _kernel("rans_decode", "_rans_decode_kernel")
 _encode = _kernel("rans_encode", "_rans_encode_kernel")
 _quantize = _kernel("quantize", "_kvcodec_quantize_kernel")
+_reconstruct = _kernel("kvcodec3_decode", "_reconstruct_kernel")
 
 
 _DECODE_SIG = ("*i64:16, *i32:16, *i16:16, *i32:16, *u8:16, {cf}:16, *u8:16, {cf}:16, *u8:16, {cf}:16, "
@@ -83,6 +84,10 @@ _ENCODE_SIG = "*i64:16, *u8:16, *u8:16, *u8:16, {cf}:16, {cf}:16, {cf}:16, *i32:
 _PQ_SELECT_SIG = "*fp16:16, *fp32:16, *{codes}:16, *i32:16, *fp32:16, *i8:16, *i64:16, i32:16, i32, i32, i32:16, i32:16, i32:16"
 _PQ_SELECT_CONST = dict(M=2, K=64, LOG2K=6, BLOCK_M=2, WORD=True, NC=4096)
 _ENCODE_CONST = dict(NSTREAMS=3, PREC=15, CF64=False, BALLOT=True, BLOCK_G=1, NDESC_C=16)
+
+_RECONSTRUCT_SIG = ("*{src}:16, i32:16, *fp16:16, *fp32:16, *fp32:16, *i32:16, *fp32:16, *fp32:16, *u8:16, i32:16, "
+                    "*{out}:16, i64, i64, i64, i32, i32, i32, i64, fp32")
+_RECONSTRUCT_CONST = {"so_d": 1, "SYMBOLS": True, "BLOCK_T": 64, "BLOCK_R": 32, "ZERO_SYM": 128, "SCALE_STEPS": 4}
 
 
 def variants() -> list[Variant]:
@@ -123,6 +128,15 @@ def variants() -> list[Variant]:
                 "*bf16:16, *bf16:16, *fp32:16, *fp32:16, *fp32:16, *u8:16, *u8:16, *u8:16, *i32:16, i32, i32",
                 {"D": 96, "BLOCK_D": 128, "BLOCK_T": 16, "ZERO_SYM": 128, "SCALE_STEPS": 4, "CHANNEL_MAJOR": False},
                 {"num_warps": 4, "enable_fp_fusion": False}),  # fmt: skip
+        # kvcodec3's inverse transform as its launcher runs it: a unit channel stride (specialized)
+        Variant("kvcodec3 reconstruct keys (symbols, D=64, fp16)", _reconstruct, _RECONSTRUCT_SIG.format(src="u8", out="fp16"),
+                {**_RECONSTRUCT_CONST, "KEYS": True, "HALF": 32, "HALF_P": 32}, {"num_warps": 4}),  # fmt: skip
+        Variant("kvcodec3 reconstruct values (symbols, D=128, bf16)", _reconstruct,
+                _RECONSTRUCT_SIG.format(src="u8", out="bf16"),
+                {**_RECONSTRUCT_CONST, "KEYS": False, "HALF": 64, "HALF_P": 64}, {"num_warps": 4}),  # fmt: skip
+        Variant("kvcodec3 reconstruct keys (patched float32 coordinates, D=80)", _reconstruct,
+                _RECONSTRUCT_SIG.format(src="fp32", out="fp16"),
+                {**_RECONSTRUCT_CONST, "KEYS": True, "SYMBOLS": False, "HALF": 40, "HALF_P": 64}, {"num_warps": 4}),  # fmt: skip
         Variant("pq lut", _kernel("pq_topk", "_pq_lut_kernel"), "*fp16:16, *fp16:16, *fp32:16, i32",
                 {"GROUP": 4, "M": 32, "K": 256, "SUB": 4, "BLOCK_D": 4}, _pq_options),  # fmt: skip
         Variant("pq score", _kernel("pq_topk", "_pq_score_kernel"), "*u8:16, *fp32:16, *fp32:16, i32, i32, i64, i64",
