@@ -42,6 +42,8 @@ between runs):
   the host's time per call with calls queued back to back (``do_bench`` flushes L2 before
   each timed call, which hides up to ~90 us of host work; a decode loop pays it);
 
+``kvcodec3``: the transform codec's decode figures per chunk shape (:mod:`benchmarks.kernels_kvcodec3`).
+
 Without CUDA the benchmark is skipped with a message.
 """
 
@@ -102,6 +104,11 @@ def run(quick: bool) -> dict[str, Any]:
 
     result = measure(torch.device("cuda"), SHAPE, quick, bench, torch.cuda.synchronize)
     result.update(pq_figures(quick))
+    from benchmarks.kernels_kvcodec3 import SHAPES, figures
+
+    result["kvcodec3"] = {name: figures(torch.device("cuda"), bench, torch.cuda.synchronize, shape)
+                          for name, shape in SHAPES.items()}  # fmt: skip
+    _log(f"kvcodec3 {result['kvcodec3']}")
     return result
 
 

@@ -164,3 +164,24 @@ def test_interpreted_kernels_in_a_subprocess():
         env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@interp
+def test_kernels_benchmark_part_runs_on_a_small_shape():
+    """``kvstore bench kernels``'s kvcodec3 figures on a tiny chunk under the interpreter (one
+    timing call per figure): every figure present, the decode within rounding of the CPU's."""
+    import time
+
+    from benchmarks.kernels_kvcodec3 import figures
+
+    def bench(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    result = figures(torch.device("cpu"), bench, lambda: None, (2, 1, 24, 32), repeats=1)
+    assert result["key_rank"] == round(2239 / 5760 * 2 * 32)  # SmolLM2's level 2 share of one group's features
+    for name in ("decode_GBps", "decode_kernels_GBps", "rans_GBps", "reconstruct_GBps", "reconstruct_TFLOPs",
+                 "decode_e2e_GBps", "bits_per_element"):
+        assert result[name] > 0, name
+    assert result["max_abs_err_vs_cpu"] <= 4e-3 * result["max_abs_kv"]

@@ -187,53 +187,80 @@ def decode_kvcodec3_kernels(
         raise CodecError(f"backend must be 'triton' or 'torch', got {backend!r}")
     device = torch.device(device)
     codec.check_shape(shape)
-    L, H, T, D = shape
-    level = codec.profile.levels[codec.level]
     start = read_position(obj, "kvcodec3")
+    symbols, err = upload_symbol_streams(codec, obj, shape[2], device).decode(backend)
+    if out is None:
+        out = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+    reconstruct_chunk(codec, symbols, out, start, obj=obj, backend=backend)
+    codec.apply_exact(obj, out[0], out[1], start)
+    if err is not None:
+        check_errors(err)
+    return out
+
+
+@dataclass(frozen=True)
+class SymbolStreams:
+    """A chunk's ``k``, ``v`` and ``scales`` streams checked on the host and copied to the
+    device: :meth:`decode` queues their rANS decode (one launch)."""
+
+    data: torch.Tensor
+    streams: tuple[LaunchStream, ...]
+    tables: tuple[Any, ...]
+    total: int  # symbols of the three streams
+
+    def decode(self, backend: str = "triton") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One uint8 tensor of the symbols (rows of ``k``, then ``v``, then ``scales``) and the
+        launch's error words (None for an empty chunk; not read here: no synchronization)."""
+        symbols = torch.empty(self.total, dtype=torch.uint8, device=self.data.device)
+        if not self.total:
+            return symbols, None
+        if backend == "triton":
+            from kvstore.kernels.rans_decode import rans_decode_launch as launch
+        else:
+            from kvstore.kernels.torch_ops import rans_decode_launch_ref as launch
+        return symbols, launch(self.data, list(self.streams), list(self.tables), out_u8=symbols)
+
+
+def upload_symbol_streams(codec: Any, obj: Container, tokens: int, device: torch.device) -> SymbolStreams:
+    """Check the chunk's streams against the codec's level (as :func:`kvstore.codecs.rans.decode`
+    does) and copy them to ``device``."""
     tensors = codec_tensors(codec, device)
     raws = [as_bytes(obj.raw(name)) for name in ("k", "v", "scales")]
-    rows = (codec.key_models.shape[0], codec.value_models.shape[0], L * H)
     models = (codec.key_models, codec.value_models, codec.scale_models)
-    infos = [check_stream(raw, table, model_map, shape=(n, T, 1))[0]  # against the profile's tables
-             for raw, table, model_map, n in zip(raws, codec.tables(), models, rows, strict=True)]  # fmt: skip
+    infos = [check_stream(raw, table, model_map, shape=(model_map.shape[0], tokens, 1))[0]  # the profile's tables
+             for raw, table, model_map in zip(raws, codec.tables(), models, strict=True)]  # fmt: skip
     data, offsets = upload_streams([np.frombuffer(r, dtype=np.uint8) for r in raws], device)
-    total = sum(rows) * T
-    symbols = torch.empty(total, dtype=torch.uint8, device=device)
     streams, at = [], 0
-    for i, (info, offset, n) in enumerate(zip(infos, offsets, rows, strict=True)):
+    for i, (info, offset, m) in enumerate(zip(infos, offsets, models, strict=True)):
         streams.append(LaunchStream(info, offset, i, MODE_SYMBOL, at, identity=True))
-        at += n * T
-    if backend == "triton":
-        from kvstore.kernels.rans_decode import rans_decode_launch as launch
+        at += m.shape[0] * tokens
+    return SymbolStreams(data, tuple(streams), tensors.tables, at)
 
-        reconstruct = reconstruct_group
-    else:
-        from kvstore.kernels.torch_ops import rans_decode_launch_ref as launch
 
-        reconstruct = reconstruct_group_ref
-    err = launch(data, streams, list(tensors.tables), out_u8=symbols) if total else None
-    key_symbols = symbols[: rows[0] * T].view(rows[0], T)
-    value_symbols = symbols[rows[0] * T : (rows[0] + rows[1]) * T].view(rows[1], T)
-    codes = symbols[(rows[0] + rows[1]) * T :].view(L * H, T)
-    if out is None:
-        keys = torch.empty(shape, dtype=dtype, device=device)
-        values = torch.empty(shape, dtype=dtype, device=device)
-    else:
-        keys, values = out
+def reconstruct_chunk(codec: Any, symbols: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor], start: int, *,
+                      obj: Container | None = None, backend: str = "triton") -> None:  # fmt: skip
+    """Every transform group's keys and values into ``out`` ``[L, H, T, D]`` from the chunk's
+    decoded ``symbols`` (:meth:`SymbolStreams.decode`), the patches of ``obj`` applied (the sinks and
+    exact tokens are the caller's)."""
+    keys, values = out
+    L, H, T, _ = keys.shape
+    level = codec.profile.levels[codec.level]
+    tensors = codec_tensors(codec, keys.device)
+    nk, nv = codec.key_models.shape[0], codec.value_models.shape[0]
+    key_symbols = symbols[: nk * T].view(nk, T)
+    value_symbols = symbols[nk * T : (nk + nv) * T].view(nv, T)
+    codes = symbols[(nk + nv) * T :].view(L * H, T)
+    reconstruct = reconstruct_group if backend == "triton" else reconstruct_group_ref
     for name, source, groups, step, target, scale_codes in (
             ("k", key_symbols, tensors.keys, level.beta, keys, None),
             ("v", value_symbols, tensors.values, level.gamma, values, codes)):  # fmt: skip
-        if f"{name}_patch_index" in obj.header.buffers or f"{name}_patch_value" in obj.header.buffers:
+        if obj is not None and (f"{name}_patch_index" in obj.header.buffers or f"{name}_patch_value" in obj.header.buffers):
             source = source.float() - ZERO
             codec.apply_patches(obj, name, source)  # coordinates: in units of the step below
-            source.view(-1)[obj.tensor(f"{name}_patch_index").to(device).long()] /= step
+            source.view(-1)[obj.tensor(f"{name}_patch_index").to(source.device).long()] /= step
         for group in groups:
             first, end = group.rows
             reconstruct(source[first:end], group, target, step=step, start=start, codes=scale_codes, heads=H)
-    codec.apply_exact(obj, keys, values, start)
-    if err is not None:
-        check_errors(err)
-    return keys, values
 
 
 # ----------------------------------------------------------------------------- the kernel
