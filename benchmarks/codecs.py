@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (or ``--model``, e.g. ``gemma3-270m``), 2,048-token contexts from
 the Python documentation (one window per document; 8 documents, 512 continuation tokens;
-``--quick``: 2 and 128). The ``kvcodec`` profile is calibrated on the license texts, never on the
-evaluation text. Each context's fp16 KV is cut into 256-token chunks, each
+``--quick``: 2 and 128). The profiles are calibrated on the license texts (4 contexts of
+2,048 tokens; ``--quick``: 1), never on the evaluation text. Each context's fp16 KV is cut into 256-token chunks, each
 chunk encoded as a full chunk object (container header, token ids, tables:
 every stored byte counts), decoded, and the continuation's perplexity measured
 with the decoded KV. Rows, one per codec and level:
@@ -53,6 +53,11 @@ from kvstore.kv import KV
 
 CONTEXT_TOKENS = 2048
 CHUNK_TOKENS = 256
+#: license contexts every profile is calibrated on: 8,192 tokens (full), 2,048 (quick). A
+#: transform's bases need the larger set: fitted on 4,096 tokens, kvcodec3's default level
+#: cost 5x more perplexity on held-out text (benchmarks/RESULTS.md)
+CALIBRATION_CONTEXTS = 4
+CALIBRATION_CONTEXTS_QUICK = 1
 
 
 KVTC_BUDGETS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -139,13 +144,14 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
     """Measure every codec configuration; ``quick``: 2 documents, 128 continuation tokens.
     ``model``: a name or path :func:`~eval.model.load_model` takes."""
     n_docs, continuation = (2, 128) if quick else (8, 512)
+    contexts = CALIBRATION_CONTEXTS_QUICK if quick else CALIBRATION_CONTEXTS
     lm = load_model(model)
-    profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
+    profile = model_profile(lm, contexts=contexts, context_tokens=CONTEXT_TOKENS)
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=0)
     picks = samples(docs, context_tokens=CONTEXT_TOKENS, continuation_tokens=continuation, seed=0)
-    fixed = model_profile(lm, targets_pct=None, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
-    transform, transform_s = transform_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
-    kvtc, kvtc_s = kvtc_profile(lm, contexts=1 if quick else 2, context_tokens=CONTEXT_TOKENS)
+    fixed = model_profile(lm, targets_pct=None, contexts=contexts, context_tokens=CONTEXT_TOKENS)
+    transform, transform_s = transform_profile(lm, contexts=contexts, context_tokens=CONTEXT_TOKENS)
+    kvtc, kvtc_s = kvtc_profile(lm, contexts=contexts, context_tokens=CONTEXT_TOKENS)
     configs = _configs(profile, fixed, quick, transform, kvtc)
     stats: dict[str, dict[str, Any]] = {
         f"{c}:{lv}": {"bytes": 0, "elements": 0, "enc_s": 0.0, "dec_s": 0.0, "enc1_s": 0.0, "dec1_s": 0.0, "fp16_bytes": 0, "rel": [], "eff": []}
@@ -227,6 +233,7 @@ def run(quick: bool, model: str = "smollm2") -> dict[str, Any]:
         "model": lm.model_id,
         "model_name": lm.name,
         "profile_calibration": profile.calibration,
+        "calibration_contexts": contexts,
         "context_tokens": CONTEXT_TOKENS,
         "continuation_tokens": continuation,
         "chunk_tokens": CHUNK_TOKENS,
