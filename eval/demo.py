@@ -1,7 +1,7 @@
 """``kvstore demo``: what the library does, on a real model, in a few minutes on a CPU.
 
 It loads SmolLM2-135M-Instruct, takes a long document, stores the document's KV
-at every level (raw, int8 and the six ``kvcodec`` levels) with its PQ codes in a
+at every level (raw, int8 and the six levels of ``kvcodec3``, the transform codec) with its PQ codes in a
 store (a local directory by default), loads it back, and answers a question
 about the document from the loaded cache (prefix reuse: the stored document
 plus the question's tokens, recomputed), also with retrieval attention over the
@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
+from kvstore.codecs.kvcodec3 import DEFAULT_LEVEL, KVCodec3
 from eval.corpus import documents
 from eval.model import cache_root, load_model
 from eval.perplexity import ppl
-from eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.profiles import EVALUATION_SOURCE, transform_profile
 from kvstore.fetch import AdaptiveFetcher
 from kvstore.fetch.timeline import draw_timeline, timeline_of
 from kvstore.integrations.hf import extract_kv, generate_greedy, make_recompute, recompute
@@ -45,6 +45,8 @@ DROP_TO = 0.5  # the link's rate after its drop, as a fraction
 DEADLINE_VS_INT8 = 0.5  # the streaming deadline, as a fraction of int8's transfer time on the full link
 MBIT = 1e6 / 8
 QUESTION = "\n\nQuestion: In one sentence, what is the text above about?\nAnswer:"
+#: license contexts of 2,048 tokens the full demo's profile is calibrated on (as ``bench codecs``)
+CALIBRATION_CONTEXTS = 4
 
 
 @dataclass
@@ -72,8 +74,8 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
     context_tokens, continuation_tokens, answer_tokens = (1024, 128, 16) if quick else (2048, 256, 24)
     _say("loading SmolLM2-135M-Instruct (converted and cached on the first run)...")
     lm = load_model("smollm2")
-    _say("calibrating the codec profile on other text (cached after the first run)...")
-    profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=context_tokens)
+    _say("calibrating the codec profile on other text (minutes on the first run; cached after)...")
+    profile, _ = transform_profile(lm, contexts=1 if quick else CALIBRATION_CONTEXTS, context_tokens=context_tokens)
     doc = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=1, seed=7)[0]
     context = doc.tokens[:context_tokens]
     continuation = doc.tokens[context_tokens:context_tokens + continuation_tokens]
@@ -85,9 +87,9 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
     recompute_s = time.perf_counter() - started
     fp16_bytes = 2 * sum(k.numel() + v.numel() for k, v in kv)
 
-    names = ["raw", "int8"] + [f"kvcodec-L{i}" for i in range(len(profile.levels))]
-    codecs: list[Any] = ["raw", "int8"] + [KVCodec(profile, i) for i in range(len(profile.levels))]
-    default = names.index(f"kvcodec-L{DEFAULT_LEVEL}")
+    names = ["raw", "int8"] + [f"kvcodec3-L{i}" for i in range(len(profile.levels))]
+    codecs: list[Any] = ["raw", "int8"] + [KVCodec3(profile, i) for i in range(len(profile.levels))]
+    default = names.index(f"kvcodec3-L{DEFAULT_LEVEL}")
     chunk_tokens = context_tokens // 8  # 8 chunks: enough decisions for the fetcher to adapt in the quick run too
     async with KVStore(store_url, levels=codecs, chunk_tokens=chunk_tokens, storage_options=storage_options) as store:
         _say(f"storing it at {len(codecs)} levels, with PQ codes, in {store.store.url} ...")
@@ -117,7 +119,7 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
 
         # Stream it as a server would: over a shaped link that drops to half its rate a quarter of
         # the way to a deadline of half what int8 needs on the full link, the fetcher choosing
-        # among the kvcodec levels chunk by chunk (feasible at levels 3-4, not at int8).
+        # among the kvcodec3 levels chunk by chunk (int8 alone would miss it).
         deadline = manifest.level_bytes(names.index("int8")) / (LINK_MBIT * MBIT) * DEADLINE_VS_INT8
         drop_at = round(deadline / 4, 3)
         trace = BandwidthTrace.step(LINK_MBIT * MBIT, LINK_MBIT * MBIT * DROP_TO, at_s=drop_at)
@@ -131,7 +133,7 @@ async def _demo(store_url: str, quick: bool, storage_options: dict[str, Any]) ->
                                   prefill_tokens_per_s=context_tokens / recompute_s, max_in_flight=2)
         shaped.store.reset()
         streamed = await fetcher.load(lm.model_id, context, deadline_s=deadline,
-                                      levels=list(range(names.index("kvcodec-L0"), len(names))))
+                                      levels=list(range(names.index("kvcodec3-L0"), len(names))))
         print(streamed.table(), file=sys.stderr)
         timeline = timeline_of(streamed, trace.times, trace.rates_Bps, deadline, names)
         streamed_ppl = ppl(lm.model, context, continuation, streamed.kv)

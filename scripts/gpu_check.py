@@ -9,6 +9,8 @@
    torch one on the GPU round differently from the CPU's (keys: none; scale codes: rare ties);
    a rough encode and decode speed (``kvstore bench kernels``
    has the real figures).
+4. kvcodec3 through the store, KV on the GPU: ``get`` on CUDA (the Triton inverse transform)
+   within rounding of ``get`` on the CPU at every level.
 
 Run: ``python scripts/gpu_check.py`` (exits non-zero on any mismatch).
 """
@@ -104,6 +106,27 @@ def encoder_check() -> None:
               f"encode {fp16_bytes / enc / 1e9:.1f} GB/s, decode (from host memory) {fp16_bytes / dec / 1e9:.1f} GB/s")
 
 
+async def transform_round_trip() -> None:
+    from tests.transform_samples import correlated_kv, transform_profile
+
+    from kvstore.codecs.kvcodec3 import KVCodec3
+
+    profile = transform_profile()
+    keys, values = correlated_kv(600, seed=9)
+    tokens = list(range(keys.shape[2]))
+    levels = [KVCodec3(profile, i) for i in range(len(profile.levels))]
+    async with KVStore("memory://", levels=levels) as store:
+        await store.put("gpu-check-3", tokens, list(zip(keys.cuda().unbind(0), values.cuda().unbind(0))))
+        for level in range(len(levels)):
+            cpu = await store.get("gpu-check-3", tokens, level=level, device="cpu")
+            gpu = await store.get("gpu-check-3", tokens, level=level, device="cuda")
+            err = max(float((a.cpu().float() - b.float()).abs().max()) for pair_g, pair_c in zip(gpu, cpu)
+                      for a, b in zip(pair_g, pair_c))
+            scale = max(float(t.abs().max()) for pair in cpu for t in pair)
+            print(f"kvcodec3 level {level}: cuda decode vs cpu decode, max abs difference {err:.2e} of {scale:.2e}")
+            assert err <= 4e-3 * scale and gpu[0][0].is_cuda
+
+
 async def main() -> None:
     kv = synthetic()
     profile = build_profile([synthetic(seed=s) for s in (1, 2)], query_energy=torch.rand(4, 2, 64) + 0.1)
@@ -111,6 +134,7 @@ async def main() -> None:
     await store_round_trip([KVCodec(profile, i) for i in range(n)], kv, "cuda", "channel-major, gpu-encoded")
     await store_round_trip([KVCodec(profile, i, version=1) for i in range(n)], kv, "cpu", "token-major, cpu-encoded")
     encoder_check()
+    await transform_round_trip()
 
 
 asyncio.run(main())

@@ -25,7 +25,9 @@ def test_quick_demo_writes_its_figures_and_plot(smollm2, tmp_path, capsys):
     assert result["levels"][0]["ppl_increase_pct"] == pytest.approx(0, abs=1e-6)  # raw is lossless
     assert result["answer_matches_full_kv"] is True
     assert 0 < result["ttft_s"] < result["recompute_s"]
-    assert 0 < result["pq"]["bytes"] < result["levels"][-1]["stored_bytes"]
+    default = next(level for level in result["levels"] if level["name"] == result["default_level"])
+    assert result["default_level"] == "kvcodec3-L2"
+    assert 0 < result["pq"]["bytes"] < default["stored_bytes"]  # the index is small next to the KV it indexes
     assert len(result["timeline"]["decisions"]) == len(result["stream"]["levels"]) == 8
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PQ codes" in capsys.readouterr().out

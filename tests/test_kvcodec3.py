@@ -80,6 +80,17 @@ def test_tokens_the_bases_cannot_represent_are_stored_exactly(profile):
     assert float((k2.float() - keys.float()).abs().max()) < 1.0
 
 
+def test_exact_tokens_are_capped_at_a_share_of_the_chunk(profile):
+    """Text the profile does not fit at all (every token an outlier): a bounded share of the
+    chunk is stored exactly, the farthest out first; the rest is coded, not dropped."""
+    keys, values = correlated_kv(64, seed=8, start=100)
+    keys[0, 0, :, 3] += torch.linspace(50, 500, 64)  # every token off the bases, the last ones most
+    buffers = KVCodec3(profile, 0).encode(keys, values, start=100)
+    assert buffers["exact_tokens"].tolist() == [62, 63]  # ceil(64 / 32)
+    _, (k2, _) = round_trip(KVCodec3(profile, 0), keys, values, start=100)
+    assert torch.equal(k2[:, :, 62:], keys[:, :, 62:]) and bool(torch.isfinite(k2).all())
+
+
 def test_coordinates_beyond_the_symbols_use_patches(profile):
     keys, values = correlated_kv(40, seed=5, start=8, scale=20)  # in the bases' directions, far beyond the symbols
     buffers = KVCodec3(profile, 0).encode(keys, values, start=8)

@@ -122,15 +122,14 @@ class KVCodec3(ProfiledCodec):
         buffers: dict[str, BufferLike] = {"position": position}
         sinks = max(0, min(T, prof.sink_tokens - start))
         if sinks:
-            buffers["sink_k"] = keys[:, :, :sinks].contiguous()
-            buffers["sink_v"] = values[:, :, :sinks].contiguous()
-        exact = prof.lost_tokens((y_keys, left_k), (y_values, left_v), level)
-        exact[:sinks] = False
+            buffers["sink_k"] = keys[:, :, :sinks].contiguous().cpu()
+            buffers["sink_v"] = values[:, :, :sinks].contiguous().cpu()
+        exact = prof.lost_tokens((y_keys, left_k), (y_values, left_v), level, sinks=sinks)
         exact_index = exact.nonzero().squeeze(1)
         if exact_index.numel():  # tokens the bases cannot represent: stored as they are
             buffers["exact_tokens"] = exact_index.to(torch.int32).cpu()
-            buffers["exact_k"] = keys[:, :, exact_index].contiguous()
-            buffers["exact_v"] = values[:, :, exact_index].contiguous()
+            buffers["exact_k"] = keys[:, :, exact_index].contiguous().cpu()
+            buffers["exact_v"] = values[:, :, exact_index].contiguous().cpu()
         exact[:sinks] = True
         y_keys[exact] = 0  # the cheapest symbols
         y_values[exact] = 0

@@ -18,6 +18,7 @@ too weak to matter at the finest level are not stored (the bases are truncated).
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ UNEXPLAINED_OVER_EXPECTED = 16.0
 UNEXPLAINED_OVER_NOISE = 4.0
 #: energy outside the components below this share of a token's own is never counted as lost
 LOST_SHARE = 1e-3
+#: at most this share of a chunk's tokens is stored exactly: each costs 16 bits per element, and
+#: a profile that fits the text poorly would otherwise flag most tokens at the finest levels
+MAX_EXACT_SHARE = 1 / 32
 MAX_DIM = 1 << 16
 
 
@@ -197,16 +201,17 @@ class TransformProfile:
         return torch.cat(parts, dim=1), torch.stack(left, dim=1)
 
     def lost_tokens(self, keys: tuple[torch.Tensor, torch.Tensor], values: tuple[torch.Tensor, torch.Tensor],
-                    level: Level) -> torch.Tensor:  # fmt: skip
+                    level: Level, *, sinks: int = 0) -> torch.Tensor:  # fmt: skip
         """``[T]`` flags: tokens whose energy outside the components ``level`` codes, in some group,
         is :data:`UNEXPLAINED_OVER_EXPECTED` times the calibration mean there and
         :data:`UNEXPLAINED_OVER_NOISE` times the quantization noise the level puts in every
-        token of that group: outliers the level would lose, which the codec stores exactly.
+        token of that group: outliers the level would lose, which the codec stores exactly;
+        at most :data:`MAX_EXACT_SHARE` of the tokens (rounded up), the farthest over first.
         ``keys`` / ``values``: ``(coordinates, energy left outside the profile)`` as the
-        coordinate methods return them."""
+        coordinate methods return them; the first ``sinks`` tokens (stored apart) are never flagged."""
         rk, rv = self.level_ranks(level)
         (yk, left_k), (yv, left_v) = keys, values
-        flags = torch.zeros(yk.shape[0], dtype=torch.bool, device=yk.device)
+        over = torch.zeros(yk.shape[0], device=yk.device)  # the largest lost / threshold over groups
         for y, left, expected, bases, ranks, step in (
                 (yk, left_k, self.unexplained[0], self.key_bases, rk, level.beta),
                 (yv, left_v, self.unexplained[1], self.value_bases, rv, level.gamma)):  # fmt: skip
@@ -214,8 +219,15 @@ class TransformProfile:
             for g, (b, r) in enumerate(zip(bases, ranks)):
                 lost = left[:, g] + y[:, at + r:at + b.rank].pow(2).sum(dim=1)
                 mean = float(expected[g]) + float(b.variances[r:].sum())
-                flags |= lost > max(UNEXPLAINED_OVER_EXPECTED * mean, UNEXPLAINED_OVER_NOISE * r * step * step / 12)
+                threshold = max(UNEXPLAINED_OVER_EXPECTED * mean, UNEXPLAINED_OVER_NOISE * r * step * step / 12, 1e-30)
+                over = torch.maximum(over, lost / threshold)
                 at += b.rank
+        over[:sinks] = 0
+        flags = over > 1
+        cap = math.ceil(MAX_EXACT_SHARE * over.shape[0])
+        if int(flags.sum()) > cap:
+            flags = torch.zeros_like(flags)
+            flags[torch.topk(over, cap).indices] = True
         return flags
 
     def values_from_coordinates(self, y: torch.Tensor, codes: torch.Tensor,
@@ -244,7 +256,7 @@ class TransformProfile:
         at ``level``'s steps, without entropy coding: what calibration measures."""
         yk, left_k = self.key_coordinates(keys, 0)
         yv, left_v, codes = self.value_coordinates(values)
-        exact = self.lost_tokens((yk, left_k), (yv, left_v), level)
+        exact = self.lost_tokens((yk, left_k), (yv, left_v), level, sinks=self.sink_tokens)
         rk, rv = self.level_ranks(level)
         yk = dequantized(yk[:, self.coordinate_rows(rk, self.key_bases)], level.beta)
         yv = dequantized(yv[:, self.coordinate_rows(rv, self.value_bases)], level.gamma)
