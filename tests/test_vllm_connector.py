@@ -177,3 +177,97 @@ def test_a_fresh_engine_loads_what_another_stored(engine):
             for a, b in ((k, hk), (v, hv)):
                 cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
                 assert cos > 0.999, cos
+
+
+def _transform_profile_of(folder: str, ids):
+    """A kvcodec3 profile of the served model, fitted on the KV of ``ids`` (uncalibrated levels:
+    kvcodec's starting steps, keys in units of their spread per channel)."""
+    from transformers import AutoModelForCausalLM
+
+    from kvstore.codecs.kvcodec3_profile import fit_transform, pair_weights, transform_groups, with_levels
+    from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS
+    from kvstore.integrations.hf import extract_kv
+    from kvstore.integrations.hf_rope import rotary_table
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    kv = extract_kv(model, ids)
+    sample = (torch.stack([k for k, _ in kv]).float(), torch.stack([v for _, v in kv]).float())
+    spread = sample[0][:, :, 4:].std(dim=2)  # [L, H, D]
+    fitted = fit_transform([sample], rope=rotary_table(model), key_weight=pair_weights(spread),
+                           groups=transform_groups(["full"] * spread.shape[0], 5))
+    return with_levels(fitted, [sample], DEFAULT_LEVELS)
+
+
+def test_an_engine_stores_and_loads_kvcodec3_levels(engine, tmp_path):
+    """The connector with ``["kvcodec3", {"level": 0}]`` levels and a profile file: a fresh
+    engine stores a prompt's KV as kvcodec3 chunks and loads it on the next request; what is
+    stored decodes close to the model's own KV."""
+    from transformers import AutoModelForCausalLM
+
+    from kvstore.codecs.kvcodec3 import KVCodec3
+    from kvstore.integrations.hf import extract_kv
+    from kvstore.integrations.vllm import connector_levels
+
+    tokenizer = engine["llm"].get_tokenizer()
+    text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
+    all_ids = tokenizer(text)["input_ids"]
+    ids = all_ids[-PROMPT_TOKENS:]  # not among the module's prompts
+    profile_path = tmp_path / "smollm2.kv3profile"
+    profile_path.write_bytes(_transform_profile_of(engine["folder"], all_ids[-PROMPT_TOKENS - 1100:-PROMPT_TOKENS]).to_bytes())
+    url = (tmp_path / "store").as_uri()
+    extra = {"levels": [["kvcodec3", {"level": 0}]], "profile": str(profile_path)}
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_vllm_connector import _generate
+        from vllm_helpers import make_llm, wait_stored
+        from kvstore.integrations.vllm import connector_levels, model_id_of
+        if __name__ == "__main__":
+            llm = make_llm({engine['folder']!r}, {url!r}, extra={extra!r})
+            first = _generate(llm, {ids!r})
+            wait_stored({url!r}, model_id_of({engine['folder']!r}), {ids!r}, timeout=120.0,
+                        levels=connector_levels({extra!r}))
+            print("RESULT", json.dumps([first, _generate(llm, {ids!r})]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                          env={**os.environ})
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, done.stdout[-2000:] + done.stderr[-4000:]
+    import json
+
+    (first, cached_first), (second, cached_second) = json.loads(line[0][7:])
+    assert cached_first == 0 and cached_second == 512 and len(second) == NEW_TOKENS
+    levels = connector_levels(extra)
+    assert isinstance(levels[0], KVCodec3) and levels[0].level == 0
+    model = AutoModelForCausalLM.from_pretrained(engine["folder"], dtype=torch.bfloat16).eval()
+    with SyncKVStore(url, levels=levels) as kvs:
+        manifest = kvs.lookup(engine["model_id"], ids)
+        assert manifest >= 512
+        for (k, v), (hk, hv) in zip(kvs.get(engine["model_id"], ids[:512]), extract_kv(model, ids[:512])):
+            for a, b in ((k, hk), (v, hv)):
+                cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+                assert cos > 0.99, cos
+
+
+def test_connector_levels_read_each_codecs_profile(tmp_path):
+    """``levels`` entries of the profiled codecs load their profile file once; a file of the
+    wrong kind, a missing file or an unknown parameter is a clear ConfigError."""
+    from tests.transform_samples import transform_profile
+
+    from kvstore.codecs.kvcodec3 import KVCodec3
+    from kvstore.errors import ConfigError
+    from kvstore.integrations.vllm import connector_levels
+
+    path = tmp_path / "p.kv3profile"
+    path.write_bytes(transform_profile().to_bytes())
+    levels = connector_levels({"levels": ["raw", ["kvcodec3", {"level": 1}], ["kvcodec3", {}]], "profile": str(path)})
+    assert levels[0] == "raw" and [lv.level for lv in levels[1:]] == [1, 2]
+    assert all(isinstance(lv, KVCodec3) for lv in levels[1:]) and levels[1].profile is levels[2].profile
+    own = connector_levels({"levels": [["kvcodec3", {"level": 0, "profile": str(path)}]]})
+    assert own[0].level == 0
+    for extra, message in (({"levels": [["kvcodec", {}]], "profile": str(path)}, "is not a kvcodec profile"),
+                           ({"levels": [["kvcodec3", {}]]}, "need 'profile'"),
+                           ({"levels": [["kvcodec3", {}]], "profile": str(tmp_path / "none")}, "cannot read"),
+                           ({"levels": [["kvcodec3", {"steps": 2}]], "profile": str(path)}, "takes only")):
+        with pytest.raises(ConfigError, match=message):
+            connector_levels(extra)

@@ -9,8 +9,9 @@ import time
 from kvstore import SyncKVStore
 
 
-def make_llm(folder: str, url: str, **overrides):
-    """A one-process vLLM engine (bf16, eager, prefix cache off) storing raw KV at ``url``."""
+def make_llm(folder: str, url: str, extra: dict | None = None, **overrides):
+    """A one-process vLLM engine (bf16, eager, prefix cache off) storing raw KV at ``url``
+    (or with the connector's ``extra`` config on top)."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -19,7 +20,7 @@ def make_llm(folder: str, url: str, **overrides):
     return LLM(model=folder, **args, kv_transfer_config=KVTransferConfig(
         kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.integrations.vllm",
         kv_role="kv_both", kv_load_failure_policy="recompute",
-        kv_connector_extra_config={"url": url, "levels": ["raw"]}))
+        kv_connector_extra_config={"url": url, "levels": ["raw"], **(extra or {})}))
 
 
 def generate(llm, ids, max_tokens: int) -> tuple[list[int], int]:
@@ -32,10 +33,11 @@ def generate(llm, ids, max_tokens: int) -> tuple[list[int], int]:
     return list(out.outputs[0].token_ids), out.num_cached_tokens
 
 
-def wait_stored(url: str, model_id: str, ids, timeout: float) -> None:
-    """Return once the store at ``url`` holds all of ``ids`` (the connector stores in the background)."""
+def wait_stored(url: str, model_id: str, ids, timeout: float, levels=None) -> None:
+    """Return once the store at ``url`` holds all of ``ids`` (the connector stores in the background)
+    at the first of ``levels`` (default raw)."""
     deadline = time.monotonic() + timeout
-    with SyncKVStore(url) as kvs:
+    with SyncKVStore(url, **({} if levels is None else {"levels": levels})) as kvs:
         while kvs.lookup(model_id, ids) < len(ids):
             assert time.monotonic() < deadline, "the connector did not store the prompt"
             time.sleep(0.1)

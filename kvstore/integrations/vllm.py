@@ -12,8 +12,10 @@ Enable it with::
 
 Extra config: ``url`` (any :func:`~kvstore.backends.open_store` URL; required),
 ``levels`` (best first, each a codec name or a ``[name, params]`` pair; ``["raw"]`` by
-default), ``profile`` (the path of a ``kvcodec`` profile file, for ``["kvcodec", {"level":
-2}]`` levels: :func:`eval.profiles.model_profile` makes and caches one),
+default), ``profile`` (the path of the profile file of ``["kvcodec", {"level": 2}]`` or
+``["kvcodec3", {"level": 2}]`` levels, unless a level names its own ``"profile"``:
+:func:`eval.profiles.model_profile` and :func:`eval.profiles.transform_profile` make and
+cache them),
 ``load_level`` (the index in ``levels`` that loads read; 0),
 ``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
 ``storage_options``, ``model_id`` (by default :func:`model_id_of` the model's folder: the
@@ -137,27 +139,35 @@ def model_id_of(folder: str) -> str:
 
 def connector_levels(extra: dict[str, Any]) -> list[Any]:
     """The store's levels from the extra config: names and ``[name, params]`` pairs, with
-    ``kvcodec`` levels built on the profile file at ``extra["profile"]``."""
+    ``kvcodec`` and ``kvcodec3`` levels built on their profile file (the level's own
+    ``"profile"`` param, else ``extra["profile"]``)."""
     from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
-    from kvstore.codecs.kvcodec_profile import KVCodecProfile
+    from kvstore.codecs.kvcodec3 import KVCodec3
+    from kvstore.errors import FormatError
 
+    profiled = {"kvcodec": KVCodec, "kvcodec3": KVCodec3}
     specs = extra.get("levels", ["raw"])
     if isinstance(specs, str) or not isinstance(specs, list | tuple):
         raise ConfigError(f"levels must be a list of codec names or [name, params] pairs, got {specs!r}")
-    profile = None
+    profiles: dict[tuple[str, str], Any] = {}
     levels: list[Any] = []
     for spec in specs:
-        if isinstance(spec, list | tuple) and len(spec) == 2 and spec[0] == "kvcodec" and isinstance(spec[1], dict):
-            if profile is None:
-                if not extra.get("profile"):
-                    raise ConfigError("kvcodec levels need 'profile': the path of the model's kvcodec profile file")
+        if isinstance(spec, list | tuple) and len(spec) == 2 and spec[0] in profiled and isinstance(spec[1], dict):
+            name, params = spec
+            codec = profiled[name]
+            if set(params) - {"level", "profile"}:
+                raise ConfigError(f"a {name} level takes only 'level' and 'profile', got {params!r}")
+            path = params.get("profile", extra.get("profile"))
+            if not path or not isinstance(path, str):
+                raise ConfigError(f"{name} levels need 'profile': the path of the model's {name} profile file")
+            if (name, path) not in profiles:
                 try:
-                    profile = KVCodecProfile.from_bytes(Path(extra["profile"]).read_bytes())
+                    profiles[name, path] = codec.profile_kind.from_bytes(Path(path).read_bytes())
                 except OSError as exc:
-                    raise ConfigError(f"cannot read the kvcodec profile {extra['profile']!r}: {exc}") from exc
-            if set(spec[1]) - {"level"}:
-                raise ConfigError(f"a kvcodec level takes only 'level', got {spec[1]!r}")
-            levels.append(KVCodec(profile, spec[1].get("level", DEFAULT_LEVEL)))
+                    raise ConfigError(f"cannot read the {name} profile {path!r}: {exc}") from exc
+                except FormatError as exc:
+                    raise ConfigError(f"{path!r} is not a {name} profile: {exc}") from exc
+            levels.append(codec(profiles[name, path], params.get("level", DEFAULT_LEVEL)))
         else:
             levels.append(tuple(spec) if isinstance(spec, list) else spec)
     return levels
