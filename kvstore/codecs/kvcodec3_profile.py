@@ -19,7 +19,6 @@ too weak to matter at the finest level are not stored (the bases are truncated).
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,9 +33,10 @@ from kvstore.codecs.kvcodec_profile import (
     ZERO,
     Level,
     LevelTables,
-    inflate_table,
     open_profile,
     parse_levels,
+    read_tables,
+    table_buffers,
     to_symbols,
     value_scale_codes,
     value_steps,
@@ -280,9 +280,7 @@ class TransformProfile:
                 buffers[f"g{g}_{name}_mean"] = b.mean
                 buffers[f"g{g}_{name}_basis"] = b.components
                 buffers[f"g{g}_{name}_variance"] = b.variances
-        for i, t in enumerate(self.tables):
-            for name, table in (("keys", t.keys), ("values", t.values), ("scales", t.scales)):
-                buffers[f"t{i}_{name}"] = zlib.compress(table.to_bytes(), 6)
+        buffers.update(table_buffers(self.tables))
         meta = {
             "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
             "sink_tokens": self.sink_tokens, "groups": [list(g) for g in self.groups],
@@ -310,8 +308,6 @@ class TransformProfile:
                         for r in ranks)):
             raise FormatError("kvcodec3 profile groups are malformed")
         levels = parse_levels(meta.get("levels"))
-        if meta.get("table_compression") != "zlib":
-            raise FormatError("kvcodec3 profile tables use an unknown compression")
         try:
             key_weight = _tensor(obj, "key_weight", torch.float32, (L, H, D))
             rope = RotaryTable(_tensor(obj, "rope_inv_freq", torch.float32, (L, D // 2)),
@@ -325,14 +321,9 @@ class TransformProfile:
                                      _tensor(obj, f"g{g}_{name}_variance", torch.float32, (rank,))))
             if not bool(torch.isfinite(key_weight).all()) or not bool((key_weight > 0).all()):
                 raise FormatError("kvcodec3 profile key weights must be finite and positive")
-            models = (sum(r[0] for r in ranks), sum(r[1] for r in ranks), L * H)
-            tables = []
-            for i in range(len(levels)):
-                parts = [FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_{name}"), n))
-                         for name, n in zip(("keys", "values", "scales"), models)]
-                tables.append(LevelTables(*parts))
+            tables = read_tables(obj, len(levels), (sum(r[0] for r in ranks), sum(r[1] for r in ranks), L * H))
             return cls(L, H, D, tuple(tuple(g) for g in groups), key_weight, rope, tuple(key_bases),
-                       tuple(value_bases), levels, tuple(tables), sinks, _calibration(meta.get("calibration")),
+                       tuple(value_bases), levels, tables, sinks, _calibration(meta.get("calibration")),
                        _tensor(obj, "unexplained", torch.float32, (2, len(groups))))
         except CodecError as exc:
             raise FormatError(f"kvcodec3 profile is malformed: {exc}") from None

@@ -144,11 +144,8 @@ class KVCodecProfile:
 
     @cached_property
     def _serialized(self) -> bytes:
-        buffers: dict[str, object] = {"key_center": self.key_center, "key_unit": self.key_unit}
-        for i, t in enumerate(self.tables):
-            buffers[f"t{i}_keys"] = zlib.compress(t.keys.to_bytes(), 6)
-            buffers[f"t{i}_values"] = zlib.compress(t.values.to_bytes(), 6)
-            buffers[f"t{i}_scales"] = zlib.compress(t.scales.to_bytes(), 6)
+        buffers: dict[str, object] = {"key_center": self.key_center, "key_unit": self.key_unit,
+                                      **table_buffers(self.tables)}
         meta = {
             "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
             "sink_tokens": self.sink_tokens,
@@ -176,26 +173,12 @@ class KVCodecProfile:
                 raise FormatError("profile key tensors do not match its dimensions")
         if not bool(torch.isfinite(center).all()) or not bool((unit > 0).all()) or not bool(torch.isfinite(unit).all()):
             raise FormatError("profile key steps must be finite and positive")
-        if meta.get("table_compression") != "zlib":
-            raise FormatError("profile tables use an unknown compression")
         models = layers * kv_heads * head_dim
-        tables = []
-        for i in range(len(levels)):
-            try:
-                t = LevelTables(
-                    FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_keys"), models)),
-                    FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_values"), models)),
-                    FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_scales"), layers * kv_heads)),
-                )
-            except CodecError as exc:
-                raise FormatError(f"profile table {i} is malformed: {exc}") from None
-            if (t.keys.num_models, t.values.num_models, t.scales.num_models) != (models, models, layers * kv_heads):
-                raise FormatError(f"profile table {i} does not match the profile's dimensions")
-            tables.append(t)
+        tables = read_tables(obj, len(levels), (models, models, layers * kv_heads))
         calibration = meta.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise FormatError("profile calibration record is malformed")
-        return cls(layers, kv_heads, head_dim, center, unit, levels, tuple(tables), sink_tokens, calibration)
+        return cls(layers, kv_heads, head_dim, center, unit, levels, tables, sink_tokens, calibration)
 
 
 def open_profile(data: bytes | memoryview, kind: str, *,
@@ -222,6 +205,31 @@ def parse_levels(raw: Any) -> tuple[Level, ...]:
             raise FormatError("profile level entry is malformed (two factors in (0, 1e6])")
         levels.append(Level(float(lv[0]), float(lv[1])))
     return tuple(levels)
+
+
+def table_buffers(tables: Sequence[LevelTables]) -> dict[str, bytes]:
+    """Each level's symbol tables as a profile's buffers ``t{i}_keys`` / ``_values`` /
+    ``_scales``, zlib-compressed (the profile's meta says ``"table_compression": "zlib"``)."""
+    return {f"t{i}_{name}": zlib.compress(getattr(t, name).to_bytes(), 6)
+            for i, t in enumerate(tables) for name in ("keys", "values", "scales")}
+
+
+def read_tables(obj: container.Container, levels: int, models: tuple[int, int, int]) -> tuple[LevelTables, ...]:
+    """The ``levels`` levels' symbol tables :func:`table_buffers` stored in ``obj``, each checked
+    to hold ``models`` (keys, values, scales) models; :class:`FormatError` otherwise."""
+    if obj.header.meta.get("table_compression") != "zlib":
+        raise FormatError("profile tables use an unknown compression")
+    tables = []
+    for i in range(levels):
+        try:
+            t = LevelTables(*(FrequencyTable.from_bytes(inflate_table(obj.raw(f"t{i}_{name}"), n))
+                              for name, n in zip(("keys", "values", "scales"), models, strict=True)))
+        except CodecError as exc:
+            raise FormatError(f"profile table {i} is malformed: {exc}") from None
+        if (t.keys.num_models, t.values.num_models, t.scales.num_models) != models:
+            raise FormatError(f"profile table {i} does not match the profile's dimensions")
+        tables.append(t)
+    return tuple(tables)
 
 
 def inflate_table(data: memoryview, models: int) -> bytes:
