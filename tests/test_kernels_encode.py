@@ -2,7 +2,7 @@
 ``kvstore.kernels.kvcodec_encode``) against the numba CPU encoder: the same bytes.
 
 As in ``test_kernels_rans.py``, the Triton kernels run under Triton's interpreter where there
-is no GPU (``TRITON_INTERPRET=1`` set here at import; if triton was imported earlier in the
+is no GPU (``TRITON_INTERPRET=1`` set by ``tests/triton_interpreter.py`` at import; if triton was imported earlier in the
 process, :func:`test_interpreted_kernels_in_a_subprocess` runs the interpreted tests in a fresh
 interpreter). The interpreter costs milliseconds per loop iteration of a program: small
 streams, short lanes. The ``gpu`` tests run the compiled kernels.
@@ -10,8 +10,6 @@ streams, short lanes. The ``gpu`` tests run the compiled kernels.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
+from triton_interpreter import CUDA, interp, rerun_interpreted, rerun_needed  # first: before triton
 
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import KVCodec
@@ -32,19 +26,16 @@ from benchmarks.rans import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError
 from kvstore.format import container
-from kvstore.kernels import encode_rans as dispatch_encode, interpreter_supported
+from kvstore.kernels import encode_rans as dispatch_encode
 from kvstore.kernels.kvcodec_encode import encode_kvcodec_kernels
 from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels
 from kvstore.kernels.quantize import quantize_kvcodec_gpu
-from kvstore.kernels.rans_decode import DecodeConfig, interpreter_active, rans_decode_gpu
+from kvstore.kernels.rans_decode import DecodeConfig, rans_decode_gpu
 from kvstore.kernels.rans_encode import EncodeConfig, encode_streams, plan_stream, rans_encode_gpu
 from kvstore.kernels.torch_ops import rans_encode_ref
 
 from kvcodec_samples import small_profile as fitted_small_profile, synthetic_kv
 
-INTERP = not CUDA and interpreter_active()
-interp = pytest.mark.skipif(not (INTERP and interpreter_supported()),
-                            reason="needs the Triton interpreter (>= 3.9) on from the start of the process")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 CPU = torch.device("cpu")
@@ -317,17 +308,11 @@ def test_dispatch_uses_the_reference_off_cuda():
     assert dispatch_encode(torch.from_numpy(sym), table, mm, group_size=64) == rans.encode(sym, table, mm, group_size=64)
 
 
-@pytest.mark.skipif(INTERP or CUDA or not interpreter_supported(),
-                    reason="the interpreted tests ran in this process, or this Triton's interpreter cannot run them")
+@rerun_needed
 def test_interpreted_kernels_in_a_subprocess():
     """Triton was imported before this module could switch its interpreter on: run the
     interpreted tests in a fresh process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_interpreted(__file__)
 
 
 # ----------------------------------------------------------------------------- on a GPU

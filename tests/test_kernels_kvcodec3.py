@@ -1,27 +1,18 @@
 """kvcodec3's GPU decode (``kvstore.kernels.kvcodec3_decode``): the Triton kernels and their torch
 versions against the codec's CPU decoder.
 
-Without CUDA the kernels run under Triton's interpreter, switched on here before ``triton``
-is first imported (see ``tests/test_kernels_rans.py``); if triton was imported earlier in
+Without CUDA the kernels run under Triton's interpreter, switched on before ``triton`` is
+first imported (``tests/triton_interpreter.py``); if triton was imported earlier in
 the process, the interpreted tests run in a fresh interpreter instead. Shapes are small: the
 interpreter runs each program's loop in numpy.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
+from triton_interpreter import CUDA, INTERP, interp, rerun_interpreted, rerun_needed  # first: before triton
 
 from kvstore.codecs.kvcodec3 import KVCodec3
 from kvstore.codecs.kvcodec3_profile import fit_transform, transform_groups, with_levels
@@ -29,12 +20,8 @@ from kvstore.errors import FormatError
 from kvstore.format import container
 from kvstore.kernels import interpreter_supported
 from kvstore.kernels.kvcodec3_decode import decode_kvcodec3_kernels
-from kvstore.kernels.rans_decode import interpreter_active
 from tests.transform_samples import LEVELS, L, correlated_kv, rope_table, transform_profile
 
-INTERP = not CUDA and interpreter_active()
-interp = pytest.mark.skipif(not (INTERP and interpreter_supported()),
-                            reason="needs the Triton interpreter (>= 3.9) on from the start of the process")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not (CUDA or INTERP) or not interpreter_supported(),
                                                                      reason="needs CUDA or the Triton interpreter"))]
@@ -153,17 +140,11 @@ def test_a_cuda_device_takes_the_kernels_through_the_codec(profile, monkeypatch)
     assert impl is not None and impl.__module__ == "kvstore.kernels.codec_impls"
 
 
-@pytest.mark.skipif(INTERP or CUDA or not interpreter_supported(),
-                    reason="the interpreted tests ran in this process, or this Triton's interpreter cannot run them")
+@rerun_needed
 def test_interpreted_kernels_in_a_subprocess():
     """Triton was imported before this module could switch its interpreter on: run the
     interpreted tests in a fresh process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_interpreted(__file__)
 
 
 @interp

@@ -2,8 +2,8 @@
 the numba CPU decoder.
 
 Without CUDA the Triton kernels run under Triton's interpreter, which must be switched on
-before ``triton`` is first imported: this module sets ``TRITON_INTERPRET=1`` at import when
-no GPU is present. If something imported triton earlier in the same process, the
+before ``triton`` is first imported: ``tests/triton_interpreter.py``, imported first, sets
+``TRITON_INTERPRET=1`` when no GPU is present. If something imported triton earlier in the same process, the
 interpreted tests skip themselves and :func:`test_interpreted_kernels_in_a_subprocess`
 runs them in a fresh interpreter instead. The interpreter costs ~30 ms per loop iteration
 of a program, so these tests use small streams with short lanes (a few groups of 8-16
@@ -13,20 +13,11 @@ outputs and check every element.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
+from triton_interpreter import CUDA, INTERP, interp, rerun_interpreted, rerun_needed  # first: before triton
 
 from kvstore.codecs import rans
 from kvstore.codecs.kvcodec import KVCodec
@@ -34,14 +25,14 @@ from benchmarks.rans import synthetic
 from kvstore.codecs.symbol_model import FrequencyTable, count_symbols
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
-from kvstore.kernels import decode_rans as kernels_dispatch_decode, interpreter_supported
+from kvstore.kernels import decode_rans as kernels_dispatch_decode
 from kvstore.kernels.dequantize import (
     dequantize_affine,
     dequantize_kv_channel_major,
     dequantize_rowscale,
 )
 from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels
-from kvstore.kernels.rans_decode import interpreter_active, plan_rans_launch, rans_decode_gpu, rans_decode_launch
+from kvstore.kernels.rans_decode import plan_rans_launch, rans_decode_gpu, rans_decode_launch
 from kvstore.kernels.rans_streams import (
     ERR_OVERRUN,
     ERR_WORDS_LEFT,
@@ -64,9 +55,6 @@ from kvstore.kernels.torch_ops import (
 
 from kvcodec_samples import D, H, L, small_profile as fitted_small_profile, synthetic_kv
 
-INTERP = not CUDA and interpreter_active()
-interp = pytest.mark.skipif(not (INTERP and interpreter_supported()),
-                            reason="needs the Triton interpreter (>= 3.9) on from the start of the process")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 CPU = torch.device("cpu")
@@ -469,17 +457,11 @@ def test_dispatch_uses_the_reference_off_cuda():
     np.testing.assert_array_equal(kernels_dispatch_decode(data, table, mm, device="cpu").numpy(), sym)
 
 
-@pytest.mark.skipif(INTERP or CUDA or not interpreter_supported(),
-                    reason="the interpreted tests ran in this process, or this Triton's interpreter cannot run them")
+@rerun_needed
 def test_interpreted_kernels_in_a_subprocess():
     """Triton was imported before this module could switch its interpreter on: run the
     interpreted tests in a fresh process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerun_interpreted(__file__)
 
 
 # ----------------------------------------------------------------------------- on a GPU
