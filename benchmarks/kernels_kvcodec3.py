@@ -56,13 +56,15 @@ def synthetic_profile(shape: tuple[int, int, int], shares: tuple[float, float] =
     fitted = TransformProfile(L, H, D, groups, torch.ones(L, H, D), rope, tuple(basis(p, shares[0]) for p in features),
                               tuple(basis(p, shares[1]) for p in features), (), (), 4)  # fmt: skip
 
-    def coordinates(bases: tuple[Basis, ...]) -> torch.Tensor:
-        return torch.cat([torch.randn(sample_tokens, b.rank, generator=gen) * b.variances.sqrt() for b in bases], dim=1)
-
     codes = torch.randint(-4, 4, (L, H, sample_tokens), generator=gen)
-    keys = fitted.keys_from_coordinates(coordinates(fitted.key_bases), 0)
-    values = fitted.values_from_coordinates(coordinates(fitted.value_bases), codes)
+    keys = fitted.keys_from_coordinates(_coordinates(fitted.key_bases, sample_tokens, gen), 0)
+    values = fitted.values_from_coordinates(_coordinates(fitted.value_bases, sample_tokens, gen), codes)
     return with_levels(fitted, [(keys, values)], [Level(1.0, 1.0)])
+
+
+def _coordinates(bases: tuple[Basis, ...], tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """``[tokens, sum of ranks]`` coordinates drawn with each basis's calibration spreads."""
+    return torch.cat([torch.randn(tokens, b.rank, generator=gen) * b.variances.sqrt() for b in bases], dim=1)
 
 
 def _gbps(nbytes: int, ms: float) -> float:
@@ -81,11 +83,9 @@ def figures(dev: torch.device, bench: Callable[[Callable[[], Any]], float], sync
     codec = KVCodec3(profile, 0)
     gen = torch.Generator().manual_seed(1)
     start = 4096  # past the sinks: every token coded
-    keys = profile.keys_from_coordinates(
-        torch.cat([torch.randn(T, b.rank, generator=gen) * b.variances.sqrt() for b in profile.key_bases], 1), start)
-    values = profile.values_from_coordinates(
-        torch.cat([torch.randn(T, b.rank, generator=gen) * b.variances.sqrt() for b in profile.value_bases], 1),
-        torch.randint(-4, 4, (L, H, T), generator=gen))  # fmt: skip
+    keys = profile.keys_from_coordinates(_coordinates(profile.key_bases, T, gen), start)
+    values = profile.values_from_coordinates(_coordinates(profile.value_bases, T, gen),
+                                             torch.randint(-4, 4, (L, H, T), generator=gen))  # fmt: skip
     keys, values = keys.half(), values.half()
     obj = container.decode(container.encode(codec.encode(keys, values, start=start), kind="bench"))
     kv_bytes = 2 * keys.numel() * 2
