@@ -151,11 +151,12 @@ class TransformProfile:
         part = x[group[0]:group[0] + 1] if len(group) == 1 else x[list(group)]
         return part.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
 
-    def key_coordinates(self, keys: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_coordinates(self, keys: torch.Tensor, start: int, *,
+                        lost: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """Coordinates ``[T, key_rank]`` (float32) of keys ``[L, H, T, D]`` at positions ``start ..``,
-        and each token's energy outside each group's components ``[T, groups]`` (see :meth:`lost_tokens`)."""
-        x = rotate(keys.float(), self.rope, start, inverse=True).mul_(self.key_weight.to(keys.device)[:, :, None])
-        return self._project(x, self.key_bases)
+        and each token's energy outside each group's components ``[T, groups]`` (see :meth:`lost_tokens`;
+        ``lost=False``: None, without the reconstruction that measures it)."""
+        return self._project(key_features(keys, self.rope, self.key_weight, start), self.key_bases, lost)
 
     def level_ranks(self, level: Level) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """How many leading components of each group's key and value basis ``level`` codes: those
@@ -178,27 +179,28 @@ class TransformProfile:
         x.div_(self.key_weight.to(y.device)[:, :, None])
         return rotate(x, self.rope, start)
 
-    def value_coordinates(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def value_coordinates(self, values: torch.Tensor, *,
+                          lost: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # fmt: skip
         """Coordinates ``[T, value_rank]`` of values ``[L, H, T, D]``, their energy outside each
-        group's components, and the values' scale codes ``[L, H, T]``."""
-        v = values.float()
-        codes = value_scale_codes(v)
-        x = v / value_steps(codes, 1.0)[..., None]
-        return (*self._project(x, self.value_bases), codes)
+        group's components (as :meth:`key_coordinates`), and the values' scale codes ``[L, H, T]``."""
+        x, codes = value_features(values)
+        return (*self._project(x, self.value_bases, lost), codes)
 
-    def _project(self, x: torch.Tensor, bases: tuple[Basis, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each group's coordinates of the features ``x`` ``[L, H, T, D]`` and each token's energy
-        outside the group's components ``[T, groups]`` (0 where under :data:`LOST_SHARE` of the
-        token's own: the fp16 components' rounding alone leaves about 1e-6)."""
+    def _project(self, x: torch.Tensor, bases: tuple[Basis, ...],
+                 lost: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Each group's coordinates of the features ``x`` ``[L, H, T, D]`` and (``lost``) each
+        token's energy outside the group's components ``[T, groups]`` (0 where under
+        :data:`LOST_SHARE` of the token's own: the fp16 components' rounding alone leaves about 1e-6)."""
         parts, left = [], []
         for group, b in zip(self.groups, bases):
             rows = self._group_rows(x, group)
             y = b.project(rows)
-            lost = (rows - b.reconstruct(y)).pow_(2).sum(dim=1)
-            total = (rows - b.mean.to(rows.device)).pow_(2).sum(dim=1)
-            left.append(torch.where(lost > LOST_SHARE * total, lost, 0.0))
             parts.append(y)
-        return torch.cat(parts, dim=1), torch.stack(left, dim=1)
+            if lost:
+                outside = (rows - b.reconstruct(y)).pow_(2).sum(dim=1)
+                total = (rows - b.mean.to(rows.device)).pow_(2).sum(dim=1)
+                left.append(torch.where(outside > LOST_SHARE * total, outside, 0.0))
+        return torch.cat(parts, dim=1), torch.stack(left, dim=1) if lost else None
 
     def lost_tokens(self, keys: tuple[torch.Tensor, torch.Tensor], values: tuple[torch.Tensor, torch.Tensor],
                     level: Level, *, sinks: int = 0) -> torch.Tensor:  # fmt: skip
@@ -356,6 +358,20 @@ def transform_groups(layer_kinds: Sequence[Any], group_layers: int) -> tuple[tup
     return tuple(sorted(groups))
 
 
+def key_features(keys: torch.Tensor, rope: RotaryTable, weight: torch.Tensor, start: int) -> torch.Tensor:
+    """Keys ``[L, H, T, D]`` at positions ``start ..`` as the transform sees them (float32): RoPE
+    undone, each channel times its ``weight`` ``[L, H, D]``."""
+    return rotate(keys.float(), rope, start, inverse=True).mul_(weight.to(keys.device)[:, :, None])
+
+
+def value_features(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values ``[L, H, T, D]`` as the transform sees them (float32: each (layer, head, token) row
+    divided by its scale), and those rows' scale codes ``[L, H, T]``."""
+    v = values.float()
+    codes = value_scale_codes(v)
+    return v / value_steps(codes, 1.0)[..., None], codes
+
+
 def outside_symbols(residuals: torch.Tensor) -> torch.Tensor:
     """Where integer residuals fall outside the 8-bit symbols (stored exactly, as patches)."""
     return (residuals < -ZERO) | (residuals > 255 - ZERO)
@@ -397,8 +413,8 @@ def fit_transform(
     key_rows: list[list[torch.Tensor]] = [[] for _ in groups]
     value_rows: list[list[torch.Tensor]] = [[] for _ in groups]
     for keys, values in samples:
-        k = rotate(keys.float(), rope, 0, inverse=True).mul_(weight[:, :, None])
-        v = values.float() / value_steps(value_scale_codes(values.float()), 1.0)[..., None]
+        k = key_features(keys, rope, weight, 0)
+        v, _ = value_features(values)
         for g, group in enumerate(groups):
             key_rows[g].append(TransformProfile._group_rows(k, group)[sink_tokens:])
             value_rows[g].append(TransformProfile._group_rows(v, group)[sink_tokens:])
@@ -429,7 +445,8 @@ def with_levels(
         tuple(keep(b, finest_k) for b in fitted.key_bases), tuple(keep(b, finest_v) for b in fitted.value_bases),
         (), (), fitted.sink_tokens)
     s = fitted.sink_tokens
-    coords = [(profile.key_coordinates(k, 0)[0][s:], *profile.value_coordinates(v)) for k, v in samples]
+    coords = [(profile.key_coordinates(k, 0, lost=False)[0][s:], *profile.value_coordinates(v, lost=False))
+              for k, v in samples]
     yk = torch.cat([c[0] for c in coords])
     yv = torch.cat([c[1][s:] for c in coords])
     codes = torch.cat([c[3][:, :, s:] for c in coords], dim=2)
