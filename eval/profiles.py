@@ -27,6 +27,7 @@ from kvstore.integrations.hf_calibrate import DEFAULT_TARGETS_PCT
 from kvstore.integrations.hf import extract_kv
 from kvstore.integrations.hf_profile import profile_model, transform_profile_model
 from kvstore.integrations.hf_rope import rotary_table
+from kvstore.kv import stack_span
 
 CALIBRATION_SOURCE = "licenses"
 EVALUATION_SOURCE = "pydoc"
@@ -96,7 +97,7 @@ def kvtc_profile(
     samples = []
     for tokens in calibration_contexts(lm.tokenizer, contexts, context_tokens):
         kv = extract_kv(lm.model, tokens)
-        samples.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
+        samples.append(stack_span(kv))
     profile = build_kvtc_profile(samples, rotary_table(lm.model))
     _store(path, profile.to_bytes())
     return profile, time.perf_counter() - started

@@ -62,10 +62,10 @@ def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, l
     return first
 
 
-def stack_span(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop: int,
+def stack_span(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0, stop: int | None = None,
                layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of tokens ``[start, stop)`` of ``layers`` (all by default), stacked as
-    ``[layers, kv_heads, stop - start, dim]``."""
+    """Keys and values of tokens ``[start, stop)`` (default: every token) of ``layers`` (all by
+    default), stacked as ``[layers, kv_heads, stop - start, dim]``."""
     picked = [kv[i] for i in layers] if layers is not None else kv
     keys = torch.stack([k[:, start:stop] for k, _ in picked])
     values = torch.stack([v[:, start:stop] for _, v in picked])

@@ -35,6 +35,7 @@ from kvstore.integrations.hf_calibrate import (
     check_targets,
 )
 from kvstore.integrations.hf_rope import rotary_table
+from kvstore.kv import stack_span
 
 
 CAPTURE_NAME = "kvstore_capture_queries"
@@ -96,7 +97,7 @@ def profile_model(
             raise ConfigError(f"{q_heads} query heads do not group onto {layout.kv_heads} KV heads")
         energy += per_layer.view(layout.layers, layout.kv_heads, q_heads // layout.kv_heads, -1).mean(dim=2)
         positions += kv[0][0].shape[1]
-        samples.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
+        samples.append(stack_span(kv))
     energy /= positions
     if targets_pct is None:
         return build_profile(samples, query_energy=energy, levels=levels, sink_tokens=sink_tokens)
@@ -129,7 +130,7 @@ def transform_profile_model(
     samples = []
     for tokens in contexts:
         kv = extract_kv(model, tokens)
-        samples.append((torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])))
+        samples.append(stack_span(kv))
     L, H, _, D = samples[0][0].shape
     if (L, H, D) != base.shape:
         raise ConfigError(f"the kvcodec profile's shape {base.shape} is not the model's KV")
