@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kvstore.codecs.kvcodec3_profile import DEFAULT_GROUP_LAYERS, TransformProfile
+from kvstore.codecs.kvcodec3_profile import DEFAULT_GROUP_LAYERS, SINK_TOKENS, TransformProfile
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level
 from kvstore.codecs.kvtc_ref import KVTCProfile, build_kvtc_profile
 from eval.corpus import documents
@@ -65,8 +65,8 @@ def transform_profile(
     """The model's ``kvcodec3`` profile (from the disk cache, or calibrated on the license texts
     on top of :func:`model_profile`'s query statistics) and the seconds it took to make."""
     path = _cache_path(lm, {"codec": "kvcodec3", "group_layers": group_layers, "contexts": contexts,
-                        "context_tokens": context_tokens, "targets_pct": list(DEFAULT_TARGETS_PCT)},
-                   "kv3profile", cache_dir)
+                        "context_tokens": context_tokens, "targets_pct": list(DEFAULT_TARGETS_PCT),
+                        "sink_tokens": SINK_TOKENS}, "kv3profile", cache_dir)
     if path.is_file():
         profile = TransformProfile.from_bytes(path.read_bytes())
         return profile, float(profile.calibration.get("seconds", 0.0)) if profile.calibration else 0.0

@@ -45,8 +45,9 @@ class ModelAdapter(Protocol):
         ...
 
     def calibrate(self, contexts: Sequence[Tokens]) -> Any:
-        """A ``kvcodec`` profile (:class:`~kvstore.codecs.kvcodec_profile.KVCodecProfile`)
-        calibrated on ``contexts``, its levels meeting the default quality targets."""
+        """A codec profile calibrated on ``contexts``, its six levels meeting the default quality
+        targets: a ``kvcodec3`` (:class:`~kvstore.codecs.kvcodec3_profile.TransformProfile`) or a
+        ``kvcodec`` one (:class:`~kvstore.codecs.kvcodec_profile.KVCodecProfile`)."""
         ...
 
     def to_cache(self, kv: KV, num_tokens: int) -> Any:

@@ -14,8 +14,8 @@ anything else raises, so wrong KV never reaches the model. With ``pq=...``,
 without fetching any KV.
 
 Bound to a model (``KVStore(url, model=model)``), a store prefills contexts itself
-(``put(tokens)``), stores the model's ``kvcodec`` levels with a profile calibrated once
-per model and shared through the store, and ``load(tokens)`` returns a ready cache.
+(``put(tokens)``), stores the model's ``kvcodec3`` (or ``kvcodec``) levels with a profile
+calibrated once per model and shared through the store, and ``load(tokens)`` returns a ready cache.
 """
 
 from __future__ import annotations
@@ -69,8 +69,30 @@ R = TypeVar("R")
 LevelLike = str | tuple[str, dict[str, Any]] | Codec
 PUT_ATTEMPTS = 3  # a put whose manifest lists objects replaced since is redone this often
 SLIDING_CHUNKS = ("all", "last_window")
-CALIBRATION_TOKENS = 2048  # a bound store without calibration texts calibrates on this much of its first put
+#: a bound store without calibration texts calibrates on its first put: on four contexts of its first
+#: 8,192 tokens (a kvcodec3 profile) when it has that many, else on its first 2,048 (a kvcodec profile)
+CALIBRATION_TOKENS = 8192
+CALIBRATION_CONTEXT_TOKENS = 2048
 MIN_CALIBRATION_TOKENS = 16
+
+
+def profile_levels(profile_bytes: bytes, levels: int, key: str) -> list[Codec]:
+    """The ``levels`` codecs of a stored default profile (``kvcodec3`` or ``kvcodec``, by its kind)."""
+    from kvstore.codecs.kvcodec import KVCodec
+    from kvstore.codecs.kvcodec3 import KVCodec3
+    from kvstore.codecs.kvcodec3_profile import KIND as TRANSFORM_KIND
+    from kvstore.codecs.kvcodec3_profile import TransformProfile
+    from kvstore.codecs.kvcodec_profile import KVCodecProfile
+
+    if container.decode_header(profile_bytes, len(profile_bytes)).kind == TRANSFORM_KIND:
+        transform = TransformProfile.from_bytes(profile_bytes)
+        codecs: list[Codec] = [KVCodec3(transform, i) for i in range(min(levels, len(transform.levels)))]
+    else:
+        profile = KVCodecProfile.from_bytes(profile_bytes)
+        codecs = [KVCodec(profile, i) for i in range(min(levels, len(profile.levels)))]
+    if len(codecs) != levels:
+        raise FormatError(f"the model's stored codec profile {key} has {len(codecs)} levels, not {levels}")
+    return codecs
 
 
 def make_codec(level: LevelLike) -> Codec:
@@ -124,14 +146,15 @@ class KVStore:
             prefix sharing and streaming.
         levels: the quality levels each chunk is stored at, best first: codec
             names, ``(name, params)`` pairs or codec instances; or ``"auto"`` (the
-            default with a model, ``("raw",)`` without): the six ``kvcodec`` levels of the
-            model's profile, so that level *i* is kvcodec level *i*. The profile is read
+            default with a model, ``("raw",)`` without): the six levels of the model's
+            profile, so that level *i* is the profile codec's level *i*. The profile is read
             from the store (``<namespace>/<model>/profile``) or, on the model's first put
-            anywhere, calibrated (on ``calibrate``, else on that put's first
-            ``CALIBRATION_TOKENS`` tokens) and stored there create-only, so that every
-            writer of the model shares it.
-        default_level: the level ``get``, ``lookup`` and ``load`` use when not told: kvcodec's
-            default (2) with ``levels="auto"``, else 0 (the best).
+            anywhere, calibrated and stored there create-only, so that every writer of the
+            model shares it. It is a ``kvcodec3`` profile when calibrated on 8,192 tokens or
+            more (``calibrate`` texts, or a first put that long: four contexts of its first
+            ``CALIBRATION_TOKENS``), else a ``kvcodec`` one (on its first 2,048 tokens).
+        default_level: the level ``get``, ``lookup`` and ``load`` use when not told: the
+            codecs' default (2) with ``levels="auto"``, else 0 (the best).
         calibrate: with ``levels="auto"``, the texts (strings, which need the model's
             tokenizer) or token id sequences a missing profile is calibrated on.
         namespace: the key prefix under which everything is stored.
@@ -180,7 +203,7 @@ class KVStore:
             from kvstore.codecs.kvcodec import DEFAULT_LEVEL
             from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS
 
-            self.codecs: list[Codec] = []  # the model's kvcodec levels, from its profile on first use
+            self.codecs: list[Codec] = []  # the model's profile's levels, from its profile on first use
             self.num_levels = len(DEFAULT_LEVELS)
             default = DEFAULT_LEVEL
         else:
@@ -255,7 +278,7 @@ class KVStore:
         return level
 
     async def _bind_levels(self, fingerprint: str, first_context: np.ndarray | None) -> bool:
-        """Build the model's kvcodec levels (``levels="auto"``) from the profile stored for it,
+        """Build the model's codec levels (``levels="auto"``) from the profile stored for it,
         or from one calibrated now and stored create-only (another writer's, if it stored one
         first). ``False``: no profile is stored and ``first_context`` is ``None`` (a read:
         nothing of the model can be stored at these levels yet)."""
@@ -271,7 +294,7 @@ class KVStore:
                 contexts = await self._calibration_contexts(first_context)
                 if contexts is None:
                     return False
-                log.info("calibrating the kvcodec profile of model %s on %d contexts", self.model.model_id, len(contexts))
+                log.info("calibrating the codec profile of model %s on %d contexts", self.model.model_id, len(contexts))
                 profile_bytes = (await asyncio.to_thread(self.model.calibrate, contexts)).to_bytes()
                 if not await self.store.put(key, default_profile_to_bytes(profile_bytes, fingerprint), create_only=True):
                     data = await self.store.get(key)  # another writer stored one first: every writer uses it
@@ -281,14 +304,7 @@ class KVStore:
                 except FormatError as exc:
                     raise type(exc)(f"the model's stored codec profile {key} is damaged ({exc}); "
                                     "delete it to calibrate a new one") from exc
-            from kvstore.codecs.kvcodec import KVCodec
-            from kvstore.codecs.kvcodec_profile import KVCodecProfile
-
-            profile = KVCodecProfile.from_bytes(profile_bytes)
-            if len(profile.levels) != self.num_levels:
-                raise FormatError(f"the model's stored codec profile {key} has {len(profile.levels)} levels, "
-                                  f"not {self.num_levels}")
-            self.codecs = [KVCodec(profile, i) for i in range(self.num_levels)]
+            self.codecs = profile_levels(profile_bytes, self.num_levels, key)
         return True
 
     async def _calibration_contexts(self, first_context: np.ndarray | None) -> list[Tokens] | None:
@@ -303,7 +319,9 @@ class KVStore:
         if len(first_context) < MIN_CALIBRATION_TOKENS:
             raise ConfigError(f"the model's first put ({len(first_context)} tokens) is too short to calibrate its "
                               f"codec profile on (at least {MIN_CALIBRATION_TOKENS}): pass calibrate= texts")
-        return [first_context[:CALIBRATION_TOKENS]]
+        if len(first_context) < CALIBRATION_TOKENS:
+            return [first_context[:CALIBRATION_CONTEXT_TOKENS]]
+        return [first_context[i:i + CALIBRATION_CONTEXT_TOKENS] for i in range(0, CALIBRATION_TOKENS, CALIBRATION_CONTEXT_TOKENS)]
 
     def _check_level(self, level: int, available: int) -> None:
         if type(level) is not int or not 0 <= level < available:

@@ -12,6 +12,8 @@ import torch
 from kvstore import KVStore, SyncKVStore
 from kvstore.admin.checks import DEFAULT_PROFILE, check_bytes
 from kvstore.codecs.kvcodec import KVCodec
+from kvstore.codecs.kvcodec3 import KVCodec3
+from kvstore.codecs.kvcodec3_profile import TransformProfile
 from kvstore.codecs.kvcodec_profile import KVCodecProfile
 from kvstore.errors import ConfigError, ContextNotFoundError, FormatError
 from eval.architectures import tiny_model
@@ -122,6 +124,28 @@ async def test_load_returns_the_stored_prefix_and_a_ready_cache(llama):
         with torch.no_grad():  # the model goes on from the cache
             logits = llama(input_ids=torch.tensor([tokens[n:]]), **{cache_kwarg(llama): cache}).logits
         assert logits.shape[:2] == (1, 1) and torch.isfinite(logits).all()
+
+
+async def test_a_first_put_of_8k_tokens_calibrates_kvcodec3_levels(llama, tmp_path):
+    model = CountingModel(llama)
+    tokens = tokens_of(llama, 8192 + 300, seed=3)
+    async with KVStore(tmp_path.as_uri(), model=model) as store:
+        manifest = await store.put(tokens)
+        assert model.calibrated_on == [[2048] * 4]  # four contexts of the first 8,192 tokens
+        assert [spec.codec for spec in manifest.levels] == ["kvcodec3"] * 6 and store.default_level == 2
+        loaded = await store.get(tokens)
+    profile_id, profile_bytes = stored_profile(tmp_path, model.model_id)
+    profile = TransformProfile.from_bytes(profile_bytes)
+    assert profile.calibration["calibration_tokens"] == 8192
+    # the store's level 2 is kvcodec3 level 2 of that profile, bit for bit
+    async with KVStore("memory://", levels=[KVCodec3(profile, 2)]) as by_hand:
+        await by_hand.put(model.model_id, tokens, extract_kv(llama, tokens), layout=model.cache_layout())
+        expected = await by_hand.get(model.model_id, tokens)
+    assert all(torch.equal(a, b) for (ka, va), (kb, vb) in zip(loaded, expected) for a, b in ((ka, kb), (va, vb)))
+    again = CountingModel(llama)
+    async with KVStore(tmp_path.as_uri(), model=again) as store:  # another writer reads the stored profile
+        await store.put(tokens_of(llama, 300, seed=4))
+        assert again.calibrated_on == [] and {type(c) for c in store.codecs} == {KVCodec3}
 
 
 async def test_calibration_texts(llama):

@@ -64,6 +64,10 @@ LOST_SHARE = 1e-3
 #: a profile that fits the text poorly would otherwise flag most tokens at the finest levels
 MAX_EXACT_SHARE = 1 / 32
 MAX_DIM = 1 << 16
+#: the context's first tokens stored exactly by default (the attention sink). More were measured
+#: to change nothing (SmolLM2, held-out text: benchmarks/RESULTS.md); a later token the bases cannot
+#: represent is stored exactly anyway (:meth:`TransformProfile.lost_tokens`)
+SINK_TOKENS = 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class TransformProfile:
     value_bases: tuple[Basis, ...]
     levels: tuple[Level, ...]
     tables: tuple[LevelTables, ...]  # keys: sum of key ranks models; values: sum of value ranks; scales: L*H
-    sink_tokens: int = 4
+    sink_tokens: int = SINK_TOKENS
     calibration: dict[str, Any] | None = None
     #: [2, groups] float32: the mean energy per calibration token (keys, values) outside each
     #: group's kept components (None: zeros, an untruncated basis)
@@ -399,7 +403,7 @@ def fit_transform(
     rope: RotaryTable,
     key_weight: torch.Tensor,
     groups: tuple[tuple[int, ...], ...],
-    sink_tokens: int = 4,
+    sink_tokens: int = SINK_TOKENS,
 ) -> TransformProfile:
     """The bases of each transform group, fitted on calibration contexts' KV (``samples``:
     ``(keys, values)`` ``[L, H, T, D]`` of contexts starting at position 0; their sinks are

@@ -63,10 +63,14 @@ class HFModel:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def calibrate(self, contexts: Sequence[Tokens]) -> Any:
-        """A kvcodec profile calibrated on ``contexts`` (minutes on a CPU for a few thousand tokens)."""
-        from kvstore.integrations.hf_profile import profile_model
+        """The model's codec profile calibrated on ``contexts`` (minutes on a CPU): ``kvcodec3``'s
+        when they hold :data:`~kvstore.integrations.hf_profile.MIN_TRANSFORM_TOKENS` tokens or more
+        (its bases need that much text to hold on other text), else ``kvcodec``'s."""
+        from kvstore.integrations.hf_profile import MIN_TRANSFORM_TOKENS, profile_model, transform_profile_model
 
         with model_lock(self.model):
+            if sum(len(c) for c in contexts) >= MIN_TRANSFORM_TOKENS:
+                return transform_profile_model(self.model, contexts)
             return profile_model(self.model, contexts)
 
     def to_cache(self, kv: KV, num_tokens: int) -> Any:

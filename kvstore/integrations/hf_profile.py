@@ -17,6 +17,7 @@ import torch
 
 from kvstore.codecs.kvcodec3_profile import (
     DEFAULT_GROUP_LAYERS,
+    SINK_TOKENS,
     TransformProfile,
     fit_transform,
     pair_weights,
@@ -39,6 +40,9 @@ from kvstore.kv import stack_span
 
 
 CAPTURE_NAME = "kvstore_capture_queries"
+#: calibration tokens a ``kvcodec3`` profile needs: bases fitted on fewer under-estimate their
+#: trailing components' spread on other text (measured on SmolLM2: benchmarks/RESULTS.md)
+MIN_TRANSFORM_TOKENS = 8192
 
 
 @contextlib.contextmanager
@@ -115,7 +119,7 @@ def transform_profile_model(
     *,
     base: KVCodecProfile | None = None,
     group_layers: int = DEFAULT_GROUP_LAYERS,
-    sink_tokens: int = 4,
+    sink_tokens: int = SINK_TOKENS,
     targets_pct: Sequence[float] = DEFAULT_TARGETS_PCT,
 ) -> TransformProfile:
     """A ``kvcodec3`` profile of ``model`` from calibration ``contexts``: key weights from the
@@ -125,7 +129,7 @@ def transform_profile_model(
     if not contexts:
         raise ConfigError("transform_profile_model needs at least one calibration context")
     if base is None:
-        base = profile_model(model, contexts, sink_tokens=sink_tokens, targets_pct=targets_pct)
+        base = profile_model(model, contexts, targets_pct=targets_pct)
     check_targets(targets_pct)
     samples = []
     for tokens in contexts:
