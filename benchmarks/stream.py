@@ -1,7 +1,8 @@
 """``kvstore bench stream``: the adaptive fetcher against fixed policies on shaped links.
 
 SmolLM2 contexts (pydoc text; 4 x 2,048 tokens, ``--quick`` 1 x 1,024) are
-stored at every level (raw, int8, kvcodec L0-L5) behind a link shaped to a
+stored at every level (raw, int8, kvcodec3 L0-L5, the store's levels with a model profile
+calibrated on 8,192 tokens; ``--quick``: on 2,048) behind a link shaped to a
 bandwidth trace. As root with iproute2 and ``redis-server`` the link is the
 kernel's: ``redis-server`` in a network namespace behind a veth pair whose
 server-to-client direction passes ``tc tbf``, its rate changed on the trace's
@@ -34,11 +35,11 @@ from typing import Any
 import torch
 
 from kvstore.backends.memory import MemoryStore
-from kvstore.codecs.kvcodec import DEFAULT_LEVEL, KVCodec
+from kvstore.codecs.kvcodec3 import DEFAULT_LEVEL, KVCodec3
 from eval.corpus import documents
 from eval.model import load_model
 from eval.perplexity import ppl
-from eval.profiles import EVALUATION_SOURCE, model_profile
+from eval.profiles import EVALUATION_SOURCE, transform_profile
 from kvstore.fetch import AdaptiveFetcher, PrefillCost
 from kvstore.fetch.policy import AdaptivePolicy, OraclePolicy, Policy, StaticPolicy
 from kvstore.fetch.timeline import draw_timeline, timeline_of
@@ -132,10 +133,10 @@ def _make_link() -> _InProcessLink | _KernelLink:
 async def _run(quick: bool) -> dict[str, Any]:
     n_docs = 1 if quick else 4
     lm = load_model("smollm2")
-    profile = model_profile(lm, contexts=1 if quick else 2, context_tokens=2048)
+    profile, _ = transform_profile(lm, contexts=1 if quick else 4, context_tokens=2048)
     docs = documents(lm.tokenizer, sources=[EVALUATION_SOURCE], n=n_docs, seed=3)
-    level_names = ["raw", "int8"] + [f"kvcodec-L{i}" for i in range(len(profile.levels))]
-    codecs: list[Any] = ["raw", "int8"] + [KVCodec(profile, i) for i in range(len(profile.levels))]
+    level_names = ["raw", "int8"] + [f"kvcodec3-L{i}" for i in range(len(profile.levels))]
+    codecs: list[Any] = ["raw", "int8"] + [KVCodec3(profile, i) for i in range(len(profile.levels))]
     link = _make_link()
     try:
         return await _measure(quick, lm, profile, docs, level_names, codecs, link)
@@ -146,7 +147,7 @@ async def _run(quick: bool) -> dict[str, Any]:
 async def _measure(quick: bool, lm: Any, profile: Any, docs: list[Any], level_names: list[str],
                    codecs: list[Any], link: _InProcessLink | _KernelLink) -> dict[str, Any]:
     context_tokens, continuation = (1024, 128) if quick else (2048, 256)
-    adaptive_levels = list(range(2, len(level_names)))  # the fetcher chooses among kvcodec levels
+    adaptive_levels = list(range(2, len(level_names)))  # the fetcher chooses among kvcodec3 levels
     recompute_fn = make_recompute(lm.model)
     runs: list[dict[str, Any]] = []
     timeline: dict[str, Any] | None = None
@@ -225,7 +226,7 @@ async def _measure(quick: bool, lm: Any, profile: Any, docs: list[Any], level_na
     feasible = [(r, o) for r, o in zip((r for r in runs if r["policy"] == "adaptive"),
                                       (r for r in runs if r["policy"] == "oracle")) if o["slo_met"]]
     steady = [r for r in runs if r["trace"] == "steady" and r["policy"] == "adaptive"]
-    default = f"kvcodec-L{DEFAULT_LEVEL}"
+    default = f"kvcodec3-L{DEFAULT_LEVEL}"
     return {
         "model": lm.model_id,
         "context_tokens": context_tokens,
