@@ -88,19 +88,26 @@ def kvtc_profile(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[KVTCProfile, float]:
     """The model's ``kvtc_ref`` profile (KVTC's calibration on the license texts) and the
-    seconds it took (0 when read from the disk cache)."""
+    seconds it took to make (recorded beside the disk cache's file; 0 if that record is gone)."""
     path = _cache_path(lm, {"codec": "kvtc_ref", "contexts": contexts, "context_tokens": context_tokens},
                    "kvtcprofile", cache_dir)
+    seconds_path = path.with_name(path.name + ".seconds")
     if path.is_file():
-        return KVTCProfile.from_bytes(path.read_bytes()), 0.0
+        try:
+            seconds = float(seconds_path.read_text())
+        except (OSError, ValueError):
+            seconds = 0.0
+        return KVTCProfile.from_bytes(path.read_bytes()), seconds
     started = time.perf_counter()
     samples = []
     for tokens in calibration_contexts(lm.tokenizer, contexts, context_tokens):
         kv = extract_kv(lm.model, tokens)
         samples.append(stack_span(kv))
     profile = build_kvtc_profile(samples, rotary_table(lm.model))
+    seconds = time.perf_counter() - started
     _store(path, profile.to_bytes())
-    return profile, time.perf_counter() - started
+    _store(seconds_path, f"{seconds:.1f}".encode())
+    return profile, seconds
 
 
 def model_profile(

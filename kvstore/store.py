@@ -150,9 +150,10 @@ class KVStore:
             profile, so that level *i* is the profile codec's level *i*. The profile is read
             from the store (``<namespace>/<model>/profile``) or, on the model's first put
             anywhere, calibrated and stored there create-only, so that every writer of the
-            model shares it. It is a ``kvcodec3`` profile when calibrated on 8,192 tokens or
-            more (``calibrate`` texts, or a first put that long: four contexts of its first
-            ``CALIBRATION_TOKENS``), else a ``kvcodec`` one (on its first 2,048 tokens).
+            model shares it. The Hugging Face adapter calibrates a ``kvcodec3`` profile on
+            8,192 tokens or more (``calibrate`` texts, or four contexts of a first put's first
+            ``CALIBRATION_TOKENS``), else a ``kvcodec`` one (on the texts, or on the first
+            put's first 2,048 tokens).
         default_level: the level ``get``, ``lookup`` and ``load`` use when not told: the
             codecs' default (2) with ``levels="auto"``, else 0 (the best).
         calibrate: with ``levels="auto"``, the texts (strings, which need the model's
