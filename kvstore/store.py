@@ -322,7 +322,8 @@ class KVStore:
                               f"codec profile on (at least {MIN_CALIBRATION_TOKENS}): pass calibrate= texts")
         if len(first_context) < CALIBRATION_TOKENS:
             return [first_context[:CALIBRATION_CONTEXT_TOKENS]]
-        return [first_context[i:i + CALIBRATION_CONTEXT_TOKENS] for i in range(0, CALIBRATION_TOKENS, CALIBRATION_CONTEXT_TOKENS)]
+        return [first_context[i:i + CALIBRATION_CONTEXT_TOKENS]
+                for i in range(0, CALIBRATION_TOKENS, CALIBRATION_CONTEXT_TOKENS)]
 
     def _check_level(self, level: int, available: int) -> None:
         if type(level) is not int or not 0 <= level < available:

@@ -1,5 +1,5 @@
 """A store bound to a model (``KVStore(url, model=...)``): it prefills, calibrates the model's
-kvcodec profile once and shares it through the store, and loads ready caches."""
+codec profile once and shares it through the store, and loads ready caches."""
 
 from __future__ import annotations
 
