@@ -9,11 +9,17 @@ import kvstore.codecs.base as codec_base
 from kvstore import KVStore
 from kvstore.codecs.base import get_codec
 from kvstore.codecs.kvcodec3 import KVCodec3
-from kvstore.codecs.kvcodec3_profile import TransformProfile, pair_weights, transform_groups
+from kvstore.codecs.kvcodec3_profile import (
+    TransformProfile,
+    fit_transform,
+    pair_weights,
+    transform_groups,
+    with_levels,
+)
 from kvstore.codecs.rope import rotate
 from kvstore.errors import CodecError, FormatError
 from kvstore.format import container
-from tests.transform_samples import LEVELS, L, correlated_kv, rope_table, transform_profile
+from tests.transform_samples import LEVELS, H, D, L, correlated_kv, rope_table, transform_profile
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,24 @@ def test_coordinates_beyond_the_symbols_use_patches(profile):
     assert "k_patch_index" in buffers and "exact_tokens" not in buffers
     _, (k2, _) = round_trip(KVCodec3(profile, 0), keys, values, start=8)
     assert float((k2 - keys).abs().max()) < 0.05 * float(keys.abs().max())
+
+
+def test_a_profile_written_with_four_sink_tokens_still_decodes_its_chunks():
+    # profiles written before kvcodec3 kept one sink token stored 4: their chunks carry 4
+    samples = [correlated_kv(200, s) for s in range(3)]
+    fitted = fit_transform(samples, rope=rope_table(), key_weight=torch.ones(L, H, D),
+                           groups=transform_groups(("full",) * L, 2), sink_tokens=4)
+    stored = with_levels(fitted, samples, LEVELS).to_bytes()
+    old = TransformProfile.from_bytes(stored)
+    assert old.sink_tokens == 4
+    keys, values = correlated_kv(40, seed=12)
+    data = container.encode(KVCodec3(old, 2).encode(keys, values), kind="t")
+    assert tuple(container.decode(data).tensor("sink_k").shape) == (L, H, 4, D)
+    again = TransformProfile.from_bytes(stored)  # read back as a reader of the store would
+    k2, v2 = KVCodec3(again, 2).decode(container.decode(data), tuple(keys.shape), keys.dtype, torch.device("cpu"))
+    assert torch.equal(k2[:, :, :4], keys[:, :, :4]) and torch.equal(v2[:, :, :4], values[:, :, :4])
+    k3, v3 = old.roundtrip(keys, values, LEVELS[2])
+    assert torch.allclose(k2, k3, atol=1e-4) and torch.allclose(v2, v3, atol=1e-4)
 
 
 def test_profile_bytes_round_trip_and_stored_params_rebuild_the_codec(profile):
