@@ -6,13 +6,15 @@ level (``memory://``), load it back and generate from it. One row per architectu
 
 - ``supported`` (and ``error`` when not): whether its layout can be stored;
 - ``raw_roundtrip_exact``: the loaded KV equals the extracted KV bit for bit (sliding
-  layers: the tokens they hold);
+  layers: the tokens they hold; linear-attention layers: their states after the context);
 - ``generate_matches``: greedy generation from the loaded KV equals generation from a
-  fresh prefill;
+  fresh prefill (a model with linear-attention layers continues from the last stored
+  chunk boundary before the context's end: its states cannot drop the last token);
 - ``stored_bytes``: bytes of the context's chunk objects; ``full_layout_bytes``: the KV
-  of every layer for every token at the same dtype (what a store without layer groups
-  holds and reads); ``prefix_get_bytes``: bytes a ``get`` of the whole context reads to
-  continue it;
+  of every layer for every token at the same dtype, plus one copy of the linear layers'
+  states (what a store without layer groups holds and reads); ``prefix_get_bytes``:
+  bytes a ``get`` of the whole context reads to continue it; ``state_bytes``: one copy of
+  the linear layers' states (0 without them; stored after every chunk here);
 - ``profile_s``: seconds to calibrate the model's kvcodec profile (``None`` where
   per-model profiles do not cover the layout yet, with ``profile_error``).
 
@@ -34,7 +36,7 @@ from kvstore.errors import KVStoreError
 from eval.architectures import ARCHS, tiny_model
 from kvstore.integrations.hf import cache_layout, extract_kv, generate_greedy
 from kvstore.integrations.hf_profile import profile_model
-from kvstore.kv import KV
+from kvstore.kv import KV, is_linear
 
 CHUNK_TOKENS = 16
 LONG_CHUNK_TOKENS = 256
@@ -61,26 +63,36 @@ async def _roundtrip(name: str, model: Any, ids: list[int], chunk_tokens: int, *
     from kvstore import KVStore
 
     layout = cache_layout(model)
-    kv = extract_kv(model, ids, chunk_tokens=1024)
-    full = len(ids) * layout.bytes_per_token(kv[0][0].element_size())
+    kv = extract_kv(model, ids, chunk_tokens=1024, states_every=chunk_tokens if layout.has_linear else None)
+    states = sum(t.numel() * t.element_size() for entry in kv if is_linear(entry) for t in entry.after(len(ids)))
+    full = len(ids) * layout.bytes_per_token(kv[1 if is_linear(kv[0]) else 0][0].element_size()) + states
     async with KVStore("memory://", chunk_tokens=chunk_tokens) as store:
         manifest = await store.put(name, ids, kv, layout=layout)
         reads = _CountingReads(store.store)
         got: KV = await store.get(name, ids)
-        exact = all(torch.equal(gk, k[:, k.shape[1] - gk.shape[1]:]) and torch.equal(gv, v[:, v.shape[1] - gv.shape[1]:])
-                    for (k, v), (gk, gv) in zip(kv, got, strict=True))
         row = {
             "layout": layout.describe(),
-            "raw_roundtrip_exact": exact,
+            "raw_roundtrip_exact": all(_same(entry, loaded, len(ids)) for entry, loaded in zip(kv, got, strict=True)),
             "stored_bytes": manifest.level_bytes(0),
             "full_layout_bytes": full,
             "prefix_get_bytes": reads.bytes,
             "prefix_get_vs_full": round(reads.bytes / full, 4),
+            "state_bytes": states,
         }
         if generate:
+            if layout.has_linear:  # continue from the last chunk boundary before the end
+                got = await store.get(name, ids[:await store.lookup(name, ids[:-1])])
             row["generate_matches"] = (generate_greedy(model, ids, got, max_new_tokens=8)
                                        == generate_greedy(model, ids, None, max_new_tokens=8))
     return row
+
+
+def _same(entry: Any, loaded: Any, n: int) -> bool:
+    """Whether a loaded layer equals what was stored (the tokens it holds, or its states after ``n``)."""
+    if is_linear(entry):
+        return all(torch.equal(a, b) for a, b in zip(entry.after(n), loaded.after(n)))
+    (k, v), (gk, gv) = entry, loaded
+    return torch.equal(gk, k[:, k.shape[1] - gk.shape[1]:]) and torch.equal(gv, v[:, v.shape[1] - gv.shape[1]:])
 
 
 def _profile_seconds(model: Any, ids: list[int]) -> tuple[float | None, str | None]:

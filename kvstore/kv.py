@@ -4,20 +4,78 @@ Key and value widths may differ (MLA), and so may heads and widths across layers
 (see :class:`~kvstore.format.layout.CacheLayout`). KV given to a store covers every
 token in every layer; KV loaded for a prefix may hold, in a sliding-window layer,
 only the *last* tokens of the prefix (at least the window the next token attends).
+A linear-attention layer has no per-token KV: its entry is a :class:`LinearStates`,
+the layer's fixed-size states after some numbers of tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeAlias
 
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.format.layout import CacheLayout
+from kvstore.format.layout import CacheLayout, LayerSpec
 
 KV: TypeAlias = list[tuple[torch.Tensor, torch.Tensor]]
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class LinearStates:
+    """A linear-attention layer's states after given numbers of tokens: for each, its
+    convolution state ``[conv_channels, conv_width]`` (the last inputs of its causal
+    convolution) and recurrent state ``[heads, key_dim, value_dim]``.
+
+    A layer's entry in KV given to a store holds the states after every chunk boundary
+    a later load may continue from (at least after the last token; see
+    :func:`kvstore.integrations.hf.extract_kv`'s ``states_every``); an entry loaded for a
+    prefix holds the states after its last token."""
+
+    __slots__ = ("_states",)
+
+    def __init__(self, states: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not isinstance(states, Mapping) or not states:
+            raise ConfigError("LinearStates needs a non-empty {tokens: (conv_state, recurrent_state)} mapping")
+        for n, pair in states.items():
+            if type(n) is not int or n < 1:
+                raise ConfigError(f"LinearStates: state positions are token counts >= 1, got {n!r}")
+            if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+                raise ConfigError(f"LinearStates[{n}] must be a (conv_state, recurrent_state) pair of tensors")
+        self._states = dict(sorted(states.items()))
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """The token counts after which states are held, ascending."""
+        return tuple(self._states)
+
+    def at(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(conv_state, recurrent_state)`` after ``tokens`` tokens, or ``None`` if not held."""
+        return self._states.get(tokens)
+
+    def after(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The states after ``tokens`` tokens; :class:`ConfigError` if not held."""
+        pair = self._states.get(tokens)
+        if pair is None:
+            raise ConfigError(f"a linear-attention layer's states after {tokens} tokens are not held "
+                              f"(held after {list(self._states)[:8]})")
+        return pair
+
+    def __repr__(self) -> str:
+        return f"LinearStates(after={list(self._states)})"
+
+
+def is_linear(entry: object) -> bool:
+    """Whether a KV entry is a linear-attention layer's states rather than a ``(key, value)`` pair."""
+    return isinstance(entry, LinearStates)
+
+
+def token_tensor(kv: Sequence[object]) -> torch.Tensor:
+    """The first per-token tensor of ``kv`` (its dtype and device are the KV's)."""
+    for entry in kv:
+        if not is_linear(entry):
+            return entry[0]  # type: ignore[index]
+    raise ConfigError("the KV has no layer with per-token keys and values")
 
 
 class PrefixKV(list):  # type: ignore[type-arg]
@@ -39,9 +97,12 @@ def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, l
         raise ConfigError(f"the layout has {layout.num_layers} layers but the KV has {len(kv)}")
     first = None
     for i, pair in enumerate(kv):
+        spec = layout.layers[i]
+        if not spec.per_token:
+            _check_states(i, pair, spec, num_tokens)
+            continue
         if not (isinstance(pair, Sequence) and len(pair) == 2):
             raise ConfigError(f"kv[{i}] must be a (key, value) pair")
-        spec = layout.layers[i]
         for name, t in zip(("key", "value"), pair):
             if not isinstance(t, torch.Tensor) or t.ndim != 3:
                 raise ConfigError(f"kv[{i}] {name} must be a 3-D tensor [kv_heads, tokens, dim]")
@@ -60,6 +121,24 @@ def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, l
                                   f"[{want[0]}, tokens, {want[1]}]")
     assert first is not None
     return first
+
+
+def _check_states(i: int, entry: object, spec: LayerSpec, num_tokens: int) -> None:
+    """A linear layer's entry: states of the layout's shapes, held after the last token."""
+    if not is_linear(entry):
+        raise ConfigError(f"kv[{i}] is a linear-attention layer: its entry must be LinearStates, "
+                          f"got {type(entry).__name__}")
+    assert isinstance(entry, LinearStates)
+    shapes = spec.state_shapes()
+    for n in entry.positions:
+        if n > num_tokens:
+            raise ConfigError(f"kv[{i}] holds states after {n} tokens, beyond the {num_tokens} given")
+        for name, t, shape in zip(("convolution", "recurrent"), entry.after(n), shapes):
+            if tuple(t.shape) != shape or t.dtype not in KV_DTYPES:
+                raise ConfigError(f"kv[{i}] {name} state after {n} tokens is {t.dtype} {list(t.shape)}; "
+                                  f"the layout expects {list(shape)} of {KV_DTYPES}")
+    if entry.at(num_tokens) is None:
+        raise ConfigError(f"kv[{i}] holds no linear-attention states after the context's last token ({num_tokens})")
 
 
 def stack_span(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0, stop: int | None = None,

@@ -36,8 +36,10 @@ class ModelAdapter(Protocol):
         """What each layer caches (see :mod:`kvstore.format.layout`)."""
         ...
 
-    def prefill(self, tokens: Tokens) -> KV:
-        """The KV of ``tokens``: per layer ``(key, value)``, each ``[kv_heads, tokens, dim]``."""
+    def prefill(self, tokens: Tokens, *, states_every: int | None = None) -> KV:
+        """The KV of ``tokens``: per layer ``(key, value)``, each ``[kv_heads, tokens, dim]``
+        (a linear-attention layer: its :class:`~kvstore.kv.LinearStates` after the last token
+        and after every multiple of ``states_every`` tokens)."""
         ...
 
     def tokenize(self, text: str) -> list[int]:

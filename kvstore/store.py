@@ -56,7 +56,8 @@ from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_h
 from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
 from kvstore.format.signed import KeyLike, SigningKeys
-from kvstore.kv import KV, PrefixKV, check_kv, stack_span
+from kvstore.format.state_chunk import STATE_TAG, decode_state_chunk, encode_state_chunk
+from kvstore.kv import KV, LinearStates, PrefixKV, check_kv, stack_span, token_tensor
 from kvstore.leases import collector_lease, wait_for_collectors
 from kvstore.model_adapter import ModelAdapter, Tokens, as_model_adapter
 from kvstore.retrieval import pq as pq_index
@@ -167,7 +168,9 @@ class KVStore:
             boundary continues exactly, or ``"last_window"``, only the chunks that the
             context's end attends: smaller, but then only prefixes whose own window was
             stored (the whole context, and prefixes of other contexts sharing the chunks)
-            can be loaded; ``lookup`` reports accordingly.
+            can be loaded; ``lookup`` reports accordingly. A linear-attention layer's states
+            are stored after every chunk the KV holds them for (``"all"``), or after the
+            last chunk only (``"last_window"``).
         signing_key: sign every object written and accept only objects signed with an
             accepted key (a ``bytes`` or ``str`` secret of at least 16 bytes, shared by the
             fleet's readers and writers): see "Trust model" in the README.
@@ -355,7 +358,9 @@ class KVStore:
         Chunks already stored are shared.
 
         On a store bound to a model, ``put(tokens)`` prefills the KV with the model
-        (``put(tokens, kv)`` stores the given one), and the layout is the model's.
+        (``put(tokens, kv)`` stores the given one), and the layout is the model's; a model
+        with linear-attention layers keeps their states after every
+        :meth:`~kvstore.format.layout.CacheLayout.states_interval` tokens (and the last).
 
         ``layout``: the model's :class:`~kvstore.format.layout.CacheLayout` (from
         :func:`kvstore.integrations.hf.cache_layout`); needed when layers differ in kind or
@@ -385,7 +390,10 @@ class KVStore:
             if self.model is None or model_id != self.model.model_id:
                 raise ConfigError("put without kv prefills with the store's model: bind one with "
                                   "KVStore(url, model=...) and leave out the model id")
-            kv = await asyncio.to_thread(self.model.prefill, plan.tokens)
+            # a linear-attention model keeps its states after some chunks, so that prefixes continue there
+            model_layout = self.model.cache_layout()
+            every = {"states_every": model_layout.states_interval(self.chunk_tokens)} if model_layout.has_linear else {}
+            kv = await asyncio.to_thread(self.model.prefill, plan.tokens, **every)
         if layout is None and self.model is not None and model_id == self.model.model_id:
             layout = self.model.cache_layout()
         layout = layout if layout is not None else layout_of_kv(kv)
@@ -402,7 +410,7 @@ class KVStore:
             codec.check_layout(layout)  # before any write: a codec that cannot take these layers says so now
         await self._store_layout(plan.fingerprint, layout, ttl)
         # KV on a GPU: every read of it (and of the PQ index) is queued on the caller's stream
-        stream = caller_stream(kv[0][0].device)
+        stream = caller_stream(token_tensor(kv).device)
         if isinstance(pq, pq_index.PQConfig):  # once, not per attempt
             keys = [kv[i][0] for i in pq_layers] if pq_layers is not None else [k for k, _ in kv]
             pq = await asyncio.to_thread(on_stream(stream, pq_index.build_index), keys, pq, layer_ids=pq_layers)
@@ -463,7 +471,7 @@ class KVStore:
 
     def _stores_chunk(self, group: LayerGroup, bounds: tuple[int, int], num_tokens: int) -> bool:
         """Whether a put of ``num_tokens`` tokens stores ``group``'s object of the chunk ``bounds``."""
-        if self.sliding_chunks == "all" or group.spec.window is None:
+        if self.sliding_chunks == "all" or group.spec.kind == "full":
             return True
         return bounds[1] > group.spec.first_needed(num_tokens)
 
@@ -472,9 +480,10 @@ class KVStore:
                         stream: torch.cuda.Stream | None) -> Manifest:
         """Write every chunk object (create-only), the PQ objects, then the manifest; the KV is
         read on ``stream`` (the caller's, for KV on a GPU). ``contents``: each chunk's content hash."""
-        dtype = kv[0][0].dtype
+        dtype = token_tensor(kv).dtype
         groups = layout.groups
         stack, encode = on_stream(stream, stack_span), on_stream(stream, encode_chunk)
+        encode_states = on_stream(stream, encode_state_chunk)
         n = len(plan.tokens)
 
         async def store_chunk(i: int) -> list[tuple[tuple[int, int], ChunkObject]]:
@@ -483,6 +492,13 @@ class KVStore:
                 if not self._stores_chunk(group, plan.bounds[i], n):
                     continue
                 ident = self._identity(plan, i, group, dtype, contents[i], contents[i - 1] if i else "")
+                if not group.spec.per_token:  # linear layers: their states after the chunk, where held
+                    held = [kv[layer].at(plan.bounds[i][1]) for layer in group.layers]  # type: ignore[attr-defined]
+                    if any(pair is None for pair in held):
+                        continue
+                    obj = await store_states(ident, held)
+                    stored += [((level, group.index), obj) for level in range(len(self.codecs))]
+                    continue
                 keys, values = await asyncio.to_thread(stack, kv, *plan.bounds[i], group.layers)  # once for every level
                 for level, codec in enumerate(self.codecs):
                     group_codec = codec.for_layers(group.layers, layout.num_layers)
@@ -492,7 +508,16 @@ class KVStore:
         async def store_level(ident: ChunkIdentity, level: int, codec: Codec,
                               keys: torch.Tensor, values: torch.Tensor) -> ChunkObject:
             base = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, self.codecs[level].tag, ident.group)
-            data = await asyncio.to_thread(encode, codec, ident, keys, values)
+            return await place(base, await asyncio.to_thread(encode, codec, ident, keys, values), level)
+
+        async def store_states(ident: ChunkIdentity, held: list[tuple[torch.Tensor, torch.Tensor]]) -> ChunkObject:
+            """One state object of a linear group's chunk, shared by every level."""
+            base = self.keys.chunk_key(plan.fingerprint, ident.chunk_hash, STATE_TAG, ident.group)
+            data = await asyncio.to_thread(encode_states, ident, torch.stack([c for c, _ in held]),
+                                           torch.stack([r for _, r in held]))
+            return await place(base, data, 0)
+
+        async def place(base: str, data: bytes, level: int) -> ChunkObject:
             ours = _describe(base, data)
             # objects are never replaced: the first writer's bytes stay at the base key, a writer of
             # other bytes (other values, dtype...) writes its own version beside them
@@ -626,8 +651,8 @@ class KVStore:
         """How many leading tokens of ``tokens`` have stored KV at ``level`` (the store's
         ``default_level`` unless given; a multiple of ``chunk_tokens``, or ``len(tokens)``
         when the whole context is stored): every chunk of the full-attention layers up to
-        there, and the chunks of each sliding-window layer group that a continuation from
-        there attends."""
+        there, the chunks of each sliding-window layer group that a continuation from
+        there attends, and each linear-attention group's states after it."""
         model_id, tokens = self._context(model_id, tokens)
         plan = self._plan(model_id, tokens)
         level = self._level(level)
@@ -636,12 +661,14 @@ class KVStore:
         tag = self.codecs[level].tag
         layout = await self._stored_layout(plan.fingerprint)
         specs = [(g.name, g.spec) for g in layout.groups] if layout is not None else [("", None)]
-        keys = [[self.keys.chunk_key(plan.fingerprint, h, tag, name) for name, _ in specs] for h in plan.hashes]
+        tags = [tag if spec is None or spec.per_token else STATE_TAG for _, spec in specs]
+        keys = [[self.keys.chunk_key(plan.fingerprint, h, t, name) for (name, _), t in zip(specs, tags)]
+                for h in plan.hashes]
         flat = await self._bounded([lambda key=key: self.store.exists(key) for row in keys for key in row])
         present = [flat[i * len(specs):(i + 1) * len(specs)] for i in range(len(keys))]
         covered = hits = 0
         for i, (_, stop) in enumerate(plan.bounds):
-            if not all(present[i][g] for g, (_, spec) in enumerate(specs) if spec is None or spec.window is None):
+            if not all(present[i][g] for g, (_, spec) in enumerate(specs) if spec is None or spec.kind == "full"):
                 break  # a full-attention chunk is missing: nothing after it can be continued
             hits += 1
             if all(present[j][g] for g, (_, spec) in enumerate(specs) if spec is not None
@@ -682,7 +709,8 @@ class KVStore:
             for level, spec in enumerate(manifest.levels):
                 for group in groups:
                     obj = chunk.object_at(level, group.index, len(groups))
-                    base = self.keys.chunk_key(plan.fingerprint, chunk_hash, spec.tag, group.name)
+                    tag = spec.tag if group.spec.per_token else STATE_TAG
+                    base = self.keys.chunk_key(plan.fingerprint, chunk_hash, tag, group.name)
                     if obj is not None and not self.keys.is_chunk_version(obj.key, base):
                         raise FormatError(f"manifest lists chunk object {obj.key} outside its place")
         if manifest.pq is not None:
@@ -707,7 +735,8 @@ class KVStore:
         those of the chunks that overlap the window a continuation attends, so only those
         chunks are fetched (:func:`kvstore.integrations.hf.kv_to_cache` places them);
         ``sliding_window_only=False`` returns every token there too (stored with
-        ``sliding_chunks="all"``).
+        ``sliding_chunks="all"``). A linear-attention layer's entry is its
+        :class:`~kvstore.kv.LinearStates` after the last token (read from one object).
 
         Raises :class:`ContextNotFoundError` if it is not stored (use :meth:`lookup`
         to find a stored prefix), :class:`IncompleteContextError` if the context's
@@ -743,8 +772,9 @@ class KVStore:
         groups = layout.groups if layout is not None else None
         found = {"hits": 0, "misses": 0}
 
-        def first_chunk(group: LayerGroup) -> int:
-            return group.spec.first_needed(n) // self.chunk_tokens if sliding_window_only else 0
+        def first_chunk(group: LayerGroup) -> int:  # linear groups: the states after the last chunk
+            needed = sliding_window_only or not group.spec.per_token
+            return group.spec.first_needed(n) // self.chunk_tokens if needed else 0
 
         # the objects to read: (chunk index, group index) in chunk order within each group
         jobs = ([(i, g.index) for g in groups for i in range(first_chunk(g), len(plan.bounds))]
@@ -759,7 +789,10 @@ class KVStore:
                                              f"{manifest.layout.groups[g].name!r} was not stored "
                                              "(sliding_chunks='last_window')")
                 return obj.key
-            return self.keys.chunk_key(plan.fingerprint, plan.hashes[i], tag, groups[g].name if groups else "")
+            if groups is None:
+                return self.keys.chunk_key(plan.fingerprint, plan.hashes[i], tag, "")
+            group_tag = tag if groups[g].spec.per_token else STATE_TAG
+            return self.keys.chunk_key(plan.fingerprint, plan.hashes[i], group_tag, groups[g].name)
 
         async def fetch(j: int) -> bytes:
             i, g = jobs[j]
@@ -797,10 +830,12 @@ class KVStore:
             base = [plan.bounds[first_chunk(g)][0] for g in groups]
             alloc = on_stream(stream, torch.empty)  # from the caller's stream's pool (this thread's may be another)
             outs = [tuple(alloc((len(g.layers), g.spec.kv_heads, n - base[g.index], dim), dtype=dtype, device=device)
-                          for dim in (g.spec.key_dim, g.spec.value_dim))
+                          for dim in (g.spec.key_dim, g.spec.value_dim)) if g.spec.per_token else None
                     for g in groups]
+            states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # linear group -> its states after n
 
-            group_codecs = [level_codec.for_layers(g.layers, layout.num_layers) for g in groups]
+            group_codecs = [level_codec.for_layers(g.layers, layout.num_layers) if g.spec.per_token else None
+                            for g in groups]
             chain: dict[int, tuple[str, str]] = {}  # job -> the object's (content, prev)
 
             def decode(j: int, data: bytes | container.Container) -> None:
@@ -809,10 +844,13 @@ class KVStore:
                 ident = self._identity(plan, i, groups[g], dtype)
                 started = time.perf_counter()
                 obj = open_object(j, data)
-                out_k, out_v = outs[g]
-                into = (out_k[:, :, start - base[g]:stop - base[g]], out_v[:, :, start - base[g]:stop - base[g]])
-                decode_chunk(obj, ident, device, {"name": group_codecs[g].name, "params": group_codecs[g].params},
-                             out=into)  # straight into the output, where the codec can
+                pair, codec = outs[g], group_codecs[g]
+                if pair is None or codec is None:  # a linear group: its states after the prefix
+                    states[g] = decode_state_chunk(obj, ident, groups[g].spec, device)
+                else:
+                    into = (pair[0][:, :, start - base[g]:stop - base[g]], pair[1][:, :, start - base[g]:stop - base[g]])
+                    decode_chunk(obj, ident, device, {"name": codec.name, "params": codec.params},
+                                 out=into)  # straight into the output, where the codec can
                 if manifest is None:
                     meta = obj.header.meta
                     chain[j] = (str(meta.get("content", "")), str(meta.get("prev", "")))
@@ -830,9 +868,13 @@ class KVStore:
         finally:
             metrics.record_lookup(found["hits"], found["misses"], op="get")
         kv: KV = [None] * layout.num_layers  # type: ignore[list-item]
-        for group, (out_k, out_v) in zip(groups, outs):
+        for group, pair in zip(groups, outs):
             for j, layer in enumerate(group.layers):
-                kv[layer] = (out_k[j], out_v[j])
+                if pair is None:
+                    conv, recurrent = states[group.index]
+                    kv[layer] = LinearStates({n: (conv[j], recurrent[j])})  # type: ignore[call-overload]
+                else:
+                    kv[layer] = (pair[0][j], pair[1][j])
         return PrefixKV(kv, n)
 
     @staticmethod
@@ -1000,12 +1042,16 @@ class KVStore:
 
         ``n`` is the stored prefix (:meth:`lookup`) and always less than ``len(tokens)``,
         so that at least one token is left to compute the next logits from (a whole stored
-        context loads without its last token, as engines do). ``device``: where the KV is
+        context loads without its last token, as engines do; on a model with
+        linear-attention layers, up to the last stored chunk boundary before it). ``device``: where the KV is
         decoded (the CPU by default; the cache moves it to the model's device)."""
         if self.model is None:
             raise ConfigError("load needs a store bound to a model: KVStore(url, model=...)")
         array = as_token_array(tokens)
-        stored = await self.lookup(array, level=level)
+        if self.model.cache_layout().has_linear:  # linear states cannot drop a last token: end before it
+            stored = await self.lookup(array[:-1], level=level) if len(array) > 1 else 0
+        else:
+            stored = await self.lookup(array, level=level)
         n = min(stored, len(array) - 1)
         if n <= 0:
             return 0, None

@@ -197,6 +197,9 @@ class AdaptiveFetcher:
         manifest = await self.store.manifest(model_id, token_array)
         if manifest is None:
             raise ContextNotFoundError(f"no stored context of these {len(token_array)} tokens for {model_id!r}")
+        if manifest.layout.has_linear:  # its per-chunk choices (fetch or recompute) assume per-token KV
+            raise ConfigError("the adaptive fetcher does not stream models with linear-attention layers yet "
+                              f"({manifest.layout.describe()}); load them with KVStore.get")
         await self.store.load_profiles(manifest)
         candidates = list(range(len(manifest.levels))) if levels is None else list(levels)
         if not candidates or any(not 0 <= lv < len(manifest.levels) for lv in candidates):

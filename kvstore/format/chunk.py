@@ -22,6 +22,7 @@ from kvstore.errors import ConfigError, FormatError
 from kvstore.format import container
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.layout import LayerGroup
+from kvstore.kv import LinearStates
 
 KIND = "kv-chunk"
 
@@ -65,12 +66,17 @@ def group_identity(fingerprint: str, chunk_hash: str, start: int, tokens: np.nda
 
 
 def content_hash(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop: int) -> str:
-    """The hash of tokens ``[start, stop)`` of every layer's keys and values (xxh3-128, hex):
-    what a chunk's writer stored, recorded in each of the chunk's objects."""
+    """The hash of tokens ``[start, stop)`` of every layer's keys and values, and of each
+    linear layer's states after ``stop`` (xxh3-128, hex): what a chunk's writer stored,
+    recorded in each of the chunk's objects."""
     h = xxhash.xxh3_128()
-    for k, v in kv:
-        for t in (k, v):
-            part = t[:, start:stop].detach().to("cpu").contiguous()
+    for entry in kv:
+        if isinstance(entry, LinearStates):  # a linear layer: its states after the chunk, where held
+            for t in entry.at(stop) or ():
+                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy())
+            continue
+        for t in (entry[0][:, start:stop], entry[1][:, start:stop]):
+            part = t.detach().to("cpu").contiguous()
             if part.numel():
                 h.update(part.view(torch.uint8).numpy())  # xxhash reads the buffer: no bytes copy
     return h.hexdigest()

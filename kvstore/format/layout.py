@@ -4,13 +4,17 @@ Models cache different things per layer: full attention keeps every token, a
 sliding-window layer only needs the last ``window - 1`` tokens to continue, a
 chunked-attention layer only the tokens of the current attention chunk, and
 MLA (DeepSeek-V3) caches a compressed latent in the key slot and the rotary
-key part in the value slot, with different widths. Key and value widths and
-KV heads may differ per layer.
+key part in the value slot, with different widths, and a linear-attention layer
+(Qwen3-Next's gated DeltaNet) caches no per-token KV at all but two fixed-size
+states: a causal convolution's last inputs and a recurrent ``[heads, key_dim,
+value_dim]`` matrix. Key and value widths and KV heads may differ per layer.
 
 Layers that cache the same kind of thing with the same shape form a *group*.
 Each chunk of a context is stored as one object per (level, group), so that a
 prefix load reads every chunk of the full-attention groups but only the chunks
-of a sliding group that overlap its window. The layout is recorded in every
+of a sliding group that overlap its window; a linear-attention group's object of
+a chunk holds its states after the chunk's last token, and a load reads only the
+one at the prefix's end. The layout is recorded in every
 manifest (and once per model on the store) and checked on every load, like the
 model fingerprint. It is plain data: :mod:`kvstore.integrations.hf` derives it
 from a transformers config.
@@ -26,12 +30,15 @@ from kvstore.errors import ConfigError, FormatError
 from kvstore.format import container
 
 #: attention kinds whose cache holds per-token KV
-KINDS = ("full", "sliding", "chunked")
+TOKEN_KINDS = ("full", "sliding", "chunked")
+#: every layer kind: the per-token ones and ``linear`` (fixed-size states)
+KINDS = (*TOKEN_KINDS, "linear")
 #: what the two slots of a layer hold: post-RoPE keys and values, or an MLA latent and rotary key
 SLOTS = ("kv", "mla")
 MAX_LAYERS = 4096
 MAX_DIM = 1 << 16
 MAX_TOKEN_BYTES = 1 << 24  # one token's KV in every layer, fp32: 30x a 405B-parameter model's
+MAX_STATE_BYTES = 1 << 31  # one snapshot of every linear layer's states, fp32: 28x Qwen3-Next-80B's
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +47,12 @@ class LayerSpec:
     ``kv_heads`` x ``value_dim`` in the value slot.
 
     ``kind``: ``full`` (every token is attended), ``sliding`` (the last ``window`` tokens,
-    the current one included) or ``chunked`` (tokens of the current ``window``-token chunk;
-    stored like a sliding window of that size). ``slots``: ``kv`` for post-RoPE keys and
-    values, ``mla`` for an MLA latent (key slot) and rotary key (value slot)."""
+    the current one included), ``chunked`` (tokens of the current ``window``-token chunk;
+    stored like a sliding window of that size) or ``linear`` (no per-token KV: a
+    ``[conv_channels, conv_width]`` convolution state and a ``[kv_heads, key_dim,
+    value_dim]`` recurrent state, see :class:`~kvstore.kv.LinearStates`). ``slots``:
+    ``kv`` for post-RoPE keys and values, ``mla`` for an MLA latent (key slot) and rotary
+    key (value slot)."""
 
     kind: str
     kv_heads: int
@@ -50,6 +60,8 @@ class LayerSpec:
     value_dim: int
     window: int | None = None
     slots: str = "kv"
+    conv_channels: int | None = None
+    conv_width: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,22 +72,44 @@ class LayerSpec:
             value = getattr(self, name)
             if type(value) is not int or not 0 < value <= MAX_DIM:
                 raise ConfigError(f"layer {name} must be an int in [1, {MAX_DIM}], got {value!r}")
-        if self.kind == "full":
+        if self.kind in ("full", "linear"):
             if self.window is not None:
-                raise ConfigError("a full-attention layer has no window")
+                raise ConfigError(f"a {self.kind} layer has no window")
         elif type(self.window) is not int or self.window < 2:
             raise ConfigError(f"a {self.kind} layer needs a window of at least 2 tokens, got {self.window!r}")
+        conv = (self.conv_channels, self.conv_width)
+        if self.kind == "linear":
+            if self.slots != "kv" or not all(type(d) is int and 0 < d <= MAX_DIM for d in conv):
+                raise ConfigError(f"a linear layer needs conv_channels and conv_width in [1, {MAX_DIM}] "
+                                  f"(and kv slots), got {conv!r}")
+        elif conv != (None, None):
+            raise ConfigError(f"only linear layers have a convolution state, not {self.kind} ones")
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the layer caches KV per token (every kind but ``linear``)."""
+        return self.kind != "linear"
+
+    def state_shapes(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """A linear layer's state shapes: convolution ``[conv_channels, conv_width]`` and
+        recurrent ``[kv_heads, key_dim, value_dim]``."""
+        if self.kind != "linear":
+            raise ConfigError(f"a {self.kind} layer has no fixed-size states")
+        return (self.conv_channels, self.conv_width), (self.kv_heads, self.key_dim, self.value_dim)  # type: ignore[return-value]
 
     @property
     def name(self) -> str:
         """A short name of what the layer caches: ``full``, ``sw512``, ``ck8192``, ``mla``..."""
-        base = {"full": "full", "sliding": f"sw{self.window}", "chunked": f"ck{self.window}"}[self.kind]
+        base = {"full": "full", "sliding": f"sw{self.window}", "chunked": f"ck{self.window}", "linear": "linear"}[self.kind]
         return base if self.slots == "kv" else f"{self.slots}-{base}" if self.kind != "full" else self.slots
 
     def first_needed(self, num_tokens: int) -> int:
         """The first token a load of ``num_tokens`` tokens must hold: 0 for full attention,
         else the last ``window`` tokens (a continuation attends the last ``window - 1``; one
-        more lets a caller drop and re-feed the last token, as ``generate`` does)."""
+        more lets a caller drop and re-feed the last token, as ``generate`` does); for a
+        linear layer the last token, whose chunk's object holds the states after it."""
+        if self.kind == "linear":
+            return max(0, num_tokens - 1)
         if self.window is None:
             return 0
         return max(0, num_tokens - self.window)
@@ -85,17 +119,20 @@ class LayerSpec:
                                "value_dim": self.value_dim, "slots": self.slots}
         if self.window is not None:
             doc["window"] = self.window
+        if self.kind == "linear":
+            doc["conv_channels"], doc["conv_width"] = self.conv_channels, self.conv_width
         return doc
 
     @classmethod
     def from_dict(cls, doc: Any) -> LayerSpec:
         """Parse a stored layer entry; :class:`FormatError` if malformed."""
         if not (isinstance(doc, Mapping) and {"kind", "kv_heads", "key_dim", "value_dim", "slots"} <= set(doc)
-                and set(doc) <= {"kind", "kv_heads", "key_dim", "value_dim", "slots", "window"}):
+                and set(doc) <= {"kind", "kv_heads", "key_dim", "value_dim", "slots", "window", "conv_channels",
+                                 "conv_width"}):
             raise FormatError(f"malformed layer entry in a stored layout: {doc!r}"[:200])
         try:
             return cls(doc["kind"], doc["kv_heads"], doc["key_dim"], doc["value_dim"], doc.get("window"),
-                       doc["slots"])
+                       doc["slots"], doc.get("conv_channels"), doc.get("conv_width"))
         except ConfigError as exc:
             raise FormatError(f"stored layout: {exc}") from None
 
@@ -148,6 +185,11 @@ class CacheLayout:
         if self.bytes_per_token(4) > MAX_TOKEN_BYTES:  # bounds every allocation a stored layout can ask for
             raise ConfigError(f"a layout of {self.bytes_per_token(4)} fp32 bytes per token is implausible "
                               f"(at most {MAX_TOKEN_BYTES})")
+        if self.state_bytes(4) > MAX_STATE_BYTES:
+            raise ConfigError(f"a layout of {self.state_bytes(4)} fp32 bytes of linear-attention states is "
+                              f"implausible (at most {MAX_STATE_BYTES})")
+        if not any(s.per_token for s in self.layers):
+            raise ConfigError("a layout needs at least one layer with per-token KV")
         object.__setattr__(self, "groups", _groups_of(self.layers))
 
     @classmethod
@@ -171,7 +213,25 @@ class CacheLayout:
 
     def bytes_per_token(self, element_size: int = 2) -> int:
         """One token's KV in every layer, at ``element_size`` bytes per element."""
-        return element_size * sum(s.kv_heads * (s.key_dim + s.value_dim) for s in self.layers)
+        return element_size * sum(s.kv_heads * (s.key_dim + s.value_dim) for s in self.layers if s.per_token)
+
+    def state_bytes(self, element_size: int = 4) -> int:
+        """One snapshot of every linear layer's states, at ``element_size`` bytes per element."""
+        return element_size * sum(s.conv_channels * s.conv_width + s.kv_heads * s.key_dim * s.value_dim  # type: ignore[operator]
+                                  for s in self.layers if not s.per_token)
+
+    def states_interval(self, chunk_tokens: int, element_size: int = 2) -> int:
+        """How many tokens apart a store keeps linear-attention states by default: a multiple
+        of ``chunk_tokens`` over which the per-token KV (at ``element_size`` bytes) weighs at
+        least one snapshot of the states, so that states at most double the stored bytes.
+        (Qwen3-Next-80B: one snapshot is 78 MB, the KV of 3,168 tokens in bf16.)"""
+        tokens = -(-self.state_bytes() // max(1, self.bytes_per_token(element_size)))
+        return chunk_tokens * max(1, -(-tokens // chunk_tokens))
+
+    @property
+    def has_linear(self) -> bool:
+        """Whether any layer is a linear-attention layer (fixed-size states, no per-token KV)."""
+        return any(not s.per_token for s in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: the distinct layer specs and each layer's index into them."""
@@ -205,7 +265,8 @@ class CacheLayout:
         for g in self.groups:
             s = g.spec
             dims = f"{s.key_dim}" if s.key_dim == s.value_dim else f"{s.key_dim}/{s.value_dim}"
-            parts.append(f"{g.name or s.name} x{len(g.layers)} ({s.kv_heads}x{dims})")
+            conv = f", conv {s.conv_channels}x{s.conv_width}" if not s.per_token else ""
+            parts.append(f"{g.name or s.name} x{len(g.layers)} ({s.kv_heads}x{dims}{conv})")
         return ", ".join(parts)
 
 

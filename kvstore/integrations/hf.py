@@ -3,7 +3,8 @@
 The project's KV convention (see :mod:`kvstore.kv`) is a list over layers of
 ``(key, value)`` tensors, each ``[kv_heads, tokens, head_dim]``: the layout of
 a transformers ``DynamicCache`` layer without its batch axis, keys after RoPE
-exactly as the model attends them. This module converts both ways, runs
+exactly as the model attends them (a linear-attention layer's entry is its
+fixed-size states, :class:`~kvstore.kv.LinearStates`). This module converts both ways, runs
 prefill (optionally continuing from a stored prefix, which is the streaming
 fetcher's recompute fallback) and names models with stable ``model_id``
 strings. Written against transformers 5.x (``Cache.layers``).
@@ -24,7 +25,7 @@ import xxhash
 
 from kvstore.errors import ConfigError, KVMismatchError
 from kvstore.format.layout import CacheLayout, LayerSpec
-from kvstore.kv import KV
+from kvstore.kv import KV, LinearStates, is_linear
 
 Tokens: TypeAlias = Sequence[int] | torch.Tensor
 Recompute: TypeAlias = Callable[..., KV]
@@ -84,10 +85,11 @@ def cache_layout(model_or_config: Any) -> CacheLayout:
 
     Layer kinds come from transformers' own reading of the config (``layer_types``, else
     ``sliding_window`` / ``attention_chunk_size``), so a model's layout is what its
-    ``DynamicCache`` holds: full attention, sliding windows, chunked attention, and MLA
-    (a ``kv_lora_rank`` latent in the key slot, the rotary key in the value slot).
-    Layers that cache no per-token KV (linear attention's fixed-size states, layers that
-    reuse another layer's cache) raise :class:`ConfigError` naming the layer."""
+    ``DynamicCache`` holds: full attention, sliding windows, chunked attention, MLA
+    (a ``kv_lora_rank`` latent in the key slot, the rotary key in the value slot) and
+    gated-DeltaNet linear attention (Qwen3-Next: convolution and recurrent states).
+    Other layers (other linear-attention caches, layers that reuse another layer's
+    cache) raise :class:`ConfigError` naming the layer."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     cfg = _text_config(model_or_config)
@@ -104,6 +106,9 @@ def cache_layout(model_or_config: Any) -> CacheLayout:
         slots = "kv"
     specs = []
     for i, (kind, kwargs) in enumerate(zip(layer_types, per_layer)):
+        if kind == "linear_attention" and _linear_spec(cfg) is not None:
+            specs.append(_linear_spec(cfg))
+            continue
         if kind not in _LAYER_KINDS:
             raise ConfigError(
                 f"layer {i} of {getattr(cfg, 'model_type', type(cfg).__name__)} is a {kind!r} layer, which caches "
@@ -115,6 +120,19 @@ def cache_layout(model_or_config: Any) -> CacheLayout:
     return CacheLayout(tuple(specs))
 
 
+def _linear_spec(cfg: Any) -> LayerSpec | None:
+    """A gated-DeltaNet layer's states (Qwen3-Next's ``linear_*`` config entries), or None
+    for a config without them."""
+    names = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+             "linear_conv_kernel_dim")
+    dims = [getattr(cfg, name, None) for name in names]
+    if not all(type(d) is int and d > 0 for d in dims):
+        return None
+    key_heads, value_heads, key_dim, value_dim, width = dims
+    channels = 2 * key_heads * key_dim + value_heads * value_dim  # the convolved q, k and v
+    return LayerSpec("linear", value_heads, key_dim, value_dim, conv_channels=channels, conv_width=width)
+
+
 def kv_length(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
     """The number of context tokens ``kv`` describes: ``kv.num_tokens`` for KV loaded from a
     store (:class:`~kvstore.kv.PrefixKV`, whose sliding-window layers may hold only the last
@@ -122,7 +140,8 @@ def kv_length(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
     n = getattr(kv, "num_tokens", None)
     if n is not None:
         return int(n)
-    return max((int(k.shape[1]) for k, _ in kv if isinstance(k, torch.Tensor) and k.ndim == 3), default=0)
+    return max((int(pair[0].shape[1]) for pair in kv if not is_linear(pair) and isinstance(pair[0], torch.Tensor)
+                and pair[0].ndim == 3), default=0)
 
 
 def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -131,13 +150,16 @@ def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
     it covers (``num_tokens`` if given, else :func:`kv_length`).
 
     Full-attention layers must hold every token; a sliding-window layer may hold only the
-    last ones (at least ``window - 1``, or all). Raises :class:`KVMismatchError` (a
+    last ones (at least ``window - 1``, or all); a linear-attention layer must hold its
+    states after the context's last token. Raises :class:`KVMismatchError` (a
     :class:`~kvstore.errors.ConfigError`) naming the first mismatch."""
     layout = cache_layout(model)
     if not isinstance(kv, Sequence) or len(kv) != layout.num_layers:
         got = len(kv) if isinstance(kv, Sequence) else type(kv).__name__
         raise KVMismatchError(f"model has {layout.num_layers} layers but the KV has {got}")
-    for i, pair in enumerate(kv):
+    for i, (pair, spec) in enumerate(zip(kv, layout.layers)):
+        if not spec.per_token or is_linear(pair):
+            continue  # checked below, once the context length is known
         if not (isinstance(pair, Sequence) and len(pair) == 2):
             raise KVMismatchError(f"kv[{i}] must be a (key, value) pair")
         for name, t in zip(("key", "value"), pair):
@@ -145,7 +167,11 @@ def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
                 shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise KVMismatchError(f"kv[{i}] {name} must be [kv_heads, tokens, head_dim], got {shape}")
     total = kv_length(kv) if num_tokens is None else num_tokens
-    for i, ((k, v), spec) in enumerate(zip(kv, layout.layers)):
+    for i, (pair, spec) in enumerate(zip(kv, layout.layers)):
+        if not spec.per_token or is_linear(pair):
+            _check_states(i, pair, spec, total)
+            continue
+        k, v = pair
         for name, t, dim in (("key", k, spec.key_dim), ("value", v, spec.value_dim)):
             if t.shape[0] != spec.kv_heads or t.shape[2] != dim:
                 raise KVMismatchError(f"kv[{i}] {name} is {list(t.shape)}; the model expects "
@@ -163,14 +189,28 @@ def check_model_kv(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
     return total
 
 
+def _check_states(i: int, entry: Any, spec: LayerSpec, total: int) -> None:
+    if spec.per_token or not is_linear(entry):
+        raise KVMismatchError(f"kv[{i}] is a {type(entry).__name__} for a {spec.name} layer: linear-attention "
+                              "layers take LinearStates, attention layers (key, value) pairs")
+    pair = entry.at(total)
+    if pair is None:
+        raise KVMismatchError(f"kv[{i}] holds no linear-attention states after token {total} "
+                              f"(it holds them after {list(entry.positions)[:8]})")
+    for name, t, shape in zip(("convolution", "recurrent"), pair, spec.state_shapes()):
+        if tuple(t.shape) != shape or not t.is_floating_point():
+            raise KVMismatchError(f"kv[{i}] {name} state is {t.dtype} {list(t.shape)}; the model expects {list(shape)}")
+
+
 def kv_to_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
                 num_tokens: int | None = None) -> Any:
     """A ``DynamicCache`` for ``model`` holding ``kv`` (moved to the model's device and dtype)
     as the cache of a ``num_tokens``-token context (default :func:`kv_length`).
 
     A sliding-window layer takes the last ``window - 1`` tokens of its entry and is told the
-    true context length, so positions and masks continue exactly. ``kv=None`` gives an
-    empty cache. The caller's tensors are never modified."""
+    true context length, so positions and masks continue exactly; a linear-attention layer
+    takes its states after ``num_tokens``. ``kv=None`` gives an empty cache. The caller's
+    tensors are never modified."""
     from transformers import DynamicCache
 
     if kv is None:
@@ -180,7 +220,11 @@ def kv_to_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | No
     cache = DynamicCache(config=model.config)
     if len(cache.layers) != len(kv):
         raise KVMismatchError(f"the model's cache has {len(cache.layers)} layers but the KV has {len(kv)}")
-    for i, (layer, (k, v)) in enumerate(zip(cache.layers, kv)):
+    for i, (layer, entry) in enumerate(zip(cache.layers, kv)):
+        if is_linear(entry):
+            _set_states(layer, i, entry.after(total), total, p)
+            continue
+        k, v = entry
         sliding = getattr(layer, "is_sliding", False)
         if sliding and k.shape[1] > layer.sliding_window - 1:
             k, v = k[:, k.shape[1] - (layer.sliding_window - 1):], v[:, v.shape[1] - (layer.sliding_window - 1):]
@@ -190,15 +234,44 @@ def kv_to_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | No
     return cache
 
 
+def _set_states(layer: Any, i: int, states: tuple[torch.Tensor, torch.Tensor], total: int,
+                p: torch.nn.Parameter) -> None:
+    """Give a linear-attention cache layer its states after ``total`` tokens."""
+    if not hasattr(layer, "conv_states"):
+        raise KVMismatchError(f"kv[{i}] holds linear-attention states but the model's cache layer {i} is a "
+                              f"{type(layer).__name__}")
+    conv, recurrent = states
+    conv = conv.to(p.device, p.dtype)[None]
+    recurrent = recurrent.to(p.device)[None]  # kept in the dtype the model computes it in (float32)
+    layer.lazy_initialization(conv_states=conv, recurrent_states=recurrent, conv_kernel_size=conv.shape[-1])
+    layer.conv_states[0].copy_(conv)
+    layer.recurrent_states[0].copy_(recurrent)
+    layer.has_previous_state[0] = True
+    layer.cumulative_length_linear.fill_(total)
+
+
+def _states_of(layer: Any, i: int) -> LinearStates:
+    """A linear-attention cache layer's current states (copies), after the tokens it has seen."""
+    if not (layer.is_conv_states_initialized[0] and layer.is_recurrent_states_initialized[0]):
+        raise ConfigError(f"cache layer {i} ({type(layer).__name__}) holds no linear-attention states yet")
+    if layer.conv_states[0].shape[0] != 1:
+        raise ConfigError(f"cache has batch size {layer.conv_states[0].shape[0]}; only batch size 1 converts to KV")
+    seen = int(layer.get_seq_length())
+    return LinearStates({seen: (layer.conv_states[0][0].clone(), layer.recurrent_states[0][0].clone())})
+
+
 def cache_to_kv(cache: Any) -> KV:
     """The KV held by a transformers cache of batch size 1, in the project's convention
     (a sliding-window layer gives what it holds: the last tokens, or all of them while it
-    records its past)."""
+    records its past; a linear-attention layer its current states)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise ConfigError(f"expected a transformers 5.x Cache with .layers, got {type(cache).__name__}")
     kv: KV = []
     for i, layer in enumerate(layers):
+        if hasattr(layer, "conv_states"):
+            kv.append(_states_of(layer, i))  # type: ignore[arg-type]
+            continue
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or values is None or keys.ndim != 4:
             raise ConfigError(f"cache layer {i} ({type(layer).__name__}) holds no attention KV")
@@ -275,6 +348,7 @@ def recompute(
     prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     *,
     chunk_tokens: int | None = None,
+    states_every: int | None = None,
 ) -> KV:
     """The KV of ``tokens`` as they follow ``prefix_kv`` (the KV of earlier tokens, or none).
 
@@ -283,24 +357,70 @@ def recompute(
     device and dtype, keys rotated for their absolute positions ``len(prefix) ...``. It
     is the streaming fetcher's fallback when a chunk's KV is slower to fetch than to
     compute.
+
+    A linear-attention layer's entry holds its states after the last token and, with
+    ``states_every``, after every multiple of that many tokens of the whole context (give
+    the store's ``chunk_tokens``, or a multiple of it, so that stored prefixes can be
+    continued at those chunk boundaries: the model is then fed up to each of them in turn).
     """
-    cache_layout(model)  # models without per-token KV are refused before any work
+    layout = cache_layout(model)  # models whose caches cannot be read are refused before any work
+    if states_every is not None and (type(states_every) is not int or states_every <= 0):
+        raise ConfigError(f"states_every must be a positive int or None, got {states_every!r}")
     cache = kv_to_cache(model, prefix_kv)
-    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        cache.activate_past_recording()  # sliding layers keep every new token until read
-    _, cache = prefill(model, tokens, cache, chunk_tokens=chunk_tokens)
-    n = len(_as_ids(tokens, torch.device("cpu")))
-    kv = cache_to_kv(cache)
-    for i, (k, _) in enumerate(kv):
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False):
+            layer.activate_past_recording()  # sliding layers keep every new token until read
+    ids = _as_ids(tokens, torch.device("cpu"))
+    n = len(ids)
+    if not layout.has_linear:
+        _, cache = prefill(model, ids, cache, chunk_tokens=chunk_tokens)
+        return _new_tokens(cache_to_kv(cache), n)
+    start = kv_length(prefix_kv) if prefix_kv is not None else 0
+    history: dict[int, list[Any]] = {}  # linear layer -> its states after each kept position
+    for a, b, keep in _state_cuts(start, n, chunk_tokens, states_every):
+        _, cache = prefill(model, ids[a:b], cache)
+        if keep:
+            for i, layer in enumerate(cache.layers):
+                if hasattr(layer, "conv_states"):
+                    history.setdefault(i, []).append(_states_of(layer, i))
+    kv = _new_tokens(cache_to_kv(cache), n)
+    for i, snapshots in history.items():
+        kv[i] = LinearStates({pos: s.after(pos) for s in snapshots for pos in s.positions})  # type: ignore[call-overload]
+    return kv
+
+
+def _state_cuts(start: int, n: int, chunk_tokens: int | None, states_every: int | None) -> list[tuple[int, int, bool]]:
+    """The pieces ``(from, to, keep_states)`` of ``n`` tokens following ``start`` that a
+    prefill keeping linear states feeds: cut every ``chunk_tokens`` and at every multiple
+    of ``states_every`` of the whole context, whose states (and the last piece's) are kept."""
+    if chunk_tokens is not None and chunk_tokens <= 0:
+        raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    kept = set() if states_every is None else {m - start for m in range(states_every * (start // states_every + 1),
+                                                                        start + n, states_every)}
+    cuts = sorted(kept | (set(range(chunk_tokens, n, chunk_tokens)) if chunk_tokens else set()) | {n})
+    return [(a, b, b in kept or b == n) for a, b in zip([0, *cuts], cuts)]
+
+
+def _new_tokens(kv: KV, n: int) -> KV:
+    """The last ``n`` tokens of each per-token layer of ``kv`` (linear layers as they are)."""
+    out: KV = []
+    for i, entry in enumerate(kv):
+        if is_linear(entry):
+            out.append(entry)
+            continue
+        k, v = entry
         if k.shape[1] < n:
             raise ConfigError(f"layer {i} cached {k.shape[1]} tokens for {n} new inputs")
-    return [(k[:, k.shape[1] - n:].contiguous(), v[:, v.shape[1] - n:].contiguous()) for k, v in kv]
+        out.append((k[:, k.shape[1] - n:].contiguous(), v[:, v.shape[1] - n:].contiguous()))
+    return out
 
 
-def extract_kv(model: Any, tokens: Tokens, *, chunk_tokens: int | None = None) -> KV:
+def extract_kv(model: Any, tokens: Tokens, *, chunk_tokens: int | None = None,
+               states_every: int | None = None) -> KV:
     """Prefill ``tokens`` and return their KV (``[kv_heads, tokens, dim]`` per layer, every
-    token in every layer, sliding-window layers included)."""
-    return recompute(model, tokens, None, chunk_tokens=chunk_tokens)
+    token in every layer, sliding-window layers included; a linear-attention layer's states
+    after the last token and after every multiple of ``states_every``, see :func:`recompute`)."""
+    return recompute(model, tokens, None, chunk_tokens=chunk_tokens, states_every=states_every)
 
 
 def make_recompute(model: Any, *, chunk_tokens: int | None = None) -> Recompute:
@@ -320,18 +440,25 @@ def generate_greedy(
 ) -> list[int]:
     """Greedy continuation of ``context_tokens`` by ``model.generate``, starting from ``kv``.
 
-    ``kv`` is the context's KV (all its tokens, as stored; sliding-window layers may hold
-    only their last ``window`` tokens, as loaded); the last token's entry is dropped and
-    recomputed by ``generate``, as serving engines do to get the first logits. With
-    ``kv=None`` the model prefills the context itself.
+    ``kv`` is the KV of the context or of a prefix of it (as stored; sliding-window layers
+    may hold only their last ``window`` tokens, as loaded): ``generate`` computes the
+    tokens after the prefix. Of a whole context's KV the last token's entry is dropped
+    and recomputed, as serving engines do to get the first logits; that cannot be done
+    to linear-attention states, so such a model needs the KV of a shorter prefix (a
+    stored chunk boundary). With ``kv=None`` the model prefills the context itself.
     """
     ids = _as_ids(context_tokens, _param(model).device)
     cache = None
     if kv is not None:
         covered = check_model_kv(model, kv)
-        if covered != len(ids):
+        if covered > len(ids):
             raise KVMismatchError(f"kv covers {covered} tokens but the context has {len(ids)}")
-        if len(ids) > 1:
+        if covered < len(ids):
+            cache = kv_to_cache(model, kv, num_tokens=covered)
+        elif any(is_linear(entry) for entry in kv):
+            raise KVMismatchError("linear-attention states cannot drop the context's last token: give the KV of "
+                                  "a shorter prefix (e.g. store.get(tokens[:store.lookup(tokens[:-1])]))")
+        elif len(ids) > 1:
             cache = kv_to_cache(model, [(k[:, :-1], v[:, :-1]) for k, v in kv], num_tokens=len(ids) - 1)
     with torch.no_grad():
         out = model.generate(

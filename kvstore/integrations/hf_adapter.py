@@ -50,10 +50,11 @@ class HFModel:
         """What each layer caches, read from the model's config."""
         return cache_layout(self.model)
 
-    def prefill(self, tokens: Tokens) -> KV:
-        """The KV of ``tokens``, every token of every layer."""
+    def prefill(self, tokens: Tokens, *, states_every: int | None = None) -> KV:
+        """The KV of ``tokens``, every token of every layer (linear-attention states after
+        the last token and every multiple of ``states_every``)."""
         with model_lock(self.model):
-            return extract_kv(self.model, tokens)
+            return extract_kv(self.model, tokens, states_every=states_every)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text``, no special tokens added."""

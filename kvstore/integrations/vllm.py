@@ -37,7 +37,7 @@ from vLLM's own cache op), run end to end with full-attention and sliding-window
 the GPU backends' logical ``[blocks, kv_heads, block_size, 2 * width]`` view with K and V
 halves (:class:`PagedKVLayout`). Sliding-window layers are loaded whole: without the hybrid
 allocator (this connector does not declare ``SupportsHMA``) vLLM keeps all their blocks.
-MLA models are refused.
+MLA models and models with linear-attention layers (Qwen3-Next) are refused.
 """
 
 from __future__ import annotations
@@ -347,6 +347,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.load_level = int(extra.get("load_level", 0))
         self.model_id = str(extra.get("model_id") or model_id_of(vllm_config.model_config.model))
         self.layout = _model_layout(vllm_config)
+        if self.layout.has_linear:
+            raise ConfigError(f"kvstore's vLLM connector does not support linear-attention layers yet "
+                              f"({self.layout.describe()}); serve this model without the connector")
         self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, levels=connector_levels(extra),
                                namespace=extra.get("namespace", "kvstore"),
                                storage_options=extra.get("storage_options"))
