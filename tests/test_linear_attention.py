@@ -11,7 +11,7 @@ import torch
 
 from eval.architectures import tiny_model
 from kvstore import KVStore
-from kvstore.errors import ConfigError, FormatError, KVMismatchError
+from kvstore.errors import ConfigError, FormatError, IncompleteContextError, KVMismatchError
 from kvstore.fetch.fetcher import AdaptiveFetcher
 from kvstore.integrations.hf import (
     cache_layout,
@@ -158,3 +158,26 @@ async def test_the_fetcher_refuses_linear_layers_clearly(model, ids, kv):
         await store.put("q", ids, kv, layout=cache_layout(model))
         with pytest.raises(ConfigError, match="linear-attention"):
             await AdaptiveFetcher(store).load("q", ids, deadline_s=1.0)
+
+
+async def test_writers_of_other_states_for_the_same_tokens_each_read_consistently(model, ids, kv):
+    layout = cache_layout(model)
+    other = [LinearStates({n: (c * 1.5, r * 1.5) for n in e.positions for c, r in [e.after(n)]})
+             if isinstance(e, LinearStates) else (e[0] * 1.5, e[1] * 1.5) for e in kv]
+    async with KVStore("memory://", chunk_tokens=CHUNK) as store:
+        await store.put("q", ids, kv, layout=layout)
+        await store.put("q", ids, other, layout=layout)  # the same tokens, other KV: its own versions
+        whole = await store.get("q", ids)  # the manifest now lists the second writer's objects
+        assert torch.equal(whole[0].after(TOKENS)[1], other[0].after(TOKENS)[1])
+        assert torch.equal(whole[1][0], other[1][0])
+        prefix = await store.get("q", ids[:INNER])  # no manifest: the first writer's chain, whole
+        assert torch.equal(prefix[0].after(INNER)[1], kv[0].after(INNER)[1])
+        assert torch.equal(prefix[1][0], kv[1][0][:, :INNER])
+        # the first writer's state after chunk 2 replaced by the second's: never a mixed prefix
+        manifest = await store.manifest("q", ids)
+        state = manifest.chunks[2].object_at(0, 0, 2)
+        base = state.key.split("=")[0]
+        await store.store.delete(base)
+        await store.store.put(base, await store.store.get(state.key))
+        with pytest.raises(IncompleteContextError):
+            await store.get("q", ids[:INNER])
