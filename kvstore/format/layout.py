@@ -88,7 +88,7 @@ class LayerSpec:
     @property
     def per_token(self) -> bool:
         """Whether the layer caches KV per token (every kind but ``linear``)."""
-        return self.kind != "linear"
+        return self.kind in TOKEN_KINDS
 
     def state_shapes(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
         """A linear layer's state shapes: convolution ``[conv_channels, conv_width]`` and

@@ -104,10 +104,11 @@ def cache_layout(model_or_config: Any) -> CacheLayout:
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         key_dim = value_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         slots = "kv"
+    linear = _linear_spec(cfg)
     specs = []
     for i, (kind, kwargs) in enumerate(zip(layer_types, per_layer)):
-        if kind == "linear_attention" and _linear_spec(cfg) is not None:
-            specs.append(_linear_spec(cfg))
+        if kind == "linear_attention" and linear is not None:
+            specs.append(linear)
             continue
         if kind not in _LAYER_KINDS:
             raise ConfigError(
