@@ -99,7 +99,7 @@ def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, l
     for i, pair in enumerate(kv):
         spec = layout.layers[i]
         if not spec.per_token:
-            _check_states(i, pair, spec, num_tokens)
+            check_states(i, pair, spec, num_tokens)
             continue
         if not (isinstance(pair, Sequence) and len(pair) == 2):
             raise ConfigError(f"kv[{i}] must be a (key, value) pair")
@@ -123,22 +123,25 @@ def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, l
     return first
 
 
-def _check_states(i: int, entry: object, spec: LayerSpec, num_tokens: int) -> None:
-    """A linear layer's entry: states of the layout's shapes, held after the last token."""
+def check_states(i: int, entry: object, spec: LayerSpec, num_tokens: int,
+                 error: type[ConfigError] = ConfigError) -> None:
+    """Raise ``error`` unless ``entry`` (``kv[i]``, of a linear layer ``spec``) holds states of
+    the layout's shapes, none after more than ``num_tokens`` tokens, and those after the
+    context's last token."""
     if not is_linear(entry):
-        raise ConfigError(f"kv[{i}] is a linear-attention layer: its entry must be LinearStates, "
-                          f"got {type(entry).__name__}")
+        raise error(f"kv[{i}] is a linear-attention layer: its entry must be LinearStates, "
+                    f"got {type(entry).__name__}")
     assert isinstance(entry, LinearStates)
     shapes = spec.state_shapes()
     for n in entry.positions:
         if n > num_tokens:
-            raise ConfigError(f"kv[{i}] holds states after {n} tokens, beyond the {num_tokens} given")
+            raise error(f"kv[{i}] holds states after {n} tokens, beyond the {num_tokens} given")
         for name, t, shape in zip(("convolution", "recurrent"), entry.after(n), shapes):
             if tuple(t.shape) != shape or t.dtype not in KV_DTYPES:
-                raise ConfigError(f"kv[{i}] {name} state after {n} tokens is {t.dtype} {list(t.shape)}; "
-                                  f"the layout expects {list(shape)} of {KV_DTYPES}")
+                raise error(f"kv[{i}] {name} state after {n} tokens is {t.dtype} {list(t.shape)}; "
+                            f"the layout expects {list(shape)} of {KV_DTYPES}")
     if entry.at(num_tokens) is None:
-        raise ConfigError(f"kv[{i}] holds no linear-attention states after the context's last token ({num_tokens})")
+        raise error(f"kv[{i}] holds no linear-attention states after the context's last token ({num_tokens})")
 
 
 def stack_span(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int = 0, stop: int | None = None,

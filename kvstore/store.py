@@ -56,7 +56,7 @@ from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_h
 from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
 from kvstore.format.signed import KeyLike, SigningKeys
-from kvstore.format.state_chunk import STATE_TAG, decode_state_chunk, encode_state_chunk
+from kvstore.format.state_chunk import STATE_TAG, decode_state_chunk, encode_state_chunk, group_tag
 from kvstore.kv import KV, LinearStates, PrefixKV, check_kv, stack_span, token_tensor
 from kvstore.leases import collector_lease, wait_for_collectors
 from kvstore.model_adapter import ModelAdapter, Tokens, as_model_adapter
@@ -661,8 +661,7 @@ class KVStore:
         tag = self.codecs[level].tag
         layout = await self._stored_layout(plan.fingerprint)
         specs = [(g.name, g.spec) for g in layout.groups] if layout is not None else [("", None)]
-        tags = [tag if spec is None or spec.per_token else STATE_TAG for _, spec in specs]
-        keys = [[self.keys.chunk_key(plan.fingerprint, h, t, name) for (name, _), t in zip(specs, tags)]
+        keys = [[self.keys.chunk_key(plan.fingerprint, h, group_tag(tag, spec), name) for name, spec in specs]
                 for h in plan.hashes]
         flat = await self._bounded([lambda key=key: self.store.exists(key) for row in keys for key in row])
         present = [flat[i * len(specs):(i + 1) * len(specs)] for i in range(len(keys))]
@@ -709,8 +708,7 @@ class KVStore:
             for level, spec in enumerate(manifest.levels):
                 for group in groups:
                     obj = chunk.object_at(level, group.index, len(groups))
-                    tag = spec.tag if group.spec.per_token else STATE_TAG
-                    base = self.keys.chunk_key(plan.fingerprint, chunk_hash, tag, group.name)
+                    base = self.keys.chunk_key(plan.fingerprint, chunk_hash, group_tag(spec.tag, group.spec), group.name)
                     if obj is not None and not self.keys.is_chunk_version(obj.key, base):
                         raise FormatError(f"manifest lists chunk object {obj.key} outside its place")
         if manifest.pq is not None:
@@ -791,8 +789,7 @@ class KVStore:
                 return obj.key
             if groups is None:
                 return self.keys.chunk_key(plan.fingerprint, plan.hashes[i], tag, "")
-            group_tag = tag if groups[g].spec.per_token else STATE_TAG
-            return self.keys.chunk_key(plan.fingerprint, plan.hashes[i], group_tag, groups[g].name)
+            return self.keys.chunk_key(plan.fingerprint, plan.hashes[i], group_tag(tag, groups[g].spec), groups[g].name)
 
         async def fetch(j: int) -> bytes:
             i, g = jobs[j]

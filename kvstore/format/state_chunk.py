@@ -25,6 +25,13 @@ STATE_CODEC = {"name": "state", "params": {}}
 STATE_TAG = "state"
 
 
+def group_tag(level_tag: str, spec: LayerSpec | None) -> str:
+    """The key segment of a layer group's objects at the level tagged ``level_tag``: the
+    level's own, or :data:`STATE_TAG` for a linear group (``spec=None``: a store without a
+    layout object, one per-token group)."""
+    return level_tag if spec is None or spec.per_token else STATE_TAG
+
+
 def encode_state_chunk(ident: ChunkIdentity, conv: torch.Tensor, recurrent: torch.Tensor) -> bytes:
     """A state object: the group's stacked convolution and recurrent states after the chunk."""
     return container.encode(

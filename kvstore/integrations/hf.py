@@ -25,7 +25,7 @@ import xxhash
 
 from kvstore.errors import ConfigError, KVMismatchError
 from kvstore.format.layout import CacheLayout, LayerSpec
-from kvstore.kv import KV, LinearStates, is_linear
+from kvstore.kv import KV, LinearStates, check_states, is_linear
 
 Tokens: TypeAlias = Sequence[int] | torch.Tensor
 Recompute: TypeAlias = Callable[..., KV]
@@ -194,13 +194,7 @@ def _check_states(i: int, entry: Any, spec: LayerSpec, total: int) -> None:
     if spec.per_token or not is_linear(entry):
         raise KVMismatchError(f"kv[{i}] is a {type(entry).__name__} for a {spec.name} layer: linear-attention "
                               "layers take LinearStates, attention layers (key, value) pairs")
-    pair = entry.at(total)
-    if pair is None:
-        raise KVMismatchError(f"kv[{i}] holds no linear-attention states after token {total} "
-                              f"(it holds them after {list(entry.positions)[:8]})")
-    for name, t, shape in zip(("convolution", "recurrent"), pair, spec.state_shapes()):
-        if tuple(t.shape) != shape or not t.is_floating_point():
-            raise KVMismatchError(f"kv[{i}] {name} state is {t.dtype} {list(t.shape)}; the model expects {list(shape)}")
+    check_states(i, entry, spec, total, KVMismatchError)
 
 
 def kv_to_cache(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
