@@ -501,7 +501,7 @@ class KVStore:
                     continue
                 keys, values = await asyncio.to_thread(stack, kv, *plan.bounds[i], group.layers)  # once for every level
                 for level, codec in enumerate(self.codecs):
-                    group_codec = codec.for_layers(group.layers, layout.num_layers)
+                    group_codec = codec.for_layers(layout.token_rows(group.layers), len(layout.token_layers))
                     stored.append(((level, group.index), await store_level(ident, level, group_codec, keys, values)))
             return stored
 
@@ -831,7 +831,7 @@ class KVStore:
                     for g in groups]
             states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # linear group -> its states after n
 
-            group_codecs = [level_codec.for_layers(g.layers, layout.num_layers) if g.spec.per_token else None
+            group_codecs = [level_codec.for_layers(layout.token_rows(g.layers), len(layout.token_layers)) if g.spec.per_token else None
                             for g in groups]
             chain: dict[int, tuple[str, str]] = {}  # job -> the object's (content, prev)
 

@@ -181,3 +181,52 @@ async def test_writers_of_other_states_for_the_same_tokens_each_read_consistentl
         await store.store.put(base, await store.store.get(state.key))
         with pytest.raises(IncompleteContextError):
             await store.get("q", ids[:INNER])
+
+
+@pytest.fixture(scope="module")
+def hybrid():  # type: ignore[no-untyped-def]
+    """Attention layers 1 and 3 between linear ones: a profile's rows are not the model's layers."""
+    return tiny_model("qwen3_next", num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2)
+
+
+def _contexts(n: int, tokens: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 500, (tokens,), generator=gen).tolist() for _ in range(n)]
+
+
+async def test_a_bound_store_calibrates_kvcodec_levels_on_the_attention_layers(hybrid):
+    ids = _contexts(1, TOKENS, 6)[0]
+    exact = extract_kv(hybrid, ids)
+    async with KVStore("memory://", model=hybrid, chunk_tokens=CHUNK, calibrate=_contexts(2, 160, 5)) as store:
+        manifest = await store.put(ids)
+        assert {level.codec for level in manifest.levels} == {"kvcodec"}
+        profile = store.codecs[0].model_profile
+        assert profile.shape == (2, 2, 16)  # rows: the attention layers 1 and 3
+        cal = profile.calibration
+        assert len(cal["key_layer_factors"]) == 2
+        assert all(m <= 1.5 * t for t, m in zip(cal["targets_pct"], cal["measured_pct"]))
+        kv = await store.get(ids)  # the default level
+        for i in (0, 2):  # linear layers: their states, exact (the store's prefill was cut at 48)
+            for a, b in zip(kv[i].after(TOKENS), exact[i].after(TOKENS)):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert not torch.equal(kv[1][0], exact[1][0]) and kv[3][1].shape == exact[3][1].shape
+        n, cache = await store.load(ids)  # from the last stored state before the end
+        assert n == 48 and torch.isfinite(prefill(hybrid, ids[n:], cache)[0]).all()
+
+
+async def test_kvcodec_levels_code_the_attention_layers_of_a_hybrid_model(hybrid):
+    from kvstore.codecs.kvcodec import KVCodec
+    from kvstore.integrations.hf_profile import profile_model
+
+    profile = profile_model(hybrid, _contexts(2, 160, 5), targets_pct=None)  # the default steps
+    ids = _contexts(1, TOKENS, 6)[0]
+    kv = extract_kv(hybrid, ids, states_every=CHUNK)
+    async with KVStore("memory://", chunk_tokens=CHUNK, levels=[KVCodec(profile, 0), KVCodec(profile, 5)]) as store:
+        await store.put("q", ids, kv, layout=cache_layout(hybrid))
+        errors = []
+        for level in (0, 1):
+            got = await store.get("q", ids[:INNER], level=level)
+            assert torch.equal(got[2].after(INNER)[1], kv[2].after(INNER)[1])
+            errors.append([float((got[i][j] - kv[i][j][:, :INNER]).norm() / kv[i][j][:, :INNER].norm())
+                           for i in (1, 3) for j in (0, 1)])
+        assert max(errors[0]) < 0.15 and all(a < b for a, b in zip(*errors))  # relative errors

@@ -77,8 +77,10 @@ class Codec(ABC):
         out_values.copy_(values)
 
     def for_layers(self, layers: tuple[int, ...], num_layers: int) -> Codec:
-        """This codec configured for a group of the model's ``num_layers`` layers (a layer
-        group's chunks are stored apart); codecs without per-layer state return themselves."""
+        """This codec configured for a group of the model's ``num_layers`` layers with
+        per-token KV (``layers``: their positions among those, see
+        :meth:`~kvstore.format.layout.CacheLayout.token_rows`; a layer group's chunks are
+        stored apart); codecs without per-layer state return themselves."""
         return self
 
     def check_layout(self, layout: Any) -> None:
@@ -145,12 +147,14 @@ class ProfiledCodec(Codec):
 
     def check_layout(self, layout: Any) -> None:
         """Refuse (before any write) a model layout the profile cannot code: the profile
-        describes layers of one shape (any attention kinds) with equal key and value widths."""
-        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in layout.layers}
-        spec = layout.layers[0]
+        describes the layers with per-token KV (any attention kinds; linear-attention layers
+        are stored exactly beside them), all of one shape with equal key and value widths."""
+        token_layers = [layout.layers[i] for i in layout.token_layers]
+        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in token_layers}
+        spec = token_layers[0]
         if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv":
             raise CodecError(f"{self.name} profiles cover models whose layers share one shape, not {layout.describe()}")
-        if (layout.num_layers, spec.kv_heads, spec.key_dim) != self.model_profile.shape:
+        if (len(token_layers), spec.kv_heads, spec.key_dim) != self.model_profile.shape:
             raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
                              f"{self.model_profile.shape}")
 

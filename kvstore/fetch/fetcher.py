@@ -267,8 +267,9 @@ class _Load:
     def _codec(self, level: int, group: int) -> dict[str, Any]:
         """The codec (name, params) that ``group``'s objects at ``level`` must have been coded with."""
         if (level, group) not in self.codecs:
-            spec = self.m.levels[level]
-            codec = get_codec(spec.codec, spec.params).for_layers(self.groups[group].layers, self.m.layers)
+            spec, layout = self.m.levels[level], self.m.layout
+            codec = get_codec(spec.codec, spec.params).for_layers(
+                layout.token_rows(self.groups[group].layers), len(layout.token_layers))
             self.codecs[level, group] = {"name": codec.name, "params": codec.params}
         return self.codecs[level, group]
 

@@ -229,6 +229,21 @@ class CacheLayout:
         return chunk_tokens * max(1, -(-tokens // chunk_tokens))
 
     @property
+    def token_layers(self) -> tuple[int, ...]:
+        """The layers with per-token KV (every layer but linear-attention ones), in order:
+        the rows of a codec profile of the model."""
+        return tuple(i for i, s in enumerate(self.layers) if s.per_token)
+
+    def token_rows(self, layers: Sequence[int]) -> tuple[int, ...]:
+        """The positions of per-token ``layers`` among :attr:`token_layers` (their rows in a
+        codec profile, which covers no linear-attention layer)."""
+        rows = {layer: row for row, layer in enumerate(self.token_layers)}
+        try:
+            return tuple(rows[layer] for layer in layers)
+        except KeyError as exc:
+            raise ConfigError(f"layer {exc.args[0]} has no per-token KV") from None
+
+    @property
     def has_linear(self) -> bool:
         """Whether any layer is a linear-attention layer (fixed-size states, no per-token KV)."""
         return any(not s.per_token for s in self.layers)

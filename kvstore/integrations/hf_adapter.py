@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from kvstore.format.layout import CacheLayout
 from kvstore.integrations.hf import Tokens, cache_layout, extract_kv, hf_model_id, kv_to_cache
 from kvstore.kv import KV
 
+log = logging.getLogger(__name__)
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -66,12 +68,19 @@ class HFModel:
     def calibrate(self, contexts: Sequence[Tokens]) -> Any:
         """The model's codec profile calibrated on ``contexts`` (minutes on a CPU): ``kvcodec3``'s
         when they hold :data:`~kvstore.integrations.hf_profile.MIN_TRANSFORM_TOKENS` tokens or more
-        (its bases need that much text to hold on other text), else ``kvcodec``'s."""
+        (its bases need that much text to hold on other text) and its transform can undo the
+        model's RoPE, else ``kvcodec``'s."""
         from kvstore.integrations.hf_profile import MIN_TRANSFORM_TOKENS, profile_model, transform_profile_model
+        from kvstore.integrations.hf_rope import rotary_table
 
         with model_lock(self.model):
             if sum(len(c) for c in contexts) >= MIN_TRANSFORM_TOKENS:
-                return transform_profile_model(self.model, contexts)
+                try:
+                    rotary_table(self.model)
+                except ConfigError as exc:
+                    log.info("calibrating kvcodec, not kvcodec3: %s", exc)
+                else:
+                    return transform_profile_model(self.model, contexts)
             return profile_model(self.model, contexts)
 
     def to_cache(self, kv: KV, num_tokens: int) -> Any:

@@ -38,7 +38,8 @@ from kvstore.codecs.kvcodec_profile import (
     value_steps,
 )
 from kvstore.errors import ConfigError
-from kvstore.integrations.hf import kv_to_cache, prefill
+from kvstore.integrations.hf import cache_layout, extract_kv, kv_to_cache, prefill
+from kvstore.kv import LinearStates, is_linear
 
 #: target perplexity increase (percent) of each level, best first; level 2 is the default
 DEFAULT_TARGETS_PCT = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -61,17 +62,30 @@ class Calibration:
 
 @dataclass(frozen=True)
 class _Context:
-    keys: torch.Tensor  # [L, H, T, D] prefix keys, float32
+    keys: torch.Tensor  # [L, H, T, D] prefix keys of the layers with per-token KV, float32
     values: torch.Tensor
     dtype: torch.dtype
     continuation: torch.Tensor
     exact_logprobs: torch.Tensor  # [n, vocab]
+    #: per model layer: None where the layer takes the next row of keys and values, else a
+    #: linear-attention layer's states after the prefix (held exact: only KV is quantized)
+    states: tuple[LinearStates | None, ...] = ()
 
 
 def _logprobs(model: object, ctx: _Context, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    kv = [(k.to(ctx.dtype), v.to(ctx.dtype)) for k, v in zip(keys.unbind(0), values.unbind(0))]
-    logits, _ = prefill(model, ctx.continuation, kv_to_cache(model, kv), logits_to_keep=0)
+    rows = iter(zip(keys.unbind(0), values.unbind(0)))
+    kv = [(k.to(ctx.dtype), v.to(ctx.dtype)) for k, v in rows] if not ctx.states else \
+        [states if states is not None else tuple(t.to(ctx.dtype) for t in next(rows)) for states in ctx.states]
+    logits, _ = prefill(model, ctx.continuation, kv_to_cache(model, kv, num_tokens=keys.shape[2]), logits_to_keep=0)
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _prefix_states(model: object, prefix: torch.Tensor) -> tuple[LinearStates | None, ...]:
+    """Per layer of a model with linear-attention layers, their states after ``prefix``
+    (``None`` for layers with per-token KV); ``()`` for a model without such layers."""
+    if not cache_layout(model).has_linear:
+        return ()
+    return tuple(entry if is_linear(entry) else None for entry in extract_kv(model, prefix))
 
 
 def _kl(ctx: _Context, logprobs: torch.Tensor) -> float:
@@ -100,8 +114,10 @@ def calibration_contexts(
     continuation: int = 256,
     sink_tokens: int = 4,
 ) -> list[_Context]:
-    """Each context cut into a stored prefix (its KV, float32) and a scored continuation,
-    with the exact next-token log-probabilities the divergences are measured against."""
+    """Each context cut into a stored prefix (its KV, float32, and the states of any
+    linear-attention layers after it) and a scored continuation, with the exact next-token
+    log-probabilities the divergences are measured against. ``samples``: each context's
+    ``(keys, values)`` of the layers with per-token KV."""
     ctxs = []
     for (keys, values), tokens in zip(samples, contexts, strict=True):
         ids = torch.as_tensor(tokens, dtype=torch.long)
@@ -110,9 +126,10 @@ def calibration_contexts(
             raise ConfigError(f"calibration contexts need at least {4 * sink_tokens} tokens, got {len(ids)}")
         cut = len(ids) - scored
         k, v = keys[:, :, :cut].float(), values[:, :, :cut].float()
-        ctx = _Context(k, v, keys.dtype, ids[cut:], torch.empty(0))  # the exact log-probs come next
+        states = _prefix_states(model, ids[:cut])
+        ctx = _Context(k, v, keys.dtype, ids[cut:], torch.empty(0), states)  # the exact log-probs come next
         exact = _logprobs(model, ctx, k, v)
-        ctxs.append(_Context(k, v, keys.dtype, ids[cut:], exact))
+        ctxs.append(_Context(k, v, keys.dtype, ids[cut:], exact, states))
     return ctxs
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from kvstore.codecs.kvcodec3_profile import (
 )
 from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS, KVCodecProfile, Level, build_profile
 from kvstore.errors import ConfigError
-from kvstore.integrations.hf import Tokens, cache_layout, extract_kv, kv_layout
+from kvstore.integrations.hf import Tokens, cache_layout, extract_kv
 from kvstore.integrations.hf_attention import own_attention, use_attention
 from kvstore.integrations.hf_calibrate import (
     DEFAULT_TARGETS_PCT,
@@ -36,7 +37,7 @@ from kvstore.integrations.hf_calibrate import (
     check_targets,
 )
 from kvstore.integrations.hf_rope import rotary_table
-from kvstore.kv import stack_span
+from kvstore.kv import stack_span, token_tensor
 
 
 CAPTURE_NAME = "kvstore_capture_queries"
@@ -65,6 +66,34 @@ def _capture_queries(model: Any) -> Iterator[dict[int, torch.Tensor]]:
         yield captured
 
 
+@dataclass(frozen=True)
+class TokenLayers:
+    """The layers a codec profile of a model covers: those with per-token KV (a profile's
+    rows), all of one shape ``[kv_heads, head_dim]``; linear-attention layers are stored
+    exactly beside them."""
+
+    layers: tuple[int, ...]
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.layers), self.kv_heads, self.head_dim
+
+
+def token_layers(model: Any) -> TokenLayers:
+    """The model's layers a codec profile covers; :class:`ConfigError` unless they all cache
+    keys and values of one shape (equal widths)."""
+    cache = cache_layout(model)
+    specs = {cache.layers[i] for i in cache.token_layers}
+    shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in specs}
+    spec = next(iter(specs))
+    if len(shapes) != 1 or spec.slots != "kv" or spec.key_dim != spec.value_dim:
+        raise ConfigError(f"kvcodec profiles cover models whose attention layers all cache keys and values "
+                          f"of one shape; this model's layers are {cache.describe()}")
+    return TokenLayers(cache.token_layers, spec.kv_heads, spec.key_dim)
+
+
 def profile_model(
     model: Any,
     contexts: Sequence[Tokens],
@@ -82,26 +111,24 @@ def profile_model(
     (:mod:`kvstore.integrations.hf_calibrate`). ``None`` keeps ``levels`` as given."""
     if not contexts:
         raise ConfigError("profile_model needs at least one calibration context")
-    cache = cache_layout(model)
-    if len({(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in cache.layers}) != 1 or cache.layers[0].slots != "kv":
-        raise ConfigError(f"kvcodec profiles cover models whose layers all cache one shape; "
-                          f"this model's layers are {cache.describe()}")
-    layout = kv_layout(model)
-    energy = torch.zeros(layout.layers, layout.kv_heads, layout.head_dim)
+    rows = token_layers(model)
+    L, H, D = rows.shape
+    energy = torch.zeros(L, H, D)
     positions = 0
     samples = []
     for tokens in contexts:
         with _capture_queries(model) as captured:
             kv = extract_kv(model, tokens, chunk_tokens=chunk_tokens)  # every token, sliding layers included
-        if sorted(captured) != list(range(layout.layers)):
-            raise ConfigError(f"observed queries of layers {sorted(captured)} of {layout.layers}: unsupported architecture")
-        per_layer = torch.stack([captured[i] for i in range(layout.layers)])
+        if sorted(captured) != list(rows.layers):
+            raise ConfigError(f"observed queries of layers {sorted(captured)}, not of the {L} attention "
+                              f"layers {list(rows.layers)}: unsupported architecture")
+        per_layer = torch.stack([captured[i] for i in rows.layers])
         q_heads = per_layer.shape[1]
-        if q_heads % layout.kv_heads:
-            raise ConfigError(f"{q_heads} query heads do not group onto {layout.kv_heads} KV heads")
-        energy += per_layer.view(layout.layers, layout.kv_heads, q_heads // layout.kv_heads, -1).mean(dim=2)
-        positions += kv[0][0].shape[1]
-        samples.append(stack_span(kv))
+        if q_heads % H:
+            raise ConfigError(f"{q_heads} query heads do not group onto {H} KV heads")
+        energy += per_layer.view(L, H, q_heads // H, -1).mean(dim=2)
+        positions += token_tensor(kv).shape[1]
+        samples.append(stack_span(kv, layers=rows.layers))
     energy /= positions
     if targets_pct is None:
         return build_profile(samples, query_energy=energy, levels=levels, sink_tokens=sink_tokens)
@@ -131,14 +158,12 @@ def transform_profile_model(
     if base is None:
         base = profile_model(model, contexts, targets_pct=targets_pct)
     check_targets(targets_pct)
-    samples = []
-    for tokens in contexts:
-        kv = extract_kv(model, tokens)
-        samples.append(stack_span(kv))
-    L, H, _, D = samples[0][0].shape
-    if (L, H, D) != base.shape:
-        raise ConfigError(f"the kvcodec profile's shape {base.shape} is not the model's KV")
-    groups = transform_groups([(s.kind, s.window) for s in cache_layout(model).layers], group_layers)
+    rows = token_layers(model)
+    if rows.shape != base.shape:
+        raise ConfigError(f"the kvcodec profile's shape {base.shape} is not the model's KV {rows.shape}")
+    samples = [stack_span(extract_kv(model, tokens), layers=rows.layers) for tokens in contexts]
+    cache = cache_layout(model)
+    groups = transform_groups([(cache.layers[i].kind, cache.layers[i].window) for i in rows.layers], group_layers)
     fitted = fit_transform(samples, rope=rotary_table(model), key_weight=pair_weights(base.key_unit), groups=groups,
                            sink_tokens=sink_tokens)
     ctxs = calibration_contexts(model, samples, contexts, sink_tokens=sink_tokens)

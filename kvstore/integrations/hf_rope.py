@@ -44,18 +44,19 @@ def _cos_sin(module: Any, positions: list[int], head_dim: int, layer_type: str |
 
 
 def rotary_table(model: Any) -> RotaryTable:
-    """The model's per-layer RoPE frequencies and scaling; a model without a rotary module
+    """The model's RoPE frequencies and scaling per layer with per-token keys; a model without a rotary module
     gets the identity (its keys are stored as projected). :class:`ConfigError` for a RoPE
     this reader cannot undo exactly (partial rotary dims, angles not linear in position)."""
-    if any(spec.slots != "kv" for spec in cache_layout(model).layers):
+    cache = cache_layout(model)
+    if any(spec.slots != "kv" for spec in cache.layers):
         raise ConfigError("the model caches MLA latents, not post-RoPE keys: transform codecs cannot undo their RoPE")
-    layout = kv_layout(model)
-    L, D = layout.layers, layout.head_dim
+    rows = cache.token_layers  # the table's rows: the layers with per-token keys
+    L, D = len(rows), kv_layout(model).head_dim
     module = _rotary_module(model)
     if module is None:
         return RotaryTable.identity(L, D)
     cfg = _text_config(model)
-    types = getattr(cfg, "layer_types", None) or [None] * L
+    types = [(getattr(cfg, "layer_types", None) or [None] * cache.num_layers)[i] for i in rows]
     per_type: dict[Any, tuple[torch.Tensor, float]] = {}
     for layer_type in dict.fromkeys(types):
         prefix = f"{layer_type}_" if layer_type is not None and hasattr(module, f"{layer_type}_inv_freq") else ""
