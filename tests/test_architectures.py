@@ -206,14 +206,48 @@ async def test_kvcodec_codes_each_layer_group_with_its_profile_rows(ids):
         assert len(generate_greedy(model, ids, got, max_new_tokens=4)) == 4
 
 
-async def test_kvcodec_refuses_mla_before_writing(ids):
+async def test_kvcodec_refuses_another_models_profile_before_writing(ids):
     model = tiny_model("deepseek_v3")
     _, codec = _kvcodec_for(tiny_model("llama"), ids)
     kv = extract_kv(model, ids)
     async with KVStore("memory://", chunk_tokens=CHUNK, levels=["raw", codec]) as store:
-        with pytest.raises(CodecError, match="share one shape"):
+        with pytest.raises(CodecError, match="does not match the profile"):
             await store.put("deepseek", ids, kv, layout=cache_layout(model))
         assert [key async for key in store.store.list("")] == []
+
+
+def test_an_mla_latent_is_weighted_by_the_queries_absorbed_into_it():
+    from kvstore.integrations.hf_profile import _key_slot_reads
+
+    attention = tiny_model("deepseek_v3").model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(4)
+    nope, rope = attention.qk_nope_head_dim, attention.qk_rope_head_dim
+    query = torch.randn(1, attention.config.num_attention_heads, 5, nope + rope, generator=gen)
+    latent = torch.randn(1, 1, 5, attention.kv_lora_rank, generator=gen)
+    keys, _ = attention.expand_kv(latent, torch.zeros(1, 1, 5, rope))  # the model's own expansion
+    with torch.no_grad():
+        direct = (query[..., :nope] * keys[..., :nope]).sum(-1)  # the non-rotary part of each logit
+        absorbed = (_key_slot_reads(attention, query) * latent).sum(-1)
+    torch.testing.assert_close(absorbed, direct, rtol=1e-4, atol=1e-6)
+
+
+async def test_a_bound_store_calibrates_kvcodec_levels_on_mla_latents(ids):
+    model = tiny_model("deepseek_v3")
+    gen = torch.Generator().manual_seed(3)
+    calibrate = [torch.randint(2, 500, (320,), generator=gen).tolist() for _ in range(2)]
+    exact = extract_kv(model, ids)
+    async with KVStore("memory://", model=model, chunk_tokens=CHUNK, calibrate=calibrate) as store:
+        manifest = await store.put(ids)
+        assert {level.codec for level in manifest.levels} == {"kvcodec"}
+        profile = store.codecs[0].model_profile
+        assert profile.shape == (2, 1, 32) and profile.value_width == 8  # latent, rotary key
+        cal = profile.calibration
+        assert all(m <= 1.5 * t for t, m in zip(cal["targets_pct"], cal["measured_pct"]))
+        got = await store.get(ids, level=0)
+        for (k, v), (gk, gv) in zip(exact, got, strict=True):
+            assert gk.shape == k.shape and gv.shape == v.shape and not torch.equal(gk, k)
+        n, cache = await store.load(ids)
+        assert n == len(ids) - 1 and len(generate_greedy(model, ids, got, max_new_tokens=4)) == 4
 
 
 def test_no_future_warning_from_the_bridge(ids):

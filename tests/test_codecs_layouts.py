@@ -87,3 +87,64 @@ def test_kvcodec_layer_groups_use_their_rows_of_the_profile():
     assert torch.equal(k, k_all[[0, 2]]) and torch.equal(v, v_all[[0, 2]])  # the same steps as the whole model
     with pytest.raises(CodecError):
         whole.for_layers((0, 5), 3)
+
+
+def _unequal_kv(tokens, seed, layers, heads, key_dim, value_dim):
+    keys, _ = synthetic_kv(tokens, seed, shape=(layers, heads, key_dim))
+    _, values = synthetic_kv(tokens, seed + 100, shape=(layers, heads, value_dim))
+    return keys, values
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 1, 32, 8), (1, 2, 192, 128)], ids=lambda s: "L{}H{}K{}V{}".format(*s))
+def test_kvcodec_codes_key_and_value_slots_of_other_widths(shape, version):
+    from kvstore.codecs.kvcodec_profile import KVCodecProfile, build_profile
+
+    L, H, Dk, Dv = shape
+    profile = build_profile([_unequal_kv(96, s, *shape) for s in range(2)])
+    assert profile.shape == (L, H, Dk) and profile.value_width == Dv
+    stored = KVCodecProfile.from_bytes(profile.to_bytes())
+    assert stored.value_dim == Dv and stored.tables[2].values.num_models == L * H * Dv
+    keys, values = _unequal_kv(TOKENS, 7, *shape)
+    ident = _ident(*shape)
+    errors = []
+    for level in (0, 2, 5):
+        k, v = decode_chunk(encode_chunk(KVCodec(profile, level, version=version), ident, keys, values), ident, CPU)
+        assert k.shape == keys.shape and v.shape == values.shape
+        errors.append((_rel(k, keys), _rel(v, values)))
+        obj = container.decode(container.encode(KVCodec(profile, level, version=version).encode(keys, values), kind="t"))
+        out_k, out_v = torch.zeros(L, H, TOKENS + 5, Dk).half(), torch.zeros(L, H, TOKENS + 5, Dv).half()
+        KVCodec(profile, level, version=version).decode_into(obj, out_k[:, :, 5:], out_v[:, :, 5:])  # views
+        assert torch.equal(out_k[:, :, 5:], k) and torch.equal(out_v[:, :, 5:], v) and not out_v[:, :, :5].any()
+    assert errors[0][0] < 0.08 and errors[0][1] < 0.12 and errors == sorted(errors)
+    with pytest.raises(CodecError, match="value"):
+        KVCodec(profile, 0).encode(keys, values[..., :-1])
+    from kvstore.kernels.kvcodec_decode import decode_kvcodec_kernels
+
+    with pytest.raises(CodecError, match="equal key and value widths"):  # the kernels say so, clearly
+        decode_kvcodec_kernels(KVCodec(profile, 0).encode(keys, values), KVCodec(profile, 0), tuple(keys.shape),
+                               torch.float16, "cpu", backend="torch")
+    with pytest.raises(FormatError, match="value"):  # a chunk read as another value width
+        decode_chunk(encode_chunk(KVCodec(profile, 0), ident, keys, values), _ident(L, H, Dk, Dk), CPU)
+
+
+async def test_kvcodec_stores_an_mla_shaped_layout_by_layer_group():
+    from kvstore import KVStore
+    from kvstore.codecs.kvcodec_profile import build_profile
+    from kvstore.format.layout import CacheLayout, LayerSpec
+
+    shape = (3, 1, 32, 8)
+    profile = build_profile([_unequal_kv(96, s, *shape) for s in range(2)])
+    keys, values = _unequal_kv(64, 9, *shape)
+    kv = [(keys[i], values[i]) for i in range(3)]
+    mla, window = LayerSpec("full", 1, 32, 8, slots="mla"), LayerSpec("sliding", 1, 32, 8, window=16, slots="mla")
+    layout = CacheLayout((mla, window, mla))  # two groups: the profile's rows (0, 2) and (1,)
+    async with KVStore("memory://", chunk_tokens=16, levels=[KVCodec(profile, 0)]) as store:
+        await store.put("m", list(range(64)), kv, layout=layout)
+        got = await store.get("m", list(range(64)))
+    whole = KVCodec(profile, 0)
+    obj = container.decode(container.encode(whole.encode(keys[:, :, :16], values[:, :, :16]), kind="t"))
+    whole_k, whole_v = whole.decode(obj, (3, 1, 16, 32), torch.float16, CPU, value_dim=8)
+    for i in (0, 2):  # the first chunk of the full layers: coded with the whole profile's rows
+        assert torch.equal(got[i][0][:, :16], whole_k[i]) and torch.equal(got[i][1][:, :16], whole_v[i])
+    assert got[1][1].shape[2] == 8 and _rel(got[0][0], keys[0]) < 0.08

@@ -148,15 +148,17 @@ class ProfiledCodec(Codec):
     def check_layout(self, layout: Any) -> None:
         """Refuse (before any write) a model layout the profile cannot code: the profile
         describes the layers with per-token KV (any attention kinds; linear-attention layers
-        are stored exactly beside them), all of one shape with equal key and value widths."""
+        are stored exactly beside them), all of one shape, and their key and value widths."""
         token_layers = [layout.layers[i] for i in layout.token_layers]
         shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in token_layers}
         spec = token_layers[0]
-        if len(shapes) != 1 or spec.key_dim != spec.value_dim or spec.slots != "kv":
+        if len(shapes) != 1:
             raise CodecError(f"{self.name} profiles cover models whose layers share one shape, not {layout.describe()}")
-        if (len(token_layers), spec.kv_heads, spec.key_dim) != self.model_profile.shape:
+        profile = self.model_profile
+        value_width = getattr(profile, "value_width", profile.shape[2])
+        if (len(token_layers), spec.kv_heads, spec.key_dim, spec.value_dim) != (*profile.shape, value_width):
             raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
-                             f"{self.model_profile.shape}")
+                             f"{profile.shape} (values {value_width} wide)")
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """:class:`CodecError` unless ``[layers, heads, tokens, dim]`` fits this codec's profile."""

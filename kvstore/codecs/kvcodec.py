@@ -142,10 +142,9 @@ class KVCodec(ProfiledCodec):
         self.level = level
         self.version = version
         L, H, D = profile.shape
-        if version == 1:
-            self._models = np.arange(L * H * D).reshape(L * H, D)
-        else:
-            self._models = np.arange(L * H * D).reshape(L * H * D, 1)
+        self._key_models, self._value_models = (
+            np.arange(L * H * width).reshape((L * H, width) if version == 1 else (L * H * width, 1))
+            for width in (D, profile.value_width))
         self._scale_models = np.arange(L * H).reshape(L * H, 1)
 
     @property
@@ -196,9 +195,9 @@ class KVCodec(ProfiledCodec):
         overriding the version's default (:data:`LANE_SYMBOLS`; rANS's 4,096 for version 1,
         on every stream); any value decodes, the group size is in each stream's header."""
         L, H, D = self.profile.shape
-        T = int(tokens)
+        Dv, T = self.profile.value_width, int(tokens)
         tables = self.profile.tables[self.level]
-        kv_shape = (L * H * D, T, 1) if self.channel_major else (L * H, T, D)
+        k_shape, v_shape = ((L * H * d, T, 1) if self.channel_major else (L * H, T, d) for d in (D, Dv))
         s_shape = (L * H, T, 1)
         if lane_symbols is None:
             kv_lane = LANE_SYMBOLS if self.channel_major else rans.DEFAULT_LANE_SYMBOLS
@@ -211,8 +210,8 @@ class KVCodec(ProfiledCodec):
             return rans.default_group_size(n, lane) if n else None
 
         return (
-            StreamSpec("k", tables.keys, self._models, kv_shape, group(kv_shape, kv_lane)),
-            StreamSpec("v", tables.values, self._models, kv_shape, group(kv_shape, kv_lane)),
+            StreamSpec("k", tables.keys, self._key_models, k_shape, group(k_shape, kv_lane)),
+            StreamSpec("v", tables.values, self._value_models, v_shape, group(v_shape, kv_lane)),
             StreamSpec("scales", tables.scales, self._scale_models, s_shape, group(s_shape, s_lane)),
         )
 
@@ -223,11 +222,12 @@ class KVCodec(ProfiledCodec):
         """The chunk's key, value and scale symbols (uint8, contiguous, in the stream layout
         of :meth:`streams`) on the device of ``keys``, and the raw side buffers (sinks,
         patches). Torch operations only: the CPU and GPU encoders share them."""
-        if keys.shape != values.shape or keys.ndim != 4:
-            raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must both be [L, H, T, D] "
-                             "(kvcodec profiles describe equal key and value widths)")
+        if keys.ndim != 4 or values.shape != (*keys.shape[:3], self.profile.value_width):
+            raise CodecError(f"keys {list(keys.shape)} and values {list(values.shape)} must be [L, H, T, D] and "
+                             f"[L, H, T, {self.profile.value_width}] (the profile's value width)")
         self.check_shape(tuple(keys.shape))
         L, H, T, D = keys.shape
+        Dv = values.shape[3]
         device = keys.device
         prof, level = self.profile, self.profile.levels[self.level]
         for name, t in (("keys", keys), ("values", values)):  # NaN or inf would decode as wrong values
@@ -256,9 +256,9 @@ class KVCodec(ProfiledCodec):
         del v_res, vf
         if self.channel_major:  # [L, H, T, D] -> [L*H*D, T, 1]: each (layer, head, channel) row of T tokens
             k_sym = k_sym.reshape(L * H, T, D).transpose(1, 2).contiguous()
-            v_sym = v_sym.reshape(L * H, T, D).transpose(1, 2).contiguous()
-        spec_k, _, spec_s = self.streams(T)
-        return (k_sym.reshape(spec_k.shape), v_sym.reshape(spec_k.shape), to_symbols(codes).reshape(spec_s.shape),
+            v_sym = v_sym.reshape(L * H, T, Dv).transpose(1, 2).contiguous()
+        spec_k, spec_v, spec_s = self.streams(T)
+        return (k_sym.reshape(spec_k.shape), v_sym.reshape(spec_v.shape), to_symbols(codes).reshape(spec_s.shape),
                 raw)  # fmt: skip
 
     def quantize(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> Quantized:
@@ -277,8 +277,8 @@ class KVCodec(ProfiledCodec):
         return buffers
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, *, start: int = 0) -> dict[str, BufferLike]:
-        impl = find_impl(self.name, keys.device.type, "encode")  # the Triton kernels on CUDA
-        if impl is not None:
+        impl = find_impl(self.name, keys.device.type, "encode") if self.profile.value_dim is None else None
+        if impl is not None:  # the Triton kernels on CUDA (for equal key and value widths)
             return impl(self, keys, values, start=start)
         return self.entropy_code(self.quantize(keys, values, start=start))
 
@@ -300,14 +300,15 @@ class KVCodec(ProfiledCodec):
         *, value_dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_shape(shape)
-        if value_dim is not None and value_dim != shape[3]:
-            raise CodecError(f"kvcodec profiles describe equal key and value widths, not {shape[3]} and {value_dim}")
-        impl = find_impl(self.name, device.type, "decode")  # the Triton kernels on CUDA
-        if impl is not None:
+        Dv = shape[3] if value_dim is None else value_dim
+        if Dv != self.profile.value_width:
+            raise CodecError(f"values {Dv} wide do not match the profile's value width {self.profile.value_width}")
+        impl = find_impl(self.name, device.type, "decode") if self.profile.value_dim is None else None
+        if impl is not None:  # the Triton kernels on CUDA (for equal key and value widths)
             return impl(self, obj, shape, dtype, device)
         if self.channel_major and device.type == "cpu":
             keys = torch.empty(shape, dtype=dtype)
-            values = torch.empty(shape, dtype=dtype)
+            values = torch.empty((*shape[:3], Dv), dtype=dtype)
             self._decode_cpu_into(obj, keys, values, _rows_view(keys), _rows_view(values))  # type: ignore[arg-type]
             return keys, values
         L, H, T, D = shape
@@ -317,13 +318,13 @@ class KVCodec(ProfiledCodec):
         v_res = self._residuals(obj, spec_v)
         if self.channel_major:  # [L*H*D, T, 1] -> [L*H, T, D]
             k_res = k_res.reshape(L * H, D, T).transpose(1, 2).contiguous()
-            v_res = v_res.reshape(L * H, D, T).transpose(1, 2).contiguous()
+            v_res = v_res.reshape(L * H, Dv, T).transpose(1, 2).contiguous()
         k_res, v_res = k_res.to(device), v_res.to(device)
         codes = self._residuals(obj, spec_s).to(device)
         step_k = prof.key_step(self.level).to(device)[:, :, None]
         keys = k_res.reshape(L, H, T, D).float() * step_k + prof.key_center.to(device)[:, :, None]
         steps_v = value_steps(codes.reshape(L, H, T).float(), level.gamma)
-        values = v_res.reshape(L, H, T, D).float() * steps_v[..., None]
+        values = v_res.reshape(L, H, T, Dv).float() * steps_v[..., None]
         keys, values = keys.to(dtype), values.to(dtype)
         self._apply_sides(obj, keys, values)
         return keys, values
@@ -331,8 +332,8 @@ class KVCodec(ProfiledCodec):
     def decode_into(self, obj: Container, out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
         """On the CPU (format version 2), decode straight into the caller's views: each output
         element is written once, by the rANS decoder through a dequantizing lookup table."""
-        if self.channel_major and out_keys.device.type == "cpu" and out_keys.shape == out_values.shape \
-                and out_keys.dtype == out_values.dtype:
+        if self.channel_major and out_keys.device.type == "cpu" and out_keys.shape[:3] == out_values.shape[:3] \
+                and out_values.shape[3] == self.profile.value_width and out_keys.dtype == out_values.dtype:
             rows_k, rows_v = _rows_view(out_keys), _rows_view(out_values)
             if rows_k is not None and rows_v is not None:
                 self.check_shape(tuple(out_keys.shape))
@@ -345,14 +346,15 @@ class KVCodec(ProfiledCodec):
         """Version 2 on the CPU: scales first, then keys and values decoded through their lookup
         tables into ``rows_k`` / ``rows_v`` (the ``[L*H, T, D]`` integer views of ``keys`` /
         ``values``, see :func:`_rows_view`); then the sides, on the tensors."""
-        L, H, T, D = keys.shape
+        L, H, T, _ = keys.shape
         spec_k, spec_v, spec_s = self.streams(T)
         scales = rans.decode(obj.raw(spec_s.name), spec_s.table, spec_s.model_map, shape=spec_s.shape)
         lut_k, lut_v = self._lookup_tables(keys.dtype)
         for spec, rows, token_lut, lut in ((spec_k, rows_k, None, lut_k),
                                            (spec_v, rows_v, scales.reshape(L * H, T), lut_v)):  # fmt: skip
-            rans.decode_rows_through_lut(obj.raw(spec.name), spec.table, rows=L * H * D, tokens=T, row_width=D,
-                                         lut=lut, out=rows, token_lut=token_lut)  # fmt: skip
+            width = rows.shape[2]
+            rans.decode_rows_through_lut(obj.raw(spec.name), spec.table, rows=L * H * width, tokens=T,
+                                         row_width=width, lut=lut, out=rows, token_lut=token_lut)  # fmt: skip
         self._apply_sides(obj, keys, values)
 
     def _lookup_tables(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +372,7 @@ class KVCodec(ProfiledCodec):
 
     def _apply_sides(self, obj: Container, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the decoded ``keys`` / ``values`` with the chunk's patches and sinks."""
-        L, H, T, D = keys.shape
+        L, H, T, _ = keys.shape
         dtype, device = keys.dtype, keys.device
         for name, out in (("k", keys), ("v", values)):
             self._apply_patches(obj, name, out, dtype, device)
@@ -378,8 +380,9 @@ class KVCodec(ProfiledCodec):
         if "sink_k" in buffers or "sink_v" in buffers:
             sink_k, sink_v = obj.tensor("sink_k"), obj.tensor("sink_v")
             sinks = sink_k.shape[2] if sink_k.ndim == 4 else -1
-            for t in (sink_k, sink_v):
-                if t.dtype != dtype or t.ndim != 4 or tuple(t.shape) != (L, H, sinks, D) or not 0 < sinks <= T:
+            for t, out in ((sink_k, keys), (sink_v, values)):
+                if t.dtype != dtype or t.ndim != 4 or tuple(t.shape) != (L, H, sinks, out.shape[3]) \
+                        or not 0 < sinks <= T:
                     raise FormatError(f"kvcodec sink buffer {t.dtype}{list(t.shape)} does not fit the chunk")
             keys[:, :, :sinks] = sink_k.to(device)
             values[:, :, :sinks] = sink_v.to(device)

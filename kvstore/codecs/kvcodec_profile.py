@@ -93,13 +93,15 @@ class LevelTables:
     """Entropy-coder models of one level."""
 
     keys: FrequencyTable  # L*H*D models
-    values: FrequencyTable  # L*H*D models
+    values: FrequencyTable  # L*H*Dv models
     scales: FrequencyTable  # L*H models
 
 
 @dataclass(frozen=True)
 class KVCodecProfile:
-    """Everything ``kvcodec`` needs besides a chunk's own bytes."""
+    """Everything ``kvcodec`` needs besides a chunk's own bytes. ``head_dim`` is the key
+    width; ``value_dim`` the value width where it differs (an MLA latent in the key slot,
+    its rotary key in the value slot), ``None`` where it is ``head_dim``."""
 
     layers: int
     kv_heads: int
@@ -111,10 +113,16 @@ class KVCodecProfile:
     sink_tokens: int = 4
     #: how the levels were calibrated on the model (targets, measured figures), if they were
     calibration: dict[str, Any] | None = None
+    value_dim: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.layers, self.kv_heads, self.head_dim
+
+    @property
+    def value_width(self) -> int:
+        """The value width (``head_dim`` unless ``value_dim`` says otherwise)."""
+        return self.head_dim if self.value_dim is None else self.value_dim
 
     def key_step(self, level: int) -> torch.Tensor:
         return self.key_unit * self.levels[level].beta
@@ -125,17 +133,18 @@ class KVCodecProfile:
         index = list(layers)
         if not index or any(type(i) is not int or not 0 <= i < self.layers for i in index):
             raise CodecError(f"layers must be indices into the profile's {self.layers} layers, got {index!r}")
-        per_layer = np.arange(self.layers * self.kv_heads * self.head_dim).reshape(self.layers, -1)[index].reshape(-1)
-        per_head = np.arange(self.layers * self.kv_heads).reshape(self.layers, -1)[index].reshape(-1)
+        def per_layer(width: int) -> np.ndarray:
+            return np.arange(self.layers * self.kv_heads * width).reshape(self.layers, -1)[index].reshape(-1)
 
         def rows(table: FrequencyTable, picked: np.ndarray) -> FrequencyTable:
             return FrequencyTable(table.freqs[picked], table.precision)
 
-        tables = tuple(LevelTables(rows(t.keys, per_layer), rows(t.values, per_layer), rows(t.scales, per_head))
+        k_rows, v_rows, s_rows = per_layer(self.head_dim), per_layer(self.value_width), per_layer(1)
+        tables = tuple(LevelTables(rows(t.keys, k_rows), rows(t.values, v_rows), rows(t.scales, s_rows))
                        for t in self.tables)
         return KVCodecProfile(len(index), self.kv_heads, self.head_dim, self.key_center[index].contiguous(),
                               self.key_unit[index].contiguous(), self.levels, tables, self.sink_tokens,
-                              self.calibration)
+                              self.calibration, self.value_dim)
 
     def to_bytes(self) -> bytes:
         """Serialize as a container (no pickle); once per profile, which is immutable (every
@@ -154,6 +163,8 @@ class KVCodecProfile:
         }
         if self.calibration is not None:
             meta["calibration"] = self.calibration
+        if self.value_dim is not None:  # absent where equal: profiles written before it keep their bytes
+            meta["value_dim"] = self.value_dim
         return container.encode(buffers, kind=KIND, meta=meta)  # type: ignore[arg-type]
 
     @property
@@ -173,12 +184,16 @@ class KVCodecProfile:
                 raise FormatError("profile key tensors do not match its dimensions")
         if not bool(torch.isfinite(center).all()) or not bool((unit > 0).all()) or not bool(torch.isfinite(unit).all()):
             raise FormatError("profile key steps must be finite and positive")
-        models = layers * kv_heads * head_dim
-        tables = read_tables(obj, len(levels), (models, models, layers * kv_heads))
+        value_dim = meta.get("value_dim")
+        if value_dim is not None and not (type(value_dim) is int and 0 < value_dim <= 1 << 16 and value_dim != head_dim):
+            raise FormatError("profile value width is malformed")
+        width = head_dim if value_dim is None else value_dim
+        tables = read_tables(obj, len(levels), (layers * kv_heads * head_dim, layers * kv_heads * width,
+                                                layers * kv_heads))
         calibration = meta.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise FormatError("profile calibration record is malformed")
-        return cls(layers, kv_heads, head_dim, center, unit, levels, tables, sink_tokens, calibration)
+        return cls(layers, kv_heads, head_dim, center, unit, levels, tables, sink_tokens, calibration, value_dim)
 
 
 def open_profile(data: bytes | memoryview, kind: str, *,
@@ -256,7 +271,8 @@ def build_profile(
     """Profile a model from calibration KV.
 
     ``samples``: contexts' ``(keys, values)``, each ``[layers, kv_heads, tokens, head_dim]``
-    (the first ``sink_tokens`` of each are left out, as the codec stores them raw).
+    (values may be of another width; the first ``sink_tokens`` of each are left out, as the
+    codec stores them raw).
     ``query_energy``: ``E[q^2]`` per (layer, kv head, channel) of the post-RoPE queries,
     averaged over each GQA group (as :func:`kvstore.integrations.hf_profile.profile_model` captures it);
     ``None`` falls back to per-channel key standard deviations.
@@ -267,9 +283,10 @@ def build_profile(
         raise CodecError("build_profile needs at least one calibration sample")
     keys = torch.cat([k[:, :, sink_tokens:].float().cpu() for k, _ in samples], dim=2)
     values = torch.cat([v[:, :, sink_tokens:].float().cpu() for _, v in samples], dim=2)
-    if keys.shape != values.shape or keys.ndim != 4 or keys.shape[2] == 0:
+    if keys.shape[:3] != values.shape[:3] or keys.ndim != 4 or keys.shape[2] == 0:
         raise CodecError(f"calibration keys {list(keys.shape)} and values {list(values.shape)} do not match")
     layers, kv_heads, _, head_dim = keys.shape
+    value_dim = values.shape[3]
     center = keys.mean(dim=2)
     if query_energy is None:
         unit = keys.std(dim=2).clamp_min(1e-6)
@@ -278,19 +295,19 @@ def build_profile(
             raise CodecError(f"query_energy must be [layers, kv_heads, head_dim] = {[layers, kv_heads, head_dim]}")
         unit = 1.0 / query_energy.float().cpu().clamp_min(1e-12).sqrt()
     models = np.arange(layers * kv_heads * head_dim).reshape(layers * kv_heads, head_dim)
+    value_models = np.arange(layers * kv_heads * value_dim).reshape(layers * kv_heads, value_dim)
     scale_models = np.arange(layers * kv_heads).reshape(layers * kv_heads, 1)
     tables = []
     codes = value_scale_codes(values)
     scale_sym = to_symbols(codes).reshape(layers * kv_heads, -1, 1).numpy()
     scale_table = FrequencyTable.from_counts(count_symbols(scale_sym, scale_models, layers * kv_heads), PRECISION)
-    flat = (layers * kv_heads, -1, head_dim)
     for level in levels:
-        k_sym = to_symbols(quantize_keys(keys, center, unit * level.beta)).reshape(flat).numpy()
+        k_sym = to_symbols(quantize_keys(keys, center, unit * level.beta)).reshape(layers * kv_heads, -1, head_dim)
         v_res = torch.round(values / value_steps(codes, level.gamma)[..., None])
-        v_sym = to_symbols(v_res).reshape(flat).numpy()
+        v_sym = to_symbols(v_res).reshape(layers * kv_heads, -1, value_dim).numpy()
         tables.append(LevelTables(
-            FrequencyTable.from_counts(count_symbols(k_sym, models, models.size), PRECISION),
-            FrequencyTable.from_counts(count_symbols(v_sym, models, models.size), PRECISION),
+            FrequencyTable.from_counts(count_symbols(k_sym.numpy(), models, models.size), PRECISION),
+            FrequencyTable.from_counts(count_symbols(v_sym, value_models, value_models.size), PRECISION),
             scale_table,
         ))
     record = None
@@ -299,4 +316,5 @@ def build_profile(
                   "measured_pct": [round(float(m), 4) for m in calibration.measured_pct],
                   "key_layer_factors": [round(float(f), 4) for f in calibration.key_layer_factors]}
     return KVCodecProfile(layers, kv_heads, head_dim, center.contiguous(), unit.contiguous(),
-                          tuple(levels), tuple(tables), sink_tokens, record)
+                          tuple(levels), tuple(tables), sink_tokens, record,
+                          None if value_dim == head_dim else value_dim)

@@ -5,6 +5,9 @@ model's queries read that channel (``E[q_c^2]`` after RoPE, averaged over the
 query heads that share a KV head). The queries are observed where they meet the
 keys: as the model's attention function receives them during a prefill
 (:mod:`kvstore.integrations.hf_attention`), whatever the architecture does before.
+An MLA latent is not a key: its channels are weighted by the queries absorbed through
+the projection that expands it into keys (``W_uk^T q``); its rotary key, in the value
+slot, is coded like values.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def _capture_queries(model: Any) -> Iterator[dict[int, torch.Tensor]]:
     own: list[str] = []
 
     def observe(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        energy = query.detach().float().pow(2).sum(dim=(0, 2)).cpu()  # [q_heads, D] over batch and tokens
+        energy = _key_slot_reads(module, query.detach().float()).pow(2).sum(dim=(0, 2)).cpu()  # [q_heads, D]
         layer = module.layer_idx
         captured[layer] = captured[layer] + energy if layer in captured else energy
         return own_attention(module, own[0])(module, query, *args, **kwargs)
@@ -66,15 +69,30 @@ def _capture_queries(model: Any) -> Iterator[dict[int, torch.Tensor]]:
         yield captured
 
 
+def _key_slot_reads(module: Any, query: torch.Tensor) -> torch.Tensor:
+    """The queries ``[batch, q_heads, tokens, D]`` as they read the cached key slot: as given,
+    or for an MLA layer (the slot holds the latent ``c``, expanded to keys by ``kv_b_proj``:
+    ``q_nope . (W_uk c) = (W_uk^T q_nope) . c``) absorbed into the latent's ``kv_lora_rank``
+    channels."""
+    rank = getattr(module, "kv_lora_rank", None)
+    if not rank:
+        return query
+    nope, heads = module.qk_nope_head_dim, query.shape[1]
+    weight = module.kv_b_proj.weight.detach().float().view(heads, nope + module.v_head_dim, rank)
+    return torch.einsum("bhtn,hnr->bhtr", query[..., :nope], weight[:, :nope])
+
+
 @dataclass(frozen=True)
 class TokenLayers:
     """The layers a codec profile of a model covers: those with per-token KV (a profile's
-    rows), all of one shape ``[kv_heads, head_dim]``; linear-attention layers are stored
-    exactly beside them."""
+    rows), all of one shape: ``kv_heads`` x ``head_dim`` keys (an MLA layer's latent) and
+    ``value_dim``-wide values (its rotary key); linear-attention layers are stored exactly
+    beside them."""
 
     layers: tuple[int, ...]
     kv_heads: int
     head_dim: int
+    value_dim: int
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -83,15 +101,15 @@ class TokenLayers:
 
 def token_layers(model: Any) -> TokenLayers:
     """The model's layers a codec profile covers; :class:`ConfigError` unless they all cache
-    keys and values of one shape (equal widths)."""
+    keys and values of one shape."""
     cache = cache_layout(model)
     specs = {cache.layers[i] for i in cache.token_layers}
     shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in specs}
     spec = next(iter(specs))
-    if len(shapes) != 1 or spec.slots != "kv" or spec.key_dim != spec.value_dim:
+    if len(shapes) != 1:
         raise ConfigError(f"kvcodec profiles cover models whose attention layers all cache keys and values "
                           f"of one shape; this model's layers are {cache.describe()}")
-    return TokenLayers(cache.token_layers, spec.kv_heads, spec.key_dim)
+    return TokenLayers(cache.token_layers, spec.kv_heads, spec.key_dim, spec.value_dim)
 
 
 def profile_model(

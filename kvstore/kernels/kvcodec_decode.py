@@ -158,6 +158,9 @@ def prepare_kvcodec(
     """Host-side checks and the upload of a chunk's streams (see the module doc)."""
     device = _norm_device(device)
     codec.check_shape(tuple(shape))
+    if codec.profile.value_dim is not None:
+        raise CodecError("the kvcodec kernels decode equal key and value widths; KVCodec.decode decodes "
+                         "other layouts (MLA) with torch operations on the device")
     L, H, T, D = (int(v) for v in shape)
     names, get, tensor = _getter(obj_or_buffers)
     values = [get(name) for name in STREAMS]

@@ -70,6 +70,9 @@ def encode_kvcodec_kernels(
     leaves the three streams as uint8 tensors on the device (``decode_kvcodec_kernels`` reads
     them there). ``quantize``: "triton" (the fused kernel), "torch", or None: "triton" where
     Triton runs (CUDA, or the interpreter), else "torch"."""
+    if codec.profile.value_dim is not None:
+        raise CodecError("the kvcodec kernels encode equal key and value widths; KVCodec.encode encodes "
+                         "other layouts (MLA) on the CPU")
     if quantize is None:
         interpreted = interpreter_active() and interpreter_supported()
         quantize = "triton" if keys.device.type == "cuda" or interpreted else "torch"
