@@ -73,9 +73,8 @@ class _Context:
 
 
 def _logprobs(model: object, ctx: _Context, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    rows = iter(zip(keys.unbind(0), values.unbind(0)))
-    kv = [(k.to(ctx.dtype), v.to(ctx.dtype)) for k, v in rows] if not ctx.states else \
-        [states if states is not None else tuple(t.to(ctx.dtype) for t in next(rows)) for states in ctx.states]
+    rows = ((k.to(ctx.dtype), v.to(ctx.dtype)) for k, v in zip(keys.unbind(0), values.unbind(0)))
+    kv = [next(rows) if states is None else states for states in ctx.states] if ctx.states else list(rows)
     logits, _ = prefill(model, ctx.continuation, kv_to_cache(model, kv, num_tokens=keys.shape[2]), logits_to_keep=0)
     return torch.log_softmax(logits.float(), dim=-1)
 
