@@ -293,23 +293,46 @@ class KVStore:
             if self.codecs:
                 return True
             key = self.keys.default_profile_key(fingerprint)
-            data = await self.store.get(key)
-            if data is None:
+            profile_bytes = await self._default_profile(fingerprint)
+            if profile_bytes is None:
                 contexts = await self._calibration_contexts(first_context)
                 if contexts is None:
                     return False
                 log.info("calibrating the codec profile of model %s on %d contexts", self.model.model_id, len(contexts))
-                profile_bytes = (await asyncio.to_thread(self.model.calibrate, contexts)).to_bytes()
-                if not await self.store.put(key, default_profile_to_bytes(profile_bytes, fingerprint), create_only=True):
-                    data = await self.store.get(key)  # another writer stored one first: every writer uses it
-            if data is not None:
-                try:
-                    _, profile_bytes = default_profile_from_bytes(data, fingerprint)
-                except FormatError as exc:
-                    raise type(exc)(f"the model's stored codec profile {key} is damaged ({exc}); "
-                                    "delete it to calibrate a new one") from exc
+                ours = (await asyncio.to_thread(self.model.calibrate, contexts)).to_bytes()
+                stored = await self.store.put(key, default_profile_to_bytes(ours, fingerprint), create_only=True)
+                # another writer stored one first: every writer uses it
+                profile_bytes = ours if stored else (await self._default_profile(fingerprint) or ours)
             self.codecs = profile_levels(profile_bytes, self.num_levels, key)
         return True
+
+    async def _default_profile(self, fingerprint: str) -> bytes | None:
+        """The codec profile a bound store calibrated for the model ``fingerprint`` and stored
+        (``None`` where none is stored)."""
+        key = self.keys.default_profile_key(fingerprint)
+        data = await self.store.get(key)
+        if data is None:
+            return None
+        try:
+            return default_profile_from_bytes(data, fingerprint)[1]
+        except FormatError as exc:
+            raise type(exc)(f"the model's stored codec profile {key} is damaged ({exc}); "
+                            "delete it to calibrate a new one") from exc
+
+    async def stored_levels(self, model_id: str) -> list[Codec] | None:
+        """The codec levels calibrated for ``model_id`` by a store bound to it
+        (``levels="auto"``) and stored here, best first: for a writer that cannot calibrate
+        the model itself (an engine's connector) to store and read its KV at the same levels.
+        ``None`` where no profile of the model is stored."""
+        if self._closed:
+            raise ClosedStoreError("this KVStore is closed")
+        fingerprint = model_fingerprint(model_id)
+        profile_bytes = await self._default_profile(fingerprint)
+        if profile_bytes is None:
+            return None
+        from kvstore.codecs.kvcodec_profile import DEFAULT_LEVELS
+
+        return profile_levels(profile_bytes, len(DEFAULT_LEVELS), self.keys.default_profile_key(fingerprint))
 
     async def _calibration_contexts(self, first_context: np.ndarray | None) -> list[Tokens] | None:
         """What a missing profile is calibrated on: ``calibrate``, else the first put's tokens."""

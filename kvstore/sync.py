@@ -16,6 +16,7 @@ from typing import Any, Self, TypeVar
 
 import torch
 
+from kvstore.codecs.base import Codec
 from kvstore.cuda_streams import current_stream_if_cuda, with_stream_of
 from kvstore.errors import ClosedStoreError
 from kvstore.format.layout import CacheLayout
@@ -93,6 +94,10 @@ class SyncKVStore:
         """See :meth:`KVStore.put`."""
         return self._run(lambda: self._store.put(model_id, tokens, kv, layout=layout, ttl=ttl, pq=pq,
                                                  pq_centroid_format=pq_centroid_format))
+
+    def stored_levels(self, model_id: str) -> list[Codec] | None:
+        """See :meth:`KVStore.stored_levels`."""
+        return self._run(lambda: self._store.stored_levels(model_id))
 
     def lookup(self, model_id: str | Tokens, tokens: Tokens | None = None, *, level: int | None = None) -> int:
         """See :meth:`KVStore.lookup`."""

@@ -101,6 +101,11 @@ async def test_every_writer_of_a_model_uses_the_first_stored_profile(llama, tmp_
         assert await c.lookup(tokens_of(llama, 300, seed=3)) == 300
     assert third.calibrated_on == []
     assert {spec.params["profile"] for spec in manifest.levels} == {profile_id}
+    async with KVStore(url) as unbound:  # a writer that cannot calibrate (an engine) reads the levels
+        levels = await unbound.stored_levels(first.model_id)
+        assert [(c.name, c.params["profile"], c.level) for c in levels] == [("kvcodec", profile_id, i)
+                                                                            for i in range(6)]
+        assert await unbound.stored_levels("another-model") is None
 
 
 async def test_load_returns_the_stored_prefix_and_a_ready_cache(llama):
@@ -202,6 +207,9 @@ async def test_a_damaged_default_profile_is_refused_not_replaced(llama, tmp_path
     async with KVStore(tmp_path.as_uri(), model=counting) as store:
         with pytest.raises(FormatError, match="delete it"):
             await store.put(tokens_of(llama, 100, seed=3))
+    async with KVStore(tmp_path.as_uri()) as store:
+        with pytest.raises(FormatError, match="delete it"):
+            await store.stored_levels(model.model_id)
     assert counting.calibrated_on == [] and path.read_bytes() == bytes(data)
 
 

@@ -249,6 +249,62 @@ def test_an_engine_stores_and_loads_kvcodec3_levels(engine, tmp_path):
                 assert cos > 0.99, cos
 
 
+def test_an_engine_uses_the_levels_a_bound_store_calibrated(engine, tmp_path):
+    """``"levels": "auto"``: a store bound to the Hugging Face model calibrates and stores the
+    model's profile on its first put; a fresh engine then stores and loads the model's KV at
+    those levels (level 2 by default), which Hugging Face reads back close to its own KV. On a
+    store without a profile, the connector refuses to start."""
+    from transformers import AutoModelForCausalLM
+
+    from kvstore.codecs.kvcodec import KVCodec
+    from kvstore.errors import ConfigError
+    from kvstore.integrations.hf import extract_kv
+    from kvstore.integrations.hf_adapter import HFModel
+    from kvstore.integrations.vllm import stored_model_levels
+
+    tokenizer = engine["llm"].get_tokenizer()
+    text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
+    all_ids = tokenizer(text)["input_ids"]
+    ids, calibration = all_ids[-2 * PROMPT_TOKENS:-PROMPT_TOKENS], all_ids[:320]
+    url, model_id = (tmp_path / "store").as_uri(), engine["model_id"]
+    where = {"namespace": "kvstore", "storage_options": None}
+    with pytest.raises(ConfigError, match="no codec profile"):
+        stored_model_levels(url, model_id, where)
+    model = AutoModelForCausalLM.from_pretrained(engine["folder"], dtype=torch.bfloat16).eval()
+    with SyncKVStore(url, model=HFModel(model, model_id=model_id), calibrate=[calibration]) as bound:
+        bound.put(calibration)  # calibrates the profile and stores it beside the context
+    levels = stored_model_levels(url, model_id, where)
+    assert len(levels) == 6 and all(isinstance(lv, KVCodec) for lv in levels)
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_vllm_connector import _generate
+        from vllm_helpers import make_llm, wait_stored
+        from kvstore.integrations.vllm import stored_model_levels
+        if __name__ == "__main__":
+            llm = make_llm({engine['folder']!r}, {url!r}, extra={{"levels": "auto"}})
+            first = _generate(llm, {ids!r})
+            levels = stored_model_levels({url!r}, {model_id!r}, {where!r})
+            wait_stored({url!r}, {model_id!r}, {ids!r}, timeout=180.0, levels=levels[2:])
+            print("RESULT", json.dumps([first, _generate(llm, {ids!r})]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                          env={**os.environ})
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, done.stdout[-2000:] + done.stderr[-4000:]
+    import json
+
+    (_, cached_first), (second, cached_second) = json.loads(line[0][7:])
+    assert cached_first == 0 and cached_second == 512 and len(second) == NEW_TOKENS
+    with SyncKVStore(url, levels=levels, default_level=2) as kvs:
+        manifest = kvs.manifest(model_id, ids)
+        assert [level.codec for level in manifest.levels] == ["kvcodec"] * 6
+        for (k, v), (hk, hv) in zip(kvs.get(model_id, ids[:512]), extract_kv(model, ids[:512])):
+            for a, b in ((k, hk), (v, hv)):
+                cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+                assert cos > 0.99, cos
+
+
 def test_connector_levels_read_each_codecs_profile(tmp_path):
     """``levels`` entries of the profiled codecs load their profile file once; a file of the
     wrong kind, a missing file or an unknown parameter is a clear ConfigError."""

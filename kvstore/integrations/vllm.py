@@ -12,11 +12,13 @@ Enable it with::
 
 Extra config: ``url`` (any :func:`~kvstore.backends.open_store` URL; required),
 ``levels`` (best first, each a codec name or a ``[name, params]`` pair; ``["raw"]`` by
-default), ``profile`` (the path of the profile file of ``["kvcodec", {"level": 2}]`` or
-``["kvcodec3", {"level": 2}]`` levels, unless a level names its own ``"profile"``:
-:func:`eval.profiles.model_profile` and :func:`eval.profiles.transform_profile` make and
-cache them),
-``load_level`` (the index in ``levels`` that loads read; 0),
+default; or ``"auto"``: the six levels calibrated for the model by a store bound to it,
+``KVStore(url, model=...)``, which stores its profile on its first put, read from the
+store at start-up, a :class:`ConfigError` where none is stored), ``profile`` (the path of
+the profile file of ``["kvcodec", {"level": 2}]`` or ``["kvcodec3", {"level": 2}]`` levels,
+unless a level names its own ``"profile"``: :func:`eval.profiles.model_profile` and
+:func:`eval.profiles.transform_profile` make and cache them),
+``load_level`` (the index in ``levels`` that loads read; 0, or 2 with ``"auto"``),
 ``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
 ``storage_options``, ``model_id`` (by default :func:`model_id_of` the model's folder: the
 id Hugging Face code gets for it, so contexts stored from vLLM and from Hugging Face are
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstore")
 
 LOOKUP_WAIT_S = 0.005  # how long the scheduler waits for a lookup before answering "later"
+DEFAULT_AUTO_LEVEL = 2  # with "levels": "auto", loads read the level a bound store defaults to
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -135,6 +138,19 @@ def model_id_of(folder: str) -> str:
     if not path.is_dir():
         raise ConfigError(f"model_id: {folder!r} is not a local model folder; set kv_connector_extra_config['model_id']")
     return hf_model_id(AutoConfig.from_pretrained(path), folder_weights_digest(path))
+
+
+def stored_model_levels(url: str, model_id: str, where: dict[str, Any]) -> list[Any]:
+    """``"levels": "auto"``: the levels calibrated for ``model_id`` and stored at ``url`` by a
+    store bound to the model (:meth:`~kvstore.store.KVStore.stored_levels`);
+    :class:`ConfigError` at start-up where none is stored (an engine does not calibrate)."""
+    with SyncKVStore(url, **where) as probe:
+        levels = probe.stored_levels(model_id)
+    if levels is None:
+        raise ConfigError(f"levels 'auto': no codec profile of model {model_id!r} is stored at {url}; store one "
+                          "context of the model once from KVStore(url, model=HFModel(model, model_id=...)) "
+                          "(it calibrates and stores the profile), or give the levels")
+    return levels
 
 
 def connector_levels(extra: dict[str, Any]) -> list[Any]:
@@ -344,15 +360,17 @@ class KVStoreConnector(KVConnectorBase_V1):
             raise ConfigError(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of vLLM's block size "
                               f"({self.block_size})")
         self.chunk_tokens = chunk_tokens
-        self.load_level = int(extra.get("load_level", 0))
         self.model_id = str(extra.get("model_id") or model_id_of(vllm_config.model_config.model))
         self.layout = _model_layout(vllm_config)
         if self.layout.has_linear:
             raise ConfigError(f"kvstore's vLLM connector does not support linear-attention layers yet "
                               f"({self.layout.describe()}); serve this model without the connector")
-        self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, levels=connector_levels(extra),
-                               namespace=extra.get("namespace", "kvstore"),
-                               storage_options=extra.get("storage_options"))
+        auto = extra.get("levels") == "auto"
+        where = {"namespace": extra.get("namespace", "kvstore"), "storage_options": extra.get("storage_options")}
+        self.load_level = int(extra.get("load_level", DEFAULT_AUTO_LEVEL if auto else 0))
+        self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens,
+                               levels=stored_model_levels(extra["url"], self.model_id, where) if auto
+                               else connector_levels(extra), **where)  # fmt: skip
         # scheduler side
         self._lookups: dict[str, concurrent.futures.Future[tuple[int, int]]] = {}
         self._hits: dict[str, tuple[int, int]] = {}  # req_id -> (loadable tokens, stored tokens)
