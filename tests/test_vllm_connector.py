@@ -305,6 +305,64 @@ def test_an_engine_uses_the_levels_a_bound_store_calibrated(engine, tmp_path):
                 assert cos > 0.99, cos
 
 
+def test_a_preempted_request_loads_its_stored_prefix_again_on_resume(engine, tmp_path):
+    """Two requests outgrow the engine's blocks while decoding and the later one is preempted,
+    then resumed. Run first on an empty store (both computed), then again once their prompts
+    are stored: the preempted request's stored prefix is loaded when it starts and loaded
+    again into its new blocks when it resumes, and its greedy output equals the computed run's."""
+    tokenizer = engine["llm"].get_tokenizer()
+    text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
+    all_ids = tokenizer(text)["input_ids"]
+    prompts = [all_ids[2000:2500], all_ids[3000:3600]]  # 4 and 5 blocks of 128; 10 blocks in all
+    url = (tmp_path / "store").as_uri()
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm_helpers import make_llm, wait_stored
+        from kvstore.integrations.vllm import KVStoreConnector, model_id_of
+
+        preempted, loaded = [], []
+        own_preempt, own_meta = Scheduler._preempt_request, KVStoreConnector.build_connector_meta
+        def counting(self, request, *args, **kwargs):
+            preempted.append(request.request_id)
+            return own_preempt(self, request, *args, **kwargs)
+        def recording(self, scheduler_output):
+            meta = own_meta(self, scheduler_output)
+            loaded.extend(load.req_id for load in meta.loads)
+            return meta
+        Scheduler._preempt_request, KVStoreConnector.build_connector_meta = counting, recording
+
+        if __name__ == "__main__":
+            llm = make_llm({engine['folder']!r}, {url!r}, max_model_len=1024, num_gpu_blocks_override=10)
+            params = SamplingParams(temperature=0, max_tokens=96)
+            runs = []
+            for _ in range(2):  # computed, then loaded from the store
+                outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in {prompts!r}], params,
+                                    use_tqdm=False)
+                runs.append([[list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs],
+                             list(preempted), list(loaded)])
+                for ids in {prompts!r}:
+                    wait_stored({url!r}, model_id_of({engine['folder']!r}), ids, timeout=60.0)
+            print("RESULT", json.dumps(runs))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                          env={**os.environ})
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, done.stdout[-2000:] + done.stderr[-4000:]
+    import json
+
+    (computed, cached_first, preempted_first, loaded_first), (outputs, cached, preempted, loaded) = \
+        json.loads(line[0][7:])
+    assert cached_first == [0, 0] and len(preempted_first) == 1 and loaded_first == []
+    resumed = preempted[-1]  # the later request yielded its blocks again
+    assert len(preempted) == 2 and cached == [384, 512]
+    assert loaded.count(resumed) == 2  # its stored prefix loaded when it started, and again on resume
+    assert outputs == computed and len(outputs[1]) == 96  # the same greedy tokens as computing it
+
+
 def test_connector_levels_read_each_codecs_profile(tmp_path):
     """``levels`` entries of the profiled codecs load their profile file once; a file of the
     wrong kind, a missing file or an unknown parameter is a clear ConfigError."""

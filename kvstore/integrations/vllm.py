@@ -27,7 +27,8 @@ shared).
 Scheduler side: a request's stored prefix is looked up in the background (the first call
 answers "later"), rounded down to whole blocks and to one token short of the prompt
 (vLLM computes at least the last token). Worker side: the stored prefix is read and
-written into the request's blocks before the first layer runs, and the prompt's KV is
+written into the request's blocks before the first layer runs (again into its new blocks
+when a preempted request resumes), and the prompt's KV is
 copied out of its blocks, layer by layer, in the step its prefill completes, then
 encoded and stored off the engine's critical path. A load that fails (a missing or
 corrupt chunk) reports the request's blocks, so vLLM recomputes them
@@ -441,6 +442,9 @@ class KVStoreConnector(KVConnectorBase_V1):
                 meta.loads.append(self._loads.pop(new.req_id))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
+            if req_id in cached.resumed_req_ids and req_id in self._loads:
+                # resumed after a preemption freed its blocks: its stored prefix is loaded again
+                meta.loads.append(self._loads.pop(req_id))
             pending = self._pending.get(req_id)
             if pending is None:
                 continue
