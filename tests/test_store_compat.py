@@ -57,3 +57,28 @@ async def test_a_previous_release_store_takes_new_puts(old_store):
     prefix = await old_store.get(MODEL, IDS[:16])
     assert all(torch.equal(k, wk[:, :16]) for (k, _), (wk, _) in zip(prefix, kv))
     assert (await verify_store(old_store.store)).ok
+
+
+def test_a_kvcodec_profile_and_chunk_written_before_value_widths_still_load():
+    """``tests/data/kvcodec-profile-2026-12-07.bin`` and ``kvcodec-chunk-2026-12-07.bin`` were
+    written by commit bc94c86, before a profile could have a value width of its own: a
+    ``build_profile`` of two synthetic contexts (``kvcodec_samples``, shape (2, 2, 16)) and the
+    level-2 chunk of ``synthetic_kv(20, 7)``. They load, the profile keeps its bytes (its id),
+    and the chunk decodes as a chunk encoded now does."""
+    from kvcodec_samples import synthetic_kv
+
+    from kvstore.codecs.kvcodec import KVCodec
+    from kvstore.codecs.kvcodec_profile import KVCodecProfile
+    from kvstore.format import container
+
+    data = (FIXTURE.parent / "kvcodec-profile-2026-12-07.bin").read_bytes()
+    profile = KVCodecProfile.from_bytes(data)
+    assert profile.value_dim is None and profile.value_width == profile.head_dim == 16
+    assert profile.to_bytes() == data and profile.profile_id == "797e04dfcd8fd8100f69052ac35dd1f5"
+    codec = KVCodec(profile, 2)
+    old = container.decode((FIXTURE.parent / "kvcodec-chunk-2026-12-07.bin").read_bytes())
+    keys, values = synthetic_kv(20, 7, shape=(2, 2, 16))
+    new = container.decode(container.encode(codec.encode(keys, values), kind="kvcodec-chunk-fixture"))
+    for a, b in zip(codec.decode(old, (2, 2, 20, 16), torch.float16, torch.device("cpu")),
+                    codec.decode(new, (2, 2, 20, 16), torch.float16, torch.device("cpu"))):
+        assert torch.equal(a, b)
