@@ -53,6 +53,17 @@ def _generate(llm, ids):
     return generate(llm, ids, NEW_TOKENS)
 
 
+def _run_engine(script: str, timeout: float):
+    """Run ``script`` (a fresh engine) in its own process; what it printed after ``RESULT``, as JSON."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ})
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(line[0][7:])
+
+
 def _wait_stored(url: str, model_id: str, ids) -> None:
     wait_stored(url, model_id, ids, timeout=60.0)
 
@@ -161,13 +172,7 @@ def test_a_fresh_engine_loads_what_another_stored(engine):
             llm = make_llm({engine['folder']!r}, {engine['url']!r}, max_num_batched_tokens=128)
             print("RESULT", json.dumps([_generate(llm, {ids!r}), _generate(llm, {chunked!r})]))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ})
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert line, done.stdout[-2000:] + done.stderr[-4000:]
-    import json
-
-    (tokens, cached), (computed, cached_chunked) = json.loads(line[0][7:])
+    (tokens, cached), (computed, cached_chunked) = _run_engine(script, timeout=300)
     assert cached == 512 and tokens == first
     assert cached_chunked == 0
     _wait_stored(engine["url"], engine["model_id"], chunked)
@@ -229,13 +234,7 @@ def test_an_engine_stores_and_loads_kvcodec3_levels(engine, tmp_path):
                         levels=connector_levels({extra!r}))
             print("RESULT", json.dumps([first, _generate(llm, {ids!r})]))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
-                          env={**os.environ})
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert line, done.stdout[-2000:] + done.stderr[-4000:]
-    import json
-
-    (first, cached_first), (second, cached_second) = json.loads(line[0][7:])
+    (first, cached_first), (second, cached_second) = _run_engine(script, timeout=400)
     assert cached_first == 0 and cached_second == 512 and len(second) == NEW_TOKENS
     levels = connector_levels(extra)
     assert isinstance(levels[0], KVCodec3) and levels[0].level == 0
@@ -288,13 +287,7 @@ def test_an_engine_uses_the_levels_a_bound_store_calibrated(engine, tmp_path):
             wait_stored({url!r}, {model_id!r}, {ids!r}, timeout=180.0, levels=levels[2:])
             print("RESULT", json.dumps([first, _generate(llm, {ids!r})]))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
-                          env={**os.environ})
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert line, done.stdout[-2000:] + done.stderr[-4000:]
-    import json
-
-    (_, cached_first), (second, cached_second) = json.loads(line[0][7:])
+    (_, cached_first), (second, cached_second) = _run_engine(script, timeout=400)
     assert cached_first == 0 and cached_second == 512 and len(second) == NEW_TOKENS
     with SyncKVStore(url, levels=levels, default_level=2) as kvs:
         manifest = kvs.manifest(model_id, ids)
@@ -348,14 +341,8 @@ def test_a_preempted_request_loads_its_stored_prefix_again_on_resume(engine, tmp
                     wait_stored({url!r}, model_id_of({engine['folder']!r}), ids, timeout=60.0)
             print("RESULT", json.dumps(runs))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
-                          env={**os.environ})
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    assert line, done.stdout[-2000:] + done.stderr[-4000:]
-    import json
-
-    (computed, cached_first, preempted_first, loaded_first), (outputs, cached, preempted, loaded) = \
-        json.loads(line[0][7:])
+    first, second = _run_engine(script, timeout=400)
+    (computed, cached_first, preempted_first, loaded_first), (outputs, cached, preempted, loaded) = first, second
     assert cached_first == [0, 0] and len(preempted_first) == 1 and loaded_first == []
     resumed = preempted[-1]  # the later request yielded its blocks again
     assert len(preempted) == 2 and cached == [384, 512]
