@@ -76,7 +76,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstore")
 
 LOOKUP_WAIT_S = 0.005  # how long the scheduler waits for a lookup before answering "later"
-DEFAULT_AUTO_LEVEL = 2  # with "levels": "auto", loads read the level a bound store defaults to
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -368,7 +367,9 @@ class KVStoreConnector(KVConnectorBase_V1):
                               f"({self.layout.describe()}); serve this model without the connector")
         auto = extra.get("levels") == "auto"
         where = {"namespace": extra.get("namespace", "kvstore"), "storage_options": extra.get("storage_options")}
-        self.load_level = int(extra.get("load_level", DEFAULT_AUTO_LEVEL if auto else 0))
+        from kvstore.codecs.kvcodec import DEFAULT_LEVEL  # here: importing it with the module upsets vLLM's start-up
+
+        self.load_level = int(extra.get("load_level", DEFAULT_LEVEL if auto else 0))  # auto: a bound store's default
         self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens,
                                levels=stored_model_levels(extra["url"], self.model_id, where) if auto
                                else connector_levels(extra), **where)  # fmt: skip
