@@ -85,14 +85,13 @@ def _key_slot_reads(module: Any, query: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TokenLayers:
     """The layers a codec profile of a model covers: those with per-token KV (a profile's
-    rows), all of one shape: ``kv_heads`` x ``head_dim`` keys (an MLA layer's latent) and
-    ``value_dim``-wide values (its rotary key); linear-attention layers are stored exactly
-    beside them."""
+    rows), all of one shape, ``kv_heads`` x ``head_dim`` keys (an MLA layer's latent; its
+    values, the rotary key, may be of another width); linear-attention layers are stored
+    exactly beside them."""
 
     layers: tuple[int, ...]
     kv_heads: int
     head_dim: int
-    value_dim: int
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -109,7 +108,7 @@ def token_layers(model: Any) -> TokenLayers:
     if len(shapes) != 1:
         raise ConfigError(f"kvcodec profiles cover models whose attention layers all cache keys and values "
                           f"of one shape; this model's layers are {cache.describe()}")
-    return TokenLayers(cache.token_layers, spec.kv_heads, spec.key_dim, spec.value_dim)
+    return TokenLayers(cache.token_layers, spec.kv_heads, spec.key_dim)
 
 
 def profile_model(
