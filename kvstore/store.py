@@ -375,6 +375,7 @@ class KVStore:
         ttl: float | None = None,
         pq: pq_index.PQConfig | pq_index.PQIndex | None = None,
         pq_centroid_format: str = "q4",
+        sliding_from: int = 0,
     ) -> Manifest:
         """Store the KV of ``tokens`` (per layer ``(key, value)``, each ``[kv_heads, tokens, dim]``,
         every layer covering every token) at every level; returns the manifest written.
@@ -397,6 +398,12 @@ class KVStore:
         keys must be the ones the model attends to, after RoPE, as Hugging Face caches
         hold them). ``pq_centroid_format``: how the centroids are stored, see
         :mod:`kvstore.retrieval.centroid_storage` (``q4`` by default).
+
+        ``sliding_from``: the first token that sliding-window (and chunked-attention) layers'
+        KV holds, for an engine that frees the blocks behind its windows (vLLM's hybrid
+        allocator): their chunks that start before it are not stored, and their KV there is
+        not read (it may be anything). It must leave the chunks that the context's end
+        attends, else :class:`ConfigError`.
 
         After writing the manifest, ``put`` waits until no ``gc`` or ``delete`` of its model
         is running (:mod:`kvstore.leases`), then re-reads the header of every object it
@@ -421,6 +428,7 @@ class KVStore:
             layout = self.model.cache_layout()
         layout = layout if layout is not None else layout_of_kv(kv)
         check_kv(kv, len(plan.tokens), layout)
+        self._check_sliding_from(sliding_from, layout, len(plan.tokens))
         ttl = self.ttl if ttl is None else check_ttl(ttl)
         if pq is not None and not isinstance(pq, pq_index.PQConfig | pq_index.PQIndex):
             raise ConfigError(f"pq must be a PQConfig, a PQIndex or None, got {type(pq).__name__}")
@@ -445,7 +453,8 @@ class KVStore:
             on_stream(stream, lambda: [content_hash(kv, start, stop) for start, stop in plan.bounds]))
         stale: list[str] = []
         for attempt in range(PUT_ATTEMPTS):
-            manifest = await self._put_once(model_id, plan, kv, layout, contents, ttl, pq, pq_centroid_format, stream)
+            manifest = await self._put_once(model_id, plan, kv, layout, contents, ttl, pq, pq_centroid_format, stream,
+                                            sliding_from)
             # a collector (gc, delete) still deciding from manifests read before ours was written
             # may remove what we re-used: wait it out, then check (kvstore.leases)
             listed = {obj.key for chunk in manifest.chunks for obj in chunk.objects}
@@ -492,15 +501,31 @@ class KVStore:
                               f"this layout is {layout.describe()}")
         return None if len(full) == layout.num_layers else full
 
-    def _stores_chunk(self, group: LayerGroup, bounds: tuple[int, int], num_tokens: int) -> bool:
-        """Whether a put of ``num_tokens`` tokens stores ``group``'s object of the chunk ``bounds``."""
-        if self.sliding_chunks == "all" or group.spec.kind == "full":
+    def _stores_chunk(self, group: LayerGroup, bounds: tuple[int, int], num_tokens: int, sliding_from: int = 0) -> bool:
+        """Whether a put of ``num_tokens`` tokens stores ``group``'s object of the chunk ``bounds``
+        (sliding-window layers' KV held from token ``sliding_from`` on)."""
+        if group.spec.kind == "full":
             return True
-        return bounds[1] > group.spec.first_needed(num_tokens)
+        if group.spec.per_token and bounds[0] < sliding_from:
+            return False
+        return self.sliding_chunks == "all" or bounds[1] > group.spec.first_needed(num_tokens)
+
+    def _check_sliding_from(self, sliding_from: int, layout: CacheLayout, num_tokens: int) -> None:
+        """``sliding_from`` must leave every windowed group the chunks its last window needs."""
+        if not isinstance(sliding_from, int) or isinstance(sliding_from, bool) or sliding_from < 0:
+            raise ConfigError(f"sliding_from must be a non-negative int, got {sliding_from!r}")
+        for group in layout.groups:
+            if group.spec.kind == "full" or not group.spec.per_token or not sliding_from:
+                continue
+            needed = group.spec.first_needed(num_tokens) // self.chunk_tokens * self.chunk_tokens
+            if sliding_from > needed:
+                raise ConfigError(f"sliding_from={sliding_from}: layer group {group.name!r} needs its KV from token "
+                                  f"{needed} (the chunk its last window of {group.spec.window} starts in) of "
+                                  f"{num_tokens}")
 
     async def _put_once(self, model_id: str, plan: _Plan, kv: KV, layout: CacheLayout, contents: list[str],
                         ttl: float | None, pq: pq_index.PQIndex | None, pq_centroid_format: str,
-                        stream: torch.cuda.Stream | None) -> Manifest:
+                        stream: torch.cuda.Stream | None, sliding_from: int = 0) -> Manifest:
         """Write every chunk object (create-only), the PQ objects, then the manifest; the KV is
         read on ``stream`` (the caller's, for KV on a GPU). ``contents``: each chunk's content hash."""
         dtype = token_tensor(kv).dtype
@@ -512,7 +537,7 @@ class KVStore:
         async def store_chunk(i: int) -> list[tuple[tuple[int, int], ChunkObject]]:
             stored = []
             for group in groups:
-                if not self._stores_chunk(group, plan.bounds[i], n):
+                if not self._stores_chunk(group, plan.bounds[i], n, sliding_from):
                     continue
                 ident = self._identity(plan, i, group, dtype, contents[i], contents[i - 1] if i else "")
                 if not group.spec.per_token:  # linear layers: their states after the chunk, where held
@@ -747,6 +772,7 @@ class KVStore:
         level: int | None = None,
         device: str | torch.device = "cpu",
         sliding_window_only: bool = True,
+        continue_at: int | None = None,
     ) -> KV:
         """The KV of exactly ``tokens`` at ``level`` (the store's ``default_level`` unless
         given), on ``device``.
@@ -756,7 +782,10 @@ class KVStore:
         those of the chunks that overlap the window a continuation attends, so only those
         chunks are fetched (:func:`kvstore.integrations.hf.kv_to_cache` places them);
         ``sliding_window_only=False`` returns every token there too (stored with
-        ``sliding_chunks="all"``). A linear-attention layer's entry is its
+        ``sliding_chunks="all"``). ``continue_at``: the windows kept are those of a
+        continuation from that token instead (an engine that loads only a prefix of
+        ``tokens``). A sliding layer's tensors end at the last token; they start at a chunk
+        boundary at or before its window. A linear-attention layer's entry is its
         :class:`~kvstore.kv.LinearStates` after the last token (read from one object).
 
         Raises :class:`ContextNotFoundError` if it is not stored (use :meth:`lookup`
@@ -790,12 +819,18 @@ class KVStore:
             tag, codec_name = self.codecs[level].tag, self.codecs[level].name
             level_codec = self.codecs[level]
         n = len(plan.tokens)
+        if continue_at is not None and (not isinstance(continue_at, int) or isinstance(continue_at, bool)
+                                        or not 0 < continue_at <= n):
+            raise ConfigError(f"continue_at must be an int in 1..{n} (the tokens), got {continue_at!r}")
         groups = layout.groups if layout is not None else None
         found = {"hits": 0, "misses": 0}
 
         def first_chunk(group: LayerGroup) -> int:  # linear groups: the states after the last chunk
-            needed = sliding_window_only or not group.spec.per_token
-            return group.spec.first_needed(n) // self.chunk_tokens if needed else 0
+            if not group.spec.per_token:
+                return group.spec.first_needed(n) // self.chunk_tokens
+            if not sliding_window_only:
+                return 0
+            return group.spec.first_needed(n if continue_at is None else continue_at) // self.chunk_tokens
 
         # the objects to read: (chunk index, group index) in chunk order within each group
         jobs = ([(i, g.index) for g in groups for i in range(first_chunk(g), len(plan.bounds))]

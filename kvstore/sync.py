@@ -90,10 +90,10 @@ class SyncKVStore:
 
     def put(self, model_id: str | Tokens, tokens: Tokens | None = None, kv: KV | None = None, *,
             layout: CacheLayout | None = None, ttl: float | None = None, pq: PQConfig | PQIndex | None = None,
-            pq_centroid_format: str = "q4") -> Manifest:
+            pq_centroid_format: str = "q4", sliding_from: int = 0) -> Manifest:
         """See :meth:`KVStore.put`."""
         return self._run(lambda: self._store.put(model_id, tokens, kv, layout=layout, ttl=ttl, pq=pq,
-                                                 pq_centroid_format=pq_centroid_format))
+                                                 pq_centroid_format=pq_centroid_format, sliding_from=sliding_from))
 
     def stored_levels(self, model_id: str) -> list[Codec] | None:
         """See :meth:`KVStore.stored_levels`."""
@@ -104,10 +104,11 @@ class SyncKVStore:
         return self._run(lambda: self._store.lookup(model_id, tokens, level=level))
 
     def get(self, model_id: str | Tokens, tokens: Tokens | None = None, *, level: int | None = None,
-            device: str | torch.device = "cpu", sliding_window_only: bool = True) -> KV:
+            device: str | torch.device = "cpu", sliding_window_only: bool = True,
+            continue_at: int | None = None) -> KV:
         """See :meth:`KVStore.get`."""
         return self._run(lambda: self._store.get(model_id, tokens, level=level, device=device,
-                                                 sliding_window_only=sliding_window_only))
+                                                 sliding_window_only=sliding_window_only, continue_at=continue_at))
 
     def load(self, tokens: Tokens, *, level: int | None = None, device: str | torch.device = "cpu") -> tuple[int, Any]:
         """See :meth:`KVStore.load`."""

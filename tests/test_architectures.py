@@ -167,6 +167,55 @@ async def test_last_window_storage_keeps_only_the_end(ids):
             await store.get("gemma2", ids, sliding_window_only=False)
 
 
+async def test_a_continuation_from_an_earlier_token_gets_its_windows(ids):
+    """``continue_at``: the sliding layers start where a continuation from that token needs
+    them (an engine loading only a prefix of the tokens), and hold the stored KV there."""
+    model = tiny_model("gemma2")
+    layout = cache_layout(model)
+    kv = extract_kv(model, ids)
+    sliding = [i for i, spec in enumerate(layout.layers) if spec.kind == "sliding"]
+    async with KVStore("memory://", chunk_tokens=CHUNK) as store:
+        await store.put("gemma2", ids, kv, layout=layout)
+        own = await store.get("gemma2", ids)
+        earlier = await store.get("gemma2", ids, continue_at=70)  # needs [54, 70): chunks from 48
+        assert {own[i][0].shape[1] for i in sliding} == {16}
+        for i, (k, v) in enumerate(earlier):
+            held = TOKENS - INNER if i in sliding else TOKENS
+            assert k.shape[1] == held
+            torch.testing.assert_close(k, kv[i][0][:, TOKENS - held:], rtol=0, atol=0)
+            torch.testing.assert_close(v, kv[i][1][:, TOKENS - held:], rtol=0, atol=0)
+        for bad in (0, TOKENS + 1, True, 3.0):
+            with pytest.raises(ConfigError, match="continue_at"):
+                await store.get("gemma2", ids, continue_at=bad)
+
+
+async def test_a_put_of_sliding_layers_held_from_a_token_stores_only_from_there(ids):
+    """``sliding_from`` (an engine that freed its blocks behind the windows): sliding chunks
+    before it are not stored, whatever the KV holds there, and the context still loads and
+    continues exactly; a ``sliding_from`` past the last window is refused."""
+    model = tiny_model("gemma2")
+    layout = cache_layout(model)
+    kv = extract_kv(model, ids)
+    sliding = [i for i, spec in enumerate(layout.layers) if spec.kind == "sliding"]
+    freed = [(torch.full_like(k[:, :INNER], 7.0), torch.full_like(v[:, :INNER], 7.0)) for k, v in kv]
+    held = [(torch.cat([f[0], k[:, INNER:]], 1), torch.cat([f[1], v[:, INNER:]], 1)) if i in sliding else (k, v)
+            for i, ((k, v), f) in enumerate(zip(kv, freed))]
+    async with KVStore("memory://", chunk_tokens=CHUNK) as store:
+        manifest = await store.put("gemma2", ids, held, layout=layout, sliding_from=INNER)
+        groups = {g.name: g.index for g in layout.groups}
+        stored = [manifest.object_at(i, 0, groups[f"sw{WINDOW}"]) is not None for i in range(len(manifest.chunks))]
+        assert stored == [False, False, False, True, True]
+        assert all(manifest.object_at(i, 0, groups["full"]) is not None for i in range(len(manifest.chunks)))
+        got = await store.get("gemma2", ids)
+        assert generate_greedy(model, ids, got, max_new_tokens=6) == generate_greedy(model, ids, None, max_new_tokens=6)
+        with pytest.raises(MissingObjectError, match="not stored"):
+            await store.get("gemma2", ids, sliding_window_only=False)
+        with pytest.raises(ConfigError, match="sliding_from"):
+            await store.put("gemma2", ids, held, layout=layout, sliding_from=INNER + CHUNK + 1)
+        with pytest.raises(ConfigError, match="sliding_from"):
+            await store.put("gemma2", ids, held, layout=layout, sliding_from=-1)
+
+
 async def test_a_model_keeps_one_layout(ids):
     model = tiny_model("gemma2")
     layout = cache_layout(model)

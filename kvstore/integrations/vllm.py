@@ -38,9 +38,18 @@ Paged layouts: vLLM's CPU backend (``[blocks, kv_heads, block_size, 2 * head_siz
 per block and head, the K elements, then the V elements, in orders the connector probes
 from vLLM's own cache op), run end to end with full-attention and sliding-window models;
 the GPU backends' logical ``[blocks, kv_heads, block_size, 2 * width]`` view with K and V
-halves (:class:`PagedKVLayout`). Sliding-window layers are loaded whole: without the hybrid
-allocator (this connector does not declare ``SupportsHMA``) vLLM keeps all their blocks.
-MLA models and models with linear-attention layers (Qwen3-Next) are refused.
+halves (:class:`PagedKVLayout`). MLA models and models with linear-attention layers
+(Qwen3-Next) are refused.
+
+Sliding-window models run under vLLM's hybrid allocator (the connector declares
+``SupportsHMA``): each window has a KV cache group of its own, whose blocks behind the
+window are vLLM's null block. A load reads, of each sliding layer, only the chunks the
+window of a continuation from the loaded prefix needs, and writes only the blocks vLLM
+keeps; a prompt's sliding layers are stored from the first chunk all of whose blocks
+they still hold (``KVStore.put(..., sliding_from=...)``). With several KV cache groups
+vLLM cannot map a failed block back to its request, so loads run in the background
+there: vLLM holds the request until its load is reported done, and computes it from the
+start where the load failed.
 """
 
 from __future__ import annotations
@@ -59,6 +68,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 
 from kvstore.errors import ConfigError, KVStoreError
@@ -71,6 +82,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvstore")
@@ -79,15 +91,21 @@ LOOKUP_WAIT_S = 0.005  # how long the scheduler waits for a lookup before answer
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+BlockIds = tuple[list[int], ...]  # a request's blocks in each KV cache group (0: the null block)
+NULL_BLOCK = 0  # vLLM's null block: a block behind a sliding window, freed or never allocated
+
+
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
-    """Write the stored KV of ``tokens[start:stop]`` into the request's ``block_ids``."""
+    """Write the stored KV of ``tokens[start:stop]`` into the request's ``block_ids``
+    (in the background, where ``background``: vLLM waits for the request's load)."""
 
     req_id: str
     tokens: np.ndarray  # the prompt's first tokens: a stored prefix that covers ``stop``
-    block_ids: list[int]
+    block_ids: BlockIds
     start: int
     stop: int
+    background: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +114,7 @@ class SaveSpec:
 
     req_id: str
     tokens: np.ndarray
-    block_ids: list[int]
+    block_ids: BlockIds
 
 
 @dataclass
@@ -112,7 +130,7 @@ class _Pending:
     """A request the scheduler tracks until its prompt's KV is saved."""
 
     tokens: np.ndarray
-    block_ids: list[int]
+    block_ids: BlockIds
     save: bool
 
 
@@ -342,7 +360,7 @@ def paged_layout(backend: str, cache: torch.Tensor, block_size: int, head_size: 
                       f"(supported: {', '.join(CPU_BACKENDS + KV_HALVES_BACKENDS)})")
 
 
-class KVStoreConnector(KVConnectorBase_V1):
+class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
     """A vLLM V1 KV connector backed by a :class:`~kvstore.store.KVStore`."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
@@ -365,6 +383,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         if self.layout.has_linear:
             raise ConfigError(f"kvstore's vLLM connector does not support linear-attention layers yet "
                               f"({self.layout.describe()}); serve this model without the connector")
+        # several KV cache groups (the hybrid allocator: sliding-window groups beside the full ones):
+        # vLLM cannot map a failed block back to its request there, so loads run in the background
+        # and report failed requests instead
+        groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+        self.background_loads = len(groups) > 1
         auto = extra.get("levels") == "auto"
         where = {"namespace": extra.get("namespace", "kvstore"), "storage_options": extra.get("storage_options")}
         from kvstore.codecs.kvcodec import DEFAULT_LEVEL  # here: importing it with the module upsets vLLM's start-up
@@ -378,18 +401,24 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._hits: dict[str, tuple[int, int]] = {}  # req_id -> (loadable tokens, stored tokens)
         self._pending: dict[str, _Pending] = {}
         self._loads: dict[str, LoadSpec] = {}
+        self._started: list[LoadSpec] = []  # background loads planned since the last step
         # worker side
         self._layers: dict[str, PagedCPULayout | PagedKVLayout] = {}
         self._order: list[str] = []
         self._index: dict[str, int] = {}  # layer name -> position in _order
+        self._group: dict[str, int] = {}  # layer name -> its KV cache group
+        self._windowed: dict[str, bool] = {}  # layer name -> vLLM keeps only its window's blocks
         self._staged: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._held_from: dict[str, int] = {}  # req_id -> first token its windowed layers hold
         self._load_errors: set[int] = set()
+        self._receiving: dict[str, concurrent.futures.Future[bool]] = {}  # background loads: ok?
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-load")
         self._saves: list[concurrent.futures.Future[Any]] = []
 
     # -- scheduler side ---------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Stored tokens beyond ``num_computed_tokens`` (whole blocks, one short of the prompt);
-        ``None`` while the lookup runs."""
+        ``None`` while the lookup runs. Loaded in the background with several KV cache groups."""
         req_id = request.request_id
         if req_id not in self._hits:
             future = self._lookups.get(req_id)
@@ -407,7 +436,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 if future.done():
                     self._lookups.pop(req_id, None)
         loadable, _ = self._hits[req_id]
-        return max(0, loadable - num_computed_tokens), False
+        matched = max(0, loadable - num_computed_tokens)
+        return matched, self.background_loads and matched > 0
 
     async def _lookup(self, store: Any, tokens: np.ndarray) -> tuple[int, int]:
         if len(tokens) < 2:
@@ -422,22 +452,27 @@ class KVStoreConnector(KVConnectorBase_V1):
         tokens = np.asarray(request.prompt_token_ids or [], dtype=np.int64)
         loadable, stored = self._hits.get(req_id, (0, 0))
         if num_external_tokens > 0:
-            block_ids = list(blocks.get_block_ids()[0])
+            block_ids = tuple(list(ids) for ids in blocks.get_block_ids())
             start = loadable - num_external_tokens
             # what get() can read: whole chunks (their hashes cover whole chunks) or a stored context
             fetch = min(stored, -(-loadable // self.chunk_tokens) * self.chunk_tokens)
-            self._loads[req_id] = LoadSpec(req_id, tokens[:fetch], block_ids, start, loadable)
-        self._pending.setdefault(req_id, _Pending(tokens, [], save=stored < len(tokens)))
+            load = LoadSpec(req_id, tokens[:fetch], block_ids, start, loadable, self.background_loads)
+            if load.background:  # vLLM holds the request back until the worker reports the load done
+                self._started.append(load)
+            else:
+                self._loads[req_id] = load
+        self._pending.setdefault(req_id, _Pending(tokens, (), save=stored < len(tokens)))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """This step's loads, and the saves of prompts whose prefill completes in it."""
-        meta = KVStoreConnectorMetadata()
+        meta = KVStoreConnectorMetadata(loads=self._started)
+        self._started = []
         progress: dict[str, int] = {}
         for new in scheduler_output.scheduled_new_reqs:
             pending = self._pending.get(new.req_id)
             if pending is None:
                 continue
-            pending.block_ids = list(new.block_ids[0])
+            pending.block_ids = tuple(list(ids) for ids in new.block_ids)
             progress[new.req_id] = new.num_computed_tokens
             if new.req_id in self._loads:
                 meta.loads.append(self._loads.pop(new.req_id))
@@ -451,10 +486,11 @@ class KVStoreConnector(KVConnectorBase_V1):
                 continue
             new_blocks = cached.new_block_ids[i]
             if new_blocks is not None:
-                if req_id in cached.resumed_req_ids:
-                    pending.block_ids = list(new_blocks[0])
+                if req_id in cached.resumed_req_ids or not pending.block_ids:
+                    pending.block_ids = tuple(list(ids) for ids in new_blocks)
                 else:
-                    pending.block_ids += list(new_blocks[0])
+                    pending.block_ids = tuple(old + list(ids) for old, ids in zip(pending.block_ids, new_blocks,
+                                                                                  strict=True))
             progress[req_id] = cached.num_computed_tokens[i]
         for req_id, computed in progress.items():
             pending = self._pending[req_id]
@@ -465,55 +501,101 @@ class KVStoreConnector(KVConnectorBase_V1):
                 del self._pending[req_id]
         return meta
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """A request whose background load failed is computed: never offered a load again."""
+        for req_id in connector_output.failed_recving or ():
+            self._hits[req_id] = (0, 0)
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the request (its saved KV was copied out of its blocks already)."""
         for table in (self._hits, self._pending, self._loads, self._lookups):
             table.pop(request.request_id, None)
         return False, None
 
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """:meth:`request_finished` under the hybrid allocator (blocks of every KV cache group)."""
+        return self.request_finished(request, block_ids[0] if block_ids else [])
+
     # -- worker side ------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Take the engine's per-layer paged caches, in layer order."""
+        """Take the engine's per-layer paged caches, in layer order, with each layer's KV
+        cache group (and whether vLLM keeps only the blocks of its sliding window)."""
+        from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
         self._order = sorted(kv_caches, key=layer_index)
         self._index = {name: i for i, name in enumerate(self._order)}
         backends = _attention_backends(self._vllm_config, self._order)
         head_size = self._vllm_config.model_config.get_head_size()
         self._layers = {name: paged_layout(backends.get(name) or _backend_of_device(kv_caches[name]), kv_caches[name],
                                            self.block_size, head_size) for name in self._order}
+        groups = self._kv_cache_config.kv_cache_groups if self._kv_cache_config is not None else []
+        for g, group in enumerate(groups):
+            for name in group.layer_names:
+                self._group[name] = g
+                self._windowed[name] = isinstance(group.kv_cache_spec, SlidingWindowSpec)
+        for name in self._order:
+            self._group.setdefault(name, 0)
+            self._windowed.setdefault(name, False)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Read each planned load's stored KV and write it into its blocks (before any layer runs)."""
+        """Read each planned load's stored KV and write it into its blocks: before any layer
+        runs, or in the background for loads vLLM waits for (several KV cache groups)."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStoreConnectorMetadata)
         for load in meta.loads:
-            first, last = load.start // self.block_size, load.stop // self.block_size
-            try:
-                # every token of every layer: without vLLM's hybrid allocator (SupportsHMA) its
-                # sliding-window layers keep all their blocks too
-                kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level, sliding_window_only=False)
-                if len(kv) != len(self._order):
-                    raise ConfigError(f"stored KV has {len(kv)} layers, the engine {len(self._order)}")
-                for name, (keys, values) in zip(self._order, kv):
-                    self._layers[name].write(load.block_ids[first:last], keys[:, load.start:load.stop],
-                                             values[:, load.start:load.stop])
-            except KVStoreError as exc:
-                log.warning("loading %d stored tokens of request %s failed (%s): vLLM recomputes them",
-                            load.stop - load.start, load.req_id, exc)
-                self._load_errors.update(load.block_ids[first:last])
+            if load.background:
+                self._receiving[load.req_id] = self._loader.submit(self._load, load)
+            elif not self._load(load):
+                first, last = load.start // self.block_size, load.stop // self.block_size
+                self._load_errors.update(load.block_ids[0][first:last])
+
+    def _load(self, load: LoadSpec) -> bool:
+        """Write ``load``'s stored KV into its blocks; ``False`` (logged) where it could not be read."""
+        first, last = load.start // self.block_size, load.stop // self.block_size
+        try:
+            # windowed layers (vLLM's hybrid allocator) hold only the blocks their window needs
+            kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level,
+                              sliding_window_only=any(self._windowed.values()), continue_at=load.stop)
+            if len(kv) != len(self._order):
+                raise ConfigError(f"stored KV has {len(kv)} layers, the engine {len(self._order)}")
+            end = len(load.tokens)
+            for name, (keys, values) in zip(self._order, kv):
+                ids = load.block_ids[self._group[name]]
+                begin = next((b for b in range(first, last) if ids[b] != NULL_BLOCK), last)
+                held = end - keys.shape[1]  # the first token the store returned for this layer
+                if begin < last and begin * self.block_size < held:
+                    raise ConfigError(f"layer {name}: stored KV starts at token {held}, its blocks at "
+                                      f"{begin * self.block_size}")
+                rows = slice(begin * self.block_size - held, last * self.block_size - held)
+                self._layers[name].write(ids[begin:last], keys[:, rows], values[:, rows])
+            return True
+        except KVStoreError as exc:
+            log.warning("loading %d stored tokens of request %s failed (%s): vLLM recomputes them",
+                        load.stop - load.start, load.req_id, exc)
+            return False
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads complete in :meth:`start_load_kv`: nothing to wait for."""
+        """Loads complete in :meth:`start_load_kv` (or before vLLM schedules the request):
+        nothing to wait for."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        """Copy this layer's KV of every prompt whose prefill completes in this step."""
+        """Copy this layer's KV of every prompt whose prefill completes in this step (zeros in
+        the null blocks behind a sliding window, which are not stored)."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStoreConnectorMetadata)
         if not meta.saves or layer_name not in self._layers:
             return
-        index = self._index[layer_name]
+        index, layer = self._index[layer_name], self._layers[layer_name]
         for save in meta.saves:
-            blocks = save.block_ids[: -(-len(save.tokens) // self.block_size)]
-            self._staged.setdefault(save.req_id, {})[index] = self._layers[layer_name].read(blocks, len(save.tokens))
+            blocks = save.block_ids[self._group[layer_name]][: -(-len(save.tokens) // self.block_size)]
+            freed = next((b for b, block in enumerate(blocks) if block != NULL_BLOCK), len(blocks))
+            keys, values = layer.read(blocks[freed:], len(save.tokens) - freed * self.block_size)
+            if freed:
+                keys, values = (torch.cat([t.new_zeros(t.shape[0], freed * self.block_size, t.shape[2]), t], dim=1)
+                                for t in (keys, values))
+                self._held_from[save.req_id] = max(self._held_from.get(save.req_id, 0), freed * self.block_size)
+            self._staged.setdefault(save.req_id, {})[index] = (keys, values)
 
     def wait_for_save(self) -> None:
         """Hand each complete prompt's KV to the store in the background."""
@@ -521,13 +603,16 @@ class KVStoreConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVStoreConnectorMetadata)
         for save in meta.saves:
             staged = self._staged.pop(save.req_id, {})
+            held_from = self._held_from.pop(save.req_id, 0)
             if len(staged) != len(self._order):
                 log.warning("request %s: %d of %d layers captured, not stored", save.req_id, len(staged), len(self._order))
                 continue
             kv = [staged[i] for i in range(len(self._order))]
-            tokens = save.tokens
+            # the chunks of windowed layers from the first one all of whose blocks were held
+            sliding_from = -(-held_from // self.chunk_tokens) * self.chunk_tokens
             self._saves.append(self.kvs.submit(
-                lambda store, kv=kv, tokens=tokens: store.put(self.model_id, tokens, kv, layout=self.layout)))
+                lambda store, kv=kv, tokens=save.tokens, sliding_from=sliding_from: store.put(
+                    self.model_id, tokens, kv, layout=self.layout, sliding_from=sliding_from)))
         self._saves = [f for f in self._saves if not self._finished_save(f)]
 
     @staticmethod
@@ -537,6 +622,17 @@ class KVStoreConnector(KVConnectorBase_V1):
         if future.exception() is not None:
             log.warning("storing a prompt's KV failed: %s", future.exception())
         return True
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Background loads done since the last call, and those of them that failed (vLLM
+        recomputes those requests)."""
+        done = {req_id for req_id, future in self._receiving.items() if future.done()}
+        failed = set()
+        for req_id in done:
+            future = self._receiving.pop(req_id)
+            if future.exception() is not None or not future.result():
+                failed.add(req_id)
+        return KVConnectorTransferResults(finished_recving=done, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose stored KV could not be loaded since the last call (vLLM recomputes them)."""
@@ -553,6 +649,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._saves.clear()
 
     def shutdown(self) -> None:
-        """Finish the background saves and close the store."""
+        """Finish the background loads and saves and close the store."""
+        self._loader.shutdown(wait=True)
         self.flush()
         self.kvs.close()
