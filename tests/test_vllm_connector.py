@@ -42,7 +42,7 @@ def engine(tmp_path_factory):
     text = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
     ids = tokenizer(text)["input_ids"]
     # the second prompt's loadable prefix (640 tokens, 5 blocks) ends inside a chunk
-    lengths = [PROMPT_TOKENS, PROMPT_TOKENS + 100, PROMPT_TOKENS, PROMPT_TOKENS, PROMPT_TOKENS]
+    lengths = [PROMPT_TOKENS, PROMPT_TOKENS + 100, PROMPT_TOKENS, PROMPT_TOKENS, PROMPT_TOKENS, PROMPT_TOKENS]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     prompts = [ids[start:start + n] for start, n in zip(starts, lengths)]
     assert [len(p) for p in prompts] == lengths
@@ -114,6 +114,41 @@ def test_a_corrupt_chunk_is_recomputed(engine):
     assert damaged
     again, _ = _generate(llm, ids)
     assert again == first  # recomputed, not wrong text, no crash
+
+
+def test_layers_load_while_the_model_runs(engine, monkeypatch):
+    """``wait_for_layer_load`` lets the model into each layer as soon as that layer's blocks
+    are written: with the writes slowed to 20 ms a layer, the model is past layer 0 before
+    the last layer is written, never enters a layer before its blocks are written, and
+    generates what it computed."""
+    import time
+
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    llm, ids = engine["llm"], engine["prompts"][5]
+    first, _ = _generate(llm, ids)
+    _wait_stored(engine["url"], engine["model_id"], ids)
+    connector = get_kv_transfer_group()  # the worker's (the engine runs in this process)
+    write, wait = connector._write, connector.wait_for_layer_load
+    events: list[tuple[str, str]] = []
+
+    def slow_write(load, name, keys, values):  # type: ignore[no-untyped-def]
+        time.sleep(0.02)
+        write(load, name, keys, values)
+        events.append(("written", name))
+
+    def recorded_wait(name):  # type: ignore[no-untyped-def]
+        wait(name)
+        events.append(("entered", name))
+
+    monkeypatch.setattr(connector, "_write", slow_write)
+    monkeypatch.setattr(connector, "wait_for_layer_load", recorded_wait)
+    second, cached = _generate(llm, ids)
+    assert cached == 512 and second == first
+    layers = connector._order  # the first events are the load's step (the first one to run the model)
+    for name in layers:
+        assert events.index(("written", name)) < events.index(("entered", name))
+    assert events.index(("entered", layers[0])) < events.index(("written", layers[-1]))
 
 
 def _chunk_hashes(model_id: str, ids) -> list[str]:

@@ -26,8 +26,9 @@ shared).
 
 Scheduler side: a request's stored prefix is looked up in the background (the first call
 answers "later"), rounded down to whole blocks and to one token short of the prompt
-(vLLM computes at least the last token). Worker side: the stored prefix is read and
-written into the request's blocks before the first layer runs (again into its new blocks
+(vLLM computes at least the last token). Worker side: the stored prefix is read in a
+background thread and written into the request's blocks layer by layer while the model
+runs, each layer's attention waiting only for its own blocks (again into its new blocks
 when a preempted request resumes), and the prompt's KV is
 copied out of its blocks, layer by layer, in the step its prefill completes, then
 encoded and stored off the engine's critical path. A load that fails (a missing or
@@ -58,6 +59,7 @@ import concurrent.futures
 import functools
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +76,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.format.layout import CacheLayout
+from kvstore.kv import KV
 from kvstore.sync import SyncKVStore
 
 if TYPE_CHECKING:
@@ -132,6 +135,30 @@ class _Pending:
     tokens: np.ndarray
     block_ids: BlockIds
     save: bool
+
+
+class _LayerStream:
+    """How many layers (in engine order) one step's loads have written so far."""
+
+    def __init__(self) -> None:
+        self.job: concurrent.futures.Future[set[int]] | None = None
+        self.written = 0
+        self._changed = threading.Condition()
+
+    def mark(self, layers: int) -> None:
+        with self._changed:
+            self.written = max(self.written, layers)
+            self._changed.notify_all()
+
+    def wait(self, index: int) -> None:
+        """Block until layer ``index`` is written."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.written > index)
+
+    def result(self) -> set[int]:
+        """The blocks whose load failed, once every layer is written."""
+        assert self.job is not None
+        return self.job.result()
 
 
 def layer_index(name: str) -> int:
@@ -413,6 +440,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         self._load_errors: set[int] = set()
         self._receiving: dict[str, concurrent.futures.Future[bool]] = {}  # background loads: ok?
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-load")
+        self._streaming: _LayerStream | None = None  # this step's loads, written layer by layer
         self._saves: list[concurrent.futures.Future[Any]] = []
 
     # -- scheduler side ---------------------------------------------------------------
@@ -539,45 +567,90 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             self._windowed.setdefault(name, False)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Read each planned load's stored KV and write it into its blocks: before any layer
-        runs, or in the background for loads vLLM waits for (several KV cache groups)."""
+        """Start this step's loads and return: their stored KV is read, then written into the
+        blocks layer by layer while the model runs (:meth:`wait_for_layer_load` holds each
+        layer until it is in place); loads vLLM waits for (several KV cache groups) run in
+        the background across steps."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStoreConnectorMetadata)
+        step = [load for load in meta.loads if not load.background]
         for load in meta.loads:
             if load.background:
                 self._receiving[load.req_id] = self._loader.submit(self._load, load)
-            elif not self._load(load):
-                first, last = load.start // self.block_size, load.stop // self.block_size
-                self._load_errors.update(load.block_ids[0][first:last])
+        if step:
+            self._streaming = stream = _LayerStream()
+            stream.job = self._loader.submit(self._load_layer_by_layer, step, stream)
+
+    def _read(self, load: LoadSpec) -> KV:
+        """``load``'s stored KV, one entry per engine layer."""
+        # windowed layers (vLLM's hybrid allocator) hold only the blocks their window needs
+        kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level,
+                          sliding_window_only=any(self._windowed.values()), continue_at=load.stop)
+        if len(kv) != len(self._order):
+            raise ConfigError(f"stored KV has {len(kv)} layers, the engine {len(self._order)}")
+        return kv
+
+    def _write(self, load: LoadSpec, name: str, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one layer's stored KV of ``load`` into the blocks vLLM keeps for it."""
+        first, last = load.start // self.block_size, load.stop // self.block_size
+        ids = load.block_ids[self._group[name]]
+        begin = next((b for b in range(first, last) if ids[b] != NULL_BLOCK), last)
+        held = len(load.tokens) - keys.shape[1]  # the first token the store returned for this layer
+        if begin < last and begin * self.block_size < held:
+            raise ConfigError(f"layer {name}: stored KV starts at token {held}, its blocks at "
+                              f"{begin * self.block_size}")
+        rows = slice(begin * self.block_size - held, last * self.block_size - held)
+        self._layers[name].write(ids[begin:last], keys[:, rows], values[:, rows])
+
+    def _failed(self, load: LoadSpec, exc: Exception) -> None:
+        log.warning("loading %d stored tokens of request %s failed (%s): vLLM recomputes them",
+                    load.stop - load.start, load.req_id, exc)
 
     def _load(self, load: LoadSpec) -> bool:
         """Write ``load``'s stored KV into its blocks; ``False`` (logged) where it could not be read."""
-        first, last = load.start // self.block_size, load.stop // self.block_size
         try:
-            # windowed layers (vLLM's hybrid allocator) hold only the blocks their window needs
-            kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level,
-                              sliding_window_only=any(self._windowed.values()), continue_at=load.stop)
-            if len(kv) != len(self._order):
-                raise ConfigError(f"stored KV has {len(kv)} layers, the engine {len(self._order)}")
-            end = len(load.tokens)
-            for name, (keys, values) in zip(self._order, kv):
-                ids = load.block_ids[self._group[name]]
-                begin = next((b for b in range(first, last) if ids[b] != NULL_BLOCK), last)
-                held = end - keys.shape[1]  # the first token the store returned for this layer
-                if begin < last and begin * self.block_size < held:
-                    raise ConfigError(f"layer {name}: stored KV starts at token {held}, its blocks at "
-                                      f"{begin * self.block_size}")
-                rows = slice(begin * self.block_size - held, last * self.block_size - held)
-                self._layers[name].write(ids[begin:last], keys[:, rows], values[:, rows])
+            for name, (keys, values) in zip(self._order, self._read(load)):
+                self._write(load, name, keys, values)
             return True
         except KVStoreError as exc:
-            log.warning("loading %d stored tokens of request %s failed (%s): vLLM recomputes them",
-                        load.stop - load.start, load.req_id, exc)
+            self._failed(load, exc)
             return False
 
+    def _load_layer_by_layer(self, loads: list[LoadSpec], stream: _LayerStream) -> set[int]:
+        """Read every load of a step, then write them layer by layer, marking each layer done
+        on ``stream``; returns the blocks of the loads that failed (vLLM recomputes them)."""
+        errors: set[int] = set()
+        read: list[tuple[LoadSpec, KV]] = []
+        try:
+            for load in loads:
+                try:
+                    read.append((load, self._read(load)))
+                except KVStoreError as exc:
+                    self._failed(load, exc)
+                    errors.update(load.block_ids[0][load.start // self.block_size:load.stop // self.block_size])
+            for index, name in enumerate(self._order):
+                for load, kv in list(read):
+                    try:
+                        self._write(load, name, *kv[index])
+                    except KVStoreError as exc:
+                        self._failed(load, exc)
+                        errors.update(load.block_ids[0][load.start // self.block_size:load.stop // self.block_size])
+                        read.remove((load, kv))
+                stream.mark(index + 1)
+        finally:
+            stream.mark(len(self._order))  # never leave the model waiting
+        return errors
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads complete in :meth:`start_load_kv` (or before vLLM schedules the request):
-        nothing to wait for."""
+        """Return once this step's loads have written layer ``layer_name``'s blocks."""
+        if self._streaming is not None and layer_name in self._index:
+            self._streaming.wait(self._index[layer_name])
+
+    def _finish_step_loads(self) -> None:
+        """Wait for this step's loads (every layer is written) and collect their failures."""
+        if self._streaming is not None:
+            self._load_errors |= self._streaming.result()
+            self._streaming = None
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """Copy this layer's KV of every prompt whose prefill completes in this step (zeros in
@@ -599,6 +672,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def wait_for_save(self) -> None:
         """Hand each complete prompt's KV to the store in the background."""
+        self._finish_step_loads()
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStoreConnectorMetadata)
         for save in meta.saves:
@@ -636,6 +710,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose stored KV could not be loaded since the last call (vLLM recomputes them)."""
+        self._finish_step_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
