@@ -399,6 +399,23 @@ async def test_fetcher_recomputes_from_the_start_when_a_window_was_not_stored(id
             torch.testing.assert_close(v, wv, rtol=0, atol=1e-5)
 
 
+async def test_the_fetcher_streams_the_windows_of_a_continuation_from_an_earlier_token(ids):
+    from kvstore.fetch import AdaptiveFetcher, StaticPolicy
+
+    model = tiny_model("gemma2")
+    layout = cache_layout(model)
+    kv = extract_kv(model, ids)
+    async with KVStore("memory://", chunk_tokens=CHUNK) as store:
+        await store.put("gemma2", ids, kv, layout=layout)
+        want = await store.get("gemma2", ids, continue_at=70)
+        loaded = await AdaptiveFetcher(store).load("gemma2", ids, deadline_s=30.0, policy=StaticPolicy(0), continue_at=70)
+        for (k, v), (wk, wv) in zip(loaded.kv, want, strict=True):
+            torch.testing.assert_close(k, wk, rtol=0, atol=0)
+            torch.testing.assert_close(v, wv, rtol=0, atol=0)
+        with pytest.raises(ConfigError, match="continue_at"):
+            await AdaptiveFetcher(store).load("gemma2", ids, deadline_s=30.0, continue_at=TOKENS + 1)
+
+
 async def test_pq_indexes_full_attention_layers_and_retrieval_leaves_sliding_ones_alone():
     from kvstore.retrieval import PQConfig
     from kvstore.retrieval.attention import RetrievalConfig

@@ -132,9 +132,9 @@ def test_layers_load_while_the_model_runs(engine, monkeypatch):
     write, wait = connector._write, connector.wait_for_layer_load
     events: list[tuple[str, str]] = []
 
-    def slow_write(load, name, keys, values):  # type: ignore[no-untyped-def]
+    def slow_write(load, name, *kv_end):  # type: ignore[no-untyped-def]
         time.sleep(0.02)
-        write(load, name, keys, values)
+        write(load, name, *kv_end)
         events.append(("written", name))
 
     def recorded_wait(name):  # type: ignore[no-untyped-def]
@@ -149,6 +149,48 @@ def test_layers_load_while_the_model_runs(engine, monkeypatch):
     for name in layers:
         assert events.index(("written", name)) < events.index(("entered", name))
     assert events.index(("entered", layers[0])) < events.index(("written", layers[-1]))
+
+
+def test_a_deadline_streams_loads_through_the_adaptive_fetcher(engine, tmp_path):
+    """``deadline_s``: loads go through the adaptive fetcher, which picks each chunk's level
+    among the stored ones. A deadline no transfer meets reads every chunk at the smallest
+    level (int8); a generous one, once a load has measured the throughput, reads every chunk
+    raw, and the engine generates what it computed."""
+    url = (tmp_path / "store").as_uri()
+    extra = {"levels": ["raw", "int8"], "deadline_s": 0.001}
+    tight, generous = engine["prompts"][0], engine["prompts"][2]
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_vllm_connector import _generate
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+        from vllm_helpers import make_llm, wait_stored
+        from kvstore import metrics
+        from kvstore.integrations.vllm import model_id_of
+
+        def read():
+            return [metrics.value("kvstore_read_bytes_total", {{"level": str(level)}}) for level in (0, 1)]
+
+        if __name__ == "__main__":
+            llm = make_llm({engine['folder']!r}, {url!r}, extra={extra!r})
+            computed = [_generate(llm, ids) for ids in ({tight!r}, {generous!r})]
+            for ids in ({tight!r}, {generous!r}):
+                wait_stored({url!r}, model_id_of({engine['folder']!r}), ids, timeout=120.0)
+            before = read()
+            loaded_tight = _generate(llm, {tight!r})
+            after_tight = read()
+            get_kv_transfer_group().deadline_s = 60.0
+            loaded_generous = _generate(llm, {generous!r})
+            print("RESULT", json.dumps([computed, loaded_tight, loaded_generous, before, after_tight, read()]))
+    """)
+    computed, loaded_tight, loaded_generous, before, after_tight, after = _run_engine(script, timeout=400)
+    with SyncKVStore(url, levels=["raw", "int8"]) as kvs:
+        sizes = [kvs.manifest(engine["model_id"], ids).level_bytes for ids in (tight, generous)]
+    # the whole stored context (600 tokens: three chunks) streams, for the 512 tokens that load
+    assert loaded_tight[1] == 512 and after_tight[0] == before[0] and after_tight[1] - before[1] == sizes[0](1)
+    assert loaded_generous[1] == 512 and after[1] == after_tight[1] and after[0] - after_tight[0] == sizes[1](0)
+    assert loaded_generous[0] == computed[1][0]
+    assert len(loaded_tight[0]) == NEW_TOKENS
 
 
 def _chunk_hashes(model_id: str, ids) -> list[str]:

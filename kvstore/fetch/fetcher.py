@@ -167,14 +167,18 @@ class AdaptiveFetcher:
         deadline_s: float,
         policy: Policy | None = None,
         levels: Sequence[int] | None = None,
+        continue_at: int | None = None,
     ) -> LoadResult:
         """Load the KV of exactly ``tokens`` within ``deadline_s`` seconds if possible.
 
         ``levels``: the manifest level indices the policy may choose from, best first
-        (default: all). Returns the KV with the decision trace.
+        (default: all). ``continue_at``: sliding-window layers hold the window of a
+        continuation from that token (as :meth:`KVStore.get`'s), not from the last.
+        Returns the KV with the decision trace.
         """
         result: LoadResult | None = None
-        async for item in self.stream(model_id, tokens, deadline_s=deadline_s, policy=policy, levels=levels):
+        async for item in self.stream(model_id, tokens, deadline_s=deadline_s, policy=policy, levels=levels,
+                                      continue_at=continue_at):
             if isinstance(item, LoadResult):
                 result = item
         assert result is not None
@@ -188,6 +192,7 @@ class AdaptiveFetcher:
         deadline_s: float,
         policy: Policy | None = None,
         levels: Sequence[int] | None = None,
+        continue_at: int | None = None,
     ) -> AsyncIterator[ChunkDecision | LoadResult]:
         """Like :meth:`load`, yielding each chunk's decision as its KV becomes ready,
         then the :class:`LoadResult`."""
@@ -204,7 +209,12 @@ class AdaptiveFetcher:
         candidates = list(range(len(manifest.levels))) if levels is None else list(levels)
         if not candidates or any(not 0 <= lv < len(manifest.levels) for lv in candidates):
             raise ConfigError(f"levels must be indices into the manifest's {len(manifest.levels)} levels")
-        run = _Load(self, manifest, token_array, deadline_s, policy or AdaptivePolicy(), candidates)
+        n = len(token_array)
+        if continue_at is not None and (not isinstance(continue_at, int) or isinstance(continue_at, bool)
+                                        or not 0 < continue_at <= n):
+            raise ConfigError(f"continue_at must be an int in 1..{n} (the tokens), got {continue_at!r}")
+        run = _Load(self, manifest, token_array, deadline_s, policy or AdaptivePolicy(), candidates,
+                    n if continue_at is None else continue_at)
         async for item in run.execute():
             yield item
 
@@ -213,7 +223,7 @@ class _Load:
     """The state of one load: scheduling, fetching, decoding, recomputing."""
 
     def __init__(self, fetcher: AdaptiveFetcher, manifest: Manifest, tokens: np.ndarray,
-                 deadline_s: float, policy: Policy, candidates: list[int]) -> None:
+                 deadline_s: float, policy: Policy, candidates: list[int], continue_at: int) -> None:
         self.f = fetcher
         self.m = manifest
         self.tokens = tokens
@@ -228,11 +238,11 @@ class _Load:
         # fetcher's stream, recomputes run on the caller's; the decode stream first waits for
         # the caller's work so far (the memory just allocated may still be in use there)
         self.caller_stream = caller_stream(fetcher.device)
-        # per layer group: the chunks fetched start where the group's layers need them (a sliding
-        # window's last chunks; every chunk of full attention), and so does its KV
+        # per layer group: the chunks fetched start where the group's layers need them (the
+        # chunks of a sliding window before ``continue_at``; every chunk of full attention)
         self.groups = manifest.layout.groups
         n, chunk_tokens = manifest.num_tokens, manifest.chunk_tokens
-        self.first_chunk = [g.spec.first_needed(n) // chunk_tokens for g in self.groups]
+        self.first_chunk = [g.spec.first_needed(continue_at) // chunk_tokens for g in self.groups]
         self.base = [manifest.chunks[c].start for c in self.first_chunk]
         alloc = on_stream(self.caller_stream, torch.empty)
         self.outs = [tuple(alloc((len(g.layers), g.spec.kv_heads, n - self.base[g.index], dim), dtype=self.dtype,

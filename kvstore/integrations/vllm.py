@@ -19,6 +19,10 @@ the profile file of ``["kvcodec", {"level": 2}]`` or ``["kvcodec3", {"level": 2}
 unless a level names its own ``"profile"``: :func:`eval.profiles.model_profile` and
 :func:`eval.profiles.transform_profile` make and cache them),
 ``load_level`` (the index in ``levels`` that loads read; 0, or 2 with ``"auto"``),
+``deadline_s`` (loads stream through the adaptive fetcher instead, which picks each
+chunk's level among all of ``levels`` so that the load takes at most this many seconds
+at the throughput it measures, and the smallest level where it cannot; prefixes without
+a manifest of their own, and sliding layers vLLM keeps whole, read ``load_level``),
 ``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
 ``storage_options``, ``model_id`` (by default :func:`model_id_of` the model's folder: the
 id Hugging Face code gets for it, so contexts stored from vLLM and from Hugging Face are
@@ -109,6 +113,7 @@ class LoadSpec:
     start: int
     stop: int
     background: bool = False
+    context: np.ndarray | None = None  # the stored prefix looked up (a stored context's tokens, maybe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +425,12 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         from kvstore.codecs.kvcodec import DEFAULT_LEVEL  # here: importing it with the module upsets vLLM's start-up
 
         self.load_level = int(extra.get("load_level", DEFAULT_LEVEL if auto else 0))  # auto: a bound store's default
+        deadline = extra.get("deadline_s")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int | float)
+                                     or not deadline > 0):
+            raise ConfigError(f"deadline_s must be a positive number of seconds, got {deadline!r}")
+        self.deadline_s: float | None = None if deadline is None else float(deadline)
+        self._throughput_Bps: float | None = None  # measured on the latest load by deadline
         self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens,
                                levels=stored_model_levels(extra["url"], self.model_id, where) if auto
                                else connector_levels(extra), **where)  # fmt: skip
@@ -484,7 +495,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             start = loadable - num_external_tokens
             # what get() can read: whole chunks (their hashes cover whole chunks) or a stored context
             fetch = min(stored, -(-loadable // self.chunk_tokens) * self.chunk_tokens)
-            load = LoadSpec(req_id, tokens[:fetch], block_ids, start, loadable, self.background_loads)
+            load = LoadSpec(req_id, tokens[:fetch], block_ids, start, loadable, self.background_loads, tokens[:stored])
             if load.background:  # vLLM holds the request back until the worker reports the load done
                 self._started.append(load)
             else:
@@ -581,21 +592,60 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             self._streaming = stream = _LayerStream()
             stream.job = self._loader.submit(self._load_layer_by_layer, step, stream)
 
-    def _read(self, load: LoadSpec) -> KV:
-        """``load``'s stored KV, one entry per engine layer."""
-        # windowed layers (vLLM's hybrid allocator) hold only the blocks their window needs
-        kv = self.kvs.get(self.model_id, load.tokens, level=self.load_level,
-                          sliding_window_only=any(self._windowed.values()), continue_at=load.stop)
-        if len(kv) != len(self._order):
-            raise ConfigError(f"stored KV has {len(kv)} layers, the engine {len(self._order)}")
-        return kv
+    def _read(self, load: LoadSpec) -> tuple[KV, int]:
+        """``load``'s stored KV, one entry per engine layer, and the token it ends at: through
+        the adaptive fetcher where a deadline is set and the stored prefix is a context with a
+        manifest, else at ``load_level``."""
+        found = self._fetch_by_deadline(load) if self._adaptive(load) else None
+        if found is None:
+            # windowed layers (vLLM's hybrid allocator) hold only the blocks their window needs
+            found = (self.kvs.get(self.model_id, load.tokens, level=self.load_level,
+                                  sliding_window_only=any(self._windowed.values()), continue_at=load.stop),
+                     len(load.tokens))
+        if len(found[0]) != len(self._order):
+            raise ConfigError(f"stored KV has {len(found[0])} layers, the engine {len(self._order)}")
+        return found
 
-    def _write(self, load: LoadSpec, name: str, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write one layer's stored KV of ``load`` into the blocks vLLM keeps for it."""
+    def _adaptive(self, load: LoadSpec) -> bool:
+        """Whether the adaptive fetcher can serve ``load``: it reads only the windows of
+        sliding layers, which vLLM wants only where it keeps just their windows."""
+        if self.deadline_s is None or load.context is None:
+            return False
+        return all(self._windowed[name] or spec.kind == "full" for name, spec in zip(self._order, self.layout.layers))
+
+    def _fetch_by_deadline(self, load: LoadSpec) -> tuple[KV, int] | None:
+        """The stored context ``load`` reads from streamed by :class:`~kvstore.fetch.AdaptiveFetcher`,
+        each chunk at the best level the deadline affords at the throughput measured
+        (starting from the last load's); ``None`` where the stored prefix has no manifest of
+        its own (a prefix of a longer stored context)."""
+        from kvstore.errors import ContextNotFoundError
+        from kvstore.fetch import AdaptiveFetcher
+
+        context = load.context
+        assert context is not None
+
+        async def fetch(store: Any) -> Any:
+            fetcher = AdaptiveFetcher(store, prior_Bps=self._throughput_Bps)
+            return await fetcher.load(self.model_id, context, deadline_s=self.deadline_s,  # type: ignore[arg-type]
+                                      continue_at=load.stop)
+
+        try:
+            result = self.kvs.submit(fetch).result()
+        except ContextNotFoundError:
+            return None
+        spans = [(d.fetch_start, d.fetch_end) for d in result.decisions if d.fetch_end is not None]
+        if spans and result.bytes_fetched:
+            seconds = max(end for _, end in spans) - min(start for start, _ in spans)
+            self._throughput_Bps = result.bytes_fetched / max(seconds, 1e-6)
+        log.debug("request %s loaded by deadline:\n%s", load.req_id, result.table())
+        return result.kv, len(context)
+
+    def _write(self, load: LoadSpec, name: str, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
+        """Write one layer's stored KV of ``load`` (up to token ``end``) into the blocks vLLM keeps for it."""
         first, last = load.start // self.block_size, load.stop // self.block_size
         ids = load.block_ids[self._group[name]]
         begin = next((b for b in range(first, last) if ids[b] != NULL_BLOCK), last)
-        held = len(load.tokens) - keys.shape[1]  # the first token the store returned for this layer
+        held = end - keys.shape[1]  # the first token the store returned for this layer
         if begin < last and begin * self.block_size < held:
             raise ConfigError(f"layer {name}: stored KV starts at token {held}, its blocks at "
                               f"{begin * self.block_size}")
@@ -609,8 +659,9 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
     def _load(self, load: LoadSpec) -> bool:
         """Write ``load``'s stored KV into its blocks; ``False`` (logged) where it could not be read."""
         try:
-            for name, (keys, values) in zip(self._order, self._read(load)):
-                self._write(load, name, keys, values)
+            kv, end = self._read(load)
+            for name, (keys, values) in zip(self._order, kv):
+                self._write(load, name, keys, values, end)
             return True
         except KVStoreError as exc:
             self._failed(load, exc)
@@ -620,7 +671,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         """Read every load of a step, then write them layer by layer, marking each layer done
         on ``stream``; returns the blocks of the loads that failed (vLLM recomputes them)."""
         errors: set[int] = set()
-        read: list[tuple[LoadSpec, KV]] = []
+        read: list[tuple[LoadSpec, tuple[KV, int]]] = []
         try:
             for load in loads:
                 try:
@@ -628,14 +679,17 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
                 except KVStoreError as exc:
                     self._failed(load, exc)
                     errors.update(load.block_ids[0][load.start // self.block_size:load.stop // self.block_size])
+            dropped: set[int] = set()
             for index, name in enumerate(self._order):
-                for load, kv in list(read):
+                for j, (load, (kv, end)) in enumerate(read):
+                    if j in dropped:
+                        continue
                     try:
-                        self._write(load, name, *kv[index])
+                        self._write(load, name, *kv[index], end)
                     except KVStoreError as exc:
                         self._failed(load, exc)
                         errors.update(load.block_ids[0][load.start // self.block_size:load.stop // self.block_size])
-                        read.remove((load, kv))
+                        dropped.add(j)
                 stream.mark(index + 1)
         finally:
             stream.mark(len(self._order))  # never leave the model waiting
