@@ -448,9 +448,12 @@ class KVStore:
         if pq is not None and (pq.codes.is_cuda or pq.centroids.is_cuda):  # written from host memory
             on_gpu = pq.codes if pq.codes.is_cuda else pq.centroids
             pq = await asyncio.to_thread(on_stream(caller_stream(on_gpu.device), pq.to), "cpu")
-        # the chain: each chunk's objects record its content hash and the previous chunk's
+        # the chain: each chunk's objects record its content hash and the previous chunk's (of
+        # what is stored: sliding layers' KV before ``sliding_from`` is not)
+        windowed = frozenset(i for i, spec in enumerate(layout.layers) if spec.kind != "full" and spec.per_token)
         contents = await asyncio.to_thread(
-            on_stream(stream, lambda: [content_hash(kv, start, stop) for start, stop in plan.bounds]))
+            on_stream(stream, lambda: [content_hash(kv, start, stop, skip=windowed if start < sliding_from else ())
+                                       for start, stop in plan.bounds]))
         stale: list[str] = []
         for attempt in range(PUT_ATTEMPTS):
             manifest = await self._put_once(model_id, plan, kv, layout, contents, ttl, pq, pq_centroid_format, stream,

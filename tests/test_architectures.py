@@ -210,6 +210,11 @@ async def test_a_put_of_sliding_layers_held_from_a_token_stores_only_from_there(
         assert generate_greedy(model, ids, got, max_new_tokens=6) == generate_greedy(model, ids, None, max_new_tokens=6)
         with pytest.raises(MissingObjectError, match="not stored"):
             await store.get("gemma2", ids, sliding_window_only=False)
+        # other values where the KV is not held: the same content, the same objects
+        other = [(torch.cat([-f[0], k[:, INNER:]], 1), torch.cat([-f[1], v[:, INNER:]], 1)) if i in sliding else (k, v)
+                 for i, ((k, v), f) in enumerate(zip(kv, freed))]
+        again = await store.put("gemma2", ids, other, layout=layout, sliding_from=INNER)
+        assert again.chunks == manifest.chunks
         with pytest.raises(ConfigError, match="sliding_from"):
             await store.put("gemma2", ids, held, layout=layout, sliding_from=INNER + CHUNK + 1)
         with pytest.raises(ConfigError, match="sliding_from"):

@@ -9,7 +9,7 @@ single value reaches the model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +65,16 @@ def group_identity(fingerprint: str, chunk_hash: str, start: int, tokens: np.nda
                          dtype, spec.value_dim, group.name, content, prev)
 
 
-def content_hash(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop: int) -> str:
-    """The hash of tokens ``[start, stop)`` of every layer's keys and values, and of each
-    linear layer's states after ``stop`` (xxh3-128, hex): what a chunk's writer stored,
-    recorded in each of the chunk's objects."""
+def content_hash(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop: int,
+                 skip: Collection[int] = ()) -> str:
+    """The hash of tokens ``[start, stop)`` of every layer's keys and values (but the layers
+    in ``skip``, whose KV there is not stored), and of each linear layer's states after
+    ``stop`` (xxh3-128, hex): what a chunk's writer stored, recorded in each of the chunk's
+    objects."""
     h = xxhash.xxh3_128()
-    for entry in kv:
+    for i, entry in enumerate(kv):
+        if i in skip:
+            continue
         if isinstance(entry, LinearStates):  # a linear layer: its states after the chunk, where held
             for t in entry.at(stop) or ():
                 h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy())
