@@ -23,7 +23,10 @@ unless a level names its own ``"profile"``: :func:`eval.profiles.model_profile` 
 chunk's level among all of ``levels`` so that the load takes at most this many seconds
 at the throughput it measures, and the smallest level where it cannot; prefixes without
 a manifest of their own, and sliding layers vLLM keeps whole, read ``load_level``),
-``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``namespace``,
+``chunk_tokens`` (a multiple of vLLM's block size; 256 by default), ``max_concurrency``
+(chunk objects read or written at once by a load or a save: by default one per CPU
+core, at least 4 and at most 16, so that on a slow link chunks arrive one after another
+and each decodes while the next is on the wire), ``namespace``,
 ``storage_options``, ``model_id`` (by default :func:`model_id_of` the model's folder: the
 id Hugging Face code gets for it, so contexts stored from vLLM and from Hugging Face are
 shared).
@@ -62,6 +65,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -431,7 +435,10 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
             raise ConfigError(f"deadline_s must be a positive number of seconds, got {deadline!r}")
         self.deadline_s: float | None = None if deadline is None else float(deadline)
         self._throughput_Bps: float | None = None  # measured on the latest load by deadline
-        self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens,
+        # chunks in flight per load: about one per core, so that on a slow link chunks arrive one
+        # after another and each decodes while the next is on the wire (not all at the end)
+        in_flight = extra.get("max_concurrency", min(16, max(4, os.cpu_count() or 4)))
+        self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, max_concurrency=in_flight,
                                levels=stored_model_levels(extra["url"], self.model_id, where) if auto
                                else connector_levels(extra), **where)  # fmt: skip
         # scheduler side
