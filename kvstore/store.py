@@ -53,7 +53,14 @@ from kvstore.format.chunk import ChunkIdentity, content_hash, decode_chunk, enco
 from kvstore.format.default_profile import default_profile_from_bytes, default_profile_to_bytes
 from kvstore.format.dtypes import dtype_name, torch_dtype
 from kvstore.format.keys import KeyScheme, as_token_array, chunk_bounds, chunk_hashes, model_fingerprint
-from kvstore.format.layout import CacheLayout, LayerGroup, layout_from_bytes, layout_of_kv, layout_to_bytes
+from kvstore.format.layout import (
+    CacheLayout,
+    LayerGroup,
+    continuation_start,
+    layout_from_bytes,
+    layout_of_kv,
+    layout_to_bytes,
+)
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
 from kvstore.format.signed import KeyLike, SigningKeys
 from kvstore.format.state_chunk import STATE_TAG, decode_state_chunk, encode_state_chunk, group_tag
@@ -450,7 +457,7 @@ class KVStore:
             pq = await asyncio.to_thread(on_stream(caller_stream(on_gpu.device), pq.to), "cpu")
         # the chain: each chunk's objects record its content hash and the previous chunk's (of
         # what is stored: sliding layers' KV before ``sliding_from`` is not)
-        windowed = frozenset(i for i, spec in enumerate(layout.layers) if spec.kind != "full" and spec.per_token)
+        windowed = frozenset(i for i, spec in enumerate(layout.layers) if spec.window is not None)
         contents = await asyncio.to_thread(
             on_stream(stream, lambda: [content_hash(kv, start, stop, skip=windowed if start < sliding_from else ())
                                        for start, stop in plan.bounds]))
@@ -509,7 +516,7 @@ class KVStore:
         (sliding-window layers' KV held from token ``sliding_from`` on)."""
         if group.spec.kind == "full":
             return True
-        if group.spec.per_token and bounds[0] < sliding_from:
+        if group.spec.window is not None and bounds[0] < sliding_from:
             return False
         return self.sliding_chunks == "all" or bounds[1] > group.spec.first_needed(num_tokens)
 
@@ -518,7 +525,7 @@ class KVStore:
         if not isinstance(sliding_from, int) or isinstance(sliding_from, bool) or sliding_from < 0:
             raise ConfigError(f"sliding_from must be a non-negative int, got {sliding_from!r}")
         for group in layout.groups:
-            if group.spec.kind == "full" or not group.spec.per_token or not sliding_from:
+            if group.spec.window is None:
                 continue
             needed = group.spec.first_needed(num_tokens) // self.chunk_tokens * self.chunk_tokens
             if sliding_from > needed:
@@ -822,9 +829,7 @@ class KVStore:
             tag, codec_name = self.codecs[level].tag, self.codecs[level].name
             level_codec = self.codecs[level]
         n = len(plan.tokens)
-        if continue_at is not None and (not isinstance(continue_at, int) or isinstance(continue_at, bool)
-                                        or not 0 < continue_at <= n):
-            raise ConfigError(f"continue_at must be an int in 1..{n} (the tokens), got {continue_at!r}")
+        window_end = continuation_start(continue_at, n)
         groups = layout.groups if layout is not None else None
         found = {"hits": 0, "misses": 0}
 
@@ -833,7 +838,7 @@ class KVStore:
                 return group.spec.first_needed(n) // self.chunk_tokens
             if not sliding_window_only:
                 return 0
-            return group.spec.first_needed(n if continue_at is None else continue_at) // self.chunk_tokens
+            return group.spec.first_needed(window_end) // self.chunk_tokens
 
         # the objects to read: (chunk index, group index) in chunk order within each group
         jobs = ([(i, g.index) for g in groups for i in range(first_chunk(g), len(plan.bounds))]

@@ -149,14 +149,12 @@ class ProfiledCodec(Codec):
         """Refuse (before any write) a model layout the profile cannot code: the profile
         describes the layers with per-token KV (any attention kinds; linear-attention layers
         are stored exactly beside them), all of one shape, and their key and value widths."""
-        token_layers = [layout.layers[i] for i in layout.token_layers]
-        shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in token_layers}
-        spec = token_layers[0]
-        if len(shapes) != 1:
+        spec = layout.token_spec()
+        if spec is None:
             raise CodecError(f"{self.name} profiles cover models whose layers share one shape, not {layout.describe()}")
         profile = self.model_profile
         value_width = getattr(profile, "value_width", profile.shape[2])
-        if (len(token_layers), spec.kv_heads, spec.key_dim, spec.value_dim) != (*profile.shape, value_width):
+        if (len(layout.token_layers), spec.kv_heads, spec.key_dim, spec.value_dim) != (*profile.shape, value_width):
             raise CodecError(f"the model's layout ({layout.describe()}) does not match the profile's "
                              f"{profile.shape} (values {value_width} wide)")
 

@@ -302,11 +302,11 @@ def build_profile(
     scale_sym = to_symbols(codes).reshape(layers * kv_heads, -1, 1).numpy()
     scale_table = FrequencyTable.from_counts(count_symbols(scale_sym, scale_models, layers * kv_heads), PRECISION)
     for level in levels:
-        k_sym = to_symbols(quantize_keys(keys, center, unit * level.beta)).reshape(layers * kv_heads, -1, head_dim)
+        k_sym = to_symbols(quantize_keys(keys, center, unit * level.beta)).reshape(layers * kv_heads, -1, head_dim).numpy()
         v_res = torch.round(values / value_steps(codes, level.gamma)[..., None])
         v_sym = to_symbols(v_res).reshape(layers * kv_heads, -1, value_dim).numpy()
         tables.append(LevelTables(
-            FrequencyTable.from_counts(count_symbols(k_sym.numpy(), models, models.size), PRECISION),
+            FrequencyTable.from_counts(count_symbols(k_sym, models, models.size), PRECISION),
             FrequencyTable.from_counts(count_symbols(v_sym, value_models, value_models.size), PRECISION),
             scale_table,
         ))

@@ -44,6 +44,7 @@ from kvstore.format import container
 from kvstore.format.chunk import ChunkIdentity, decode_chunk, group_identity
 from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
+from kvstore.format.layout import continuation_start
 from kvstore.format.manifest import Manifest, check_recorded_object
 from kvstore.kv import KV, PrefixKV
 from kvstore.store import KVStore
@@ -209,12 +210,8 @@ class AdaptiveFetcher:
         candidates = list(range(len(manifest.levels))) if levels is None else list(levels)
         if not candidates or any(not 0 <= lv < len(manifest.levels) for lv in candidates):
             raise ConfigError(f"levels must be indices into the manifest's {len(manifest.levels)} levels")
-        n = len(token_array)
-        if continue_at is not None and (not isinstance(continue_at, int) or isinstance(continue_at, bool)
-                                        or not 0 < continue_at <= n):
-            raise ConfigError(f"continue_at must be an int in 1..{n} (the tokens), got {continue_at!r}")
         run = _Load(self, manifest, token_array, deadline_s, policy or AdaptivePolicy(), candidates,
-                    n if continue_at is None else continue_at)
+                    continuation_start(continue_at, len(token_array)))
         async for item in run.execute():
             yield item
 

@@ -243,6 +243,15 @@ class CacheLayout:
         except KeyError as exc:
             raise ConfigError(f"layer {exc.args[0]} has no per-token KV") from None
 
+    def token_spec(self) -> LayerSpec | None:
+        """The first layer with per-token KV where all such layers cache keys and values of
+        one shape (heads, widths, slots), as a codec profile's rows need; ``None`` where they
+        differ."""
+        specs = [self.layers[i] for i in self.token_layers]
+        if len({(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in specs}) != 1:
+            return None
+        return specs[0]
+
     @property
     def has_linear(self) -> bool:
         """Whether any layer is a linear-attention layer (fixed-size states, no per-token KV)."""
@@ -319,3 +328,13 @@ def layout_from_bytes(data: bytes | memoryview, fingerprint: str) -> CacheLayout
     if obj.header.meta.get("fingerprint") != fingerprint:
         raise FormatError("layout object belongs to another model")
     return CacheLayout.from_dict(obj.header.meta.get("layout"))
+
+
+def continuation_start(continue_at: int | None, num_tokens: int) -> int:
+    """The token a continuation of ``num_tokens`` loaded tokens starts at, whose windows a
+    load keeps: ``continue_at`` (checked to be an int in 1..``num_tokens``), else the end."""
+    if continue_at is None:
+        return num_tokens
+    if not isinstance(continue_at, int) or isinstance(continue_at, bool) or not 0 < continue_at <= num_tokens:
+        raise ConfigError(f"continue_at must be an int in 1..{num_tokens} (the tokens), got {continue_at!r}")
+    return continue_at

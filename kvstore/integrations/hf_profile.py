@@ -102,10 +102,8 @@ def token_layers(model: Any) -> TokenLayers:
     """The model's layers a codec profile covers; :class:`ConfigError` unless they all cache
     keys and values of one shape."""
     cache = cache_layout(model)
-    specs = {cache.layers[i] for i in cache.token_layers}
-    shapes = {(s.kv_heads, s.key_dim, s.value_dim, s.slots) for s in specs}
-    spec = next(iter(specs))
-    if len(shapes) != 1:
+    spec = cache.token_spec()
+    if spec is None:
         raise ConfigError(f"kvcodec profiles cover models whose attention layers all cache keys and values "
                           f"of one shape; this model's layers are {cache.describe()}")
     return TokenLayers(cache.token_layers, spec.kv_heads, spec.key_dim)

@@ -56,7 +56,8 @@ def rotary_table(model: Any) -> RotaryTable:
     if module is None:
         return RotaryTable.identity(L, D)
     cfg = _text_config(model)
-    types = [(getattr(cfg, "layer_types", None) or [None] * cache.num_layers)[i] for i in rows]
+    layer_types = getattr(cfg, "layer_types", None) or [None] * cache.num_layers
+    types = [layer_types[i] for i in rows]
     per_type: dict[Any, tuple[torch.Tensor, float]] = {}
     for layer_type in dict.fromkeys(types):
         prefix = f"{layer_type}_" if layer_type is not None and hasattr(module, f"{layer_type}_inv_freq") else ""

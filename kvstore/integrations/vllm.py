@@ -618,7 +618,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         sliding layers, which vLLM wants only where it keeps just their windows."""
         if self.deadline_s is None or load.context is None:
             return False
-        return all(self._windowed[name] or spec.kind == "full" for name, spec in zip(self._order, self.layout.layers))
+        return all(self._windowed[name] or spec.window is None for name, spec in zip(self._order, self.layout.layers))
 
     def _fetch_by_deadline(self, load: LoadSpec) -> tuple[KV, int] | None:
         """The stored context ``load`` reads from streamed by :class:`~kvstore.fetch.AdaptiveFetcher`,
@@ -659,9 +659,11 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         rows = slice(begin * self.block_size - held, last * self.block_size - held)
         self._layers[name].write(ids[begin:last], keys[:, rows], values[:, rows])
 
-    def _failed(self, load: LoadSpec, exc: Exception) -> None:
+    def _failed(self, load: LoadSpec, exc: Exception) -> list[int]:
+        """Log ``load``'s failure; its blocks (of the first KV cache group), for vLLM to recompute."""
         log.warning("loading %d stored tokens of request %s failed (%s): vLLM recomputes them",
                     load.stop - load.start, load.req_id, exc)
+        return load.block_ids[0][load.start // self.block_size:load.stop // self.block_size]
 
     def _load(self, load: LoadSpec) -> bool:
         """Write ``load``'s stored KV into its blocks; ``False`` (logged) where it could not be read."""
@@ -684,8 +686,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
                 try:
                     read.append((load, self._read(load)))
                 except KVStoreError as exc:
-                    self._failed(load, exc)
-                    errors.update(load.block_ids[0][load.start // self.block_size:load.stop // self.block_size])
+                    errors.update(self._failed(load, exc))
             dropped: set[int] = set()
             for index, name in enumerate(self._order):
                 for j, (load, (kv, end)) in enumerate(read):
@@ -694,8 +695,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
                     try:
                         self._write(load, name, *kv[index], end)
                     except KVStoreError as exc:
-                        self._failed(load, exc)
-                        errors.update(load.block_ids[0][load.start // self.block_size:load.stop // self.block_size])
+                        errors.update(self._failed(load, exc))
                         dropped.add(j)
                 stream.mark(index + 1)
         finally:
