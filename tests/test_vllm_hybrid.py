@@ -17,9 +17,8 @@ import torch  # noqa: E402
 pytest.importorskip("vllm", reason="vLLM runs in its own environment (.venv-vllm): see the README's test command")
 
 from kvstore import SyncKVStore, metrics  # noqa: E402
-from kvstore.format.keys import as_token_array, chunk_hashes, model_fingerprint  # noqa: E402
 from kvstore.integrations.vllm import model_id_of  # noqa: E402
-from vllm_helpers import generate, make_llm, wait_stored  # noqa: E402
+from vllm_helpers import damage_chunk, generate, make_llm, wait_stored  # noqa: E402
 
 WINDOW = 256
 PROMPT_TOKENS = 1100  # 1,024 tokens (8 blocks) load; the window of a continuation from 1,024 is chunk 3
@@ -77,17 +76,7 @@ def test_a_failed_load_is_computed_from_the_start(engine):
     ids = engine["prompts"][1][:PROMPT_TOKENS]
     first, _ = generate(llm, ids, 8)
     wait_stored(url, model_id, ids, timeout=60.0)
-    window_chunk = chunk_hashes(model_fingerprint(model_id), as_token_array(ids), 256)[3]
-    damaged = 0
-    for root, _, files in os.walk(url.removeprefix("file://")):
-        if os.path.basename(root) == window_chunk:
-            for name in files:
-                path = os.path.join(root, name)
-                data = bytearray(open(path, "rb").read())
-                data[len(data) // 2] ^= 0xFF
-                open(path, "wb").write(bytes(data))
-                damaged += 1
-    assert damaged
+    assert damage_chunk(url, model_id, ids, 3)  # the window's chunk
     again, cached = generate(llm, ids, 8)
     assert cached == 0 and again == first
 

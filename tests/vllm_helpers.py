@@ -4,6 +4,7 @@ is installed (``.venv-vllm``)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from kvstore import SyncKVStore
@@ -41,3 +42,21 @@ def wait_stored(url: str, model_id: str, ids, timeout: float, levels=None) -> No
         while kvs.lookup(model_id, ids) < len(ids):
             assert time.monotonic() < deadline, "the connector did not store the prompt"
             time.sleep(0.1)
+
+
+def damage_chunk(url: str, model_id: str, ids, index: int) -> int:
+    """Flip a byte in the middle of every object of chunk ``index`` (256-token chunks) of
+    ``ids`` in the file store at ``url``; returns how many objects were damaged."""
+    from kvstore.format.keys import as_token_array, chunk_hashes, model_fingerprint
+
+    chunk = chunk_hashes(model_fingerprint(model_id), as_token_array(ids), 256)[index]
+    damaged = 0
+    for root, _, files in os.walk(url.removeprefix("file://")):
+        if os.path.basename(root) == chunk:
+            for name in files:
+                path = os.path.join(root, name)
+                data = bytearray(open(path, "rb").read())
+                data[len(data) // 2] ^= 0xFF
+                open(path, "wb").write(bytes(data))
+                damaged += 1
+    return damaged
