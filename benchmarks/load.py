@@ -8,7 +8,8 @@ over the objects it reads (every stored byte is verified) and allocating the out
 a local store, reading the files (into reused buffers) is added. ``get_vs_floor`` is the
 floor's median time over get's (1.0: at the floor), measured interleaved in one run.
 ``get_vs_floor_with_output`` adds what every get of a new output also pays: writing the
-output once into freshly allocated pages (first-touch page faults).
+output once into freshly allocated pages (first-touch page faults). ``get_into``: the same
+get written into the output of an earlier one (``get(..., out=)``), which skips that cost.
 
 ``per_token_series``: put and get time per token (µs) for contexts of 2K and 8K tokens
 (and 32K in the full run), each stored into an empty store, on both backends.
@@ -70,13 +71,20 @@ async def _measure(url: str, repetitions: int) -> dict[str, Any]:
             async def get() -> None:
                 await store.get("m", tokens, level=level)
 
-            times: dict[str, list[float]] = {"floor": [], "floor_with_output": [], "get": []}
+            reused = await store.get("m", tokens, level=level)
+
+            async def get_into() -> None:  # into an earlier get's output, as a server reusing it does
+                await store.get("m", tokens, level=level, out=reused)
+
+            times: dict[str, list[float]] = {"floor": [], "floor_with_output": [], "get": [], "get_into": []}
             for _ in range(repetitions):  # interleaved: the machine's load hits all alike
-                for what, fn in (("floor", floor), ("floor_with_output", floor_with_output), ("get", get)):
+                for what, fn in (("floor", floor), ("floor_with_output", floor_with_output), ("get", get),
+                                 ("get_into", get_into)):
                     started = time.perf_counter()
                     await fn()
                     times[what].append(time.perf_counter() - started)
             floor_s, get_s = statistics.median(times["floor"]), statistics.median(times["get"])
+            into_s = statistics.median(times["get_into"])
             kv_bytes = 2 * LAYERS * KV_HEADS * TOKENS * HEAD_DIM * 2
             result[name] = {
                 "stored_bytes": nbytes,
@@ -86,6 +94,9 @@ async def _measure(url: str, repetitions: int) -> dict[str, Any]:
                 "floor_with_output_ms": round(statistics.median(times["floor_with_output"]) * 1e3, 2),
                 "get_vs_floor_with_output": round(statistics.median(times["floor_with_output"]) / get_s, 3),
                 "get_GBps_of_kv": round(kv_bytes / get_s / 1e9, 2),
+                "get_into_ms": round(into_s * 1e3, 2),
+                "get_into_vs_floor": round(floor_s / into_s, 3),
+                "get_into_GBps_of_kv": round(kv_bytes / into_s / 1e9, 2),
             }
     return result
 

@@ -10,13 +10,13 @@ the layer's fixed-size states after some numbers of tokens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeAlias
 
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.format.layout import CacheLayout, LayerSpec
+from kvstore.format.layout import CacheLayout, LayerGroup, LayerSpec
 
 KV: TypeAlias = list[tuple[torch.Tensor, torch.Tensor]]
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -78,13 +78,65 @@ def token_tensor(kv: Sequence[object]) -> torch.Tensor:
     raise ConfigError("the KV has no layer with per-token keys and values")
 
 
+#: per layer group, the ``(keys, values)`` tensors ``[layers, kv_heads, tokens, dim]`` a load
+#: writes (its layers' tensors are views of them); ``None`` for a linear-attention group
+GroupBuffers: TypeAlias = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
 class PrefixKV(list):  # type: ignore[type-arg]
     """KV loaded for a context of ``num_tokens`` tokens: a plain per-layer list that also
-    says how many tokens it describes (its sliding-window layers may hold fewer)."""
+    says how many tokens it describes (its sliding-window layers may hold fewer).
 
-    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int) -> None:
+    ``buffers``: the tensors per layer group that the layers' tensors are views of (what a
+    later load given this KV as ``out=`` writes into); ``None`` when not a load's output."""
+
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
+                 buffers: GroupBuffers | None = None) -> None:
         super().__init__(layers)
         self.num_tokens = num_tokens
+        self.buffers = buffers
+
+
+def group_outputs(groups: Sequence[LayerGroup], num_tokens: int, base: Sequence[int], dtype: torch.dtype,
+                  device: torch.device, alloc: Callable[..., torch.Tensor], out: object = None) -> GroupBuffers:
+    """The tensors a load of ``num_tokens`` tokens writes, per layer group (``base``: the token
+    each group's tensors start at): ``out``'s own when given, which must be the KV of an
+    earlier load of the same shape, dtype and device; otherwise new ones from ``alloc``.
+    Reusing an output skips allocating and first touching its memory on every load."""
+    shapes = [tuple((len(g.layers), g.spec.kv_heads, num_tokens - base[g.index], dim)
+                    for dim in (g.spec.key_dim, g.spec.value_dim)) if g.spec.per_token else None for g in groups]
+    if out is None:
+        return [None if pair is None else (alloc(pair[0], dtype=dtype, device=device),
+                                           alloc(pair[1], dtype=dtype, device=device)) for pair in shapes]
+    buffers = out.buffers if isinstance(out, PrefixKV) else None
+    if buffers is None or len(buffers) != len(shapes):
+        raise ConfigError("out must be the KV an earlier get (or fetcher load) returned, for a context "
+                          "of the same length and cache layout")
+    for group, want, have in zip(groups, shapes, buffers):
+        if want is None or have is None:
+            if (want is None) != (have is None):
+                raise ConfigError(f"out does not fit this load: layer group {group.name!r} differs in kind")
+            continue
+        for shape, t in zip(want, have):
+            if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+                raise ConfigError(f"out does not fit this load: layer group {group.name!r} needs {dtype} "
+                                  f"{list(shape)} on {device}, out holds {t.dtype} {list(t.shape)} on {t.device}")
+    return list(buffers)
+
+
+def prefix_kv(groups: Sequence[LayerGroup], buffers: GroupBuffers, num_layers: int, num_tokens: int,
+              states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PrefixKV:
+    """The per-layer KV over a load's ``buffers`` (``states``: each linear group's states after
+    ``num_tokens``, stacked over its layers)."""
+    kv: list = [None] * num_layers
+    for group, pair in zip(groups, buffers):
+        for j, layer in enumerate(group.layers):
+            if pair is None:
+                conv, recurrent = (states or {})[group.index]
+                kv[layer] = LinearStates({num_tokens: (conv[j], recurrent[j])})
+            else:
+                kv[layer] = (pair[0][j], pair[1][j])
+    return PrefixKV(kv, num_tokens, buffers)
 
 
 def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], num_tokens: int, layout: CacheLayout) -> torch.Tensor:

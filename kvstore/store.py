@@ -37,6 +37,7 @@ from kvstore.backends.base import RangeRequest, Store, check_ttl
 from kvstore.backends.signed import SignedStore
 from kvstore.codecs.base import Codec, codec_class, get_codec, profile_content_id, register_profile
 from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
+from kvstore.decode_threads import in_decode_thread
 from kvstore.errors import (
     ChecksumError,
     ClosedStoreError,
@@ -64,7 +65,7 @@ from kvstore.format.layout import (
 from kvstore.format.manifest import ChunkEntry, ChunkObject, LevelSpec, Manifest, PQEntry, check_recorded_object
 from kvstore.format.signed import KeyLike, SigningKeys
 from kvstore.format.state_chunk import STATE_TAG, decode_state_chunk, encode_state_chunk, group_tag
-from kvstore.kv import KV, LinearStates, PrefixKV, check_kv, stack_span, token_tensor
+from kvstore.kv import KV, check_kv, group_outputs, prefix_kv, stack_span, token_tensor
 from kvstore.leases import collector_lease, wait_for_collectors
 from kvstore.model_adapter import ModelAdapter, Tokens, as_model_adapter
 from kvstore.retrieval import pq as pq_index
@@ -783,6 +784,7 @@ class KVStore:
         device: str | torch.device = "cpu",
         sliding_window_only: bool = True,
         continue_at: int | None = None,
+        out: KV | None = None,
     ) -> KV:
         """The KV of exactly ``tokens`` at ``level`` (the store's ``default_level`` unless
         given), on ``device``.
@@ -802,6 +804,11 @@ class KVStore:
         to find a stored prefix), :class:`IncompleteContextError` if the context's
         manifest names a chunk that is gone or changed, and
         :class:`~kvstore.errors.ChecksumError` / :class:`FormatError` for corrupt objects.
+
+        ``out``: the KV an earlier ``get`` returned, for a context of the same length and
+        layout on the same device and dtype; its tensors are written and returned instead of
+        new ones (a server loading context after context skips allocating the output). After
+        an error its contents are undefined. :class:`ConfigError` if it does not fit.
 
         On a GPU, the KV is written by work queued on the caller's current stream (chunks
         decode in worker threads, on that stream), so the caller's later work on that
@@ -892,9 +899,7 @@ class KVStore:
             groups = layout.groups
             base = [plan.bounds[first_chunk(g)][0] for g in groups]
             alloc = on_stream(stream, torch.empty)  # from the caller's stream's pool (this thread's may be another)
-            outs = [tuple(alloc((len(g.layers), g.spec.kv_heads, n - base[g.index], dim), dtype=dtype, device=device)
-                          for dim in (g.spec.key_dim, g.spec.value_dim)) if g.spec.per_token else None
-                    for g in groups]
+            outs = group_outputs(groups, n, base, dtype, device, alloc, out)
             states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # linear group -> its states after n
 
             group_codecs = [level_codec.for_layers(layout.token_rows(g.layers), len(layout.token_layers)) if g.spec.per_token else None
@@ -930,15 +935,7 @@ class KVStore:
                 await self._follow_chain(jobs, chain, key_of, decode, n)
         finally:
             metrics.record_lookup(found["hits"], found["misses"], op="get")
-        kv: KV = [None] * layout.num_layers  # type: ignore[list-item]
-        for group, pair in zip(groups, outs):
-            for j, layer in enumerate(group.layers):
-                if pair is None:
-                    conv, recurrent = states[group.index]
-                    kv[layer] = LinearStates({n: (conv[j], recurrent[j])})  # type: ignore[call-overload]
-                else:
-                    kv[layer] = (pair[0][j], pair[1][j])
-        return PrefixKV(kv, n)
+        return prefix_kv(groups, outs, layout.num_layers, n, states)
 
     @staticmethod
     def _chain_holds(jobs: list[tuple[int, int]], chain: dict[int, tuple[str, str]]) -> bool:
@@ -978,7 +975,7 @@ class KVStore:
                     obj = container.decode(blob)
                     meta = obj.header.meta
                     if (want is None or meta.get("prev") == want) and (content is None or meta.get("content") == content):
-                        await asyncio.to_thread(decode, j, obj)
+                        await in_decode_thread(decode, j, obj)
                         content = chain[j][0]
                         break
                 else:
@@ -995,7 +992,7 @@ class KVStore:
         error is raised. Returns what ``decode`` returns."""
         try:
             blob = await fetch(i)
-            return await asyncio.to_thread(decode, i, blob)
+            return await in_decode_thread(decode, i, blob)
         except MissingObjectError:
             raise
         except FormatError as exc:
@@ -1003,7 +1000,7 @@ class KVStore:
             log.warning("chunk %d failed verification (%s): reading it again", i, exc)
         try:
             blob = await (refetch or fetch)(i)
-            return await asyncio.to_thread(decode, i, blob)
+            return await in_decode_thread(decode, i, blob)
         except FormatError:
             metrics.record_checksum_failure("chunk")
             raise

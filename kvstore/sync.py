@@ -105,10 +105,11 @@ class SyncKVStore:
 
     def get(self, model_id: str | Tokens, tokens: Tokens | None = None, *, level: int | None = None,
             device: str | torch.device = "cpu", sliding_window_only: bool = True,
-            continue_at: int | None = None) -> KV:
+            continue_at: int | None = None, out: KV | None = None) -> KV:
         """See :meth:`KVStore.get`."""
         return self._run(lambda: self._store.get(model_id, tokens, level=level, device=device,
-                                                 sliding_window_only=sliding_window_only, continue_at=continue_at))
+                                                 sliding_window_only=sliding_window_only, continue_at=continue_at,
+                                                 out=out))
 
     def load(self, tokens: Tokens, *, level: int | None = None, device: str | torch.device = "cpu") -> tuple[int, Any]:
         """See :meth:`KVStore.load`."""

@@ -123,6 +123,11 @@ async def test_store_roundtrip_generation_and_inner_continuation(arch, ids):
             assert [(k.shape, v.shape) for k, v in lossy] == [(k.shape, v.shape) for k, v in got]
             assert len(generate_greedy(model, ids, lossy, max_new_tokens=4)) == 4
 
+        # a later load written into the first one's tensors (full and sliding groups)
+        reused = await store.get(name, ids, level=1, out=got)
+        for (rk, rv), (gk, _), (lk, lv) in zip(reused, got, await store.get(name, ids, level=1), strict=True):
+            assert rk.data_ptr() == gk.data_ptr() and torch.equal(rk, lk) and torch.equal(rv, lv)
+
 
 async def test_sliding_layers_fetch_only_their_window(ids):
     model = tiny_model("gemma3")

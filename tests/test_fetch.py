@@ -61,6 +61,18 @@ async def test_fast_link_gets_the_best_level(shaped):
     assert "met" in result.table()
 
 
+async def test_a_load_into_an_earlier_loads_output(shaped):
+    link, store, manifest = shaped
+    link.reset(BandwidthTrace.steady(1000 * MB))
+    fetcher = AdaptiveFetcher(store, prior_Bps=1000 * MB)
+    first = await fetcher.load(MODEL, TOKENS, deadline_s=60, levels=[2])
+    second = await fetcher.load(MODEL, TOKENS, deadline_s=60, levels=[0], out=first.kv)
+    assert [k.data_ptr() for k, _ in second.kv] == [k.data_ptr() for k, _ in first.kv]
+    assert_kv_equal(second.kv, KV)
+    with pytest.raises(ConfigError, match="earlier get"):
+        await fetcher.load(MODEL, TOKENS, deadline_s=60, out=KV)
+
+
 async def test_slow_link_picks_smaller_levels_and_meets_the_deadline(shaped):
     link, store, manifest = shaped
     link.reset(BandwidthTrace.steady(1 * MB))

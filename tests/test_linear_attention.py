@@ -91,6 +91,9 @@ async def test_states_round_trip_and_a_prefix_continues_exactly(model, ids, kv):
             assert torch.equal(lossy[0].after(last)[1], kv[0].after(last)[1])
             assert not torch.equal(lossy[1][0], kv[1][0][:, :last])
             assert len(generate_greedy(model, ids, lossy, max_new_tokens=4)) == 4
+        again = await store.get("q", ids[:last], level=0, out=lossy)  # into the last load's tensors
+        assert again[1][0].data_ptr() == lossy[1][0].data_ptr() and torch.equal(again[1][0], kv[1][0][:, :last])
+        assert torch.equal(again[0].after(last)[1], kv[0].after(last)[1])
 
 
 async def test_states_kept_only_where_given_or_asked(model, ids, kv):

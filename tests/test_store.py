@@ -408,3 +408,46 @@ async def test_get_parses_each_object_read_once(monkeypatch, with_manifest):
     got = await store.get("m", asked, level=1)
     assert len(got) == 3 and got[0][0].shape == (2, len(asked), 8)
     assert backend.gets == len(asked) // 16 + with_manifest and len(parses) == backend.gets
+
+
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("with_manifest", [True, False])
+async def test_get_into_an_earlier_output_writes_it_and_nothing_else(with_manifest, level):
+    """``out=``: a second context's KV lands in the first get's tensors (no new output), equal
+    to a fresh get's, for the raw and int8 codecs, with and without a manifest."""
+    async with KVStore("memory://", chunk_tokens=16, levels=["raw", "int8"]) as store:
+        first, second = list(range(50)), list(range(1000, 1050))
+        await store.put(MODEL, first, make_kv(50, seed=1))
+        await store.put(MODEL, second, make_kv(50, seed=2))
+        asked = (first, second) if with_manifest else (first[:48], second[:48])
+        out = await store.get(MODEL, asked[0], level=level)
+        pointers = [(k.data_ptr(), v.data_ptr()) for k, v in out]
+        again = await store.get(MODEL, asked[1], level=level, out=out)
+        assert [(k.data_ptr(), v.data_ptr()) for k, v in again] == pointers
+        assert again.num_tokens == len(asked[1])
+        assert_kv_equal(again, await store.get(MODEL, asked[1], level=level))
+        assert not torch.equal(again[0][0], (await store.get(MODEL, asked[0], level=level))[0][0])
+
+
+async def test_get_refuses_an_output_that_does_not_fit():
+    async with KVStore("memory://", chunk_tokens=16) as store:
+        await store.put(MODEL, list(range(50)), make_kv(50))
+        await store.put(MODEL, list(range(40)), make_kv(40, dtype=torch.float32))
+        out = await store.get(MODEL, list(range(50)))
+        with pytest.raises(ConfigError, match="out does not fit"):
+            await store.get(MODEL, list(range(40)), out=out)  # other length and dtype
+        with pytest.raises(ConfigError, match="earlier get"):
+            await store.get(MODEL, list(range(50)), out=make_kv(50))  # not a get's output
+        with pytest.raises(ConfigError, match="out does not fit"):
+            await store.get(MODEL, list(range(48)), out=out)  # a prefix of it: fewer tokens
+        assert_kv_equal(await store.get(MODEL, list(range(50)), out=out), make_kv(50))
+
+
+def test_sync_get_into_an_earlier_output(tmp_path):
+    with SyncKVStore(tmp_path.as_uri(), chunk_tokens=8) as kvs:
+        kvs.put(MODEL, list(range(30)), make_kv(30, seed=3))
+        kvs.put(MODEL, list(range(100, 130)), make_kv(30, seed=4))
+        out = kvs.get(MODEL, list(range(30)))
+        again = kvs.get(MODEL, list(range(100, 130)), out=out)
+        assert again[1][0].data_ptr() == out[1][0].data_ptr()
+        assert_kv_equal(again, make_kv(30, seed=4))

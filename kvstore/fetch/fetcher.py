@@ -28,6 +28,7 @@ import torch
 from kvstore import metrics
 from kvstore.codecs.base import get_codec
 from kvstore.cuda_streams import caller_stream, on_stream, resolve_device
+from kvstore.decode_threads import in_decode_thread
 from kvstore.errors import BackendError, ConfigError, ContextNotFoundError, FormatError, IncompleteContextError
 from kvstore.fetch.policy import (
     FETCH,
@@ -46,7 +47,7 @@ from kvstore.format.dtypes import torch_dtype
 from kvstore.format.keys import as_token_array
 from kvstore.format.layout import continuation_start
 from kvstore.format.manifest import Manifest, check_recorded_object
-from kvstore.kv import KV, PrefixKV
+from kvstore.kv import KV, PrefixKV, group_outputs, prefix_kv
 from kvstore.store import KVStore
 
 Recompute = Callable[[torch.Tensor, KV | None], KV]
@@ -169,17 +170,19 @@ class AdaptiveFetcher:
         policy: Policy | None = None,
         levels: Sequence[int] | None = None,
         continue_at: int | None = None,
+        out: KV | None = None,
     ) -> LoadResult:
         """Load the KV of exactly ``tokens`` within ``deadline_s`` seconds if possible.
 
         ``levels``: the manifest level indices the policy may choose from, best first
         (default: all). ``continue_at``: sliding-window layers hold the window of a
         continuation from that token (as :meth:`KVStore.get`'s), not from the last.
-        Returns the KV with the decision trace.
+        ``out``: the KV of an earlier load of the same shape to write into (as
+        :meth:`KVStore.get`'s). Returns the KV with the decision trace.
         """
         result: LoadResult | None = None
         async for item in self.stream(model_id, tokens, deadline_s=deadline_s, policy=policy, levels=levels,
-                                      continue_at=continue_at):
+                                      continue_at=continue_at, out=out):
             if isinstance(item, LoadResult):
                 result = item
         assert result is not None
@@ -194,6 +197,7 @@ class AdaptiveFetcher:
         policy: Policy | None = None,
         levels: Sequence[int] | None = None,
         continue_at: int | None = None,
+        out: KV | None = None,
     ) -> AsyncIterator[ChunkDecision | LoadResult]:
         """Like :meth:`load`, yielding each chunk's decision as its KV becomes ready,
         then the :class:`LoadResult`."""
@@ -211,7 +215,7 @@ class AdaptiveFetcher:
         if not candidates or any(not 0 <= lv < len(manifest.levels) for lv in candidates):
             raise ConfigError(f"levels must be indices into the manifest's {len(manifest.levels)} levels")
         run = _Load(self, manifest, token_array, deadline_s, policy or AdaptivePolicy(), candidates,
-                    continuation_start(continue_at, len(token_array)))
+                    continuation_start(continue_at, len(token_array)), out)
         async for item in run.execute():
             yield item
 
@@ -220,7 +224,8 @@ class _Load:
     """The state of one load: scheduling, fetching, decoding, recomputing."""
 
     def __init__(self, fetcher: AdaptiveFetcher, manifest: Manifest, tokens: np.ndarray,
-                 deadline_s: float, policy: Policy, candidates: list[int], continue_at: int) -> None:
+                 deadline_s: float, policy: Policy, candidates: list[int], continue_at: int,
+                 out: KV | None = None) -> None:
         self.f = fetcher
         self.m = manifest
         self.tokens = tokens
@@ -241,10 +246,8 @@ class _Load:
         n, chunk_tokens = manifest.num_tokens, manifest.chunk_tokens
         self.first_chunk = [g.spec.first_needed(continue_at) // chunk_tokens for g in self.groups]
         self.base = [manifest.chunks[c].start for c in self.first_chunk]
-        alloc = on_stream(self.caller_stream, torch.empty)
-        self.outs = [tuple(alloc((len(g.layers), g.spec.kv_heads, n - self.base[g.index], dim), dtype=self.dtype,
-                                 device=fetcher.device) for dim in (g.spec.key_dim, g.spec.value_dim))
-                     for g in self.groups]
+        self.outs: list[tuple[torch.Tensor, torch.Tensor]] = group_outputs(  # type: ignore[assignment]
+            self.groups, n, self.base, self.dtype, fetcher.device, on_stream(self.caller_stream, torch.empty), out)
         if fetcher._stream is not None:
             fetcher._stream.wait_stream(self.caller_stream)
         # per chunk, bytes at each candidate level (in the policy's order)
@@ -436,7 +439,7 @@ class _Load:
                         blobs = await task
                         bytes_fetched += sum(map(len, blobs))
                         started = time.perf_counter()
-                        await asyncio.to_thread(self._decode_into, d.index, blobs)
+                        await in_decode_thread(self._decode_into, d.index, blobs)
                     except (BackendError, FormatError) as exc:
                         slots.release()
                         if self.f.recompute is None:
@@ -469,12 +472,8 @@ class _Load:
             for task in [scheduler, *self.tasks]:
                 if not task.done():
                     task.cancel()
-        layers: KV = [None] * self.m.layers  # type: ignore[list-item]
-        for g, (out_k, out_v) in zip(self.groups, self.outs):
-            for j, layer in enumerate(g.layers):
-                layers[layer] = (out_k[j], out_v[j])
-        yield LoadResult(PrefixKV(layers, self.m.num_tokens), self.decisions, self.deadline, self.now(),
-                         bytes_fetched, self.m)
+        yield LoadResult(prefix_kv(self.groups, self.outs, self.m.layers, self.m.num_tokens),  # type: ignore[arg-type]
+                         self.decisions, self.deadline, self.now(), bytes_fetched, self.m)
 
     def _fetch_failed(self, d: ChunkDecision, exc: Exception) -> None:
         """Turn a chunk whose fetch or verification failed into a recompute of that chunk."""
