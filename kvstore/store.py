@@ -139,6 +139,18 @@ class _Plan:
     hashes: list[str]
 
 
+def _is_header_of(head: bytes | None, ours: ChunkObject) -> bool | None:
+    """Whether ``head``, the first ``ours.header_bytes`` bytes read at ``ours.key``, begins the
+    very object ``ours`` records (its size and header checksum, which covers every buffer's);
+    ``False`` for an absent object, ``None`` for an unreadable header."""
+    if head is None:
+        return False
+    try:
+        header = container.decode_header(memoryview(head))
+    except FormatError:
+        return None
+    return header.checksum == ours.checksum and header.total_bytes == ours.size
+
 class KVStore:
     """Stores and loads the KV caches of contexts on any byte store.
 
@@ -487,19 +499,22 @@ class KVStore:
 
         Checked after the manifest is written: another writer of the same chunks (in another
         dtype, say) may have replaced them, or a delete or gc removed them, in between. Reads
-        only each object's header."""
+        only each object's header, all in one batch (one round trip where the backend can)."""
         listed = [obj for chunk in manifest.chunks for obj in chunk.objects]
         listed += list(manifest.pq.objects) if manifest.pq is not None else []
-
-        async def changed(obj: ChunkObject) -> bool:
-            for _ in range(2):  # an unreadable header is read once more: damaged in transit?
+        try:
+            heads: list[bytes | None] = await self.store.get_many(
+                [(obj.key, RangeRequest(0, obj.header_bytes)) for obj in listed])
+        except FormatError:  # a signed store refused one of them: find which, one by one
+            heads = [b""] * len(listed)
+        changed = []
+        for obj, head in zip(listed, heads):
+            same = _is_header_of(head, obj)
+            if same is None:  # unreadable: damaged in transit? read once more
                 same = await self._same_object(obj.key, obj)
-                if same is not None:
-                    return not same
-            return True
-
-        flags = await self._bounded([lambda obj=obj: changed(obj) for obj in listed])
-        return [obj.key for obj, flag in zip(listed, flags) if flag]
+            if same is not True:
+                changed.append(obj.key)
+        return changed
 
     @staticmethod
     def _pq_layers(layout: CacheLayout) -> list[int] | None:
@@ -696,12 +711,9 @@ class KVStore:
         (a signed store's MAC failure included). Reads only the header."""
         try:
             head = await self.store.get(key, RangeRequest(0, ours.header_bytes))
-            if head is None:
-                return False
-            header = container.decode_header(memoryview(head))
-        except FormatError:
+        except FormatError:  # a signed store's MAC failure
             return None
-        return header.checksum == ours.checksum and header.total_bytes == ours.size
+        return _is_header_of(head, ours)
 
     # -- read ---------------------------------------------------------------------
     async def lookup(

@@ -451,3 +451,41 @@ def test_sync_get_into_an_earlier_output(tmp_path):
         again = kvs.get(MODEL, list(range(100, 130)), out=out)
         assert again[1][0].data_ptr() == out[1][0].data_ptr()
         assert_kv_equal(again, make_kv(30, seed=4))
+
+
+class _BatchCountingStore(MemoryStore):
+    """Counts get_many batches and single ranged gets; can garble one header in a batch."""
+
+    def __init__(self, garble: str = "") -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.ranged: list[str] = []
+        self.garble = garble
+
+    async def get_many(self, requests):
+        self.batches.append(len(requests))
+        got = [await super(_BatchCountingStore, self).get(key, byte_range) for key, byte_range in requests]
+        return [b"\0" * len(v) if v is not None and self.garble and self.garble in key else v
+                for (key, _), v in zip(requests, got)]
+
+    async def get(self, key, byte_range=None):
+        if byte_range is not None:
+            self.ranged.append(key)
+        return await super().get(key, byte_range)
+
+
+async def test_put_checks_the_listed_objects_in_one_batch():
+    backend = _BatchCountingStore()
+    async with KVStore(backend, chunk_tokens=16, levels=["raw", "int8"]) as store:
+        manifest = await store.put(MODEL, list(range(64)), make_kv(64))
+        listed = sum(len(chunk.objects) for chunk in manifest.chunks)
+        assert listed == 8 and backend.batches == [listed] and backend.ranged == []
+
+
+async def test_put_reads_an_unreadable_header_of_the_batch_once_more():
+    """A header damaged in the batch (in transit, say) is read again on its own, and the put holds."""
+    backend = _BatchCountingStore(garble="/raw-")
+    async with KVStore(backend, chunk_tokens=16, levels=["raw", "int8"]) as store:
+        await store.put(MODEL, list(range(32)), make_kv(32))
+        assert len(backend.batches) == 1 and len(backend.ranged) == 2  # the two raw objects, once each
+        assert_kv_equal(await store.get(MODEL, list(range(32))), make_kv(32))

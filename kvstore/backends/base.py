@@ -8,9 +8,10 @@ missing key reads as ``None`` rather than raising.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeAlias
@@ -20,6 +21,7 @@ from kvstore.errors import ConfigError, InvalidKeyError
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 MAX_KEY_LENGTH = 1024
+GET_MANY_CONCURRENCY = 32  # reads in flight in the default Store.get_many
 _SEGMENT = re.compile(r"[A-Za-z0-9._=+-]+", re.ASCII)
 
 
@@ -144,6 +146,18 @@ class Store(ABC):
     @abstractmethod
     async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
         """Return the value at ``key`` (or the requested byte range), or ``None``."""
+
+    async def get_many(self, requests: Sequence[tuple[str, ByteRequest | None]]) -> list[bytes | None]:
+        """``get`` of each ``(key, byte_range)``, in order (``None`` for a missing key). A backend
+        that can send them in one round trip does (Redis: a pipeline); by default they are
+        read concurrently, at most :data:`GET_MANY_CONCURRENCY` at a time."""
+        slots = asyncio.Semaphore(GET_MANY_CONCURRENCY)
+
+        async def one(key: str, byte_range: ByteRequest | None) -> bytes | None:
+            async with slots:
+                return await self.get(key, byte_range)
+
+        return list(await asyncio.gather(*(one(key, byte_range) for key, byte_range in requests)))
 
     @abstractmethod
     async def put(

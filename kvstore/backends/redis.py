@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -80,6 +80,14 @@ return redis.call('GETRANGE', KEYS[1], start, stop - 1)
 
 
 _IDLETIME_BATCH = 500  # OBJECT IDLETIME commands per pipeline
+GET_MANY_BATCH = 256  # reads per get_many pipeline
+
+
+def _range_args(byte_range: ByteRequest) -> tuple[Any, ...]:
+    """The range script's ARGV for ``byte_range``."""
+    if isinstance(byte_range, RangeRequest):
+        return "range", byte_range.start, "" if byte_range.end is None else byte_range.end
+    return "suffix", byte_range.length
 
 
 class RedisStoreBase(Store):
@@ -118,14 +126,7 @@ class RedisStoreBase(Store):
     async def _range(self, name: bytes, byte_range: ByteRequest) -> bytes | None:
         from redis.exceptions import NoScriptError
 
-        if isinstance(byte_range, RangeRequest):
-            args: tuple[Any, ...] = (
-                "range",
-                byte_range.start,
-                "" if byte_range.end is None else byte_range.end,
-            )
-        else:
-            args = ("suffix", byte_range.length)
+        args = _range_args(byte_range)
         if self._range_sha is None:
             self._range_sha = await self.client.script_load(_RANGE_SCRIPT)
         try:
@@ -138,6 +139,29 @@ class RedisStoreBase(Store):
         if byte_range is None:
             return await self._call("get", key, lambda: self.client.get(name))
         return await self._call("get", key, lambda: self._range(name, byte_range))
+
+    async def get_many(self, requests: Sequence[tuple[str, ByteRequest | None]]) -> list[bytes | None]:
+        """One pipeline per :data:`GET_MANY_BATCH` requests (one round trip per node)."""
+        named = [(self._name(key), byte_range) for key, byte_range in requests]
+        replies: list[bytes | None] = []
+        for start in range(0, len(named), GET_MANY_BATCH):
+            batch = named[start:start + GET_MANY_BATCH]
+
+            async def read(batch: list[tuple[bytes, ByteRequest | None]] = batch) -> list[Any]:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for name, byte_range in batch:
+                        if byte_range is None:
+                            pipe.get(name)
+                        else:  # EVAL, not EVALSHA: a pipeline cannot fall back per command
+                            pipe.eval(_RANGE_SCRIPT, 1, name, *_range_args(byte_range))
+                    return await pipe.execute()
+
+            first = requests[start][0]
+            replies += await self._call("get_many", f"{first} (and {len(batch) - 1} more)", read)
+        for (key, _), reply in zip(requests, replies):
+            if reply is not None and not isinstance(reply, bytes):
+                raise BackendError(f"redis get_many {self.prefix}{key} at {self.url}: unexpected reply {type(reply).__name__}")
+        return replies
 
     async def put(
         self, key: str, value: BytesLike, *, ttl: float | None = None, create_only: bool = False

@@ -9,7 +9,7 @@ so a byte-range read fetches the whole value, checks it and returns the range.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from kvstore.backends.base import ByteRequest, BytesLike, Entry, Store, slice_bounds, validate_key
 from kvstore.format.signed import ENVELOPE_BYTES, SigningKeys
@@ -30,7 +30,14 @@ class SignedStore(Store):
         return await asyncio.to_thread(fn, *args) if size >= THREAD_BYTES else fn(*args)
 
     async def get(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
-        data = await self.inner.get(validate_key(key))
+        return await self._opened(key, await self.inner.get(validate_key(key)), byte_range)
+
+    async def get_many(self, requests: Sequence[tuple[str, ByteRequest | None]]) -> list[bytes | None]:
+        values = await self.inner.get_many([(validate_key(key), None) for key, _ in requests])
+        return [await self._opened(key, data, byte_range) for (key, byte_range), data in zip(requests, values)]
+
+    async def _opened(self, key: str, data: bytes | None, byte_range: ByteRequest | None) -> bytes | None:
+        """``byte_range`` of the payload of the signed value ``data`` read at ``key``, once its MAC checks."""
         if data is None:
             return None
         payload = await self._in_thread_if_large(len(data), self.keys.open, key, data)

@@ -76,6 +76,21 @@ class StoreTests:
         for request, expected in cases:
             assert await store.get("r", request) == expected, request
 
+    async def test_get_many_reads_each_request_in_order(self, store: Store) -> None:
+        values = {f"many/{i}": _payload(3_000 + 700 * i, seed=40 + i) for i in range(300)}
+        for key, value in values.items():
+            await store.put(key, value)
+        requests = [(key, None if i % 3 == 0 else RangeRequest(i, 2 * i + 10) if i % 3 == 1 else SuffixRequest(i))
+                    for i, key in enumerate(values)]
+        requests.insert(7, ("many/absent", RangeRequest(0, 8)))
+        requests.insert(9, ("many/also-absent", None))
+        got = await store.get_many(requests)
+        assert len(got) == len(requests)
+        for (key, byte_range), reply in zip(requests, got):
+            assert reply == await store.get(key, byte_range), (key, byte_range)
+        assert got[7] is None and got[9] is None and got[0] == values["many/0"]
+        assert await store.get_many([]) == []
+
     async def test_range_past_end_is_empty(self, store: Store) -> None:
         await store.put("short", b"abc")
         assert await store.get("short", RangeRequest(10, 20)) == b""
