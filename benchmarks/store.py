@@ -17,6 +17,11 @@ redis-cluster  redis-py cluster ``SET`` / ``GET`` on the store's own client
 
 Figures are medians over repetitions, in MB/s (10^6 bytes per second). A
 backend whose server cannot start here is reported with an ``error`` entry.
+
+``kvstore_get``, per backend: ``KVStore.get`` of a 2,048-token SmolLM2-shaped context
+against its floor (reading every object, all at once, and one xxh3 pass; see
+:func:`benchmarks.load.measure_get`), at the raw and int8 levels, fresh and into an
+earlier get's output.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.load import measure_get
 from kvstore.backends import Store, open_store
 from kvstore.errors import KVStoreError
 from tests.tools.servers import (
@@ -50,7 +56,7 @@ Get = Callable[[str], Awaitable[Any]]
 
 def run(quick: bool) -> dict[str, Any]:
     """Measure every backend; ``quick`` takes about a minute on two cores."""
-    repetitions = {"1MiB": 21, "16MiB": 13} if quick else {"1MiB": 61, "16MiB": 41}
+    repetitions = {"1MiB": 21, "16MiB": 13, "kvstore_get": 5} if quick else {"1MiB": 61, "16MiB": 41, "kvstore_get": 15}
     backends: dict[str, Any] = {}
     with (
         contextlib.ExitStack() as servers,
@@ -169,6 +175,7 @@ async def _measure(
     summary = {
         **headline,
         "get_ratio_vs_raw": round(headline["get_MBps"] / headline["raw_get_MBps"], 3),
+        "kvstore_get": await measure_get(url, repetitions["kvstore_get"], **options),
     }
     print(
         f"{name:14s} 16MiB put {headline['put_MBps']:8.1f} (raw {headline['raw_put_MBps']:8.1f})"

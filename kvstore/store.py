@@ -21,6 +21,7 @@ calibrated once per model and shared through the store, and ``load(tokens)`` ret
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -137,6 +138,16 @@ class _Plan:
     tokens: np.ndarray
     bounds: list[tuple[int, int]]
     hashes: list[str]
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_manifest(data: bytes) -> tuple[Manifest, np.ndarray]:
+    """:func:`manifest_format.from_bytes`, remembered for the last manifests read: a server
+    reading the same contexts again skips parsing bytes identical to ones already checked
+    (a failed parse raises every time)."""
+    manifest, tokens = manifest_format.from_bytes(data)
+    tokens.setflags(write=False)  # shared by every read of these bytes
+    return manifest, tokens
 
 
 def _is_header_of(head: bytes | None, ours: ChunkObject) -> bool | None:
@@ -758,7 +769,7 @@ class KVStore:
         if data is None:
             return None
         try:
-            manifest, stored_tokens = manifest_format.from_bytes(data)
+            manifest, stored_tokens = _parsed_manifest(bytes(data))
         except FormatError:
             metrics.record_checksum_failure("manifest")
             raise
@@ -906,7 +917,7 @@ class KVStore:
         try:
             # the first object first: without a manifest its header says the dtype (and, on a
             # store without a layout object, the one group's shape) to allocate
-            first = await self._verified(0, fetch, open_object)
+            first = await self._verified(0, fetch, open_object, in_thread=False)  # its header only
             layout, dtype = self._layout_and_dtype(manifest, layout, first.header)
             groups = layout.groups
             base = [plan.bounds[first_chunk(g)][0] for g in groups]
@@ -998,21 +1009,23 @@ class KVStore:
 
     @staticmethod
     async def _verified(i: int, fetch: Callable[[int], Awaitable[Any]], decode: Callable[[int, Any], R],
-                        refetch: Callable[[int], Awaitable[Any]] | None = None) -> R:
-        """Fetch object ``i``, check and decode it; an object that fails verification (damaged
-        in transit, say: Redis has no checksum on the wire) is read once more before the
-        error is raised. Returns what ``decode`` returns."""
+                        refetch: Callable[[int], Awaitable[Any]] | None = None, in_thread: bool = True) -> R:
+        """Fetch object ``i``, check and decode it (in a decode thread, or here for work too
+        small to hand off); an object that fails verification (damaged in transit, say: Redis
+        has no checksum on the wire) is read once more before the error is raised. Returns
+        what ``decode`` returns."""
+        async def run(blob: Any) -> R:
+            return await in_decode_thread(decode, i, blob) if in_thread else decode(i, blob)
+
         try:
-            blob = await fetch(i)
-            return await in_decode_thread(decode, i, blob)
+            return await run(await fetch(i))
         except MissingObjectError:
             raise
         except FormatError as exc:
             metrics.record_checksum_failure("chunk")
             log.warning("chunk %d failed verification (%s): reading it again", i, exc)
         try:
-            blob = await (refetch or fetch)(i)
-            return await in_decode_thread(decode, i, blob)
+            return await run(await (refetch or fetch)(i))
         except FormatError:
             metrics.record_checksum_failure("chunk")
             raise
