@@ -23,7 +23,6 @@ at the initial state after consuming exactly its group's words.
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import zlib
@@ -44,6 +43,7 @@ from kvstore.codecs.symbol_model import (
     canonical_layout,
     validate_model_map,
 )
+from kvstore.decode_threads import usable_cpus
 from kvstore.errors import CodecError, FormatError
 
 __all__ = [
@@ -189,17 +189,10 @@ def limit_threads(threads: int | None) -> int | None:
 def _thread_count(threads: int | None, groups: int, symbols: int) -> int:
     if symbols < _MIN_PARALLEL_SYMBOLS or groups < 2:
         return 1
-    n = _cpus() if threads is None else int(threads)
+    n = usable_cpus() if threads is None else int(threads)
     if _THREAD_LIMIT is not None:
         n = min(n, _THREAD_LIMIT)
     return max(1, min(n, groups))
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -215,7 +208,7 @@ def _run_ranges(fn, groups: int, threads: int) -> None:
     global _POOL, _POOL_SIZE
     with _POOL_LOCK:
         if _POOL is None or _POOL_SIZE < threads:
-            _POOL_SIZE = max(threads, _cpus())
+            _POOL_SIZE = max(threads, usable_cpus())
             _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="kvstore-rans")
         pool = _POOL
     bounds = [groups * i // threads for i in range(threads + 1)]
