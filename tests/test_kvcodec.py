@@ -79,12 +79,14 @@ def test_sink_tokens_and_outliers_are_exact(profile):
     assert "sink_k" not in container.decode(data).header.buffers
 
 
+@pytest.mark.parametrize("token", [17, 1])  # 1: a sink token, stored as it is
 @pytest.mark.parametrize(("which", "bad"), [(0, float("nan")), (1, float("nan")), (0, float("inf")), (1, float("-inf"))])
-def test_non_finite_kv_is_refused(profile, which, bad):
+def test_non_finite_kv_is_refused(profile, which, bad, token):
     """NaN or infinite KV raises CodecError: a NaN key would not be patched and a NaN or
     infinite value ruins its token's scale, so either would decode as wrong values."""
+    assert profile.sink_tokens > 1
     kv = list(synthetic_kv(40, seed=14))
-    kv[which][2, 1, 17, 5] = bad
+    kv[which][2, 1, token, 5] = bad
     with pytest.raises(CodecError, match="NaN or infinite"):
         KVCodec(profile, 2).encode(*kv, start=0)
 

@@ -16,6 +16,8 @@ Numba compiles these on first use; ``cache=True`` keeps the machine code in
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from numba import njit
 
@@ -93,7 +95,7 @@ def encode_groups(
             scratch[wpos - 1] = np.uint16(xj & WORD_MASK)
             wpos -= need
             xj = (xj >> WORD_BITS) if need else xj
-            q = xj // f
+            q = np.int64(np.uint32(xj) // np.uint32(f))  # 32-bit operands: a shorter division
             xj = (q << precision) + (xj - q * f) + cum
             x[j] = xj
         errs[g] = err
@@ -226,56 +228,105 @@ def decode_groups(
 
 
 @njit(cache=True, nogil=True)
-def decode_rows_through_lut(
-    words, states, offsets, model_map, T, cum, bucket, precision, bucket_bits, S, N, g0, g1,
-    D, lut, token_lut, out, errs,
-):  # pragma: no cover
-    """Decode groups ``g0 .. g1-1`` of a row-major ``[R, T]`` stream (one model per row,
-    ``model_map[r]``; row ``r = i * D + d``) and write each symbol ``s`` of ``(r, t)``
-    through a lookup table, transposed: ``out[i, t, d] = lut[k, s]`` where ``k`` is the row
-    ``r``, or ``token_lut[i, t]`` when ``token_lut`` is not empty.
+def group_words(words, offsets, g, symbols):  # pragma: no cover - jitted
+    """(words, first index) from which group ``g`` of ``symbols`` symbols can read one word per
+    symbol without a bound check: ``words`` itself when that many follow the group's first word,
+    else a zero-padded copy of the group's tail (a corrupt lane reads zeros there and is caught
+    by the group-end check)."""
+    first = offsets[g]
+    if first + symbols <= words.shape[0]:
+        return words, first
+    padded = np.zeros(symbols + 1, dtype=np.uint16)
+    available = words.shape[0] - first
+    padded[:available] = words[first:]
+    return padded, 0
 
-    Fuses the entropy decode with dequantization and the channel-major to token-major
-    transpose: each output element is written once, straight into ``out`` (any strides).
-    Words and errors as :func:`decode_groups`.
+
+@lru_cache(maxsize=None)
+def decode_rows_kernel(precision: int, bucket_bits: int):
+    """The kernel of :func:`kvstore.codecs.rans.decode_rows_through_lut` compiled for one
+    ``precision`` and ``bucket_bits``: with both constant, the per-symbol loop keeps every
+    value it needs in registers. Returns ``kernel(words, states, offsets, model_map, T, cum,
+    bucket, S, N, g0, g1, D, lut, token_lut, out, errs)``.
+
+    Decodes groups ``g0 .. g1-1`` of a row-major ``[R, T]`` stream (one model per row,
+    ``model_map[r]``; row ``r = i * D + d``) and writes each symbol ``s`` of ``(r, t)``
+    through a lookup table, transposed: ``out[i, t, d] = lut[k, s]`` where ``k`` is the row
+    ``r``, or ``token_lut[i, t]`` when ``token_lut`` is not empty. Fuses the entropy decode
+    with dequantization and the channel-major to token-major transpose: each output element
+    is written once, straight into ``out`` (any strides). Words and errors as
+    :func:`decode_groups`; cum / bucket from :func:`build_decode_tables`.
     """
-    mask = (1 << precision) - 1
-    shift = precision - bucket_bits
-    wlast = words.shape[0] - 1
-    per_token = token_lut.shape[0] > 0
-    for g in range(g0, g1):
-        start = g * S
-        end = min(start + S, N)
-        x = _group_states(states, g)
-        ptr = offsets[g]
-        r = start // T
-        t = start - r * T
-        p = start
-        while p < end:  # one run per row: its model and output column are fixed
-            i = r // D
-            column = out[i, :, r - i * D]
-            m = np.int64(model_map[r])
-            run_end = min(end, p + T - t)
-            if per_token:
-                lut_rows = token_lut[i]
-                for q in range(p, run_end):
-                    j = (q - start) & (LANES - 1)
-                    s, xj = _lane_symbol(x[j], m, cum, bucket, mask, shift, precision)
-                    x[j], ptr = _renormalized(xj, words, ptr, wlast)
-                    column[t] = lut[lut_rows[t], s]
-                    t += 1
-            else:
-                values = lut[r]
-                for q in range(p, run_end):
-                    j = (q - start) & (LANES - 1)
-                    s, xj = _lane_symbol(x[j], m, cum, bucket, mask, shift, precision)
-                    x[j], ptr = _renormalized(xj, words, ptr, wlast)
-                    column[t] = values[s]
-                    t += 1
-            p = run_end
-            t = 0
-            r += 1
-        errs[g] = _group_end_error(x, ptr, offsets[g + 1])
+    mask = np.uint64((1 << precision) - 1)
+    shift = np.uint64(precision - bucket_bits)
+    prec = np.uint64(precision)
+    low = np.uint64(STATE_LOW)
+    one, lane_mask = np.uint64(1), np.uint64(LANES - 1)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def lane_step(x, j, words, ptr, cum, bucket):  # pragma: no cover - jitted
+        """Decode lane ``j``'s next symbol under the row's ``cum`` / ``bucket``, renormalize
+        it from ``words[ptr]`` without a branch; returns (symbol, next word index)."""
+        xj = x[j]
+        slot = xj & mask
+        s = np.uint64(bucket[slot >> shift])
+        lo, hi = np.uint64(cum[s]), np.uint64(cum[s + one])
+        while hi <= slot:
+            s += one
+            lo, hi = hi, np.uint64(cum[s + one])
+        xj = (hi - lo) * (xj >> prec) + slot - lo
+        need = xj < low
+        w = np.uint64(words[ptr])
+        x[j] = ((xj << np.uint64(WORD_BITS)) | w) if need else xj
+        return s, ptr + np.uint64(need)
+
+    @njit(cache=True, nogil=True)
+    def row_run(x, j, words, ptr, cum, bucket, values, column):  # pragma: no cover - jitted
+        """``len(column)`` symbols of one row, lanes from ``j``: ``column[k] = values[s]``."""
+        for k in range(column.shape[0]):
+            s, ptr = lane_step(x, j, words, ptr, cum, bucket)
+            column[k] = values[s]
+            j = (j + one) & lane_mask
+        return ptr
+
+    @njit(cache=True, nogil=True)
+    def row_run_per_token(x, j, words, ptr, cum, bucket, lut, lut_rows, column):  # pragma: no cover - jitted
+        """As :func:`row_run`, each token through its own lookup row: ``column[k] = lut[lut_rows[k], s]``."""
+        for k in range(column.shape[0]):
+            s, ptr = lane_step(x, j, words, ptr, cum, bucket)
+            column[k] = lut[np.uint64(lut_rows[k]), s]
+            j = (j + one) & lane_mask
+        return ptr
+
+    @njit(cache=True, nogil=True)
+    def kernel(words, states, offsets, model_map, T, cum, bucket, S, N, g0, g1, D, lut, token_lut, out, errs):  # pragma: no cover
+        per_token = token_lut.shape[0] > 0
+        for g in range(g0, g1):
+            start = g * S
+            end = min(start + S, N)
+            x = _group_states(states, g).astype(np.uint64)
+            group, first = group_words(words, offsets, g, end - start)
+            ptr = np.uint64(first)
+            r = start // T
+            t = start - r * T
+            p = start
+            j = np.uint64(0)
+            while p < end:  # one run per row: its model and output column are fixed
+                i = r // D
+                n = min(end - p, T - t)
+                column = out[i, t : t + n, r - i * D]
+                m = model_map[r]
+                if per_token:
+                    ptr = row_run_per_token(x, j, group, ptr, cum[m], bucket[m], lut, token_lut[i, t : t + n], column)
+                else:
+                    ptr = row_run(x, j, group, ptr, cum[m], bucket[m], lut[r], column)
+                j = (j + np.uint64(n)) & lane_mask
+                p += n
+                t = 0
+                r += 1
+            errs[g] = _group_end_error(x, np.int64(ptr) - first + offsets[g], offsets[g + 1])
+
+    return kernel
 
 
 @njit(cache=True, nogil=True)

@@ -79,10 +79,16 @@ class Quantized:
 
 
 def _patches(residuals: torch.Tensor, originals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices and original values of residuals outside the symbol range."""
-    mask = (residuals < -ZERO) | (residuals > 255 - ZERO)
-    index = mask.reshape(-1).nonzero().squeeze(1)
+    """Flat indices and original values of residuals outside the symbol range, NaN included
+    (a NaN is in no range), so that every non-finite input shows up among the patches."""
+    outside = torch.logical_not((residuals >= -ZERO).logical_and_(residuals <= 255 - ZERO))
+    index = outside.reshape(-1).nonzero().squeeze(1)
     return index.to(torch.int32), originals.reshape(-1)[index]
+
+
+def _refuse_non_finite(name: str, values: torch.Tensor) -> None:
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise CodecError(f"kvcodec {name}: the KV holds NaN or infinite values, which cannot be quantized")
 
 
 _BITS_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -230,9 +236,6 @@ class KVCodec(ProfiledCodec):
         Dv = values.shape[3]
         device = keys.device
         prof, level = self.profile, self.profile.levels[self.level]
-        for name, t in (("keys", keys), ("values", values)):  # NaN or inf would decode as wrong values
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                raise CodecError(f"kvcodec {name}: the KV holds NaN or infinite values, which cannot be quantized")
         k_res = quantize_keys(keys.to(torch.float32, copy=True), prof.key_center.to(device),
                               prof.key_step(self.level).to(device), inplace=True)  # fmt: skip
         vf = values.to(torch.float32, copy=True)
@@ -245,8 +248,14 @@ class KVCodec(ProfiledCodec):
             v_res[:, :, :sinks] = 0
             raw["sink_k"] = keys[:, :, :sinks]
             raw["sink_v"] = values[:, :, :sinks]
+            _refuse_non_finite("keys", raw["sink_k"])
+            _refuse_non_finite("values", raw["sink_v"])
+        # NaN or inf would decode as wrong values. Outside the sinks, each one leaves a residual
+        # out of range (a NaN or infinite value also ruins its token's scale), so checking the
+        # patches, a small fraction of the chunk, checks every value.
         for name, res, original in (("k", k_res, keys), ("v", v_res, values)):
             index, patch = _patches(res, original)
+            _refuse_non_finite("keys" if name == "k" else "values", patch)
             if index.numel():
                 raw[f"{name}_patch_index"] = index
                 raw[f"{name}_patch_value"] = patch

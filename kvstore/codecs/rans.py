@@ -484,9 +484,9 @@ def decode_rows_through_lut(
     sec = _sections(data, table, np.arange(rows).reshape(rows, 1), (rows, tokens, 1), MAX_SYMBOLS)
     n = sec.info.num_symbols
     if n:
-        _run_decode(sec, table, threads, lambda g0, g1, errs, cum, bucket, kb: _k.decode_rows_through_lut(
-            sec.words, sec.states, sec.offsets, sec.model_map, tokens, cum, bucket, table.precision, kb,
-            sec.info.group_size, n, g0, g1, row_width, lut, token_lut, out, errs))  # fmt: skip
+        _run_decode(sec, table, threads, lambda g0, g1, errs, cum, bucket, kb: _k.decode_rows_kernel(table.precision, kb)(
+            sec.words, sec.states, sec.offsets, sec.model_map, tokens, cum, bucket, sec.info.group_size, n, g0, g1,
+            row_width, lut, token_lut, out, errs))  # fmt: skip
 
 
 def as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
