@@ -484,3 +484,29 @@ def test_decode_rows_through_lut_checks_its_arguments_and_stream(small_stream):
             rans.decode_rows_through_lut(bytes(bad), t, **ok)
     with pytest.raises(FormatError):  # another stream shape
         rans.decode_rows_through_lut(data, t, **{**ok, "rows": 4, "out": np.zeros((1, tokens, 4), np.int16)})
+
+
+_FUSED_DECODE_ONCE = """
+import numpy as np
+from kvstore.codecs import _rans_numba, rans
+from kvstore.codecs.symbol_model import FrequencyTable
+table = FrequencyTable.from_counts(np.ones((4, 16)), precision=13)
+sym = (np.arange(4 * 64) % 16).astype(np.uint8).reshape(4, 64, 1)
+data = rans.encode(sym, table, np.arange(4).reshape(4, 1))
+out = np.zeros((2, 64, 2), np.int16)
+rans.decode_rows_through_lut(data, table, rows=4, tokens=64, row_width=2, lut=np.zeros((4, 16), np.int16), out=out)
+print(sum(_rans_numba.decode_rows_kernel(13, 8).stats.cache_hits.values()))
+"""
+
+
+def test_fused_decoder_is_compiled_once_across_processes(tmp_path):
+    """The fused decoder's kernel, built per precision, is found in Numba's disk cache by a
+    later process instead of being compiled again (about a second of every process's first load)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    hits = [subprocess.run([sys.executable, "-c", _FUSED_DECODE_ONCE], env=env, capture_output=True, text=True,
+                           check=True, timeout=300).stdout.split()[-1] for _ in range(2)]  # fmt: skip
+    assert hits == ["0", "1"]

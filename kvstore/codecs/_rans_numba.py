@@ -242,6 +242,45 @@ def group_words(words, offsets, g, symbols):  # pragma: no cover - jitted
     return padded, 0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_lane_step(x, j, words, ptr, cum, bucket, mask, shift, precision):  # pragma: no cover - jitted
+    """Decode lane ``j``'s next symbol under a row's ``cum`` / ``bucket`` and renormalize it from
+    ``words[ptr]`` without a branch; returns (symbol, next word index). Inlined into the
+    kernels of :func:`decode_rows_kernel`, where ``mask``, ``shift`` and ``precision`` are constants."""
+    xj = x[j]
+    slot = xj & mask
+    s = np.uint64(bucket[slot >> shift])
+    lo, hi = np.uint64(cum[s]), np.uint64(cum[s + np.uint64(1)])
+    while hi <= slot:
+        s += np.uint64(1)
+        lo, hi = hi, np.uint64(cum[s + np.uint64(1)])
+    xj = (hi - lo) * (xj >> precision) + slot - lo
+    need = xj < np.uint64(STATE_LOW)
+    w = np.uint64(words[ptr])
+    x[j] = ((xj << np.uint64(WORD_BITS)) | w) if need else xj
+    return s, ptr + np.uint64(need)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_run(x, j, words, ptr, cum, bucket, values, column, mask, shift, precision):  # pragma: no cover
+    """``len(column)`` symbols of one row, lanes from ``j``: ``column[k] = values[s]``."""
+    for k in range(column.shape[0]):
+        s, ptr = _row_lane_step(x, j, words, ptr, cum, bucket, mask, shift, precision)
+        column[k] = values[s]
+        j = (j + np.uint64(1)) & np.uint64(LANES - 1)
+    return ptr
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_run_per_token(x, j, words, ptr, cum, bucket, lut, lut_rows, column, mask, shift, precision):  # pragma: no cover
+    """As :func:`_row_run`, each token through its own lookup row: ``column[k] = lut[lut_rows[k], s]``."""
+    for k in range(column.shape[0]):
+        s, ptr = _row_lane_step(x, j, words, ptr, cum, bucket, mask, shift, precision)
+        column[k] = lut[np.uint64(lut_rows[k]), s]
+        j = (j + np.uint64(1)) & np.uint64(LANES - 1)
+    return ptr
+
+
 @lru_cache(maxsize=None)
 def decode_rows_kernel(precision: int, bucket_bits: int):
     """The kernel of :func:`kvstore.codecs.rans.decode_rows_through_lut` compiled for one
@@ -256,47 +295,14 @@ def decode_rows_kernel(precision: int, bucket_bits: int):
     with dequantization and the channel-major to token-major transpose: each output element
     is written once, straight into ``out`` (any strides). Words and errors as
     :func:`decode_groups`; cum / bucket from :func:`build_decode_tables`.
+
+    The kernel captures only numbers, so that Numba's disk cache finds it again in later
+    processes (a closure over other compiled closures is compiled anew in every process).
     """
     mask = np.uint64((1 << precision) - 1)
     shift = np.uint64(precision - bucket_bits)
     prec = np.uint64(precision)
-    low = np.uint64(STATE_LOW)
-    one, lane_mask = np.uint64(1), np.uint64(LANES - 1)
-
-    @njit(cache=True, nogil=True, inline="always")
-    def lane_step(x, j, words, ptr, cum, bucket):  # pragma: no cover - jitted
-        """Decode lane ``j``'s next symbol under the row's ``cum`` / ``bucket``, renormalize
-        it from ``words[ptr]`` without a branch; returns (symbol, next word index)."""
-        xj = x[j]
-        slot = xj & mask
-        s = np.uint64(bucket[slot >> shift])
-        lo, hi = np.uint64(cum[s]), np.uint64(cum[s + one])
-        while hi <= slot:
-            s += one
-            lo, hi = hi, np.uint64(cum[s + one])
-        xj = (hi - lo) * (xj >> prec) + slot - lo
-        need = xj < low
-        w = np.uint64(words[ptr])
-        x[j] = ((xj << np.uint64(WORD_BITS)) | w) if need else xj
-        return s, ptr + np.uint64(need)
-
-    @njit(cache=True, nogil=True)
-    def row_run(x, j, words, ptr, cum, bucket, values, column):  # pragma: no cover - jitted
-        """``len(column)`` symbols of one row, lanes from ``j``: ``column[k] = values[s]``."""
-        for k in range(column.shape[0]):
-            s, ptr = lane_step(x, j, words, ptr, cum, bucket)
-            column[k] = values[s]
-            j = (j + one) & lane_mask
-        return ptr
-
-    @njit(cache=True, nogil=True)
-    def row_run_per_token(x, j, words, ptr, cum, bucket, lut, lut_rows, column):  # pragma: no cover - jitted
-        """As :func:`row_run`, each token through its own lookup row: ``column[k] = lut[lut_rows[k], s]``."""
-        for k in range(column.shape[0]):
-            s, ptr = lane_step(x, j, words, ptr, cum, bucket)
-            column[k] = lut[np.uint64(lut_rows[k]), s]
-            j = (j + one) & lane_mask
-        return ptr
+    lane_mask = np.uint64(LANES - 1)
 
     @njit(cache=True, nogil=True)
     def kernel(words, states, offsets, model_map, T, cum, bucket, S, N, g0, g1, D, lut, token_lut, out, errs):  # pragma: no cover
@@ -317,9 +323,10 @@ def decode_rows_kernel(precision: int, bucket_bits: int):
                 column = out[i, t : t + n, r - i * D]
                 m = model_map[r]
                 if per_token:
-                    ptr = row_run_per_token(x, j, group, ptr, cum[m], bucket[m], lut, token_lut[i, t : t + n], column)
+                    ptr = _row_run_per_token(x, j, group, ptr, cum[m], bucket[m], lut, token_lut[i, t : t + n], column,
+                                             mask, shift, prec)
                 else:
-                    ptr = row_run(x, j, group, ptr, cum[m], bucket[m], lut[r], column)
+                    ptr = _row_run(x, j, group, ptr, cum[m], bucket[m], lut[r], column, mask, shift, prec)
                 j = (j + np.uint64(n)) & lane_mask
                 p += n
                 t = 0

@@ -65,7 +65,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -82,6 +81,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+from kvstore.decode_threads import usable_cpus
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.format.layout import CacheLayout
 from kvstore.kv import KV
@@ -437,7 +437,7 @@ class KVStoreConnector(KVConnectorBase_V1, SupportsHMA):
         self._throughput_Bps: float | None = None  # measured on the latest load by deadline
         # chunks in flight per load: about one per core, so that on a slow link chunks arrive one
         # after another and each decodes while the next is on the wire (not all at the end)
-        in_flight = extra.get("max_concurrency", min(16, max(4, os.cpu_count() or 4)))
+        in_flight = extra.get("max_concurrency", min(16, max(4, usable_cpus())))
         self.kvs = SyncKVStore(extra["url"], chunk_tokens=chunk_tokens, max_concurrency=in_flight,
                                levels=stored_model_levels(extra["url"], self.model_id, where) if auto
                                else connector_levels(extra), **where)  # fmt: skip
