@@ -171,6 +171,9 @@ def test_roundtrip_shapes_and_layouts():
     for gs in (32, 64, 96, 4096, 1 << 20):
         data = roundtrip(sym3, t, mm3, group_size=gs)
         assert read_header(data).group_size == gs
+    rows = sym3[:, :, :5].transpose(0, 2, 1).reshape(15, 37, 1)  # one model per row: decoded row by row
+    for gs in (32, 96, 160, 4096):  # groups that start and end inside rows
+        roundtrip(rows, t, rng.integers(0, 10, (15, 1)), group_size=gs)
 
 
 @pytest.mark.parametrize("precision", [8, 10, 12, 14, 15, 16])

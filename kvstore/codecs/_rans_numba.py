@@ -147,29 +147,6 @@ def build_decode_tables(freqs, precision, bucket_bits):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _lane_symbol(xj, m, cum, bucket, mask, shift, precision):  # pragma: no cover - jitted
-    """One decode step of a lane in state ``xj`` under model ``m``: (symbol, state before renormalizing)."""
-    slot = xj & mask
-    s = np.int64(bucket[m, slot >> shift])
-    lo = np.int64(cum[m, s])
-    hi = np.int64(cum[m, s + 1])
-    while hi <= slot:
-        s += 1
-        lo = hi
-        hi = np.int64(cum[m, s + 1])
-    return s, (hi - lo) * (xj >> precision) + slot - lo
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _renormalized(xj, words, ptr, wlast):  # pragma: no cover - jitted
-    """(state, next word index) after renormalizing a lane: branch-free, the word read is
-    clamped to the stream (a lane that reads past its group is caught at the group's end)."""
-    need = xj < STATE_LOW
-    w = np.int64(words[min(ptr, wlast)])
-    return ((xj << WORD_BITS) | w) if need else xj, ptr + need
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _group_end_error(x, ptr, wend):  # pragma: no cover - jitted
     """The error code of a group whose lanes ended in ``x`` having read words up to ``ptr``."""
     if ptr > wend:
@@ -188,43 +165,6 @@ def _group_states(states, g):  # pragma: no cover - jitted
     for j in range(LANES):
         x[j] = np.int64(states[g * LANES + j])
     return x
-
-
-@njit(cache=True, nogil=True)
-def decode_groups(
-    words, states, offsets, model_map, T, C, cum, bucket, precision, bucket_bits, S, N, g0, g1, out, errs
-):  # pragma: no cover
-    """Decode groups ``g0 .. g1-1``; group g writes out[g*S : min(g*S+S, N)] and errs[g].
-
-    words: uint16 [W >= 1] (a stream without words passes one zero word); states: uint32
-    [G*32]; offsets: int64 [G+1] (validated monotonic, last == W); model_map: int32 [B*C];
-    cum / bucket from :func:`build_decode_tables`.
-    """
-    mask = (1 << precision) - 1
-    shift = precision - bucket_bits
-    wlast = words.shape[0] - 1
-    for g in range(g0, g1):
-        start = g * S
-        end = min(start + S, N)
-        x = _group_states(states, g)
-        ptr = offsets[g]
-        b, t, c = _walker_start(start, T, C)
-        rowbase = b * C
-        for p in range(start, end):
-            m = np.int64(model_map[rowbase + c])
-            c += 1
-            if c == C:
-                c = 0
-                t += 1
-                if t == T:
-                    t = 0
-                    b += 1
-                    rowbase = b * C
-            j = (p - start) & (LANES - 1)
-            s, xj = _lane_symbol(x[j], m, cum, bucket, mask, shift, precision)
-            x[j], ptr = _renormalized(xj, words, ptr, wlast)
-            out[p] = np.uint8(s)
-        errs[g] = _group_end_error(x, ptr, offsets[g + 1])
 
 
 @njit(cache=True, nogil=True)
@@ -294,7 +234,7 @@ def decode_rows_kernel(precision: int, bucket_bits: int):
     ``r``, or ``token_lut[i, t]`` when ``token_lut`` is not empty. Fuses the entropy decode
     with dequantization and the channel-major to token-major transpose: each output element
     is written once, straight into ``out`` (any strides). Words and errors as
-    :func:`decode_groups`; cum / bucket from :func:`build_decode_tables`.
+    :func:`decode_groups_kernel`; cum / bucket from :func:`build_decode_tables`.
 
     The kernel captures only numbers, so that Numba's disk cache finds it again in later
     processes (a closure over other compiled closures is compiled anew in every process).
@@ -331,6 +271,63 @@ def decode_rows_kernel(precision: int, bucket_bits: int):
                 p += n
                 t = 0
                 r += 1
+            errs[g] = _group_end_error(x, np.int64(ptr) - first + offsets[g], offsets[g + 1])
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def decode_groups_kernel(precision: int, bucket_bits: int):
+    """The kernel of :func:`kvstore.codecs.rans.decode` compiled for one ``precision`` and
+    ``bucket_bits`` (constants in the loop, as :func:`decode_rows_kernel`). Returns
+    ``kernel(words, states, offsets, model_map, T, C, cum, bucket, S, N, g0, g1, out, errs)``,
+    which decodes groups ``g0 .. g1-1``: group g writes out[g*S : min(g*S+S, N)] and errs[g].
+
+    words: uint16 [W >= 1] (a stream without words passes one zero word); states: uint32
+    [G*32]; offsets: int64 [G+1] (validated monotonic, last == W); model_map: int32 [B*C];
+    cum / bucket from :func:`build_decode_tables`. Words are read as :func:`group_words` says.
+    """
+    mask = np.uint64((1 << precision) - 1)
+    shift = np.uint64(precision - bucket_bits)
+    prec = np.uint64(precision)
+    lane_mask = np.uint64(LANES - 1)
+
+    @njit(cache=True, nogil=True)
+    def kernel(words, states, offsets, model_map, T, C, cum, bucket, S, N, g0, g1, out, errs):  # pragma: no cover
+        identity = np.arange(256).astype(np.uint8)
+        for g in range(g0, g1):
+            start = g * S
+            end = min(start + S, N)
+            x = _group_states(states, g).astype(np.uint64)
+            group, first = group_words(words, offsets, g, end - start)
+            ptr = np.uint64(first)
+            j = np.uint64(0)
+            if C == 1:  # one model per run of T symbols: the row decoder's loop, through the identity
+                p = start
+                while p < end:
+                    r = p // T
+                    n = min(end - p, (r + 1) * T - p)
+                    ptr = _row_run(x, j, group, ptr, cum[model_map[r]], bucket[model_map[r]], identity, out[p : p + n],
+                                   mask, shift, prec)  # fmt: skip
+                    j = (j + np.uint64(n)) & lane_mask
+                    p += n
+                errs[g] = _group_end_error(x, np.int64(ptr) - first + offsets[g], offsets[g + 1])
+                continue
+            b, t, c = _walker_start(start, T, C)
+            rowbase = b * C
+            for p in range(start, end):
+                m = model_map[rowbase + c]
+                c += 1
+                if c == C:
+                    c = 0
+                    t += 1
+                    if t == T:
+                        t = 0
+                        b += 1
+                        rowbase = b * C
+                s, ptr = _row_lane_step(x, j, group, ptr, cum[m], bucket[m], mask, shift, prec)
+                out[p] = np.uint8(s)
+                j = (j + np.uint64(1)) & lane_mask
             errs[g] = _group_end_error(x, np.int64(ptr) - first + offsets[g], offsets[g + 1])
 
     return kernel

@@ -441,9 +441,9 @@ def decode(
     n = info.num_symbols
     out = np.empty(n, dtype=np.uint8)
     if n:
-        _run_decode(sec, table, threads, lambda g0, g1, errs, cum, bucket, kb: _k.decode_groups(
-            sec.words, sec.states, sec.offsets, sec.model_map, T, C, cum, bucket, table.precision, kb,
-            info.group_size, n, g0, g1, out, errs))  # fmt: skip
+        _run_decode(sec, table, threads, lambda g0, g1, errs, cum, bucket, kb: _k.decode_groups_kernel(table.precision, kb)(
+            sec.words, sec.states, sec.offsets, sec.model_map, T, C, cum, bucket, info.group_size, n, g0, g1, out,
+            errs))  # fmt: skip
     return out.reshape(info.shape)
 
 
