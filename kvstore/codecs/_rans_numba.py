@@ -159,14 +159,6 @@ def _group_end_error(x, ptr, wend):  # pragma: no cover - jitted
     return ERR_NONE
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _group_states(states, g):  # pragma: no cover - jitted
-    x = np.empty(LANES, dtype=np.int64)
-    for j in range(LANES):
-        x[j] = np.int64(states[g * LANES + j])
-    return x
-
-
 @njit(cache=True, nogil=True)
 def group_words(words, offsets, g, symbols):  # pragma: no cover - jitted
     """(words, first index) from which group ``g`` of ``symbols`` symbols can read one word per
@@ -183,10 +175,24 @@ def group_words(words, offsets, g, symbols):  # pragma: no cover - jitted
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _group_start(words, states, offsets, g, S, N):  # pragma: no cover - jitted
+    """Group ``g``'s first and end positions, its lanes' initial states (uint64) and the words
+    it reads from, with the index of its first word there (see :func:`group_words`)."""
+    start = g * S
+    end = min(start + S, N)
+    x = np.empty(LANES, dtype=np.uint64)
+    for j in range(LANES):
+        x[j] = np.uint64(states[g * LANES + j])
+    group, first = group_words(words, offsets, g, end - start)
+    return start, end, x, group, first
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _row_lane_step(x, j, words, ptr, cum, bucket, mask, shift, precision):  # pragma: no cover - jitted
     """Decode lane ``j``'s next symbol under a row's ``cum`` / ``bucket`` and renormalize it from
     ``words[ptr]`` without a branch; returns (symbol, next word index). Inlined into the
-    kernels of :func:`decode_rows_kernel`, where ``mask``, ``shift`` and ``precision`` are constants."""
+    kernels of :func:`decode_rows_kernel` and :func:`decode_groups_kernel`, where ``mask``,
+    ``shift`` and ``precision`` are constants."""
     xj = x[j]
     slot = xj & mask
     s = np.uint64(bucket[slot >> shift])
@@ -248,10 +254,7 @@ def decode_rows_kernel(precision: int, bucket_bits: int):
     def kernel(words, states, offsets, model_map, T, cum, bucket, S, N, g0, g1, D, lut, token_lut, out, errs):  # pragma: no cover
         per_token = token_lut.shape[0] > 0
         for g in range(g0, g1):
-            start = g * S
-            end = min(start + S, N)
-            x = _group_states(states, g).astype(np.uint64)
-            group, first = group_words(words, offsets, g, end - start)
+            start, end, x, group, first = _group_start(words, states, offsets, g, S, N)
             ptr = np.uint64(first)
             r = start // T
             t = start - r * T
@@ -296,10 +299,7 @@ def decode_groups_kernel(precision: int, bucket_bits: int):
     def kernel(words, states, offsets, model_map, T, C, cum, bucket, S, N, g0, g1, out, errs):  # pragma: no cover
         identity = np.arange(256).astype(np.uint8)
         for g in range(g0, g1):
-            start = g * S
-            end = min(start + S, N)
-            x = _group_states(states, g).astype(np.uint64)
-            group, first = group_words(words, offsets, g, end - start)
+            start, end, x, group, first = _group_start(words, states, offsets, g, S, N)
             ptr = np.uint64(first)
             j = np.uint64(0)
             if C == 1:  # one model per run of T symbols: the row decoder's loop, through the identity
