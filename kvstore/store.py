@@ -162,6 +162,7 @@ def _is_header_of(head: bytes | None, ours: ChunkObject) -> bool | None:
         return None
     return header.checksum == ours.checksum and header.total_bytes == ours.size
 
+
 class KVStore:
     """Stores and loads the KV caches of contexts on any byte store.
 
